@@ -1,0 +1,25 @@
+//! Real-peer harnesses for the project's tests, benchmarks and local demo.
+//!
+//! # Layout
+//!
+//! No NitroKey HSM, USB stick, kubelet or Vault exists on a build machine, so each peer is
+//! replaced by the closest real thing that does run here, wrapped in one module each:
+//!
+//! - [`usb`]: a umockdev testbed, so that libusb inside the device plugin enumerates an emulated
+//!   Nitrokey HSM (20a0:4230) and receives hotplug events when the test adds or removes it.
+//! - [`kubelet`]: a stand-in for the kubelet's device manager: serves `Registration` on
+//!   `kubelet.sock`, dials the plugin back while `Register` is in flight, consumes
+//!   `ListAndWatch`, calls `Allocate`, and restarts the way a real kubelet does.
+//! - [`softhsm`]: a SoftHSM2 token in a temporary directory, set up like the seed's stick
+//!   (label `bank-vaults`, RSA-2048 key pair `bank-vaults`).
+//! - [`openbao`]: a real OpenBao server (Vault's API) on 127.0.0.1, started sealed.
+//! - [`bins`]: where the workspace's own binaries were built.
+//!
+//! The programs under test are always run as child processes, exactly as an operator runs them;
+//! the harnesses only drive their peers.
+
+pub mod bins;
+pub mod kubelet;
+pub mod openbao;
+pub mod softhsm;
+pub mod usb;
