@@ -1,0 +1,247 @@
+//! The local end-to-end demo: the whole mission on one machine, with no hardware and no
+//! cluster, using the same real stand-ins as the tests.
+//!
+//! 1. a SoftHSM2 token set up like the seed's freshly initialised stick;
+//! 2. an emulated Nitrokey HSM on USB (umockdev), so libusb in the device plugin finds it;
+//! 3. the device plugin registering `nitrokey.com/hsm` with a kubelet stand-in, then a stick
+//!    unplugged and plugged in again;
+//! 4. a real OpenBao server, sealed and uninitialised;
+//! 5. `unseal-init --once` initialising and unsealing it, keys stored on the token;
+//! 6. the token's objects and OpenBao's seal status.
+//!
+//! Every process it starts is stopped when it ends, also on Ctrl-C or SIGTERM.
+
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use nitrokey_e2e::kubelet::FakeKubelet;
+use nitrokey_e2e::openbao::{self, OpenBao};
+use nitrokey_e2e::softhsm::{self, SoftHsm};
+use nitrokey_e2e::usb::Testbed;
+use nitrokey_e2e::bins;
+use nitrokey_proto::v1beta1::Device;
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Serial number of the emulated stick (the format of a real Nitrokey HSM's).
+const SERIAL: &str = "DENK01234567";
+/// How long any one step may take before the demo gives up.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let interrupted = async {
+        let mut term = signal(SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => "Ctrl-C",
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => "SIGTERM",
+        }
+    };
+    // Dropping `run` on a signal drops every harness it holds, which stops their processes.
+    let outcome = tokio::select! {
+        result = run() => result,
+        name = interrupted => Err(anyhow::anyhow!("interrupted by {name}")),
+    };
+    match outcome {
+        Ok(()) => {
+            println!("\nDone. Every process the demo started has been stopped.");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("\ndemo failed: {error:#}");
+            eprintln!("Every process the demo started has been stopped.");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn step(n: u8, text: &str) {
+    println!("\n[{n}/6] {text}");
+}
+
+fn detail(text: impl AsRef<str>) {
+    println!("      {}", text.as_ref());
+}
+
+/// Prints a child's output lines, indented under the current step.
+async fn forward(stream: impl tokio::io::AsyncRead + Unpin) -> std::io::Result<()> {
+    let mut lines = BufReader::new(stream).lines();
+    while let Some(line) = lines.next_line().await? {
+        detail(format!("| {line}"));
+    }
+    Ok(())
+}
+
+fn units(devices: &[Device], health: &str) -> Vec<String> {
+    let mut ids: Vec<String> = devices
+        .iter()
+        .filter(|d| d.health == health)
+        .map(|d| d.id.clone())
+        .collect();
+    ids.sort();
+    ids
+}
+
+async fn run() -> anyhow::Result<()> {
+    println!("NitroKey HSM for Vault on Kubernetes: local demo (no hardware, no cluster)");
+    let device_plugin = bins::path("device-plugin")?;
+    let unseal_init = bins::path("unseal-init")?;
+    let work = tempfile::Builder::new().prefix("nitrokey-demo-").tempdir()?;
+
+    step(1, "HSM token: SoftHSM2, initialised like the stick in the manual recipe");
+    let token = tokio::task::spawn_blocking(SoftHsm::new).await??;
+    detail(format!(
+        "token '{}' in slot {}, user PIN set, RSA-2048 key pair '{}'",
+        softhsm::TOKEN_LABEL,
+        token.slot_id(),
+        softhsm::KEY_LABEL
+    ));
+
+    step(2, "USB: an emulated Nitrokey HSM (umockdev), seen by libusb");
+    let testbed = Testbed::new()?;
+    let stick = testbed.add_nitrokey_hsm(SERIAL, 1, 2)?;
+    detail(format!(
+        "20a0:4230 serial {SERIAL} plugged in at {}",
+        stick.dev_path()
+    ));
+
+    step(3, "device-plugin: advertises nitrokey.com/hsm to a kubelet stand-in");
+    let plugin_dir = work.path().join("device-plugins");
+    let kubelet = FakeKubelet::start(&plugin_dir).await?;
+    let plugin_log = work.path().join("device-plugin.log");
+    let metrics_port = openbao::free_port()?;
+    let log = std::fs::File::create(&plugin_log)?;
+    let mut command = tokio::process::Command::from(testbed.command(&device_plugin));
+    command
+        .arg("--plugin-dir")
+        .arg(&plugin_dir)
+        .arg("--metrics-address")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true);
+    let mut plugin = command.spawn().context("starting device-plugin")?;
+    let show_plugin_log = || std::fs::read_to_string(&plugin_log).unwrap_or_default();
+    let registration = kubelet
+        .wait_for_registration(STEP_TIMEOUT)
+        .await
+        .with_context(|| format!("device-plugin did not register; its log:\n{}", show_plugin_log()))?;
+    detail(format!(
+        "Register: resource {} version {} endpoint {}",
+        registration.request.resource_name, registration.request.version, registration.request.endpoint
+    ));
+    let list = kubelet
+        .wait_for_devices(|d| units(d, nitrokey_proto::HEALTHY).len() == 2, STEP_TIMEOUT)
+        .await?;
+    detail(format!(
+        "ListAndWatch: 2 healthy units {:?} (node allocatable nitrokey.com/hsm = 2)",
+        units(&list.devices, nitrokey_proto::HEALTHY)
+    ));
+    let first = format!("{SERIAL}-0");
+    let allocation = kubelet.allocate(&[&first]).await?;
+    for spec in &allocation.devices {
+        detail(format!(
+            "Allocate {first}: container gets {} ({})",
+            spec.container_path, spec.permissions
+        ));
+    }
+    let mut envs: Vec<_> = allocation.envs.iter().collect();
+    envs.sort();
+    for (key, value) in envs {
+        detail(format!("                 env {key}={value}"));
+    }
+    let unplugged_at = Instant::now();
+    testbed.remove(&stick)?;
+    kubelet
+        .wait_for_devices(|d| units(d, nitrokey_proto::UNHEALTHY).len() == 2, STEP_TIMEOUT)
+        .await?;
+    detail(format!(
+        "stick unplugged: both units Unhealthy after {:.1?}",
+        unplugged_at.elapsed()
+    ));
+    let replugged_at = Instant::now();
+    let stick = testbed.add_nitrokey_hsm(SERIAL, 1, 3)?;
+    kubelet
+        .wait_for_devices(|d| units(d, nitrokey_proto::HEALTHY).len() == 2, STEP_TIMEOUT)
+        .await?;
+    let moved = kubelet.allocate(&[&first]).await?;
+    detail(format!(
+        "plugged in again at {}: Healthy after {:.1?}, same IDs, Allocate now hands out {}",
+        stick.dev_path(),
+        replugged_at.elapsed(),
+        moved
+            .devices
+            .first()
+            .map(|d| d.host_path.as_str())
+            .unwrap_or("nothing")
+    ));
+
+    step(4, "Vault: a real OpenBao server, sealed and uninitialised");
+    let bao = tokio::task::spawn_blocking(OpenBao::start).await??;
+    let status = bao.seal_status()?;
+    detail(format!(
+        "{}  initialized={} sealed={}",
+        bao.address(),
+        status.initialized,
+        status.sealed
+    ));
+
+    step(5, "unseal-init --once: initialise OpenBao, keep the keys on the HSM, unseal");
+    let mut command = tokio::process::Command::new(&unseal_init);
+    command
+        .envs(token.env())
+        .env("BANK_VAULTS_HSM_PIN", softhsm::USER_PIN)
+        .arg("--once")
+        .arg("--vault-addr")
+        .arg(bao.address())
+        .arg("--hsm-module-path")
+        .arg(token.module())
+        .arg("--hsm-slot-id")
+        .arg(token.slot_id().to_string())
+        .arg("--hsm-key-label")
+        .arg(softhsm::KEY_LABEL)
+        .arg("--metrics-address")
+        .arg(format!("127.0.0.1:{}", openbao::free_port()?))
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn().context("starting unseal-init")?;
+    let stdout = child.stdout.take().context("unseal-init stdout")?;
+    let stderr = child.stderr.take().context("unseal-init stderr")?;
+    let (out, err, exit) = tokio::join!(forward(stdout), forward(stderr), child.wait());
+    out?;
+    err?;
+    let exit = exit?;
+    if !exit.success() {
+        bail!("unseal-init --once failed ({exit})");
+    }
+
+    step(6, "Result");
+    let objects = token.run_pkcs11_tool(true, &["--list-objects", "--type", "data"])?;
+    let labels: Vec<&str> = objects
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("label:"))
+        .map(|l| l.trim().trim_matches('\''))
+        .collect();
+    detail(format!(
+        "pkcs11-tool --list-objects --type data: {}",
+        labels.join(", ")
+    ));
+    let status = bao.seal_status()?;
+    detail(format!(
+        "OpenBao seal status: initialized={} sealed={} (threshold {} of {} shares)",
+        status.initialized, status.sealed, status.t, status.n
+    ));
+    if !status.initialized || status.sealed {
+        bail!("OpenBao is not initialised and unsealed");
+    }
+
+    // Stop the plugin before its testbed goes away, and say so.
+    plugin.start_kill().ok();
+    plugin.wait().await.ok();
+    Ok(())
+}
