@@ -15,11 +15,11 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use nitrokey_e2e::bins;
 use nitrokey_e2e::kubelet::FakeKubelet;
 use nitrokey_e2e::openbao::{self, OpenBao};
 use nitrokey_e2e::softhsm::{self, SoftHsm};
 use nitrokey_e2e::usb::Testbed;
-use nitrokey_e2e::bins;
 use nitrokey_proto::v1beta1::Device;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::signal::unix::{SignalKind, signal};
@@ -73,6 +73,16 @@ async fn forward(stream: impl tokio::io::AsyncRead + Unpin) -> std::io::Result<(
     Ok(())
 }
 
+/// Orders object labels as the manual recipe lists them: test value, unseal keys, root token.
+fn label_order(label: &str) -> (u8, u32, String) {
+    match label.strip_prefix("vault-unseal-").map(str::parse::<u32>) {
+        _ if label == "vault-test" => (0, 0, String::new()),
+        Some(Ok(n)) => (1, n, String::new()),
+        _ if label == "vault-root" => (2, 0, String::new()),
+        _ => (3, 0, label.to_owned()),
+    }
+}
+
 fn units(devices: &[Device], health: &str) -> Vec<String> {
     let mut ids: Vec<String> = devices
         .iter()
@@ -87,9 +97,14 @@ async fn run() -> anyhow::Result<()> {
     println!("NitroKey HSM for Vault on Kubernetes: local demo (no hardware, no cluster)");
     let device_plugin = bins::path("device-plugin")?;
     let unseal_init = bins::path("unseal-init")?;
-    let work = tempfile::Builder::new().prefix("nitrokey-demo-").tempdir()?;
+    let work = tempfile::Builder::new()
+        .prefix("nitrokey-demo-")
+        .tempdir()?;
 
-    step(1, "HSM token: SoftHSM2, initialised like the stick in the manual recipe");
+    step(
+        1,
+        "HSM token: SoftHSM2, initialised like the stick in the manual recipe",
+    );
     let token = tokio::task::spawn_blocking(SoftHsm::new).await??;
     detail(format!(
         "token '{}' in slot {}, user PIN set, RSA-2048 key pair '{}'",
@@ -98,7 +113,10 @@ async fn run() -> anyhow::Result<()> {
         softhsm::KEY_LABEL
     ));
 
-    step(2, "USB: an emulated Nitrokey HSM (umockdev), seen by libusb");
+    step(
+        2,
+        "USB: an emulated Nitrokey HSM (umockdev), seen by libusb",
+    );
     let testbed = Testbed::new()?;
     let stick = testbed.add_nitrokey_hsm(SERIAL, 1, 2)?;
     detail(format!(
@@ -106,7 +124,10 @@ async fn run() -> anyhow::Result<()> {
         stick.dev_path()
     ));
 
-    step(3, "device-plugin: advertises nitrokey.com/hsm to a kubelet stand-in");
+    step(
+        3,
+        "device-plugin: advertises nitrokey.com/hsm to a kubelet stand-in",
+    );
     let plugin_dir = work.path().join("device-plugins");
     let kubelet = FakeKubelet::start(&plugin_dir).await?;
     let plugin_log = work.path().join("device-plugin.log");
@@ -127,13 +148,23 @@ async fn run() -> anyhow::Result<()> {
     let registration = kubelet
         .wait_for_registration(STEP_TIMEOUT)
         .await
-        .with_context(|| format!("device-plugin did not register; its log:\n{}", show_plugin_log()))?;
+        .with_context(|| {
+            format!(
+                "device-plugin did not register; its log:\n{}",
+                show_plugin_log()
+            )
+        })?;
     detail(format!(
         "Register: resource {} version {} endpoint {}",
-        registration.request.resource_name, registration.request.version, registration.request.endpoint
+        registration.request.resource_name,
+        registration.request.version,
+        registration.request.endpoint
     ));
     let list = kubelet
-        .wait_for_devices(|d| units(d, nitrokey_proto::HEALTHY).len() == 2, STEP_TIMEOUT)
+        .wait_for_devices(
+            |d| units(d, nitrokey_proto::HEALTHY).len() == 2,
+            STEP_TIMEOUT,
+        )
         .await?;
     detail(format!(
         "ListAndWatch: 2 healthy units {:?} (node allocatable nitrokey.com/hsm = 2)",
@@ -150,12 +181,15 @@ async fn run() -> anyhow::Result<()> {
     let mut envs: Vec<_> = allocation.envs.iter().collect();
     envs.sort();
     for (key, value) in envs {
-        detail(format!("                 env {key}={value}"));
+        detail(format!("  env {key}={value}"));
     }
     let unplugged_at = Instant::now();
     testbed.remove(&stick)?;
     kubelet
-        .wait_for_devices(|d| units(d, nitrokey_proto::UNHEALTHY).len() == 2, STEP_TIMEOUT)
+        .wait_for_devices(
+            |d| units(d, nitrokey_proto::UNHEALTHY).len() == 2,
+            STEP_TIMEOUT,
+        )
         .await?;
     detail(format!(
         "stick unplugged: both units Unhealthy after {:.1?}",
@@ -164,7 +198,10 @@ async fn run() -> anyhow::Result<()> {
     let replugged_at = Instant::now();
     let stick = testbed.add_nitrokey_hsm(SERIAL, 1, 3)?;
     kubelet
-        .wait_for_devices(|d| units(d, nitrokey_proto::HEALTHY).len() == 2, STEP_TIMEOUT)
+        .wait_for_devices(
+            |d| units(d, nitrokey_proto::HEALTHY).len() == 2,
+            STEP_TIMEOUT,
+        )
         .await?;
     let moved = kubelet.allocate(&[&first]).await?;
     detail(format!(
@@ -188,7 +225,10 @@ async fn run() -> anyhow::Result<()> {
         status.sealed
     ));
 
-    step(5, "unseal-init --once: initialise OpenBao, keep the keys on the HSM, unseal");
+    step(
+        5,
+        "unseal-init --once: initialise OpenBao, keep the keys on the HSM, unseal",
+    );
     let mut command = tokio::process::Command::new(&unseal_init);
     command
         .envs(token.env())
@@ -222,11 +262,12 @@ async fn run() -> anyhow::Result<()> {
 
     step(6, "Result");
     let objects = token.run_pkcs11_tool(true, &["--list-objects", "--type", "data"])?;
-    let labels: Vec<&str> = objects
+    let mut labels: Vec<&str> = objects
         .lines()
         .filter_map(|l| l.trim().strip_prefix("label:"))
         .map(|l| l.trim().trim_matches('\''))
         .collect();
+    labels.sort_by_key(|label| label_order(label));
     detail(format!(
         "pkcs11-tool --list-objects --type data: {}",
         labels.join(", ")
