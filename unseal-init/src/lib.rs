@@ -1,0 +1,56 @@
+//! `unseal-init`: initialises and unseals Vault with unseal keys and root token kept
+//! encrypted by a NitroKey HSM's RSA key over PKCS#11.
+//!
+//! # Layout
+//!
+//! - [`cli`] and [`config`]: flags/env with Bank-Vaults' names and the YAML file, merged and
+//!   validated into one [`config::Config`].
+//! - [`pcscd`]: the supervised PC/SC daemon OpenSC needs for a USB stick (`hsm.daemon`).
+//! - [`hsm`]: module loading, slot selection, the one-shot login and session recovery;
+//!   [`keypair`] finds or generates the RSA pair, decrypts on the device and probes the OAEP
+//!   hash; [`crypto`] encrypts on the host with the extracted public key.
+//! - [`envelope`]: the stored value format (versioned header, Bank-Vaults legacy detection).
+//! - [`token_store`] (data objects on the token) and [`secret_store`] (a Kubernetes Secret),
+//!   behind [`storage::Storage`]; [`keyring`] ties encryption, storage and verification.
+//! - [`vault`]: the HTTP client; [`unseal`]: pure decisions (what to do next given Vault's
+//!   status and the store); [`runner`]: the passes that act on those decisions.
+//! - [`telemetry`]: Prometheus metrics, `/healthz`, `/readyz`; [`commands`]: `hsm ...`
+//!   subcommands; [`secret`]: the zeroizing, redacted type every secret lives in.
+//!
+//! Data flows config → hsm/keypair → keyring(storage) → runner ⇄ vault, with telemetry
+//! observing the HSM and Vault calls.
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod crypto;
+pub mod envelope;
+pub mod hsm;
+pub mod keypair;
+pub mod keyring;
+pub mod pcscd;
+pub mod runner;
+pub mod secret;
+pub mod secret_store;
+pub mod storage;
+pub mod telemetry;
+pub mod token_store;
+pub mod unseal;
+pub mod vault;
+
+/// A destructive command was run without its confirmation flag (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfirmationRequired(pub String);
+
+/// Process exit codes.
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// Runtime failure (Vault, token, storage).
+    pub const FAILURE: i32 = 1;
+    /// Invalid configuration or usage.
+    pub const CONFIG: i32 = 2;
+    /// The PIN was rejected or is blocked; never retried.
+    pub const PIN: i32 = 3;
+}

@@ -1,0 +1,130 @@
+//! Ciphertext stored in a Kubernetes Secret (mode `hsm-k8s`), one data key per name.
+//!
+//! The Secret only ever holds ciphertext in this program's format; the HSM stays the only
+//! place that can decrypt it. A write replaces one data key atomically (a merge patch), so a
+//! name never has two values and never disappears during a replace.
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::Secret as K8sSecret;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use std::collections::BTreeMap;
+use thiserror::Error;
+
+/// Kubernetes API failures, with the Secret named.
+#[derive(Debug, Error)]
+#[error("Kubernetes Secret {namespace}/{name}: {action} failed: {source}")]
+pub struct SecretStoreError {
+    /// Namespace.
+    pub namespace: String,
+    /// Secret name.
+    pub name: String,
+    /// What was being done.
+    pub action: &'static str,
+    /// kube's error.
+    pub source: kube::Error,
+}
+
+/// One Secret holding the stored values.
+#[derive(Clone)]
+pub struct SecretStore {
+    api: Api<K8sSecret>,
+    namespace: String,
+    name: String,
+}
+
+impl SecretStore {
+    /// Connects with the in-cluster (or kubeconfig) client; `namespace` defaults to the pod's.
+    pub async fn connect(namespace: Option<&str>, name: &str) -> Result<Self, kube::Error> {
+        let client = kube::Client::try_default().await?;
+        let namespace = namespace
+            .map(str::to_owned)
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        Ok(Self {
+            api: Api::namespaced(client, &namespace),
+            namespace,
+            name: name.to_owned(),
+        })
+    }
+
+    fn err(&self, action: &'static str, source: kube::Error) -> SecretStoreError {
+        SecretStoreError {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            action,
+            source,
+        }
+    }
+
+    async fn data(&self) -> Result<BTreeMap<String, Vec<u8>>, SecretStoreError> {
+        let secret = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| self.err("read", e))?;
+        Ok(secret
+            .and_then(|s| s.data)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect())
+    }
+
+    /// The value under `key`.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, SecretStoreError> {
+        Ok(self.data().await?.remove(key))
+    }
+
+    /// Every key present.
+    pub async fn keys(&self) -> Result<Vec<String>, SecretStoreError> {
+        Ok(self.data().await?.into_keys().collect())
+    }
+
+    /// Sets `key` to `value`, creating the Secret if needed.
+    pub async fn put(&self, key: &str, value: &[u8]) -> Result<(), SecretStoreError> {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(value);
+        let patch = serde_json::json!({ "data": { key: encoded } });
+        match self
+            .api
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                let mut data = BTreeMap::new();
+                data.insert(key.to_owned(), k8s_openapi::ByteString(value.to_vec()));
+                let secret = K8sSecret {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(self.name.clone()),
+                        labels: Some(BTreeMap::from([(
+                            "app.kubernetes.io/managed-by".to_owned(),
+                            "unseal-init".to_owned(),
+                        )])),
+                        ..Default::default()
+                    },
+                    data: Some(data),
+                    type_: Some("Opaque".to_owned()),
+                    ..Default::default()
+                };
+                self.api
+                    .create(&PostParams::default(), &secret)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.err("create", e))
+            }
+            Err(e) => Err(self.err("patch", e)),
+        }
+    }
+
+    /// Removes `key`; true if it existed.
+    pub async fn delete(&self, key: &str) -> Result<bool, SecretStoreError> {
+        if self.get(key).await?.is_none() {
+            return Ok(false);
+        }
+        let patch = serde_json::json!({ "data": { key: serde_json::Value::Null } });
+        self.api
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| self.err("patch", e))?;
+        Ok(true)
+    }
+}

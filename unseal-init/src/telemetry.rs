@@ -1,0 +1,369 @@
+//! Metrics, health and readiness: the Prometheus registry, the numbers the program updates,
+//! and the HTTP server that exposes them (`/metrics`, `/healthz`, `/readyz`).
+//!
+//! Metric values never carry secrets: labels are operation names and results only.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Label set naming an HSM operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    /// Operation (`login`, `decrypt`, `create_object`, ...).
+    pub op: String,
+}
+
+/// Label set naming a Vault API endpoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    /// Endpoint (`sys/seal-status`, `sys/unseal`, ...).
+    pub endpoint: String,
+}
+
+/// Label set naming an outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `success` or `failure`.
+    pub result: String,
+}
+
+/// Count and total time of one HSM operation, for the benchmark and logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct OpTotals {
+    /// Calls.
+    pub count: u64,
+    /// Summed wall time.
+    pub time: Duration,
+}
+
+/// Everything the program reports about itself.
+pub struct Telemetry {
+    registry: Mutex<Registry>,
+    initialized: Gauge,
+    sealed: Gauge,
+    unseal_attempts: Family<ResultLabel, Counter>,
+    init_total: Counter,
+    hsm_ops: Family<OpLabel, Counter>,
+    hsm_seconds: Family<OpLabel, Histogram>,
+    hsm_login_attempts: Counter,
+    vault_seconds: Family<EndpointLabel, Histogram>,
+    totals: Mutex<BTreeMap<&'static str, OpTotals>>,
+    vault_totals: Mutex<BTreeMap<&'static str, OpTotals>>,
+    ready: AtomicBool,
+    heartbeat_ms: AtomicU64,
+    liveness_window: Mutex<Duration>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Telemetry {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("unseal_init");
+        let initialized = Gauge::default();
+        let sealed = Gauge::default();
+        let unseal_attempts = Family::<ResultLabel, Counter>::default();
+        let init_total = Counter::default();
+        let hsm_ops = Family::<OpLabel, Counter>::default();
+        let hsm_seconds = Family::<OpLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
+        });
+        let hsm_login_attempts = Counter::default();
+        let vault_seconds = Family::<EndpointLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ])
+        });
+        registry.register(
+            "vault_request_seconds",
+            "Vault API request latency",
+            vault_seconds.clone(),
+        );
+        registry.register(
+            "vault_initialized",
+            "1 when Vault reports it is initialised",
+            initialized.clone(),
+        );
+        registry.register(
+            "vault_sealed",
+            "1 when Vault reports it is sealed",
+            sealed.clone(),
+        );
+        registry.register(
+            "unseal_attempts",
+            "Unseal runs by result",
+            unseal_attempts.clone(),
+        );
+        registry.register(
+            "vault_init",
+            "Vault initialisations performed",
+            init_total.clone(),
+        );
+        registry.register("hsm_operations", "PKCS#11 operations", hsm_ops.clone());
+        registry.register(
+            "hsm_operation_seconds",
+            "PKCS#11 operation latency",
+            hsm_seconds.clone(),
+        );
+        registry.register(
+            "hsm_login_attempts",
+            "C_Login calls made",
+            hsm_login_attempts.clone(),
+        );
+        Arc::new(Self {
+            registry: Mutex::new(registry),
+            initialized,
+            sealed,
+            unseal_attempts,
+            init_total,
+            hsm_ops,
+            hsm_seconds,
+            hsm_login_attempts,
+            vault_seconds,
+            totals: Mutex::new(BTreeMap::new()),
+            vault_totals: Mutex::new(BTreeMap::new()),
+            ready: AtomicBool::new(false),
+            heartbeat_ms: AtomicU64::new(now_ms()),
+            liveness_window: Mutex::new(Duration::from_secs(60)),
+        })
+    }
+
+    /// Records one HSM operation and its duration.
+    pub fn hsm_op(&self, op: &'static str, took: Duration) {
+        let label = OpLabel { op: op.to_owned() };
+        self.hsm_ops.get_or_create(&label).inc();
+        self.hsm_seconds
+            .get_or_create(&label)
+            .observe(took.as_secs_f64());
+        if let Ok(mut totals) = self.totals.lock() {
+            let entry = totals.entry(op).or_default();
+            entry.count += 1;
+            entry.time += took;
+        }
+    }
+
+    /// Records one Vault API request and its duration.
+    pub fn vault_request(&self, endpoint: &'static str, took: Duration) {
+        self.vault_seconds
+            .get_or_create(&EndpointLabel {
+                endpoint: endpoint.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+        if let Ok(mut totals) = self.vault_totals.lock() {
+            let entry = totals.entry(endpoint).or_default();
+            entry.count += 1;
+            entry.time += took;
+        }
+    }
+
+    /// Vault request totals so far, by endpoint.
+    pub fn vault_totals(&self) -> BTreeMap<&'static str, OpTotals> {
+        self.vault_totals
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default()
+    }
+
+    /// Records one `C_Login` call.
+    pub fn login_attempt(&self) {
+        self.hsm_login_attempts.inc();
+    }
+
+    /// HSM operation totals so far, by operation.
+    pub fn hsm_totals(&self) -> BTreeMap<&'static str, OpTotals> {
+        self.totals.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Records Vault's latest status; ready means initialised and unsealed.
+    pub fn vault_status(&self, initialized: bool, sealed: bool) {
+        self.initialized.set(i64::from(initialized));
+        self.sealed.set(i64::from(sealed));
+        self.ready.store(initialized && !sealed, Ordering::SeqCst);
+    }
+
+    /// Marks Vault unreachable (not ready).
+    pub fn vault_unreachable(&self) {
+        self.ready.store(false, Ordering::SeqCst);
+    }
+
+    /// Counts an unseal run.
+    pub fn unseal_attempt(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.unseal_attempts
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a Vault initialisation.
+    pub fn vault_init(&self) {
+        self.init_total.inc();
+    }
+
+    /// The main loop calls this every pass; `/healthz` fails when it stops.
+    pub fn heartbeat(&self) {
+        self.heartbeat_ms.store(now_ms(), Ordering::SeqCst);
+    }
+
+    /// How long the loop may be silent before `/healthz` fails.
+    pub fn set_liveness_window(&self, window: Duration) {
+        if let Ok(mut w) = self.liveness_window.lock() {
+            *w = window;
+        }
+    }
+
+    /// True while the loop has reported recently.
+    pub fn alive(&self) -> bool {
+        let window = self
+            .liveness_window
+            .lock()
+            .map(|w| *w)
+            .unwrap_or(Duration::from_secs(60));
+        let age = now_ms().saturating_sub(self.heartbeat_ms.load(Ordering::SeqCst));
+        Duration::from_millis(age) <= window
+    }
+
+    /// True when Vault was last seen initialised and unsealed.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Ok(registry) = self.registry.lock()
+            && prometheus_client::encoding::text::encode(&mut out, &registry).is_err()
+        {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// A timer for one HSM operation.
+pub struct OpTimer<'a> {
+    telemetry: &'a Telemetry,
+    op: &'static str,
+    start: Instant,
+}
+
+impl<'a> OpTimer<'a> {
+    /// Starts timing `op`.
+    pub fn start(telemetry: &'a Telemetry, op: &'static str) -> Self {
+        Self {
+            telemetry,
+            op,
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Drop for OpTimer<'_> {
+    fn drop(&mut self) {
+        self.telemetry.hsm_op(self.op, self.start.elapsed());
+    }
+}
+
+async fn metrics(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        t.encode(),
+    )
+}
+
+async fn healthz(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
+    if t.alive() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "main loop stalled\n")
+    }
+}
+
+async fn readyz(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
+    if t.ready() {
+        (StatusCode::OK, "vault initialised and unsealed\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "vault not ready\n")
+    }
+}
+
+/// Binds `addr` and serves `/metrics`, `/healthz` and `/readyz` until the runtime stops.
+pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(telemetry);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_the_metrics_and_readiness_follows_status() {
+        let t = Telemetry::new();
+        t.hsm_op("decrypt", Duration::from_millis(3));
+        t.hsm_op("decrypt", Duration::from_millis(5));
+        t.login_attempt();
+        t.unseal_attempt(true);
+        t.vault_status(true, false);
+        let text = t.encode();
+        assert!(
+            text.contains("unseal_init_hsm_operations_total{op=\"decrypt\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("unseal_init_hsm_login_attempts_total 1"),
+            "{text}"
+        );
+        assert!(text.contains("unseal_init_vault_sealed 0"), "{text}");
+        assert!(t.ready());
+        t.vault_status(true, true);
+        assert!(!t.ready());
+        let totals = t.hsm_totals();
+        assert_eq!(totals["decrypt"].count, 2);
+        assert_eq!(totals["decrypt"].time, Duration::from_millis(8));
+    }
+
+    #[test]
+    fn liveness_expires_without_heartbeat() {
+        let t = Telemetry::new();
+        t.heartbeat();
+        assert!(t.alive());
+        t.set_liveness_window(Duration::ZERO);
+        t.heartbeat_ms.store(0, Ordering::SeqCst);
+        assert!(!t.alive());
+    }
+}

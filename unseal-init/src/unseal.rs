@@ -1,0 +1,174 @@
+//! The unseal state machine: given what Vault reports and what the store holds, decide the
+//! next step. Pure, so every branch is tested without a Vault or a token.
+
+/// What the last look at Vault and the store showed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observation {
+    /// Vault's status, or `None` when it did not answer.
+    pub vault: Option<VaultView>,
+    /// Consecutive `vault-unseal-N` keys in the store.
+    pub stored_keys: usize,
+    /// A raft leader address is configured (this Vault is a follower).
+    pub raft_follower: bool,
+    /// Stale keys may be overwritten by a new init.
+    pub overwrite_existing_keys: bool,
+}
+
+/// Vault's seal status as far as decisions go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VaultView {
+    /// Initialised.
+    pub initialized: bool,
+    /// Sealed.
+    pub sealed: bool,
+    /// Keys needed to unseal.
+    pub threshold: u32,
+}
+
+/// What to do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Vault is not answering yet: wait and look again.
+    WaitForVault,
+    /// Initialise Vault, store every key (and the root token), then unseal.
+    Initialize,
+    /// Join the raft leader, then unseal with the stored keys.
+    JoinRaft,
+    /// Reset progress and submit `threshold` stored keys.
+    Unseal {
+        /// Keys to submit.
+        threshold: u32,
+    },
+    /// Vault is initialised and unsealed.
+    Done,
+    /// Refuse: unseal keys of an earlier Vault are in the store and Vault is uninitialised.
+    RefuseStaleKeys {
+        /// Keys found.
+        found: usize,
+    },
+    /// Vault is sealed but the store lacks enough keys.
+    MissingKeys {
+        /// Keys needed.
+        needed: u32,
+        /// Keys stored.
+        found: usize,
+    },
+}
+
+/// Decides the next step.
+pub fn next_step(obs: &Observation) -> Step {
+    let Some(v) = obs.vault else {
+        return Step::WaitForVault;
+    };
+    match (v.initialized, v.sealed) {
+        (true, false) => Step::Done,
+        (false, _) if obs.raft_follower => Step::JoinRaft,
+        (false, _) if obs.stored_keys > 0 && !obs.overwrite_existing_keys => {
+            Step::RefuseStaleKeys {
+                found: obs.stored_keys,
+            }
+        }
+        (false, _) => Step::Initialize,
+        (true, true) if obs.stored_keys >= v.threshold as usize && v.threshold > 0 => {
+            Step::Unseal {
+                threshold: v.threshold,
+            }
+        }
+        (true, true) => Step::MissingKeys {
+            needed: v.threshold,
+            found: obs.stored_keys,
+        },
+    }
+}
+
+/// Order in which `sys/init`'s results are stored: every unseal key, then the root token.
+/// Nothing is unsealed before all of them are stored.
+pub fn init_storage_plan(shares: usize, store_root_token: bool) -> Vec<String> {
+    let mut plan: Vec<String> = (0..shares).map(crate::keyring::unseal_key_name).collect();
+    if store_root_token {
+        plan.push(crate::keyring::ROOT_KEY.to_owned());
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(vault: Option<(bool, bool, u32)>, stored: usize) -> Observation {
+        Observation {
+            vault: vault.map(|(initialized, sealed, threshold)| VaultView {
+                initialized,
+                sealed,
+                threshold,
+            }),
+            stored_keys: stored,
+            raft_follower: false,
+            overwrite_existing_keys: false,
+        }
+    }
+
+    #[test]
+    fn unreachable_vault_is_waited_for() {
+        assert_eq!(next_step(&obs(None, 5)), Step::WaitForVault);
+    }
+
+    #[test]
+    fn fresh_vault_with_empty_store_is_initialised() {
+        assert_eq!(next_step(&obs(Some((false, true, 0)), 0)), Step::Initialize);
+    }
+
+    #[test]
+    fn stale_keys_block_init_unless_overwrite_is_allowed() {
+        let mut o = obs(Some((false, true, 0)), 5);
+        assert_eq!(next_step(&o), Step::RefuseStaleKeys { found: 5 });
+        o.overwrite_existing_keys = true;
+        assert_eq!(next_step(&o), Step::Initialize);
+    }
+
+    #[test]
+    fn sealed_vault_is_unsealed_with_threshold_keys() {
+        assert_eq!(
+            next_step(&obs(Some((true, true, 3)), 5)),
+            Step::Unseal { threshold: 3 }
+        );
+        assert_eq!(
+            next_step(&obs(Some((true, true, 3)), 2)),
+            Step::MissingKeys {
+                needed: 3,
+                found: 2
+            }
+        );
+    }
+
+    #[test]
+    fn unsealed_vault_needs_nothing() {
+        assert_eq!(next_step(&obs(Some((true, false, 3)), 5)), Step::Done);
+        assert_eq!(next_step(&obs(Some((true, false, 3)), 0)), Step::Done);
+    }
+
+    #[test]
+    fn raft_follower_joins_instead_of_initialising() {
+        let mut o = obs(Some((false, true, 0)), 5);
+        o.raft_follower = true;
+        assert_eq!(next_step(&o), Step::JoinRaft);
+        // After joining, the follower is initialised and sealed: unseal.
+        let mut o = obs(Some((true, true, 3)), 5);
+        o.raft_follower = true;
+        assert_eq!(next_step(&o), Step::Unseal { threshold: 3 });
+    }
+
+    #[test]
+    fn root_token_is_stored_after_every_unseal_key() {
+        assert_eq!(
+            init_storage_plan(3, true),
+            [
+                "vault-unseal-0",
+                "vault-unseal-1",
+                "vault-unseal-2",
+                "vault-root"
+            ]
+        );
+        assert_eq!(init_storage_plan(1, false), ["vault-unseal-0"]);
+    }
+}

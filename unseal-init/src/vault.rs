@@ -1,0 +1,292 @@
+//! A small client for the parts of Vault's HTTP API this program needs: seal status, init,
+//! unseal, and raft join. Works against Vault and OpenBao alike.
+
+use crate::secret::Secret;
+use serde::Deserialize;
+use std::path::Path;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Vault API failures. Bodies are included only for endpoints that never echo secrets.
+#[derive(Debug, Error)]
+pub enum VaultError {
+    /// The CA certificate could not be used.
+    #[error("cannot use Vault CA certificate {path}: {reason}")]
+    CaCert {
+        /// Path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Vault did not answer (not listening yet, network).
+    #[error("Vault at {address} is unreachable: {reason}")]
+    Unreachable {
+        /// Address.
+        address: String,
+        /// Why.
+        reason: String,
+    },
+    /// Vault answered with an error status.
+    #[error("Vault {endpoint} returned HTTP {status}: {message}")]
+    Status {
+        /// Endpoint.
+        endpoint: &'static str,
+        /// HTTP status.
+        status: u16,
+        /// Vault's `errors`, or the body.
+        message: String,
+    },
+    /// Vault's answer could not be understood.
+    #[error("Vault {endpoint} returned an unexpected body: {reason}")]
+    Body {
+        /// Endpoint.
+        endpoint: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// `GET /v1/sys/seal-status`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct SealStatus {
+    /// Initialised.
+    pub initialized: bool,
+    /// Sealed.
+    pub sealed: bool,
+    /// Threshold.
+    #[serde(default, rename = "t")]
+    pub threshold: u32,
+    /// Shares.
+    #[serde(default, rename = "n")]
+    pub shares: u32,
+    /// Keys submitted towards the threshold.
+    #[serde(default)]
+    pub progress: u32,
+}
+
+/// The secrets `sys/init` returns.
+pub struct InitResult {
+    /// Unseal keys, hex.
+    pub keys: Vec<Secret>,
+    /// Root token.
+    pub root_token: Secret,
+}
+
+#[derive(Deserialize)]
+struct InitBody {
+    keys: Vec<String>,
+    root_token: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorsBody {
+    #[serde(default)]
+    errors: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct JoinBody {
+    #[serde(default)]
+    joined: bool,
+}
+
+/// Client for one Vault address.
+#[derive(Clone)]
+pub struct VaultClient {
+    http: reqwest::Client,
+    address: String,
+    telemetry: Option<std::sync::Arc<crate::telemetry::Telemetry>>,
+}
+
+impl VaultClient {
+    /// Builds a client; `ca_cert` is a PEM bundle trusted in addition to the system roots.
+    pub fn new(address: &str, ca_cert: Option<&Path>) -> Result<Self, VaultError> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(path) = ca_cert {
+            let ca_err = |reason: String| VaultError::CaCert {
+                path: path.display().to_string(),
+                reason,
+            };
+            let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_err(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(ca_err("no PEM certificate found".to_owned()));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| VaultError::CaCert {
+            path: ca_cert.map(|p| p.display().to_string()).unwrap_or_default(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            http,
+            address: address.trim_end_matches('/').to_owned(),
+            telemetry: None,
+        })
+    }
+
+    /// Times every request into `telemetry`.
+    pub fn with_telemetry(
+        mut self,
+        telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
+    ) -> Self {
+        self.telemetry = Some(telemetry);
+        self
+    }
+
+    /// The address this client talks to.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/v1/{path}", self.address)
+    }
+
+    fn unreachable(&self, e: reqwest::Error) -> VaultError {
+        VaultError::Unreachable {
+            address: self.address.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    async fn send(
+        &self,
+        endpoint: &'static str,
+        req: reqwest::RequestBuilder,
+        echo_body: bool,
+    ) -> Result<bytes_body::Body, VaultError> {
+        let start = std::time::Instant::now();
+        let result = async {
+            let resp = req.send().await?;
+            let status = resp.status();
+            Ok::<_, reqwest::Error>((status, resp.bytes().await?))
+        }
+        .await;
+        if let Some(t) = &self.telemetry {
+            t.vault_request(endpoint, start.elapsed());
+        }
+        let (status, body) = result.map_err(|e| self.unreachable(e))?;
+        if !status.is_success() {
+            let message = match serde_json::from_slice::<ErrorsBody>(&body) {
+                Ok(b) if !b.errors.is_empty() => b.errors.join("; "),
+                _ if echo_body => String::from_utf8_lossy(&body).into_owned(),
+                _ => "(body withheld)".to_owned(),
+            };
+            return Err(VaultError::Status {
+                endpoint,
+                status: status.as_u16(),
+                message,
+            });
+        }
+        Ok(bytes_body::Body(body.to_vec()))
+    }
+
+    /// `GET sys/seal-status`.
+    pub async fn seal_status(&self) -> Result<SealStatus, VaultError> {
+        let body = self
+            .send(
+                "sys/seal-status",
+                self.http.get(self.url("sys/seal-status")),
+                true,
+            )
+            .await?;
+        serde_json::from_slice(&body.0).map_err(|e| VaultError::Body {
+            endpoint: "sys/seal-status",
+            reason: e.to_string(),
+        })
+    }
+
+    /// `PUT sys/init`; the response holds the unseal keys and root token.
+    pub async fn init(&self, shares: u8, threshold: u8) -> Result<InitResult, VaultError> {
+        let req = self
+            .http
+            .put(self.url("sys/init"))
+            .json(&serde_json::json!({
+                "secret_shares": shares,
+                "secret_threshold": threshold,
+            }));
+        let body = self.send("sys/init", req, false).await?;
+        let parsed: InitBody = serde_json::from_slice(&body.0).map_err(|_| VaultError::Body {
+            endpoint: "sys/init",
+            reason: "no keys/root_token in the response".to_owned(),
+        })?;
+        Ok(InitResult {
+            keys: parsed.keys.into_iter().map(Secret::new).collect(),
+            root_token: Secret::new(parsed.root_token),
+        })
+    }
+
+    /// `PUT sys/unseal` with `{"reset": true}`.
+    pub async fn unseal_reset(&self) -> Result<SealStatus, VaultError> {
+        let req = self
+            .http
+            .put(self.url("sys/unseal"))
+            .json(&serde_json::json!({ "reset": true }));
+        let body = self.send("sys/unseal", req, true).await?;
+        serde_json::from_slice(&body.0).map_err(|e| VaultError::Body {
+            endpoint: "sys/unseal",
+            reason: e.to_string(),
+        })
+    }
+
+    /// `PUT sys/unseal` with one key share.
+    pub async fn unseal(&self, key: &Secret) -> Result<SealStatus, VaultError> {
+        // Built by hand so that no intermediate JSON value keeps a copy of the key.
+        let quoted = zeroize::Zeroizing::new(serde_json::to_string(key.expose()).map_err(|e| {
+            VaultError::Body {
+                endpoint: "sys/unseal",
+                reason: e.to_string(),
+            }
+        })?);
+        let body = zeroize::Zeroizing::new(format!("{{\"key\":{}}}", quoted.as_str()));
+        let req = self
+            .http
+            .put(self.url("sys/unseal"))
+            .header("content-type", "application/json")
+            .body(body.as_bytes().to_vec());
+        let body = self.send("sys/unseal", req, false).await?;
+        serde_json::from_slice(&body.0).map_err(|e| VaultError::Body {
+            endpoint: "sys/unseal",
+            reason: e.to_string(),
+        })
+    }
+
+    /// `PUT sys/storage/raft/join` towards `leader`; true when Vault reports joined.
+    pub async fn raft_join(
+        &self,
+        leader: &str,
+        leader_ca: Option<&str>,
+    ) -> Result<bool, VaultError> {
+        let mut payload = serde_json::json!({ "leader_api_addr": leader });
+        if let Some(ca) = leader_ca {
+            payload["leader_ca_cert"] = serde_json::Value::String(ca.to_owned());
+        }
+        let req = self
+            .http
+            .put(self.url("sys/storage/raft/join"))
+            .json(&payload);
+        let body = self.send("sys/storage/raft/join", req, true).await?;
+        let parsed: JoinBody = serde_json::from_slice(&body.0).map_err(|e| VaultError::Body {
+            endpoint: "sys/storage/raft/join",
+            reason: e.to_string(),
+        })?;
+        Ok(parsed.joined)
+    }
+}
+
+mod bytes_body {
+    /// A response body that is dropped without being logged.
+    pub struct Body(pub Vec<u8>);
+
+    impl Drop for Body {
+        fn drop(&mut self) {
+            zeroize::Zeroize::zeroize(&mut self.0);
+        }
+    }
+}

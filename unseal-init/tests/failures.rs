@@ -1,0 +1,383 @@
+//! Failure cases against real peers: wrong PIN (one login attempt only), missing key, wrong
+//! slot or label, invalid configuration, keys of another Vault, and OpenBao dying at the two
+//! dangerous moments (after init answered, after the keys were stored).
+
+mod common;
+
+use common::proxy::{self, Action};
+use common::*;
+use nitrokey_e2e::openbao::OpenBao;
+use nitrokey_e2e::softhsm::{SoftHsm, USER_PIN};
+use std::time::Duration;
+
+#[test]
+fn wrong_pin_is_tried_exactly_once_and_exits_non_zero() {
+    let (hsm, bao, dir) = peers();
+    let config = write_config(dir.path(), &hsm, &bao.address(), "unsealPeriod: 200ms\n");
+    // Sidecar mode, where a retry loop would do the most harm.
+    let mut cmd = command(&hsm);
+    cmd.arg("--config")
+        .arg(&config)
+        .env("BANK_VAULTS_HSM_PIN", "wrong-pin-4711")
+        .env("UNSEAL_INIT_METRICS_ADDRESS", "127.0.0.1:0");
+    let r = run(cmd, Duration::from_secs(30));
+    assert_eq!(r.code, Some(3), "{}", r.text);
+    assert_eq!(r.text.matches("HSM login attempt").count(), 1, "{}", r.text);
+    assert!(r.text.contains("CKR_PIN_INCORRECT"), "{}", r.text);
+    assert!(
+        !r.text.contains("wrong-pin-4711"),
+        "PIN printed:\n{}",
+        r.text
+    );
+    // Nothing was initialised and the right PIN still works.
+    assert!(!bao.seal_status().expect("status").initialized);
+    hsm.data_labels().expect("correct PIN still accepted");
+}
+
+#[test]
+fn missing_key_pair_is_reported_and_generated_only_when_enabled() {
+    let hsm = SoftHsm::without_key().expect("token");
+    let bao = OpenBao::start().expect("openbao");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &hsm, &bao.address(), "");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config").arg(&config).arg("--once");
+    let r = run(cmd, Duration::from_secs(30));
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(
+        r.text.contains("RSA key pair `bank-vaults` not found"),
+        "{}",
+        r.text
+    );
+    assert!(!bao.seal_status().expect("status").initialized);
+
+    // Only one half present is a clear error too.
+    hsm.generate_key_pair("bank-vaults").expect("keygen");
+    hsm.delete_object("pubkey", "bank-vaults")
+        .expect("delete pubkey");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config").arg(&config).arg("--once");
+    let r = run(cmd, Duration::from_secs(30));
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(
+        r.text
+            .contains("incomplete: private key found but no public key"),
+        "{}",
+        r.text
+    );
+
+    // With generation enabled and no pair at all, the pair is made on the token and used.
+    hsm.delete_object("privkey", "bank-vaults")
+        .expect("delete privkey");
+    let config = write_config(dir.path(), &hsm, &bao.address(), "");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--once")
+        .arg("--hsm-generate-key");
+    let r = run(cmd, Duration::from_secs(60));
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    assert!(!bao.seal_status().expect("status").sealed);
+    let keys = hsm
+        .run_pkcs11_tool(true, &["--list-objects", "--type", "privkey"])
+        .expect("list");
+    assert!(keys.contains("bank-vaults"), "{keys}");
+    assert!(
+        keys.contains("sensitive") || keys.contains("never extractable"),
+        "{keys}"
+    );
+}
+
+#[test]
+fn wrong_slot_or_label_lists_what_was_seen() {
+    let (hsm, bao, dir) = peers();
+    let config = write_config(dir.path(), &hsm, &bao.address(), "");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--once")
+        .args(["--hsm-slot-id", "4242"]);
+    let r = run(cmd, Duration::from_secs(30));
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(
+        r.text.contains("no HSM slot matches slotId 4242"),
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains(&hsm.slot_id().to_string()), "{}", r.text);
+    assert!(r.text.contains("bank-vaults"), "{}", r.text);
+
+    // A label is matched instead of the slot id when given alone, decorations tolerated.
+    let cfg_label = dir.path().join("label.yaml");
+    std::fs::write(
+        &cfg_label,
+        format!(
+            "vault:\n  address: {}\nhsm:\n  modulePath: {}\n  tokenLabel: \"bank-vaults (UserPIN)\"\n  pin: {USER_PIN}\n",
+            bao.address(),
+            hsm.module().display()
+        ),
+    )
+    .expect("write");
+    let r = run_once_ok(&hsm, &cfg_label);
+    assert!(
+        r.text.contains(&format!("slot={}", hsm.slot_id())),
+        "{}",
+        r.text
+    );
+
+    std::fs::write(
+        &cfg_label,
+        format!(
+            "vault:\n  address: {}\nhsm:\n  modulePath: {}\n  tokenLabel: nokey\n  pin: {USER_PIN}\n",
+            bao.address(),
+            hsm.module().display()
+        ),
+    )
+    .expect("write");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config").arg(&cfg_label).arg("--once");
+    let r = run(cmd, Duration::from_secs(30));
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(r.text.contains("tokenLabel `nokey`"), "{}", r.text);
+}
+
+#[test]
+fn invalid_configuration_exits_2_naming_the_field() {
+    let hsm = SoftHsm::without_key().expect("token");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        ("hsm:\n  slotID: 1\n", "slotID"),
+        (
+            "options:\n  secretShares: 3\n  secretThreshold: 5\n",
+            "options.secretThreshold",
+        ),
+        ("mode: vault\n", "mode"),
+        ("hsm: [1, 2\n", "invalid configuration file"),
+        ("unsealPeriod: often\n", "unsealPeriod"),
+    ];
+    for (text, field) in cases {
+        let path = dir.path().join("bad.yaml");
+        std::fs::write(&path, text).expect("write");
+        let mut cmd = command(&hsm);
+        cmd.arg("--config").arg(&path).arg("--once");
+        let r = run(cmd, Duration::from_secs(10));
+        assert_eq!(r.code, Some(2), "{text}: {}", r.text);
+        assert!(r.text.contains(field), "{text}: {}", r.text);
+        assert!(!r.text.contains("panicked"), "{}", r.text);
+    }
+    let mut cmd = command(&hsm);
+    cmd.arg("--secret-shares").arg("many");
+    let r = run(cmd, Duration::from_secs(10));
+    assert_eq!(r.code, Some(2), "{}", r.text);
+    let mut cmd = command(&hsm);
+    cmd.arg("--config").arg(dir.path().join("absent.yaml"));
+    let r = run(cmd, Duration::from_secs(10));
+    assert_eq!(r.code, Some(2), "{}", r.text);
+    assert!(r.text.contains("absent.yaml"), "{}", r.text);
+}
+
+#[test]
+fn keys_of_another_vault_fail_clearly_without_looping() {
+    let (hsm, bao, dir) = peers();
+    let config = write_config(dir.path(), &hsm, &bao.address(), "");
+    run_once_ok(&hsm, &config);
+    let other = OpenBao::start().expect("openbao");
+    let (other_keys, _) = other.init(5, 3).expect("init");
+    let config = write_config(dir.path(), &hsm, &other.address(), "");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config").arg(&config).arg("--once");
+    let r = run(cmd, Duration::from_secs(60));
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(r.text.contains("do not belong to this Vault"), "{}", r.text);
+    assert_eq!(
+        r.text.matches("vault is sealed, unsealing").count(),
+        1,
+        "{}",
+        r.text
+    );
+    let status = other.seal_status().expect("status");
+    assert!(status.sealed);
+    assert_eq!(status.progress, 0, "unseal progress must be reset");
+    assert_no_secrets(&r.text, &other_keys);
+}
+
+fn kill_pid(pid: u32) {
+    // SAFETY: kill(2) on a child of this test process.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+#[test]
+fn openbao_killed_right_after_init_loses_no_key() {
+    let (hsm, mut bao, dir) = peers();
+    let pid = bao.pid().expect("pid");
+    let upstream = bao.address().trim_start_matches("http://").to_owned();
+    let proxy = proxy::start(
+        upstream,
+        |line| {
+            if line.starts_with("PUT /v1/sys/init") {
+                Action::HookAfterResponse
+            } else {
+                Action::Forward
+            }
+        },
+        move || kill_pid(pid),
+    );
+    let config = write_config(dir.path(), &hsm, &proxy.address, "");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config").arg(&config).arg("--once");
+    let child = cmd.spawn().expect("spawn");
+    let started = std::time::Instant::now();
+    while !proxy.fired.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "init never reached"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    // OpenBao is down; the keys it handed out must be on the token already.
+    let mut labels = hsm.data_labels().expect("labels");
+    labels.sort();
+    assert_eq!(labels, default_names());
+    bao.kill().expect("reap");
+    bao.start_again().expect("restart");
+    let r = wait(child, Duration::from_secs(90));
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    let status = bao.seal_status().expect("status");
+    assert!(status.initialized && !status.sealed, "{status:?}");
+}
+
+#[test]
+fn openbao_killed_between_storage_and_unseal_is_unsealed_by_the_same_run() {
+    let (hsm, mut bao, dir) = peers();
+    let pid = bao.pid().expect("pid");
+    let upstream = bao.address().trim_start_matches("http://").to_owned();
+    let proxy = proxy::start(
+        upstream,
+        |line| {
+            if line.starts_with("PUT /v1/sys/unseal") {
+                Action::HookInstead
+            } else {
+                Action::Forward
+            }
+        },
+        move || kill_pid(pid),
+    );
+    let config = write_config(dir.path(), &hsm, &proxy.address, "");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config").arg(&config).arg("--once");
+    let child = cmd.spawn().expect("spawn");
+    let started = std::time::Instant::now();
+    while !proxy.fired.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "unseal never reached"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut labels = hsm.data_labels().expect("labels");
+    labels.sort();
+    assert_eq!(labels, default_names());
+    bao.kill().expect("reap");
+    bao.start_again().expect("restart");
+    let r = wait(child, Duration::from_secs(90));
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    let status = bao.seal_status().expect("status");
+    assert!(status.initialized && !status.sealed, "{status:?}");
+    assert_eq!(
+        r.text.matches("initializing vault").count(),
+        1,
+        "{}",
+        r.text
+    );
+}
+
+#[test]
+fn token_unplugged_while_storing_the_new_keys_loses_nothing() {
+    let (hsm, bao, dir) = peers();
+    let hsm = std::sync::Arc::new(hsm);
+    let upstream = bao.address().trim_start_matches("http://").to_owned();
+    let unplugged = hsm.clone();
+    let proxy = proxy::start(
+        upstream,
+        |line| {
+            if line.starts_with("PUT /v1/sys/init") {
+                Action::HookAfterResponse
+            } else {
+                Action::Forward
+            }
+        },
+        move || {
+            // The answer to sys/init is delivered only after the token has gone.
+            unplugged.unplug().expect("unplug");
+            let back = unplugged.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(3));
+                back.reinsert().expect("reinsert");
+            });
+        },
+    );
+    let config = write_config(dir.path(), &hsm, &proxy.address, "");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config").arg(&config).arg("--once");
+    let r = run(cmd, Duration::from_secs(120));
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    assert!(proxy.fired.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(
+        r.text.contains("retrying until it succeeds"),
+        "token loss not seen:\n{}",
+        r.text
+    );
+    let mut labels = hsm.data_labels().expect("labels");
+    labels.sort();
+    assert_eq!(labels, default_names());
+    let status = bao.seal_status().expect("status");
+    assert!(status.initialized && !status.sealed, "{status:?}");
+}
+
+#[test]
+fn sidecar_unseals_once_an_unplugged_token_is_back() {
+    let (hsm, mut bao, dir) = peers();
+    let port = nitrokey_e2e::openbao::free_port().expect("port");
+    let metrics = format!("http://127.0.0.1:{port}");
+    let config = write_config(
+        dir.path(),
+        &hsm,
+        &bao.address(),
+        &format!("unsealPeriod: 300ms\nmetricsAddress: 127.0.0.1:{port}\n"),
+    );
+    let mut cmd = command(&hsm);
+    cmd.arg("--config").arg(&config);
+    let child = cmd.spawn().expect("spawn");
+    wait_http(&metrics, "/readyz", 200, Duration::from_secs(60));
+
+    // Token gone while Vault restarts sealed: the sidecar cannot unseal, stays alive, and
+    // reports not ready.
+    hsm.unplug().expect("unplug");
+    bao.restart().expect("restart");
+    wait_http(&metrics, "/readyz", 503, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(bao.seal_status().expect("status").sealed);
+    wait_http(&metrics, "/healthz", 200, Duration::from_secs(5));
+
+    hsm.reinsert().expect("reinsert");
+    let mut child = child;
+    if let Err(e) = bao.wait_for(Duration::from_secs(30), |s| !s.sealed) {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("output");
+        panic!(
+            "not unsealed after the token came back: {e}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_http(&metrics, "/readyz", 200, Duration::from_secs(30));
+    let text = wait_http(&metrics, "/metrics", 200, Duration::from_secs(5));
+    assert!(text.contains("unseal_init_unseal_attempts_total"), "{text}");
+    child.kill().expect("kill");
+    let out = child.wait_with_output().expect("output");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("unseal pass failed"), "{log}");
+    assert!(log.contains("HSM session lost, re-opening"), "{log}");
+    // Every login used the PIN that worked; none was rejected.
+    assert!(!log.contains("CKR_PIN_INCORRECT"), "{log}");
+}
