@@ -181,6 +181,9 @@ pub struct HsmConfig {
     pub selector: SlotSelector,
     /// User PIN (absent only for commands that do not log in).
     pub pin: Option<Secret>,
+    /// The file `pin` was read from, when it was: the sidecar watches it for a corrected PIN
+    /// after a rejection instead of retrying the rejected one.
+    pub pin_file: Option<PathBuf>,
     /// RSA key pair label.
     pub key_label: String,
     /// Generate the key pair when missing.
@@ -308,7 +311,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn read_pin_file(path: &Path) -> Result<Secret, ConfigError> {
+/// Reads a PIN file (e.g. a mounted Secret), dropping trailing line breaks.
+pub fn read_pin_file(path: &Path) -> Result<Secret, ConfigError> {
     let raw = std::fs::read_to_string(path).map_err(|e| {
         invalid(
             "hsm.pinFile",
@@ -364,17 +368,17 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
             .filter(|s| !s.is_empty()),
     };
 
-    let pin = match (
+    let (pin, pin_file) = match (
         &flags.hsm_pin,
         &flags.hsm_pin_file,
         file.hsm.pin,
         &file.hsm.pin_file,
     ) {
-        (Some(pin), _, _, _) => Some(Secret::from(pin.as_str())),
-        (None, Some(path), _, _) => Some(read_pin_file(path)?),
-        (None, None, Some(pin), _) => Some(Secret::new(pin)),
-        (None, None, None, Some(path)) => Some(read_pin_file(path)?),
-        (None, None, None, None) => None,
+        (Some(pin), _, _, _) => (Some(Secret::from(pin.as_str())), None),
+        (None, Some(path), _, _) => (Some(read_pin_file(path)?), Some(path.clone())),
+        (None, None, Some(pin), _) => (Some(Secret::new(pin)), None),
+        (None, None, None, Some(path)) => (Some(read_pin_file(path)?), Some(path.clone())),
+        (None, None, None, None) => (None, None),
     };
     if pin.as_ref().is_some_and(Secret::is_empty) {
         return Err(invalid("hsm.pin", "the PIN is empty"));
@@ -414,6 +418,7 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
                 .filter(|s| !s.is_empty()),
         },
         pin,
+        pin_file,
         key_label,
         generate_key: flags
             .hsm_generate_key
@@ -597,6 +602,17 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(cfg.hsm.pin.as_ref().map(Secret::expose), Some("banzai"));
+        // The file is remembered so the sidecar can wait for a corrected PIN in it.
+        assert_eq!(cfg.hsm.pin_file.as_deref(), Some(path.as_path()));
+        // A PIN given directly wins over the file, and there is then no file to watch.
+        let direct = Overrides {
+            hsm_pin: Some("fromflag".into()),
+            ..Default::default()
+        };
+        let cfg = resolve_text(&format!("hsm:\n  pinFile: {}\n", path.display()), &direct)
+            .expect("valid");
+        assert_eq!(cfg.hsm.pin.as_ref().map(Secret::expose), Some("fromflag"));
+        assert_eq!(cfg.hsm.pin_file, None);
         let err =
             resolve_text("hsm:\n  pinFile: /nonexistent/pin\n", &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("hsm.pinFile"));

@@ -7,6 +7,7 @@
 //! a PIN that already worked.
 
 use crate::config::{HsmConfig, SlotSelector};
+use crate::pin::PinFailure;
 use crate::secret::Secret;
 use crate::telemetry::{OpTimer, Telemetry};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -91,12 +92,19 @@ pub enum HsmError {
 }
 
 impl HsmError {
-    /// True when retrying cannot help and the process should stop (PIN problems).
+    /// True when retrying cannot help (PIN problems): the PIN in use must not be tried again.
     pub fn is_fatal(&self) -> bool {
-        matches!(
-            self,
-            HsmError::PinIncorrect | HsmError::PinLocked(_) | HsmError::NoPin
-        )
+        self.pin_failure().is_some()
+    }
+
+    /// Which PIN problem this is, if any.
+    pub fn pin_failure(&self) -> Option<PinFailure> {
+        match self {
+            HsmError::PinIncorrect => Some(PinFailure::Rejected),
+            HsmError::PinLocked(_) => Some(PinFailure::Locked),
+            HsmError::NoPin => Some(PinFailure::Missing),
+            _ => None,
+        }
     }
 }
 
@@ -356,7 +364,8 @@ impl Hsm {
     }
 
     /// Opens a read-write session and logs in as user. `C_Login` is called at most once per
-    /// call; a rejected PIN is a fatal error.
+    /// call; a rejected PIN is a fatal error and is forgotten, so this `Hsm` never presents it
+    /// again (a later call fails with [`HsmError::NoPin`] instead).
     pub fn login(&mut self) -> Result<(), HsmError> {
         let pin = self.pin.clone().ok_or(HsmError::NoPin)?;
         let info = call("C_GetTokenInfo", self.ctx()?.get_token_info(self.slot))?;
@@ -381,8 +390,13 @@ impl Hsm {
         };
         match result {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => return Err(HsmError::PinIncorrect),
+            // The refused value is dropped so that no later re-open can present it again.
+            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
+                self.pin = None;
+                return Err(HsmError::PinIncorrect);
+            }
             Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
+                self.pin = None;
                 return Err(HsmError::PinLocked("locked"));
             }
             Err(source) => {

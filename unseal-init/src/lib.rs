@@ -7,13 +7,16 @@
 //!   validated into one [`config::Config`].
 //! - [`pcscd`]: the supervised PC/SC daemon OpenSC needs for a USB stick (`hsm.daemon`).
 //! - [`hsm`]: module loading, slot selection, the one-shot login and session recovery;
+//!   [`pin`]: what a refused PIN leads to (remembered, never re-presented, a changed PIN
+//!   file awaited);
 //!   [`keypair`] finds or generates the RSA pair, decrypts on the device and probes the OAEP
 //!   hash; [`crypto`] encrypts on the host with the extracted public key.
 //! - [`envelope`]: the stored value format (versioned header, Bank-Vaults legacy detection).
 //! - [`token_store`] (data objects on the token) and [`secret_store`] (a Kubernetes Secret),
 //!   behind [`storage::Storage`]; [`keyring`] ties encryption, storage and verification.
 //! - [`vault`]: the HTTP client; [`unseal`]: pure decisions (what to do next given Vault's
-//!   status and the store); [`runner`]: the passes that act on those decisions.
+//!   status and the store); [`runner`]: the passes that act on those decisions;
+//!   [`sidecar`]: the long-running mode around them, which outlives a refused PIN.
 //! - [`telemetry`]: Prometheus metrics, `/healthz`, `/readyz`; [`commands`]: `hsm ...`
 //!   subcommands; [`secret`]: the zeroizing, redacted type every secret lives in.
 //!
@@ -29,9 +32,11 @@ pub mod hsm;
 pub mod keypair;
 pub mod keyring;
 pub mod pcscd;
+pub mod pin;
 pub mod runner;
 pub mod secret;
 pub mod secret_store;
+pub mod sidecar;
 pub mod storage;
 pub mod telemetry;
 pub mod token_store;
@@ -51,6 +56,6 @@ pub mod exit {
     pub const FAILURE: i32 = 1;
     /// Invalid configuration or usage.
     pub const CONFIG: i32 = 2;
-    /// The PIN was rejected or is blocked; never retried.
+    /// The PIN was rejected or is blocked (`--once` and subcommands); never retried.
     pub const PIN: i32 = 3;
 }

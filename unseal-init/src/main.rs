@@ -1,6 +1,7 @@
 //! `unseal-init` entry point: parse flags, load the configuration, start logging, and hand
 //! over to the sidecar loop, the one-shot pass, or an `hsm` subcommand. Exit codes: 0 done,
-//! 1 failure, 2 invalid configuration or usage, 3 PIN rejected or blocked.
+//! 1 failure, 2 invalid configuration or usage, 3 PIN rejected or blocked (`--once` and
+//! subcommands; the sidecar stays up and waits for a different PIN instead).
 
 use clap::Parser;
 use std::io::IsTerminal;
@@ -8,13 +9,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use unseal_init::cli::{Cli, Command};
 use unseal_init::config::{self, Config, Env, FileConfig};
-use unseal_init::hsm::HsmError;
-use unseal_init::keyring::KeyringError;
-use unseal_init::runner::{self, PassError, Runner};
-use unseal_init::storage::StorageError;
+use unseal_init::runner::{self, Runner};
 use unseal_init::telemetry::{self, Telemetry};
 use unseal_init::vault::VaultClient;
-use unseal_init::{ConfirmationRequired, exit, pcscd};
+use unseal_init::{ConfirmationRequired, exit, pcscd, pin, sidecar};
 
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -38,16 +36,6 @@ fn load_config(cli: &Cli) -> Result<Config, config::ConfigError> {
     config::resolve(file, &cli.overrides, &Env::from_process())
 }
 
-/// True when the error is about the PIN: the process must stop and never log in again.
-fn is_pin_error(err: &anyhow::Error) -> bool {
-    err.chain().any(|e| {
-        e.downcast_ref::<HsmError>().is_some_and(HsmError::is_fatal)
-            || e.downcast_ref::<KeyringError>().is_some_and(KeyringError::is_fatal)
-            || e.downcast_ref::<PassError>().is_some_and(PassError::is_fatal)
-            || matches!(e.downcast_ref::<StorageError>(), Some(StorageError::Hsm(h)) if h.is_fatal())
-    })
-}
-
 async fn unseal(cfg: Config) -> anyhow::Result<()> {
     let telemetry = Telemetry::new();
     telemetry.heartbeat();
@@ -60,19 +48,18 @@ async fn unseal(cfg: Config) -> anyhow::Result<()> {
     if cfg.hsm.daemon {
         pcscd::start(cfg.hsm.daemon_socket.clone()).await?;
     }
-    let (_hsm, keyring) = runner::open_keyring(&cfg, Arc::clone(&telemetry)).await?;
-    let vault = VaultClient::new(&cfg.vault.address, cfg.vault.ca_cert.as_deref())?
-        .with_telemetry(Arc::clone(&telemetry));
-    let once = cfg.once;
-    let runner = Runner::new(cfg, vault, keyring, telemetry);
-    runner.preflight().await?;
-    if once {
+    if cfg.once {
+        let (_hsm, keyring) = runner::open_keyring(&cfg, Arc::clone(&telemetry)).await?;
+        let vault = VaultClient::new(&cfg.vault.address, cfg.vault.ca_cert.as_deref())?
+            .with_telemetry(Arc::clone(&telemetry));
+        let runner = Runner::new(cfg, vault, keyring, telemetry);
+        runner.preflight().await?;
         runner.pass(true).await?;
         return Ok(());
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        r = runner.watch() => r,
+        r = sidecar::run(cfg, telemetry) => r,
         _ = term.recv() => {
             tracing::info!("SIGTERM received, stopping");
             Ok(())
@@ -118,7 +105,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let code = if is_pin_error(&e) {
+            let code = if pin::pin_failure(&e).is_some() {
                 exit::PIN
             } else if e.downcast_ref::<ConfirmationRequired>().is_some() {
                 exit::CONFIG

@@ -60,10 +60,12 @@ pub struct Telemetry {
     hsm_ops: Family<OpLabel, Counter>,
     hsm_seconds: Family<OpLabel, Histogram>,
     hsm_login_attempts: Counter,
+    pin_rejected: Gauge,
     vault_seconds: Family<EndpointLabel, Histogram>,
     totals: Mutex<BTreeMap<&'static str, OpTotals>>,
     vault_totals: Mutex<BTreeMap<&'static str, OpTotals>>,
     ready: AtomicBool,
+    pin_problem: Mutex<Option<&'static str>>,
     heartbeat_ms: AtomicU64,
     liveness_window: Mutex<Duration>,
 }
@@ -88,6 +90,7 @@ impl Telemetry {
             Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
         });
         let hsm_login_attempts = Counter::default();
+        let pin_rejected = Gauge::default();
         let vault_seconds = Family::<EndpointLabel, Histogram>::new_with_constructor(|| {
             Histogram::new([
                 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -129,6 +132,11 @@ impl Telemetry {
             "C_Login calls made",
             hsm_login_attempts.clone(),
         );
+        registry.register(
+            "hsm_pin_rejected",
+            "1 while the user PIN is refused (rejected, blocked or missing) and a different one is awaited",
+            pin_rejected.clone(),
+        );
         Arc::new(Self {
             registry: Mutex::new(registry),
             initialized,
@@ -138,10 +146,12 @@ impl Telemetry {
             hsm_ops,
             hsm_seconds,
             hsm_login_attempts,
+            pin_rejected,
             vault_seconds,
             totals: Mutex::new(BTreeMap::new()),
             vault_totals: Mutex::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
+            pin_problem: Mutex::new(None),
             heartbeat_ms: AtomicU64::new(now_ms()),
             liveness_window: Mutex::new(Duration::from_secs(60)),
         })
@@ -186,6 +196,15 @@ impl Telemetry {
     /// Records one `C_Login` call.
     pub fn login_attempt(&self) {
         self.hsm_login_attempts.inc();
+    }
+
+    /// Records that no login is possible with the PIN in use (`Some(reason)`, shown on
+    /// `/readyz`) or that a new PIN is being tried (`None`).
+    pub fn pin_problem(&self, reason: Option<&'static str>) {
+        self.pin_rejected.set(i64::from(reason.is_some()));
+        if let Ok(mut p) = self.pin_problem.lock() {
+            *p = reason;
+        }
     }
 
     /// HSM operation totals so far, by operation.
@@ -243,9 +262,22 @@ impl Telemetry {
         Duration::from_millis(age) <= window
     }
 
-    /// True when Vault was last seen initialised and unsealed.
+    /// True when Vault was last seen initialised and unsealed and the PIN was not refused.
     pub fn ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.not_ready_reason().is_none()
+    }
+
+    /// Why `/readyz` fails, if it does. A refused PIN comes first: Vault may still be
+    /// unsealed, but this sidecar can no longer unseal it again.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if let Some(reason) = self.pin_problem.lock().ok().and_then(|p| *p) {
+            return Some(reason);
+        }
+        if self.ready.load(Ordering::SeqCst) {
+            None
+        } else {
+            Some("vault not ready")
+        }
     }
 
     /// Prometheus text exposition.
@@ -303,10 +335,12 @@ async fn healthz(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
 }
 
 async fn readyz(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
-    if t.ready() {
-        (StatusCode::OK, "vault initialised and unsealed\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "vault not ready\n")
+    match t.not_ready_reason() {
+        None => (
+            StatusCode::OK,
+            "vault initialised and unsealed\n".to_owned(),
+        ),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
     }
 }
 
@@ -350,8 +384,16 @@ mod tests {
         );
         assert!(text.contains("unseal_init_vault_sealed 0"), "{text}");
         assert!(t.ready());
+        assert!(text.contains("unseal_init_hsm_pin_rejected 0"), "{text}");
+        // A refused PIN makes the sidecar unready even while Vault is still unsealed.
+        t.pin_problem(Some("HSM user PIN rejected"));
+        assert_eq!(t.not_ready_reason(), Some("HSM user PIN rejected"));
+        assert!(t.encode().contains("unseal_init_hsm_pin_rejected 1"));
+        t.pin_problem(None);
+        assert!(t.ready());
         t.vault_status(true, true);
         assert!(!t.ready());
+        assert_eq!(t.not_ready_reason(), Some("vault not ready"));
         let totals = t.hsm_totals();
         assert_eq!(totals["decrypt"].count, 2);
         assert_eq!(totals["decrypt"].time, Duration::from_millis(8));

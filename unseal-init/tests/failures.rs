@@ -1,6 +1,7 @@
-//! Failure cases against real peers: wrong PIN (one login attempt only), missing key, wrong
-//! slot or label, invalid configuration, keys of another Vault, and OpenBao dying at the two
-//! dangerous moments (after init answered, after the keys were stored).
+//! Failure cases against real peers: wrong PIN (one login attempt only; `--once` exits, the
+//! sidecar stays up unready until the PIN file changes), missing key, wrong slot or label,
+//! invalid configuration, keys of another Vault, and OpenBao dying at the two dangerous
+//! moments (after init answered, after the keys were stored).
 
 mod common;
 
@@ -14,12 +15,11 @@ use std::time::Duration;
 fn wrong_pin_is_tried_exactly_once_and_exits_non_zero() {
     let (hsm, bao, dir) = peers();
     let config = write_config(dir.path(), &hsm, &bao.address(), "unsealPeriod: 200ms\n");
-    // Sidecar mode, where a retry loop would do the most harm.
     let mut cmd = command(&hsm);
     cmd.arg("--config")
         .arg(&config)
-        .env("BANK_VAULTS_HSM_PIN", "wrong-pin-4711")
-        .env("UNSEAL_INIT_METRICS_ADDRESS", "127.0.0.1:0");
+        .arg("--once")
+        .env("BANK_VAULTS_HSM_PIN", "wrong-pin-4711");
     let r = run(cmd, Duration::from_secs(30));
     assert_eq!(r.code, Some(3), "{}", r.text);
     assert_eq!(r.text.matches("HSM login attempt").count(), 1, "{}", r.text);
@@ -32,6 +32,159 @@ fn wrong_pin_is_tried_exactly_once_and_exits_non_zero() {
     // Nothing was initialised and the right PIN still works.
     assert!(!bao.seal_status().expect("status").initialized);
     hsm.data_labels().expect("correct PIN still accepted");
+}
+
+fn sigterm(pid: u32) {
+    // SAFETY: kill(2) on a child of this test process.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+}
+
+/// Counts `C_Login` calls as the existing wrong-PIN test does: one log line per call.
+fn login_attempts(log: &str) -> usize {
+    log.matches("HSM login attempt").count()
+}
+
+/// The value of an unlabelled sample in a Prometheus exposition.
+fn sample(metrics: &str, name: &str) -> Option<String> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(str::to_owned)
+}
+
+/// Starts the sidecar with `args` and waits until it reports the refused PIN on `/readyz`.
+fn start_sidecar_with_refused_pin(
+    hsm: &SoftHsm,
+    config: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::Child, String) {
+    let port = nitrokey_e2e::openbao::free_port().expect("port");
+    let metrics = format!("http://127.0.0.1:{port}");
+    let mut cmd = command(hsm);
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .env("UNSEAL_INIT_METRICS_ADDRESS", format!("127.0.0.1:{port}"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn");
+    let body = wait_http(&metrics, "/readyz", 503, Duration::from_secs(60));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut body = body;
+    while !body.contains("PIN rejected") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz never named the rejected PIN: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        body = wait_http(&metrics, "/readyz", 503, Duration::from_secs(5));
+    }
+    (child, metrics)
+}
+
+#[test]
+fn sidecar_with_a_wrong_pin_stays_up_unready_and_never_logs_in_again() {
+    let (hsm, bao, dir) = peers();
+    let config = write_config(dir.path(), &hsm, &bao.address(), "unsealPeriod: 200ms\n");
+    let (mut child, metrics) = start_sidecar_with_refused_pin(
+        &hsm,
+        &config,
+        &[],
+        &[("BANK_VAULTS_HSM_PIN", "wrong-pin-4711")],
+    );
+    // Many unseal periods later it is still running, live but not ready, and has not tried
+    // the PIN again.
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(child.try_wait().expect("try_wait").is_none(), "exited");
+    wait_http(&metrics, "/healthz", 200, Duration::from_secs(5));
+    let ready = wait_http(&metrics, "/readyz", 503, Duration::from_secs(5));
+    assert!(ready.contains("HSM user PIN rejected"), "{ready}");
+    let text = wait_http(&metrics, "/metrics", 200, Duration::from_secs(5));
+    assert_eq!(
+        sample(&text, "unseal_init_hsm_pin_rejected").as_deref(),
+        Some("1"),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "unseal_init_hsm_login_attempts_total").as_deref(),
+        Some("1"),
+        "{text}"
+    );
+
+    sigterm(child.id());
+    let r = wait(child, Duration::from_secs(15));
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    assert_eq!(login_attempts(&r.text), 1, "{}", r.text);
+    assert_eq!(r.text.matches("CKR_PIN_INCORRECT").count(), 1, "{}", r.text);
+    assert!(r.text.contains("waiting to be restarted"), "{}", r.text);
+    assert_no_secrets(&r.text, &["wrong-pin-4711".to_owned()]);
+    assert!(!bao.seal_status().expect("status").initialized);
+    hsm.data_labels().expect("correct PIN still accepted");
+}
+
+#[test]
+fn sidecar_logs_in_again_only_when_the_pin_file_changes() {
+    let (hsm, bao, dir) = peers();
+    let config = write_config(dir.path(), &hsm, &bao.address(), "unsealPeriod: 200ms\n");
+    let pin_file = dir.path().join("pin");
+    // Rewritten as the kubelet does for a mounted Secret: a new file renamed into place.
+    let set_pin = |value: &str| {
+        let tmp = dir.path().join("pin.new");
+        std::fs::write(&tmp, format!("{value}\n")).expect("write pin");
+        std::fs::rename(&tmp, &pin_file).expect("rename pin");
+    };
+    set_pin("wrong-pin-0815");
+    let pin_arg = pin_file.to_str().expect("utf-8 path");
+    let (child, metrics) =
+        start_sidecar_with_refused_pin(&hsm, &config, &["--hsm-pin-file", pin_arg], &[]);
+
+    // The same wrong value written again is not a change: no second try.
+    set_pin("wrong-pin-0815");
+    std::thread::sleep(Duration::from_secs(5));
+    let text = wait_http(&metrics, "/metrics", 200, Duration::from_secs(5));
+    assert_eq!(
+        sample(&text, "unseal_init_hsm_login_attempts_total").as_deref(),
+        Some("1"),
+        "{text}"
+    );
+    assert!(!bao.seal_status().expect("status").initialized);
+
+    set_pin(USER_PIN);
+    let mut child = child;
+    if let Err(e) = bao.wait_for(Duration::from_secs(90), |s| s.initialized && !s.sealed) {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("output");
+        panic!(
+            "not unsealed after the PIN file was corrected: {e}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_http(&metrics, "/readyz", 200, Duration::from_secs(30));
+    let text = wait_http(&metrics, "/metrics", 200, Duration::from_secs(5));
+    assert_eq!(
+        sample(&text, "unseal_init_hsm_pin_rejected").as_deref(),
+        Some("0"),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "unseal_init_hsm_login_attempts_total").as_deref(),
+        Some("2"),
+        "{text}"
+    );
+    let mut labels = hsm.data_labels().expect("labels");
+    labels.sort();
+    assert_eq!(labels, default_names());
+
+    sigterm(child.id());
+    let r = wait(child, Duration::from_secs(15));
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    // Two logins in all: the wrong PIN once, the corrected one once.
+    assert_eq!(login_attempts(&r.text), 2, "{}", r.text);
+    assert_eq!(r.text.matches("CKR_PIN_INCORRECT").count(), 1, "{}", r.text);
+    assert!(r.text.contains("the PIN file changed"), "{}", r.text);
+    assert_no_secrets(&r.text, &["wrong-pin-0815".to_owned(), USER_PIN.to_owned()]);
 }
 
 #[test]
