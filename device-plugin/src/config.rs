@@ -1,0 +1,741 @@
+//! Configuration: a YAML file (camelCase keys) overlaid by command-line flags and their
+//! `NITROKEY_DEVICE_PLUGIN_*` environment variables.
+//!
+//! Precedence, highest first: flag, flag's environment variable, file, built-in default.
+//! Everything is validated before the plugin touches USB or the kubelet; a [`ConfigError`]
+//! names the offending field and makes the process exit with code 2.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+
+/// Default extended resource name.
+pub const DEFAULT_RESOURCE_NAME: &str = "nitrokey.com/hsm";
+/// Nitrokey's USB vendor ID.
+pub const NITROKEY_VENDOR: u16 = 0x20a0;
+/// The Nitrokey HSM's USB product ID.
+pub const NITROKEY_HSM_PRODUCT: u16 = 0x4230;
+/// Default number of kubelet units advertised per stick.
+pub const DEFAULT_SHARES: u32 = 2;
+/// Default time an unplugged stick stays listed (as Unhealthy) before it is dropped.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(5 * 60);
+/// Default address of the HTTP endpoint serving /metrics, /healthz and /readyz.
+pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:9400";
+/// Default interval of the periodic rescan used where hotplug events cannot arrive.
+pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// File name of the plugin's socket inside the device-plugin directory.
+pub const SOCKET_NAME: &str = "nitrokey-hsm.sock";
+/// Most units one stick may be split into.
+pub const MAX_SHARES: u32 = 1000;
+
+/// Command-line flags. Every flag can also be set through the environment variable named
+/// `NITROKEY_DEVICE_PLUGIN_<FLAG>`; flags win over the configuration file.
+#[derive(Debug, Default, Parser)]
+#[command(
+    name = "device-plugin",
+    version,
+    about = "Kubernetes device plugin advertising NitroKey HSM USB sticks to the kubelet",
+    args_override_self = true
+)]
+pub struct Cli {
+    /// YAML configuration file (camelCase keys, see README).
+    #[arg(long, value_name = "FILE", env = "NITROKEY_DEVICE_PLUGIN_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Extended resource name advertised to the kubelet [default: nitrokey.com/hsm].
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "NITROKEY_DEVICE_PLUGIN_RESOURCE_NAME"
+    )]
+    pub resource_name: Option<String>,
+
+    /// USB device to advertise, VENDOR:PRODUCT[:SERIAL] in hex (repeatable; in the environment,
+    /// comma-separated). Replaces the file's `devices` [default: 20a0:4230].
+    #[arg(
+        long = "device",
+        value_name = "VENDOR:PRODUCT[:SERIAL]",
+        env = "NITROKEY_DEVICE_PLUGIN_DEVICE",
+        value_delimiter = ',',
+        value_parser = DeviceMatcher::from_str
+    )]
+    pub devices: Vec<DeviceMatcher>,
+
+    /// Units advertised per stick [default: 2].
+    #[arg(
+        long,
+        value_name = "N",
+        env = "NITROKEY_DEVICE_PLUGIN_SHARES_PER_DEVICE"
+    )]
+    pub shares_per_device: Option<u32>,
+
+    /// How long an unplugged stick stays listed as Unhealthy before it is dropped, e.g. 5m
+    /// [default: 5m].
+    #[arg(long, value_name = "DURATION", env = "NITROKEY_DEVICE_PLUGIN_GRACE_PERIOD",
+          value_parser = parse_duration)]
+    pub grace_period: Option<Duration>,
+
+    /// Directory holding kubelet.sock and the plugin's socket
+    /// [default: /var/lib/kubelet/device-plugins].
+    #[arg(long, value_name = "DIR", env = "NITROKEY_DEVICE_PLUGIN_PLUGIN_DIR")]
+    pub plugin_dir: Option<PathBuf>,
+
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz
+    /// [default: 0.0.0.0:9400].
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        env = "NITROKEY_DEVICE_PLUGIN_METRICS_ADDRESS"
+    )]
+    pub metrics_address: Option<String>,
+
+    /// Log format [default: text].
+    #[arg(long, value_name = "FORMAT", env = "NITROKEY_DEVICE_PLUGIN_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// How USB changes are noticed: auto (hotplug events where they can arrive, else periodic
+    /// rescan), hotplug, or rescan [default: auto].
+    #[arg(long, value_name = "MODE", env = "NITROKEY_DEVICE_PLUGIN_DISCOVERY")]
+    pub discovery: Option<DiscoveryMode>,
+
+    /// Interval of the periodic rescan, when rescanning [default: 5s].
+    #[arg(long, value_name = "DURATION", env = "NITROKEY_DEVICE_PLUGIN_RESCAN_INTERVAL",
+          value_parser = parse_duration)]
+    pub rescan_interval: Option<Duration>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// How the plugin notices sticks being plugged in and out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryMode {
+    /// Hotplug events when udev events can reach the process, periodic rescan otherwise.
+    #[default]
+    Auto,
+    /// Always libusb hotplug events.
+    Hotplug,
+    /// Always a periodic rescan every `rescanInterval`.
+    Rescan,
+}
+
+/// Which USB devices are advertised: vendor and product ID, optionally one serial number.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceMatcher {
+    /// USB vendor ID.
+    #[serde(deserialize_with = "deserialize_usb_id")]
+    pub vendor: u16,
+    /// USB product ID.
+    #[serde(deserialize_with = "deserialize_usb_id")]
+    pub product: u16,
+    /// Only the stick with this serial number, when set.
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+impl DeviceMatcher {
+    /// Whether a device with these IDs and serial is one to advertise.
+    pub fn matches(&self, vendor: u16, product: u16, serial: Option<&str>) -> bool {
+        self.vendor == vendor
+            && self.product == product
+            && self
+                .serial
+                .as_deref()
+                .is_none_or(|want| serial == Some(want))
+    }
+}
+
+impl Default for DeviceMatcher {
+    fn default() -> Self {
+        Self {
+            vendor: NITROKEY_VENDOR,
+            product: NITROKEY_HSM_PRODUCT,
+            serial: None,
+        }
+    }
+}
+
+impl fmt::Display for DeviceMatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04x}:{:04x}", self.vendor, self.product)?;
+        if let Some(serial) = &self.serial {
+            write!(f, ":{serial}")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for DeviceMatcher {
+    type Err = String;
+
+    /// Parses `VENDOR:PRODUCT[:SERIAL]`, IDs in hex with or without `0x`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.splitn(3, ':');
+        let vendor = parts.next().unwrap_or_default();
+        let product = parts
+            .next()
+            .ok_or_else(|| format!("`{s}` is not VENDOR:PRODUCT[:SERIAL]"))?;
+        let serial = parts.next().map(str::to_owned);
+        if serial.as_deref() == Some("") {
+            return Err(format!("`{s}` has an empty serial"));
+        }
+        Ok(Self {
+            vendor: parse_hex_id(vendor).map_err(|e| format!("vendor: {e}"))?,
+            product: parse_hex_id(product).map_err(|e| format!("product: {e}"))?,
+            serial,
+        })
+    }
+}
+
+/// Parses a 16-bit USB ID written in hex, `20a0` or `0x20a0`.
+pub fn parse_hex_id(s: &str) -> Result<u16, String> {
+    let s = s.trim();
+    let digits = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    if digits.is_empty() || digits.len() > 4 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!(
+            "`{s}` is not a 16-bit hex USB ID like 20a0 or 0x20a0"
+        ));
+    }
+    u16::from_str_radix(digits, 16).map_err(|e| format!("`{s}`: {e}"))
+}
+
+/// USB IDs in YAML: a hex string (`"20a0"`, `"0x20a0"`, also unquoted `0x20a0`) or an integer.
+fn deserialize_usb_id<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    struct UsbId;
+    impl Visitor<'_> for UsbId {
+        type Value = u16;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a USB ID: hex string like \"20a0\" or \"0x20a0\", or an integer 0..=65535")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u16, E> {
+            u16::try_from(v).map_err(|_| E::custom(format!("{v} is larger than a 16-bit USB ID")))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u16, E> {
+            u16::try_from(v).map_err(|_| E::custom(format!("{v} is not a 16-bit USB ID")))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<u16, E> {
+            parse_hex_id(v).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(UsbId)
+}
+
+/// Parses a human duration: `0`, `90s`, `5m`, `1h30m`, `250ms`, `2d`. A bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let text = s.trim();
+    if text.is_empty() {
+        return Err("empty duration".into());
+    }
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
+        let (number, tail) = rest.split_at(digits);
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("`{text}` is not a duration like 30s, 5m or 1h30m"))?;
+        let unit_secs = match unit.trim() {
+            "ms" => 0.001,
+            "s" | "sec" | "secs" => 1.0,
+            "m" | "min" | "mins" => 60.0,
+            "h" | "hr" | "hrs" => 3600.0,
+            "d" => 86400.0,
+            other => {
+                return Err(format!(
+                    "`{text}`: unknown unit `{other}` (use ms, s, m, h or d)"
+                ));
+            }
+        };
+        total += Duration::try_from_secs_f64(value * unit_secs)
+            .map_err(|_| format!("`{text}` is out of range"))?;
+        rest = tail;
+    }
+    Ok(total)
+}
+
+fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    struct Human;
+    impl Visitor<'_> for Human {
+        type Value = Option<Duration>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a duration like \"30s\", \"5m\" or \"1h30m\"")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(Duration::from_secs(v)))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            parse_duration(v).map(Some).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(Human)
+}
+
+/// The configuration file as written; every key optional, unknown keys rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileConfig {
+    /// See [`Config::resource_name`].
+    pub resource_name: Option<String>,
+    /// See [`Config::devices`].
+    pub devices: Option<Vec<DeviceMatcher>>,
+    /// See [`Config::shares_per_device`].
+    pub shares_per_device: Option<u32>,
+    /// See [`Config::grace_period`].
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub grace_period: Option<Duration>,
+    /// See [`Config::plugin_dir`].
+    pub plugin_dir: Option<PathBuf>,
+    /// See [`Config::metrics_address`].
+    pub metrics_address: Option<String>,
+    /// See [`Config::log_format`].
+    pub log_format: Option<LogFormat>,
+    /// See [`Config::discovery`].
+    pub discovery: Option<DiscoveryMode>,
+    /// See [`Config::rescan_interval`].
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub rescan_interval: Option<Duration>,
+}
+
+impl FileConfig {
+    /// Parses the YAML text of a configuration file. An empty file is all defaults.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml(e.to_string()))
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read(path.to_path_buf(), e.to_string()))?;
+        Self::from_yaml(&text).map_err(|e| match e {
+            ConfigError::Yaml(msg) => ConfigError::File(path.to_path_buf(), msg),
+            other => other,
+        })
+    }
+}
+
+/// The effective, validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Extended resource name registered with the kubelet.
+    pub resource_name: String,
+    /// Devices to advertise.
+    pub devices: Vec<DeviceMatcher>,
+    /// Units per stick.
+    pub shares_per_device: u32,
+    /// How long an unplugged stick stays listed as Unhealthy.
+    pub grace_period: Duration,
+    /// Directory holding kubelet.sock and the plugin socket.
+    pub plugin_dir: PathBuf,
+    /// Address of the HTTP endpoint.
+    pub metrics_address: SocketAddr,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// How USB changes are noticed.
+    pub discovery: DiscoveryMode,
+    /// Interval of the periodic rescan.
+    pub rescan_interval: Duration,
+}
+
+impl Config {
+    /// Path of the plugin's own socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.plugin_dir.join(SOCKET_NAME)
+    }
+
+    /// Path of the kubelet's registration socket.
+    pub fn kubelet_socket_path(&self) -> PathBuf {
+        self.plugin_dir.join(nitrokey_proto::KUBELET_SOCKET)
+    }
+
+    /// Builds the effective configuration from the flags (and the file they name).
+    pub fn from_cli(cli: &Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(file, cli)
+    }
+
+    /// Overlays the flags on the file and validates the result.
+    pub fn merge(file: FileConfig, cli: &Cli) -> Result<Self, ConfigError> {
+        let devices = if !cli.devices.is_empty() {
+            cli.devices.clone()
+        } else {
+            file.devices
+                .unwrap_or_else(|| vec![DeviceMatcher::default()])
+        };
+        let metrics_address = cli
+            .metrics_address
+            .clone()
+            .or(file.metrics_address)
+            .unwrap_or_else(|| DEFAULT_METRICS_ADDRESS.to_owned());
+        let config = Self {
+            resource_name: cli
+                .resource_name
+                .clone()
+                .or(file.resource_name)
+                .unwrap_or_else(|| DEFAULT_RESOURCE_NAME.to_owned()),
+            devices,
+            shares_per_device: cli
+                .shares_per_device
+                .or(file.shares_per_device)
+                .unwrap_or(DEFAULT_SHARES),
+            grace_period: cli
+                .grace_period
+                .or(file.grace_period)
+                .unwrap_or(DEFAULT_GRACE_PERIOD),
+            plugin_dir: cli
+                .plugin_dir
+                .clone()
+                .or(file.plugin_dir)
+                .unwrap_or_else(|| PathBuf::from(nitrokey_proto::DEVICE_PLUGIN_DIR)),
+            metrics_address: metrics_address.parse().map_err(|_| {
+                ConfigError::Invalid(
+                    "metricsAddress",
+                    format!(
+                        "`{metrics_address}` is not HOST:PORT with a numeric IP, e.g. 0.0.0.0:9400"
+                    ),
+                )
+            })?,
+            log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
+            discovery: cli.discovery.or(file.discovery).unwrap_or_default(),
+            rescan_interval: cli
+                .rescan_interval
+                .or(file.rescan_interval)
+                .unwrap_or(DEFAULT_RESCAN_INTERVAL),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        validate_resource_name(&self.resource_name)
+            .map_err(|e| ConfigError::Invalid("resourceName", e))?;
+        if self.devices.is_empty() {
+            return Err(ConfigError::Invalid(
+                "devices",
+                "at least one device is needed".into(),
+            ));
+        }
+        if let Some(m) = self
+            .devices
+            .iter()
+            .find(|m| m.serial.as_deref() == Some(""))
+        {
+            return Err(ConfigError::Invalid(
+                "devices",
+                format!("{m}: serial must not be empty"),
+            ));
+        }
+        if !(1..=MAX_SHARES).contains(&self.shares_per_device) {
+            return Err(ConfigError::Invalid(
+                "sharesPerDevice",
+                format!(
+                    "{} is not between 1 and {MAX_SHARES}",
+                    self.shares_per_device
+                ),
+            ));
+        }
+        if self.plugin_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid(
+                "pluginDir",
+                "must not be empty".into(),
+            ));
+        }
+        if self.rescan_interval < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid(
+                "rescanInterval",
+                "must be at least 100ms".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `name` is an extended resource name the kubelet accepts: `<domain>/<name>`,
+/// outside the `kubernetes.io` namespaces, at most 63 characters after the slash.
+pub fn validate_resource_name(name: &str) -> Result<(), String> {
+    let (domain, short) = name.split_once('/').ok_or_else(|| {
+        format!("`{name}` is not of the form <domain>/<name>, e.g. nitrokey.com/hsm")
+    })?;
+    let dns_label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if domain.len() > 253 || !domain.split('.').all(dns_label) {
+        return Err(format!("`{domain}` is not a lower-case DNS domain"));
+    }
+    if domain == "kubernetes.io"
+        || domain.ends_with(".kubernetes.io")
+        || domain == "k8s.io"
+        || domain.ends_with(".k8s.io")
+    {
+        return Err(format!(
+            "`{domain}` is reserved for Kubernetes' own resources"
+        ));
+    }
+    let short_ok = !short.is_empty()
+        && short.len() <= 63
+        && short
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && short.as_bytes()[0].is_ascii_alphanumeric()
+        && short.as_bytes()[short.len() - 1].is_ascii_alphanumeric();
+    if !short_ok {
+        return Err(format!(
+            "`{short}` must be 1-63 characters of [A-Za-z0-9-_.], starting and ending alphanumeric"
+        ));
+    }
+    Ok(())
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {0}: {1}")]
+    Read(PathBuf, String),
+    /// The file is not valid YAML of the expected shape (the message names the field).
+    #[error("invalid config file {0}: {1}")]
+    File(PathBuf, String),
+    /// YAML text that is not of the expected shape.
+    #[error("invalid config: {0}")]
+    Yaml(String),
+    /// A field has an invalid value.
+    #[error("invalid config: {0}: {1}")]
+    Invalid(&'static str, String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut argv = vec!["device-plugin"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("flags parse")
+    }
+
+    fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        Config::merge(FileConfig::from_yaml(text)?, &Cli::default())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = from_yaml("").unwrap();
+        assert_eq!(c.resource_name, "nitrokey.com/hsm");
+        assert_eq!(
+            c.devices,
+            vec![DeviceMatcher {
+                vendor: 0x20a0,
+                product: 0x4230,
+                serial: None
+            }]
+        );
+        assert_eq!(c.shares_per_device, 2);
+        assert_eq!(c.grace_period, Duration::from_secs(300));
+        assert_eq!(
+            c.plugin_dir,
+            PathBuf::from("/var/lib/kubelet/device-plugins")
+        );
+        assert_eq!(c.metrics_address, "0.0.0.0:9400".parse().unwrap());
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.discovery, DiscoveryMode::Auto);
+        assert_eq!(
+            c.socket_path(),
+            PathBuf::from("/var/lib/kubelet/device-plugins/nitrokey-hsm.sock")
+        );
+    }
+
+    #[test]
+    fn full_file() {
+        let c = from_yaml(
+            "resourceName: example.com/stick\n\
+             devices:\n  - {vendor: 0x20a0, product: \"4230\"}\n  - {vendor: \"0x1050\", product: 1031, serial: ABC}\n\
+             sharesPerDevice: 3\ngracePeriod: 1h30m\npluginDir: /tmp/dp\n\
+             metricsAddress: 127.0.0.1:9999\nlogFormat: json\ndiscovery: rescan\nrescanInterval: 2s\n",
+        )
+        .unwrap();
+        assert_eq!(c.resource_name, "example.com/stick");
+        assert_eq!(
+            c.devices[0],
+            DeviceMatcher {
+                vendor: 0x20a0,
+                product: 0x4230,
+                serial: None
+            }
+        );
+        assert_eq!(
+            c.devices[1],
+            DeviceMatcher {
+                vendor: 0x1050,
+                product: 1031,
+                serial: Some("ABC".into())
+            }
+        );
+        assert_eq!(c.shares_per_device, 3);
+        assert_eq!(c.grace_period, Duration::from_secs(5400));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.discovery, DiscoveryMode::Rescan);
+        assert_eq!(c.rescan_interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        for (yaml, field) in [
+            ("resourceNam: x/y\n", "resourceNam"),
+            ("sharesPerDevice: many\n", "sharesPerDevice"),
+            ("sharesPerDevice: 0\n", "sharesPerDevice"),
+            ("gracePeriod: soon\n", "gracePeriod"),
+            ("devices:\n  - {vendor: zz, product: 4230}\n", "vendor"),
+            ("devices:\n  - {vendor: 0x20a0}\n", "product"),
+            (
+                "devices:\n  - {vendor: 0x20a0, product: 0x4230, colour: red}\n",
+                "colour",
+            ),
+            ("devices: []\n", "devices"),
+            ("resourceName: hsm\n", "resourceName"),
+            ("resourceName: kubernetes.io/hsm\n", "resourceName"),
+            ("metricsAddress: localhost\n", "metricsAddress"),
+            ("logFormat: xml\n", "logFormat"),
+        ] {
+            let err = from_yaml(yaml).expect_err(yaml).to_string();
+            assert!(
+                err.contains(field),
+                "{yaml:?} gave {err:?}, which does not name {field}"
+            );
+        }
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file = FileConfig::from_yaml("resourceName: a.com/b\nsharesPerDevice: 4\n").unwrap();
+        let c = Config::merge(
+            file,
+            &cli(&[
+                "--shares-per-device",
+                "1",
+                "--device",
+                "20a0:4230:DENK1",
+                "--device",
+                "0x1:2",
+                "--grace-period",
+                "10s",
+                "--plugin-dir",
+                "/x",
+                "--log-format",
+                "json",
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.resource_name, "a.com/b");
+        assert_eq!(c.shares_per_device, 1);
+        assert_eq!(c.devices.len(), 2);
+        assert_eq!(c.devices[0].serial.as_deref(), Some("DENK1"));
+        assert_eq!(
+            c.devices[1],
+            DeviceMatcher {
+                vendor: 1,
+                product: 2,
+                serial: None
+            }
+        );
+        assert_eq!(c.grace_period, Duration::from_secs(10));
+        assert_eq!(c.plugin_dir, PathBuf::from("/x"));
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn device_flag_syntax() {
+        assert!("20a0".parse::<DeviceMatcher>().is_err());
+        assert!("20a0:".parse::<DeviceMatcher>().is_err());
+        assert!("20a0:4230:".parse::<DeviceMatcher>().is_err());
+        assert!("12345:1".parse::<DeviceMatcher>().is_err());
+        assert_eq!(
+            "0X20A0:4230".parse::<DeviceMatcher>().unwrap(),
+            DeviceMatcher::default()
+        );
+        assert!(Cli::try_parse_from(["device-plugin", "--device", "nope"]).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+        for bad in ["", "m", "5x", "-5s", "five"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn matcher_serial() {
+        let any = DeviceMatcher::default();
+        let one = DeviceMatcher {
+            serial: Some("A".into()),
+            ..DeviceMatcher::default()
+        };
+        assert!(any.matches(0x20a0, 0x4230, None));
+        assert!(one.matches(0x20a0, 0x4230, Some("A")));
+        assert!(!one.matches(0x20a0, 0x4230, Some("B")));
+        assert!(!one.matches(0x20a0, 0x4230, None));
+        assert!(!any.matches(0x20a0, 0x4231, None));
+    }
+
+    #[test]
+    fn resource_names() {
+        assert!(validate_resource_name("nitrokey.com/hsm").is_ok());
+        assert!(validate_resource_name("example.com/hsm_1.a").is_ok());
+        for bad in [
+            "hsm",
+            "/hsm",
+            "Nitrokey.com/hsm",
+            "nitrokey.com/",
+            "x.kubernetes.io/hsm",
+            "nitrokey.com/-hsm",
+            "nitrokey.com/a/b",
+        ] {
+            assert!(validate_resource_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! Kubernetes device plugin advertising NitroKey HSM USB sticks to the kubelet.
+//!
+//! # Layout
+//!
+//! One concern per module, pure logic apart from I/O:
+//!
+//! - [`config`]: YAML file, flags and environment, validated into a [`config::Config`].
+//! - [`usb`]: discovery with libusb: hotplug callbacks (or a rescan fallback), stick identity.
+//! - [`inventory`]: pure state: sticks → units `<id>-0..N-1`, health, grace period.
+//! - [`allocation`]: pure choice of units for `GetPreferredAllocation`.
+//! - [`state`]: the inventory shared with the gRPC server, publishing every change.
+//! - [`server`]: the `DevicePlugin` gRPC service on the plugin's unix socket.
+//! - [`kubelet`]: `Register`, and the directory watch that re-serves and re-registers when
+//!   the kubelet restarts.
+//! - [`metrics`], [`http`], [`telemetry`]: Prometheus metrics, health endpoints, logging.
+//! - [`daemon`]: wires everything together; `main.rs` only parses flags and sets exit codes.
+
+pub mod allocation;
+pub mod config;
+pub mod daemon;
+pub mod http;
+pub mod inventory;
+pub mod kubelet;
+pub mod metrics;
+pub mod server;
+pub mod state;
+pub mod telemetry;
+pub mod usb;

@@ -1,0 +1,154 @@
+//! Configuration through the real binary: invalid files and flags exit 2 with an error naming
+//! the field; files, environment and flags combine with flags winning.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{Plugin, TIMEOUT, binary};
+use nitrokey_e2e::kubelet::FakeKubelet;
+use nitrokey_e2e::usb::Testbed;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(binary());
+    command
+        .args(args)
+        .env_remove("NITROKEY_DEVICE_PLUGIN_CONFIG");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("run device-plugin")
+}
+
+fn run_with_file(yaml: &str) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    run(&["--config", path.to_str().unwrap()], &[])
+}
+
+#[test]
+fn invalid_config_files_exit_2_naming_the_field() {
+    for (yaml, field) in [
+        ("resourceNam: nitrokey.com/hsm\n", "resourceNam"),
+        ("resourceName: hsm\n", "resourceName"),
+        ("sharesPerDevice: 0\n", "sharesPerDevice"),
+        ("sharesPerDevice: two\n", "sharesPerDevice"),
+        ("gracePeriod: forever\n", "gracePeriod"),
+        (
+            "devices:\n  - vendor: 0x20a0\n    product: nope\n",
+            "product",
+        ),
+        (
+            "devices:\n  - vendor: 0x20a0\n    product: 0x4230\n    color: red\n",
+            "color",
+        ),
+        ("devices: []\n", "devices"),
+        ("metricsAddress: everywhere\n", "metricsAddress"),
+        ("logFormat: xml\n", "logFormat"),
+        ("discovery: psychic\n", "discovery"),
+        ("- just\n- a list\n", "invalid config"),
+    ] {
+        let out = run_with_file(yaml);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{yaml:?}: {stderr}");
+        assert!(
+            stderr.contains(field),
+            "{yaml:?}: error does not name {field}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn missing_file_and_bad_flags_exit_2() {
+    let out = run(&["--config", "/nonexistent/config.yaml"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/config.yaml"));
+    for args in [
+        &["--shares-per-device", "x"][..],
+        &["--device", "20a0"],
+        &["--grace-period", "soon"],
+        &["--log-format", "xml"],
+        &["--no-such-flag"],
+        &["--resource-name", "kubernetes.io/hsm"],
+    ] {
+        let out = run(args, &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = run(&[], &[("NITROKEY_DEVICE_PLUGIN_SHARES_PER_DEVICE", "0")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sharesPerDevice"));
+}
+
+#[test]
+fn help_lists_every_flag() {
+    let out = run(&["--help"], &[]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--config",
+        "--resource-name",
+        "--device",
+        "--shares-per-device",
+        "--grace-period",
+        "--plugin-dir",
+        "--metrics-address",
+        "--log-format",
+        "--discovery",
+        "--rescan-interval",
+        "NITROKEY_DEVICE_PLUGIN_CONFIG",
+        "NITROKEY_DEVICE_PLUGIN_DEVICE",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_env_and_flags_combine() {
+    let testbed = Testbed::new().unwrap();
+    testbed.add_nitrokey_hsm("DENK0000001", 1, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    // The file (named by the environment) sets resource, shares and log format; the
+    // environment overrides the shares and the resource, and the flag overrides the resource
+    // again.
+    std::fs::write(
+        &config,
+        "resourceName: file.example.com/hsm\nsharesPerDevice: 5\nlogFormat: json\n\
+         devices:\n  - vendor: \"20a0\"\n    product: 0x4230\n",
+    )
+    .unwrap();
+    let plugin_dir = dir.path().join("plugins");
+    let kubelet = FakeKubelet::start(&plugin_dir).await.unwrap();
+    let plugin = Plugin::start_with_env(
+        &testbed,
+        &plugin_dir,
+        &["--resource-name", "example.com/hsm"],
+        &[
+            ("NITROKEY_DEVICE_PLUGIN_CONFIG", config.to_str().unwrap()),
+            ("NITROKEY_DEVICE_PLUGIN_SHARES_PER_DEVICE", "3"),
+            (
+                "NITROKEY_DEVICE_PLUGIN_RESOURCE_NAME",
+                "env.example.com/hsm",
+            ),
+        ],
+    );
+    let registration = kubelet.wait_for_registration(TIMEOUT).await.unwrap();
+    assert_eq!(registration.request.resource_name, "example.com/hsm");
+    kubelet
+        .wait_for_devices(|d| d.len() == 3, TIMEOUT)
+        .await
+        .unwrap();
+    let logs = plugin.logs();
+    let first = logs.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with('{') && first.contains("\"message\""),
+        "JSON logs: {first}"
+    );
+}

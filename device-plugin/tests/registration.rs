@@ -1,0 +1,300 @@
+//! Registration with the kubelet: first registration, kubelet restarts, a kubelet that comes
+//! up after the plugin, a rejected registration, shutdown. Each scenario runs the real binary
+//! against the fake kubelet, with emulated sticks.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Plugin, TIMEOUT, unit_ids};
+use nitrokey_e2e::kubelet::FakeKubelet;
+use nitrokey_e2e::usb::Testbed;
+use nitrokey_proto::v1beta1::DevicePluginOptions;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_and_lists_two_units_per_stick() {
+    let testbed = Testbed::new().unwrap();
+    testbed.add_nitrokey_hsm("DENK01234567", 1, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    let plugin = Plugin::start(&testbed, dir.path(), &[]);
+
+    let registration = kubelet.wait_for_registration(TIMEOUT).await.unwrap();
+    assert_eq!(registration.request.version, "v1beta1");
+    assert_eq!(registration.request.endpoint, "nitrokey-hsm.sock");
+    assert_eq!(registration.request.resource_name, "nitrokey.com/hsm");
+    let announced = registration
+        .request
+        .options
+        .expect("options in RegisterRequest");
+    assert!(announced.get_preferred_allocation_available);
+    assert!(!announced.pre_start_required);
+    // Answered by the plugin while Register was in flight.
+    assert_eq!(
+        registration.plugin_options,
+        Some(DevicePluginOptions {
+            pre_start_required: false,
+            get_preferred_allocation_available: true
+        })
+    );
+
+    let list = kubelet
+        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(list.ids(), unit_ids(&["DENK01234567"], 2));
+    assert_eq!(list.healthy_ids().len(), 2);
+    assert!(dir.path().join("nitrokey-hsm.sock").exists());
+
+    plugin.wait_http("/readyz", 200).await;
+    assert_eq!(plugin.http_get("/healthz").await.0, 200);
+    let (status, metrics) = plugin.http_get("/metrics").await;
+    assert_eq!(status, 200);
+    for series in [
+        "nitrokey_device_plugin_sticks{health=\"healthy\"} 1",
+        "nitrokey_device_plugin_units{health=\"healthy\"} 2",
+        "nitrokey_device_plugin_registrations_total{result=\"ok\"} 1",
+        "nitrokey_device_plugin_registered 1",
+        "nitrokey_device_plugin_list_and_watch_streams 1",
+    ] {
+        assert!(metrics.contains(series), "missing {series} in\n{metrics}");
+    }
+    assert_eq!(kubelet.registration_count(), 1, "registered exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sticks_and_custom_resource_and_shares() {
+    let testbed = Testbed::new().unwrap();
+    testbed.add_nitrokey_hsm("DENK0000001", 1, 2).unwrap();
+    testbed.add_nitrokey_hsm("DENK0000002", 1, 3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    let _plugin = Plugin::start(
+        &testbed,
+        dir.path(),
+        &[
+            "--resource-name",
+            "example.com/stick",
+            "--shares-per-device",
+            "3",
+        ],
+    );
+    let registration = kubelet.wait_for_registration(TIMEOUT).await.unwrap();
+    assert_eq!(registration.request.resource_name, "example.com/stick");
+    let list = kubelet
+        .wait_for_devices(|d| d.len() == 6, TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(list.ids(), unit_ids(&["DENK0000001", "DENK0000002"], 3));
+    assert_eq!(list.healthy_ids().len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sticks_default_shares() {
+    let testbed = Testbed::new().unwrap();
+    testbed.add_nitrokey_hsm("DENK0000001", 1, 2).unwrap();
+    testbed.add_nitrokey_hsm("DENK0000002", 1, 3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    let plugin = Plugin::start(&testbed, dir.path(), &[]);
+    let list = kubelet
+        .wait_for_devices(|d| d.len() == 4, TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(list.ids(), unit_ids(&["DENK0000001", "DENK0000002"], 2));
+    assert_eq!(list.healthy_ids().len(), 4);
+    plugin.wait_http("/readyz", 200).await;
+    assert_eq!(
+        plugin
+            .metric("nitrokey_device_plugin_sticks{health=\"healthy\"}")
+            .await,
+        Some(2.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_restart_leads_to_reregistration() {
+    let testbed = Testbed::new().unwrap();
+    testbed.add_nitrokey_hsm("DENK01234567", 1, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    let plugin = Plugin::start(&testbed, dir.path(), &[]);
+    kubelet.wait_for_registration(TIMEOUT).await.unwrap();
+    kubelet
+        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
+        .await
+        .unwrap();
+
+    for round in 2..=4 {
+        let before = kubelet.device_list().unwrap().updates;
+        let restarted_at = kubelet.restart().await.unwrap();
+        let registration = kubelet
+            .wait_for_registrations(round, TIMEOUT)
+            .await
+            .unwrap();
+        assert!(registration.received_at >= restarted_at);
+        let list = kubelet
+            .wait_for_list(
+                |l| l.connected && l.updates > before && l.devices.len() == 2,
+                TIMEOUT,
+            )
+            .await
+            .unwrap();
+        assert_eq!(list.healthy_ids(), unit_ids(&["DENK01234567"], 2));
+        assert!(
+            dir.path().join("nitrokey-hsm.sock").exists(),
+            "socket served again"
+        );
+    }
+    plugin.wait_http("/readyz", 200).await;
+    // Settle: no duplicate registrations trail behind.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        kubelet.registration_count(),
+        4,
+        "one registration per kubelet start"
+    );
+    assert_eq!(
+        plugin
+            .metric("nitrokey_device_plugin_kubelet_restarts_total")
+            .await,
+        Some(3.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_socket_appearing_after_start_up() {
+    let testbed = Testbed::new().unwrap();
+    testbed.add_nitrokey_hsm("DENK01234567", 1, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = Plugin::start(&testbed, dir.path(), &[]);
+    // Serving, not registered: alive but not ready.
+    plugin.wait_http("/healthz", 200).await;
+    assert_eq!(plugin.http_get("/readyz").await.0, 503);
+    assert!(dir.path().join("nitrokey-hsm.sock").exists());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A starting kubelet removes the plugin's socket too; the plugin serves again and registers.
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    kubelet.wait_for_registration(TIMEOUT).await.unwrap();
+    kubelet
+        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
+        .await
+        .unwrap();
+    plugin.wait_http("/readyz", 200).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(kubelet.registration_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_unreachable_then_back_is_retried() {
+    let testbed = Testbed::new().unwrap();
+    testbed.add_nitrokey_hsm("DENK01234567", 1, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A stale kubelet.sock nobody listens on: Register fails with "connection refused".
+    let mut kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    kubelet.stop().await;
+    let plugin = Plugin::start(&testbed, dir.path(), &[]);
+    plugin.wait_http("/healthz", 200).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(plugin.http_get("/readyz").await.0, 503);
+    let failures = plugin
+        .metric("nitrokey_device_plugin_registrations_total{result=\"unreachable\"}")
+        .await
+        .unwrap_or(0.0);
+    assert!(failures >= 1.0, "retried with backoff:\n{}", plugin.logs());
+
+    kubelet.restart().await.unwrap();
+    kubelet.wait_for_registration(TIMEOUT).await.unwrap();
+    kubelet
+        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
+        .await
+        .unwrap();
+    plugin.wait_http("/readyz", 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_socket_deleted_is_served_again() {
+    let testbed = Testbed::new().unwrap();
+    testbed.add_nitrokey_hsm("DENK01234567", 1, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    let _plugin = Plugin::start(&testbed, dir.path(), &[]);
+    kubelet.wait_for_registration(TIMEOUT).await.unwrap();
+    let socket = dir.path().join("nitrokey-hsm.sock");
+    std::fs::remove_file(&socket).unwrap();
+    kubelet.wait_for_registrations(2, TIMEOUT).await.unwrap();
+    kubelet
+        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
+        .await
+        .unwrap();
+    assert!(socket.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_registration_ends_the_process() {
+    let testbed = Testbed::new().unwrap();
+    testbed.add_nitrokey_hsm("DENK01234567", 1, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    kubelet.reject_registrations(Some("resource nitrokey.com/hsm is already registered"));
+    let mut plugin = Plugin::start(&testbed, dir.path(), &[]);
+    let status = plugin
+        .wait_exit(TIMEOUT)
+        .expect("plugin exits after a rejected registration");
+    assert_eq!(status.code(), Some(1), "{}", plugin.logs());
+    let logs = plugin.logs();
+    assert!(
+        logs.contains("already registered"),
+        "the kubelet's reason is logged:\n{logs}"
+    );
+    assert!(
+        !dir.path().join("nitrokey-hsm.sock").exists(),
+        "socket removed on exit"
+    );
+    assert_eq!(
+        kubelet.registrations().len(),
+        1,
+        "a rejection is not retried"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_serving_and_removes_the_socket() {
+    let testbed = Testbed::new().unwrap();
+    testbed.add_nitrokey_hsm("DENK01234567", 1, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    let mut plugin = Plugin::start(&testbed, dir.path(), &[]);
+    kubelet
+        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
+        .await
+        .unwrap();
+    let status = plugin.terminate();
+    assert!(
+        status.success(),
+        "clean exit on SIGTERM: {status:?}\n{}",
+        plugin.logs()
+    );
+    assert!(!dir.path().join("nitrokey-hsm.sock").exists());
+    assert!(
+        dir.path().join("kubelet.sock").exists(),
+        "the kubelet's socket is left alone"
+    );
+    kubelet
+        .wait_for_list(|l| !l.connected, TIMEOUT)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_also_shuts_down() {
+    let testbed = Testbed::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut plugin = Plugin::start(&testbed, dir.path(), &[]);
+    plugin.wait_http("/healthz", 200).await;
+    plugin.signal(libc::SIGINT);
+    let status = plugin.wait_exit(TIMEOUT).expect("exit after SIGINT");
+    assert!(status.success());
+    assert!(!dir.path().join("nitrokey-hsm.sock").exists());
+}
