@@ -11,6 +11,10 @@
 # No node is patched by hand: the device plugin advertises nitrokey.com/hsm by itself.
 set -euo pipefail
 
+# grep that reads all of its input: `cmd | grep -q` stops reading at the first match, and the
+# writer's SIGPIPE then fails the whole pipeline under pipefail.
+matches() { grep -c "$@" >/dev/null; }
+
 profile="${MINIKUBE_PROFILE:-minikube}"
 vendor="${HSM_VENDOR_ID:-0x20a0}"
 product="${HSM_PRODUCT_ID:-0x4230}"
@@ -44,7 +48,7 @@ stop_vm() {
 }
 
 step "1. VirtualBox Extension Pack (USB 2.0 EHCI)"
-if VBoxManage list extpacks | grep -q '^Usable: *true'; then
+if VBoxManage list extpacks | matches '^Usable: *true'; then
   ok "$(VBoxManage list extpacks | sed -n 's/^Pack no\. *[0-9]*: *//p' | head -n1) is usable"
 else
   die "no usable Extension Pack: install the Oracle VM VirtualBox Extension Pack matching $(VBoxManage --version), then re-run"
@@ -59,24 +63,24 @@ VBoxManage showvminfo "$profile" >/dev/null 2>&1 || die "VM '$profile' does not 
 ok "VM exists"
 
 step "3. USB 2.0 (EHCI) controller on the VM"
-if VBoxManage showvminfo "$profile" --machinereadable | grep -q '^ehci="on"'; then
+if VBoxManage showvminfo "$profile" --machinereadable | matches '^ehci="on"'; then
   ok "already on"
 else
   stop_vm
   VBoxManage modifyvm "$profile" --usb on --usbehci on
-  VBoxManage showvminfo "$profile" --machinereadable | grep -q '^ehci="on"' || die "EHCI is still off"
+  VBoxManage showvminfo "$profile" --machinereadable | matches '^ehci="on"' || die "EHCI is still off"
   ok "enabled"
 fi
 
 step "4. USB filter for ${vid}:${pid}"
 filters="$(VBoxManage showvminfo "$profile" --machinereadable | grep -ci "^USBFilterVendorId[0-9]*=\"${vid}\"" || true)"
-if [ "$filters" -ge 1 ] && VBoxManage showvminfo "$profile" --machinereadable | grep -qi "^USBFilterProductId[0-9]*=\"${pid}\""; then
+if [ "$filters" -ge 1 ] && VBoxManage showvminfo "$profile" --machinereadable | matches -i "^USBFilterProductId[0-9]*=\"${pid}\""; then
   ok "filter present"
 else
   stop_vm
   # Index 0: first in the list; the seed's "1" fails on a VM without filters.
   VBoxManage usbfilter add 0 --target "$profile" --name "$filter_name" --vendorid "$vid" --productid "$pid"
-  VBoxManage showvminfo "$profile" --machinereadable | grep -qi "^USBFilterVendorId[0-9]*=\"${vid}\"" \
+  VBoxManage showvminfo "$profile" --machinereadable | matches -i "^USBFilterVendorId[0-9]*=\"${vid}\"" \
     || die "the USB filter was not recorded"
   ok "filter added"
 fi
@@ -90,7 +94,7 @@ ok "running"
 step "6. the stick is visible inside the VM (lsusb ${vid}:${pid})"
 found=""
 for attempt in $(seq 1 30); do
-  if minikube -p "$profile" ssh -- lsusb 2>/dev/null | grep -qi "${vid}:${pid}"; then found=1; break; fi
+  if minikube -p "$profile" ssh -- lsusb 2>/dev/null | matches -i "${vid}:${pid}"; then found=1; break; fi
   [ "$attempt" != 1 ] || echo "    plug in the NitroKey HSM now (waiting up to 60 s)"
   sleep 2
 done
