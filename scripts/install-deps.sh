@@ -9,6 +9,7 @@ apt_packages=(
   libusb-1.0-0-dev libudev-dev          # rusb links the system libusb (udev hotplug backend)
   umockdev libumockdev-dev gir1.2-umockdev-1.0 python3-gi  # emulated USB devices
   softhsm2 opensc                       # PKCS#11 token and independent pkcs11-tool client
+  openssl                               # writes Bank-Vaults-style ciphertext in the tests
   pcscd libccid                         # the stick's smart-card stack (unseal-init daemon mode)
 )
 
