@@ -359,34 +359,18 @@ fn kill_pid(pid: u32) {
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
-#[test]
-fn openbao_killed_right_after_init_loses_no_key() {
+/// Runs `unseal-init --once` while OpenBao is killed at `request` (after answering it, or
+/// instead of answering it), checks that every key is on the token while OpenBao is down, then
+/// starts OpenBao again and returns the run's result once it ends.
+fn once_with_openbao_killed_at(request: &'static str, action: Action) -> (Run, OpenBao) {
     let (hsm, mut bao, dir) = peers();
     let pid = bao.pid().expect("pid");
-    let upstream = bao.address().trim_start_matches("http://").to_owned();
-    let proxy = proxy::start(
-        upstream,
-        |line| {
-            if line.starts_with("PUT /v1/sys/init") {
-                Action::HookAfterResponse
-            } else {
-                Action::Forward
-            }
-        },
-        move || kill_pid(pid),
-    );
+    let proxy = proxy::start(&bao.address(), request, action, move || kill_pid(pid));
     let config = write_config(dir.path(), &hsm, &proxy.address, "");
     let mut cmd = command(&hsm);
     cmd.arg("--config").arg(&config).arg("--once");
     let child = cmd.spawn().expect("spawn");
-    let started = std::time::Instant::now();
-    while !proxy.fired.load(std::sync::atomic::Ordering::SeqCst) {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "init never reached"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    proxy.wait_fired(request, Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(2));
     // OpenBao is down; the keys it handed out must be on the token already.
     let mut labels = hsm.data_labels().expect("labels");
@@ -398,45 +382,17 @@ fn openbao_killed_right_after_init_loses_no_key() {
     assert_eq!(r.code, Some(0), "{}", r.text);
     let status = bao.seal_status().expect("status");
     assert!(status.initialized && !status.sealed, "{status:?}");
+    (r, bao)
+}
+
+#[test]
+fn openbao_killed_right_after_init_loses_no_key() {
+    once_with_openbao_killed_at("PUT /v1/sys/init", Action::HookAfterResponse);
 }
 
 #[test]
 fn openbao_killed_between_storage_and_unseal_is_unsealed_by_the_same_run() {
-    let (hsm, mut bao, dir) = peers();
-    let pid = bao.pid().expect("pid");
-    let upstream = bao.address().trim_start_matches("http://").to_owned();
-    let proxy = proxy::start(
-        upstream,
-        |line| {
-            if line.starts_with("PUT /v1/sys/unseal") {
-                Action::HookInstead
-            } else {
-                Action::Forward
-            }
-        },
-        move || kill_pid(pid),
-    );
-    let config = write_config(dir.path(), &hsm, &proxy.address, "");
-    let mut cmd = command(&hsm);
-    cmd.arg("--config").arg(&config).arg("--once");
-    let child = cmd.spawn().expect("spawn");
-    let started = std::time::Instant::now();
-    while !proxy.fired.load(std::sync::atomic::Ordering::SeqCst) {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "unseal never reached"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut labels = hsm.data_labels().expect("labels");
-    labels.sort();
-    assert_eq!(labels, default_names());
-    bao.kill().expect("reap");
-    bao.start_again().expect("restart");
-    let r = wait(child, Duration::from_secs(90));
-    assert_eq!(r.code, Some(0), "{}", r.text);
-    let status = bao.seal_status().expect("status");
-    assert!(status.initialized && !status.sealed, "{status:?}");
+    let (r, _bao) = once_with_openbao_killed_at("PUT /v1/sys/unseal", Action::HookInstead);
     assert_eq!(
         r.text.matches("initializing vault").count(),
         1,
@@ -449,17 +405,11 @@ fn openbao_killed_between_storage_and_unseal_is_unsealed_by_the_same_run() {
 fn token_unplugged_while_storing_the_new_keys_loses_nothing() {
     let (hsm, bao, dir) = peers();
     let hsm = std::sync::Arc::new(hsm);
-    let upstream = bao.address().trim_start_matches("http://").to_owned();
     let unplugged = hsm.clone();
     let proxy = proxy::start(
-        upstream,
-        |line| {
-            if line.starts_with("PUT /v1/sys/init") {
-                Action::HookAfterResponse
-            } else {
-                Action::Forward
-            }
-        },
+        &bao.address(),
+        "PUT /v1/sys/init",
+        Action::HookAfterResponse,
         move || {
             // The answer to sys/init is delivered only after the token has gone.
             unplugged.unplug().expect("unplug");

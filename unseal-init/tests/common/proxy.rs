@@ -97,18 +97,20 @@ fn rewrite_response(raw: &[u8]) -> Vec<u8> {
     format!("{}\r\n\r\n{body}", lines.join("\r\n")).into_bytes()
 }
 
-/// Starts a proxy to `upstream` (`127.0.0.1:PORT`); `decide` sees each request line and the
-/// hook runs at most once.
+/// Starts a proxy to the server at `upstream` (`http://127.0.0.1:PORT`) that applies `action`
+/// to the first request whose request line starts with `prefix` (e.g. `PUT /v1/sys/init`) and
+/// forwards everything else; the hook runs at most once.
 pub fn start(
-    upstream: String,
-    decide: impl Fn(&str) -> Action + Send + Sync + 'static,
+    upstream: &str,
+    prefix: &'static str,
+    action: Action,
     hook: impl Fn() + Send + Sync + 'static,
 ) -> Proxy {
+    let upstream = upstream.trim_start_matches("http://").to_owned();
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
     let address = format!("http://{}", listener.local_addr().expect("addr"));
     let fired = Arc::new(AtomicBool::new(false));
     let fired_thread = fired.clone();
-    let decide = Arc::new(decide);
     let hook = Arc::new(hook);
     std::thread::spawn(move || {
         for client in listener.incoming() {
@@ -122,10 +124,10 @@ pub fn start(
                 .next()
                 .unwrap_or_default()
                 .to_owned();
-            let action = if fired_thread.load(Ordering::SeqCst) {
+            let action = if fired_thread.load(Ordering::SeqCst) || !line.starts_with(prefix) {
                 Action::Forward
             } else {
-                decide(&line)
+                action
             };
             if action == Action::HookInstead {
                 fired_thread.store(true, Ordering::SeqCst);
@@ -150,4 +152,15 @@ pub fn start(
         }
     });
     Proxy { address, fired }
+}
+
+impl Proxy {
+    /// Waits until the hook ran; panics naming `what` after `timeout`.
+    pub fn wait_fired(&self, what: &str, timeout: Duration) {
+        let started = std::time::Instant::now();
+        while !self.fired.load(Ordering::SeqCst) {
+            assert!(started.elapsed() < timeout, "{what} never reached");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
