@@ -69,7 +69,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (discovery, initial) =
         tokio::task::spawn_blocking(move || Discovery::start(matchers, mode, interval, events_tx))
             .await
-            .expect("USB discovery start-up panicked")?;
+            .map_err(|e| DaemonError::Internal(format!("USB discovery start-up: {e}")))??;
     tracing::debug!(mode = ?discovery.mode(), "USB discovery running");
 
     let mut inventory = Inventory::new(config.shares_per_device, config.grace_period);
