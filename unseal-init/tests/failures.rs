@@ -441,17 +441,7 @@ fn token_unplugged_while_storing_the_new_keys_loses_nothing() {
 #[test]
 fn sidecar_unseals_once_an_unplugged_token_is_back() {
     let (hsm, mut bao, dir) = peers();
-    let port = nitrokey_e2e::openbao::free_port().expect("port");
-    let metrics = format!("http://127.0.0.1:{port}");
-    let config = write_config(
-        dir.path(),
-        &hsm,
-        &bao.address(),
-        &format!("unsealPeriod: 300ms\nmetricsAddress: 127.0.0.1:{port}\n"),
-    );
-    let mut cmd = command(&hsm);
-    cmd.arg("--config").arg(&config);
-    let child = cmd.spawn().expect("spawn");
+    let (child, metrics) = spawn_sidecar(&hsm, dir.path(), &bao.address());
     wait_http(&metrics, "/readyz", 200, Duration::from_secs(60));
 
     // Token gone while Vault restarts sealed: the sidecar cannot unseal, stays alive, and

@@ -92,17 +92,7 @@ fn init_stores_every_key_before_unsealing_and_restarts_unseal_from_the_store() {
 #[test]
 fn sidecar_serves_probes_and_unseals_again_after_vault_restarts() {
     let (hsm, mut bao, dir) = peers();
-    let port = nitrokey_e2e::openbao::free_port().expect("port");
-    let metrics = format!("http://127.0.0.1:{port}");
-    let config = write_config(
-        dir.path(),
-        &hsm,
-        &bao.address(),
-        &format!("unsealPeriod: 300ms\nmetricsAddress: 127.0.0.1:{port}\n"),
-    );
-    let mut cmd = command(&hsm);
-    cmd.arg("--config").arg(&config);
-    let mut child = cmd.spawn().expect("spawn");
+    let (mut child, metrics) = spawn_sidecar(&hsm, dir.path(), &bao.address());
 
     wait_http(&metrics, "/healthz", 200, Duration::from_secs(60));
     wait_http(&metrics, "/readyz", 200, Duration::from_secs(60));

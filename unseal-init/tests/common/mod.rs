@@ -131,6 +131,22 @@ pub fn assert_no_secrets(text: &str, secrets: &[String]) {
     }
 }
 
+/// Starts the sidecar (no `--once`) on a config for `vault` with a 300 ms unseal period and
+/// its endpoints on a free port; returns the child and the endpoints' base URL.
+pub fn spawn_sidecar(hsm: &SoftHsm, dir: &Path, vault: &str) -> (Child, String) {
+    let port = nitrokey_e2e::openbao::free_port().expect("port");
+    let config = write_config(
+        dir,
+        hsm,
+        vault,
+        &format!("unsealPeriod: 300ms\nmetricsAddress: 127.0.0.1:{port}\n"),
+    );
+    let mut cmd = command(hsm);
+    cmd.arg("--config").arg(&config);
+    let child = cmd.spawn().expect("spawn");
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
 /// Starts a token and a server.
 pub fn peers() -> (SoftHsm, OpenBao, tempfile::TempDir) {
     let hsm = SoftHsm::new().expect("softhsm token");
