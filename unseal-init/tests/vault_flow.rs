@@ -255,15 +255,19 @@ fn hsm_k8s_mode_keeps_only_ciphertext_in_the_secret() {
         &bao.address(),
         "kubernetes:\n  secretName: vault-unseal-keys\n",
     );
-    let mut cmd = command(&hsm);
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("--once")
-        .arg("--mode")
-        .arg("hsm-k8s")
-        .env("KUBECONFIG", &kubeconfig)
-        .env_remove("KUBERNETES_SERVICE_HOST");
-    let first = run(cmd, Duration::from_secs(120));
+    // One pass in hsm-k8s mode against the Secret API stand-in.
+    let once_k8s = || {
+        let mut cmd = command(&hsm);
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--once")
+            .arg("--mode")
+            .arg("hsm-k8s")
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        run(cmd, Duration::from_secs(120))
+    };
+    let first = once_k8s();
     assert_eq!(first.code, Some(0), "{}", first.text);
     assert!(!bao.seal_status().expect("status").sealed);
 
@@ -311,15 +315,7 @@ fn hsm_k8s_mode_keeps_only_ciphertext_in_the_secret() {
 
     // Restarted OpenBao is unsealed from the Secret.
     bao.restart().expect("restart");
-    let mut cmd = command(&hsm);
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("--once")
-        .arg("--mode")
-        .arg("hsm-k8s")
-        .env("KUBECONFIG", &kubeconfig)
-        .env_remove("KUBERNETES_SERVICE_HOST");
-    let second = run(cmd, Duration::from_secs(120));
+    let second = once_k8s();
     assert_eq!(second.code, Some(0), "{}", second.text);
     assert!(!bao.seal_status().expect("status").sealed);
     let mut secrets = keys;
