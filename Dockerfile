@@ -1,17 +1,22 @@
 # syntax=docker/dockerfile:1.7
 #
-# One image, two programs: /usr/local/bin/device-plugin (DaemonSet) and
-# /usr/local/bin/unseal-init (native sidecar in the Vault pod). The image has no default
-# program: every manifest names the one it runs in `command`.
+# Two images from one build, one program each:
+#   docker build --target device-plugin -t ghcr.io/nitrokey-vault/device-plugin:0.1.0 .
+#   docker build --target unseal-init   -t ghcr.io/nitrokey-vault/unseal-init:0.1.0 .
+# The device plugin only reads USB descriptors, so its image has no smart-card stack; unseal-init
+# talks to the stick through OpenSC and pcscd. Each image's Debian packages are listed in
+# deploy/image/<target>.packages and finished by deploy/image/setup.sh, the same files the
+# root-filesystem test builds and runs (tests/tests/image_rootfs.rs).
 #
-# Build:  docker build -t ghcr.io/nitrokey-vault/nitrokey-vault:0.1.0 .
-# Both stages use Debian 12 (bookworm) so the binaries link against the glibc they run with.
+# Base images are pinned by tag (Debian 12 "bookworm" for both stages, so the binaries link
+# against the glibc they run with), not by digest: no registry is reachable where this file is
+# checked. Pin `@sha256:...` digests in your build pipeline if it can resolve them.
 
 FROM rust:1.95.0-slim-bookworm AS build
 
 # Build inputs only: protoc for the kubelet API code generation, libusb/libudev headers for
 # rusb (linked against the system libusb so hotplug uses udev). Package versions follow the
-# pinned base image's Debian release; exact version pins would break on every security update.
+# base image's Debian release; exact version pins would break on every security update.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
@@ -20,7 +25,7 @@ RUN apt-get update \
 
 WORKDIR /src
 # Every workspace member must be present for cargo to load the workspace, even the
-# test-only crate that is not built here.
+# test-only crates that are not built here.
 COPY Cargo.toml Cargo.lock ./
 COPY proto/ proto/
 COPY device-plugin/ device-plugin/
@@ -33,38 +38,58 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && install -D -m 0755 target/release/device-plugin /out/device-plugin \
  && install -D -m 0755 target/release/unseal-init /out/unseal-init
 
-FROM debian:bookworm-slim
+FROM debian:bookworm-slim AS device-plugin
 
 ARG REVISION=unknown
-LABEL org.opencontainers.image.title="nitrokey-vault" \
-      org.opencontainers.image.description="NitroKey HSM device plugin and Vault unseal/init sidecar for Kubernetes" \
+LABEL org.opencontainers.image.title="nitrokey-device-plugin" \
+      org.opencontainers.image.description="Kubernetes device plugin advertising NitroKey HSM sticks as nitrokey.com/hsm" \
       org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.source="https://github.com/nitrokey-vault/nitrokey-vault" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"
 
-# Runtime: libusb/libudev for the device plugin; OpenSC's PKCS#11 module, pcscd and the CCID
-# driver for talking to the stick; CA certificates for a TLS Vault and the Kubernetes API.
-# The module is also linked at /usr/lib/opensc-pkcs11.so, the path Bank-Vaults configs use,
-# resolved for whatever architecture the image is built for.
+COPY deploy/image/device-plugin.packages deploy/image/setup.sh /tmp/image/
+# A failing step inside the package-list pipe must fail the build.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends \
-      ca-certificates libusb-1.0-0 libudev1 opensc pcscd libccid \
+ && sed -e 's/#.*//' /tmp/image/device-plugin.packages | xargs apt-get install -y --no-install-recommends \
  && rm -rf /var/lib/apt/lists/* \
- && for module in /usr/lib/*-linux-gnu/opensc-pkcs11.so; do ln -s "$module" /usr/lib/opensc-pkcs11.so; done \
- && test -e /usr/lib/opensc-pkcs11.so \
- && groupadd --system --gid 65532 nitrokey \
- && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
-      --shell /usr/sbin/nologin nitrokey \
- && install -d -m 0755 -o 65532 -g 65532 /run/pcscd
+ && sh /tmp/image/setup.sh device-plugin \
+ && rm -rf /tmp/image
 
 COPY --from=build /out/device-plugin /usr/local/bin/device-plugin
+
+# Non-root by default. The DaemonSet runs it as user 0 without any capability: the kubelet's
+# socket directory is owned by root.
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/device-plugin"]
+
+FROM debian:bookworm-slim AS unseal-init
+
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="nitrokey-unseal-init" \
+      org.opencontainers.image.description="Initialises and unseals Vault with keys protected by a NitroKey HSM (OpenSC, pcscd)" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="https://github.com/nitrokey-vault/nitrokey-vault" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"
+
+COPY deploy/image/unseal-init.packages deploy/image/setup.sh /tmp/image/
+# A failing step inside the package-list pipe must fail the build.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && sed -e 's/#.*//' /tmp/image/unseal-init.packages | xargs apt-get install -y --no-install-recommends \
+ && rm -rf /var/lib/apt/lists/* \
+ && sh /tmp/image/setup.sh unseal-init \
+ && rm -rf /tmp/image
+
 COPY --from=build /out/unseal-init /usr/local/bin/unseal-init
 
-# Non-root by default. The device plugin (socket in the kubelet's root-owned directory) and
-# unseal-init (USB device node handed over by the kubelet, owned by root) override this in
-# their manifests, with every capability dropped.
+# Non-root by default. The Vault manifests run it as user 0 without any capability, because
+# the stick's device node that the kubelet hands over is owned by root (deploy/README.md).
 USER 65532:65532
-CMD ["/usr/local/bin/unseal-init", "--help"]
+ENTRYPOINT ["/usr/local/bin/unseal-init"]

@@ -1,11 +1,17 @@
-//! Generates the kubelet device-plugin API (client and server) from the checked-in .proto file.
+//! Generates the kubelet's device-plugin API and pod-resources API (clients and servers) from
+//! the checked-in .proto files.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "deviceplugin/v1beta1/api.proto";
-    println!("cargo:rerun-if-changed={proto}");
+    let protos = [
+        "deviceplugin/v1beta1/api.proto",
+        "podresources/v1/api.proto",
+    ];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_protos(&[proto], &["."])?;
+        .compile_protos(&protos, &["."])?;
     Ok(())
 }

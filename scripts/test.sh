@@ -1,25 +1,43 @@
 #!/usr/bin/env bash
 # The project's test command: installs what it needs, then checks formatting, lints, and runs
 # every test (unit tests, the device plugin against emulated USB and a kubelet stand-in,
-# unseal-init against SoftHSM2 and a real OpenBao server, manifest and Dockerfile checks).
+# unseal-init against SoftHSM2, a software TPM and a real OpenBao server, the manifests, the
+# image's root filesystems). Ends with one line, `tests: N passed, N failed`, and exits non-zero
+# if anything failed, a lint or a test left files behind included.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# shellcheck source=scripts/env.sh
+source "$(dirname "$0")/env.sh"
+cd "$repo_root"
 
 scripts/install-deps.sh
-export PATH="$HOME/.cargo/bin:$PATH"
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  step "rustup: adding rustfmt and clippy"
   rustup component add rustfmt clippy
 fi
 
-echo "==> cargo fmt --check"
-cargo fmt --all -- --check
-echo "==> cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "==> cargo test"
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+log="$(mktemp)"
+# Every temporary file the tests make lands here; whatever is left at the end was leaked.
+scratch="$(mktemp -d)"
+trap 'rm -rf "$log" "$scratch"' EXIT
+failed_checks=0
+
+step "cargo fmt --check"
+cargo fmt --all -- --check || failed_checks=$((failed_checks + 1))
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings || failed_checks=$((failed_checks + 1))
+step "cargo test"
 status=0
-cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+TMPDIR="$scratch" cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+if [ "$status" -ne 0 ] && ! grep -q '^test result: FAILED' "$log"; then
+  # A test binary that did not build or crashed prints no result line: count it.
+  failed_checks=$((failed_checks + 1))
+fi
+leftovers="$(find "$scratch" -mindepth 1 -maxdepth 1 -printf '  %f\n' | head -n 20)"
+if [ -n "$leftovers" ]; then
+  printf 'error: the tests left these behind in the temporary directory:\n%s\n' "$leftovers" >&2
+  failed_checks=$((failed_checks + 1))
+fi
 # One closing line for the whole run (cargo prints one per test binary).
-awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log"
-exit "$status"
+awk -v extra="$failed_checks" '/^test result:/ { passed += $4; failed += $6 }
+  END { printf "tests: %d passed, %d failed\n", passed, failed + extra }' "$log"
+[ "$status" -eq 0 ] && [ "$failed_checks" -eq 0 ]

@@ -78,7 +78,7 @@ if [ "$filters" -ge 1 ] && VBoxManage showvminfo "$profile" --machinereadable | 
   ok "filter present"
 else
   stop_vm
-  # Index 0: first in the list; the seed's "1" fails on a VM without filters.
+  # Index 0: first in the list; an index of 1 fails on a VM without filters.
   VBoxManage usbfilter add 0 --target "$profile" --name "$filter_name" --vendorid "$vid" --productid "$pid"
   VBoxManage showvminfo "$profile" --machinereadable | matches -i "^USBFilterVendorId[0-9]*=\"${vid}\"" \
     || die "the USB filter was not recorded"
@@ -126,6 +126,10 @@ kind: Namespace
 metadata:
   name: vault
 NS
+# Secrets are written to files only in a private directory that is removed on exit, and
+# handed to kubectl as files: never on a command line (process list, shell history).
+secrets_dir="$(umask 077 && mktemp -d)"
+trap 'rm -rf "$secrets_dir"' EXIT
 if "${kubectl[@]}" -n vault get secret vault-hsm-pin >/dev/null 2>&1; then
   ok "Secret vault-hsm-pin exists"
 else
@@ -134,8 +138,30 @@ else
     read -r -s -p "    user PIN of the stick: " pin; echo
   fi
   [ -n "$pin" ] || die "no PIN given (set HSM_PIN)"
-  "${kubectl[@]}" -n vault create secret generic vault-hsm-pin --from-literal=pin="$pin" >/dev/null
+  printf '%s' "$pin" >"$secrets_dir/pin"
+  unset pin
+  "${kubectl[@]}" -n vault create secret generic vault-hsm-pin --from-file=pin="$secrets_dir/pin" >/dev/null
   ok "Secret vault-hsm-pin created"
+fi
+if "${kubectl[@]}" -n vault get secret vault-tls >/dev/null 2>&1; then
+  ok "Secret vault-tls exists"
+else
+  # A private CA for this cluster only: Vault's certificate names 127.0.0.1 (unseal-init in
+  # the pod) and the Services. For production use your CA or deploy/components/cert-manager.
+  (
+    cd "$secrets_dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+      -subj "/CN=vault-ca" -keyout ca.key -out ca.crt 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=vault" \
+      -keyout tls.key -out tls.csr 2>/dev/null
+    printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\n' \
+      "IP:127.0.0.1,DNS:vault,DNS:vault.vault.svc,DNS:*.vault-internal,DNS:*.vault-internal.vault.svc" >ext.cnf
+    openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 825 \
+      -extfile ext.cnf -out tls.crt 2>/dev/null
+  ) || die "could not make a certificate for Vault with openssl"
+  "${kubectl[@]}" -n vault create secret generic vault-tls --from-file="$secrets_dir/tls.crt" \
+    --from-file="$secrets_dir/tls.key" --from-file="$secrets_dir/ca.crt" >/dev/null
+  ok "Secret vault-tls created (a private CA for this cluster)"
 fi
 "${kubectl[@]}" apply -k "$repo_root/deploy/overlays/vault-single" >/dev/null
 "${kubectl[@]}" -n vault rollout status statefulset/vault --timeout=300s

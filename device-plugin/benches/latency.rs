@@ -9,11 +9,15 @@
 //! 2. kubelet.sock re-created → Register received: a kubelet restart (every socket deleted,
 //!    kubelet.sock created anew) until the plugin's Register call arrives, and until its first
 //!    ListAndWatch message arrives.
-//! 3. Idle cost: resident memory and CPU time of the daemon over 30 s with two sticks,
+//! 3. Soak: 1,000 kubelet restarts and 1,000 unplug/replug cycles back to back, each cycle
+//!    timed until the kubelet holds the right list again, with file descriptors, threads and
+//!    resident memory before and after; and 200 ListAndWatch streams opened and dropped.
+//! 4. Idle cost: resident memory and CPU time of the daemon over 30 s with two sticks,
 //!    from /proc/<pid>/status and /proc/<pid>/stat.
 //!
-//! `cargo bench -p nitrokey-device-plugin`; `NITROKEY_BENCH_ROUNDS` (default 30) and
-//! `NITROKEY_BENCH_IDLE_SECS` (default 30) change the sample count and the idle window.
+//! `cargo bench -p nitrokey-device-plugin`; `NITROKEY_BENCH_ROUNDS` (default 30),
+//! `NITROKEY_BENCH_SOAK_CYCLES` (default 1000) and `NITROKEY_BENCH_IDLE_SECS` (default 30)
+//! change the sample counts and the idle window.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -32,21 +36,140 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// min / median / p95 / max of a sample, in milliseconds.
+/// min / median / p95 / p99 / max of a sample, in milliseconds.
 fn summary(label: &str, samples: &mut [Duration]) {
     samples.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
     let mean = samples.iter().map(|d| ms(*d)).sum::<f64>() / samples.len() as f64;
     println!(
-        "{label:<48} n={:<3} min {:>7.2} ms  median {:>7.2} ms  p95 {:>7.2} ms  max {:>7.2} ms  mean {:>7.2} ms",
+        "{label:<48} n={:<4} min {:>6.2} ms  p50 {:>6.2} ms  p95 {:>6.2} ms  p99 {:>6.2} ms  max {:>6.2} ms  mean {:>6.2} ms",
         samples.len(),
         ms(samples[0]),
         ms(at(0.5)),
         ms(at(0.95)),
+        ms(at(0.99)),
         ms(samples[samples.len() - 1]),
         mean
     );
+}
+
+/// Open file descriptors, threads and VmRSS (KiB) of a process.
+fn footprint(pid: u32) -> (usize, u64, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (fds, field("Threads:"), field("VmRSS:"))
+}
+
+fn print_footprint(label: &str, before: (usize, u64, u64), after: (usize, u64, u64)) {
+    println!(
+        "{label:<48} fds {} -> {}, threads {} -> {}, RSS {:.2} -> {:.2} MiB",
+        before.0,
+        after.0,
+        before.1,
+        after.1,
+        before.2 as f64 / 1024.0,
+        after.2 as f64 / 1024.0
+    );
+}
+
+async fn soak(cycles: u64) {
+    let testbed = Testbed::new().expect("umockdev testbed");
+    testbed.add_nitrokey_hsm("DENKSTAY0001", 1, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    let plugin = Plugin::start(
+        &testbed,
+        dir.path(),
+        &["--grace-period", "1h", "--on-replug", "none"],
+    );
+    kubelet
+        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
+        .await
+        .unwrap();
+    let pid = plugin.pid();
+
+    let before = footprint(pid);
+    let mut restarts = Vec::new();
+    for _ in 0..cycles {
+        let created = kubelet.restart().await.unwrap();
+        kubelet
+            .wait_for_registration_since(created, TIMEOUT)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", plugin.logs()));
+        let list = kubelet
+            .wait_for_list(
+                |l| l.connected && l.received_at > Some(created) && l.healthy_ids().len() == 2,
+                TIMEOUT,
+            )
+            .await
+            .unwrap();
+        restarts.push(list.received_at.unwrap() - created);
+    }
+    summary("soak: kubelet restart -> right list", &mut restarts);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    print_footprint("soak: after the restarts", before, footprint(pid));
+
+    let before = footprint(pid);
+    let mut replugs = Vec::new();
+    for cycle in 0..cycles {
+        let spec = UsbDeviceSpec::nitrokey_hsm("DENKSWAP0001")
+            .at(1, 3 + (cycle % 120) as u8)
+            .port(2 + (cycle % 2) as u8);
+        let start = Instant::now();
+        let stick = testbed.add(&spec).unwrap();
+        kubelet
+            .wait_for_devices(
+                |d| d.len() == 4 && d.iter().all(|d| d.health == "Healthy"),
+                TIMEOUT,
+            )
+            .await
+            .unwrap();
+        testbed.remove(&stick).unwrap();
+        kubelet
+            .wait_for_devices(
+                |d| d.iter().filter(|d| d.health == "Unhealthy").count() == 2,
+                TIMEOUT,
+            )
+            .await
+            .unwrap();
+        replugs.push(start.elapsed());
+    }
+    summary("soak: plug + unplug cycle -> right lists", &mut replugs);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    print_footprint("soak: after the replugs", before, footprint(pid));
+
+    let before = footprint(pid);
+    let socket = dir.path().join("nitrokey-hsm.sock");
+    let mut open = Vec::new();
+    for _ in 0..200 {
+        let channel = nitrokey_e2e::kubelet::connect_unix(&socket, TIMEOUT)
+            .await
+            .unwrap();
+        let mut client =
+            nitrokey_proto::v1beta1::device_plugin_client::DevicePluginClient::new(channel);
+        let mut stream = client
+            .list_and_watch(nitrokey_proto::v1beta1::Empty {})
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap();
+        open.push((client, stream));
+    }
+    let during = footprint(pid);
+    drop(open);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    print_footprint("200 ListAndWatch streams: open", before, during);
+    print_footprint("200 ListAndWatch streams: dropped", before, footprint(pid));
 }
 
 async fn usb_latency(rounds: u64) {
@@ -123,11 +246,11 @@ async fn restart_latency(rounds: u64) {
         .unwrap();
 
     let (mut register, mut listed) = (Vec::new(), Vec::new());
-    for round in 0..rounds {
+    for _ in 0..rounds {
         let before = kubelet.device_list().map_or(0, |l| l.updates);
         let created = kubelet.restart().await.unwrap();
         let registration = kubelet
-            .wait_for_registrations(round as usize + 2, TIMEOUT)
+            .wait_for_registration_since(created, TIMEOUT)
             .await
             .unwrap_or_else(|e| panic!("{e}\n{}", plugin.logs()));
         register.push(registration.received_at - created);
@@ -242,6 +365,40 @@ async fn idle_cost(seconds: u64) {
         rss_after as f64 / 1024.0,
         hwm as f64 / 1024.0
     );
+    // What the resident memory is made of: the process's own (anonymous: heap, stacks) and
+    // pages of mapped files (the binary and its libraries, shared with every other user of
+    // the same files), and the proportional share (PSS) of all of it.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = |text: &str, key: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let binary = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_default()
+        .split('\n')
+        .fold((false, 0.0), |(in_binary, total), line| {
+            if line.contains(" /") && line.split_whitespace().count() >= 6 {
+                (line.ends_with("/device-plugin"), total)
+            } else if in_binary && line.starts_with("Rss:") {
+                (in_binary, total + kib(line, "Rss:"))
+            } else {
+                (in_binary, total)
+            }
+        })
+        .1;
+    println!(
+        "{:<48} anonymous {:.1} MiB, file-backed {:.1} MiB (of which the device-plugin binary {:.1} MiB), PSS {:.1} MiB, threads {}",
+        "Idle daemon memory, by kind",
+        kib(&status, "RssAnon:"),
+        kib(&status, "RssFile:"),
+        binary,
+        kib(&rollup, "Pss:"),
+        kib(&status, "Threads:") * 1024.0,
+    );
     drop(kubelet);
 }
 
@@ -249,6 +406,7 @@ fn main() {
     // `cargo bench` passes --bench; a filter argument is not supported, everything runs.
     let rounds = env_number("NITROKEY_BENCH_ROUNDS", 30);
     let idle = env_number("NITROKEY_BENCH_IDLE_SECS", 30);
+    let cycles = env_number("NITROKEY_BENCH_SOAK_CYCLES", 1000);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -266,6 +424,7 @@ fn main() {
     runtime.block_on(async {
         usb_latency(rounds).await;
         restart_latency(rounds).await;
+        soak(cycles).await;
         idle_cost(idle).await;
     });
 }

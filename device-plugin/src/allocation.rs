@@ -6,7 +6,7 @@
 //! the stick that fits the rest most tightly (so whole sticks stay free for later requests),
 //! or, when no single stick fits, the emptiest sticks first.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 /// Why no preferred allocation can be given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -19,6 +19,9 @@ pub enum PreferredError {
         /// Requested allocation size.
         size: usize,
     },
+    /// A unit the container must keep is not among the available ones.
+    #[error("must_include device {0:?} is not in available_deviceIDs")]
+    NotAvailable(String),
     /// Fewer units are available than were asked for.
     #[error("allocation_size {size} exceeds the {available} available devices")]
     NotEnough {
@@ -40,9 +43,18 @@ pub fn preferred<F>(
 where
     F: Fn(&str) -> String,
 {
-    let mut chosen: Vec<String> = Vec::with_capacity(size);
+    // The answer only ever holds units the kubelet offered. Sets keep this linear: the
+    // request may come from anyone able to reach the socket, with any number of IDs.
+    let offered: HashSet<&str> = available.iter().map(String::as_str).collect();
+    if let Some(missing) = must_include.iter().find(|u| !offered.contains(u.as_str())) {
+        return Err(PreferredError::NotAvailable(crate::inventory::shown_id(
+            missing,
+        )));
+    }
+    let mut chosen: Vec<String> = Vec::with_capacity(size.min(available.len()));
+    let mut taken: HashSet<&str> = HashSet::new();
     for unit in must_include {
-        if !chosen.contains(unit) {
+        if taken.insert(unit.as_str()) {
             chosen.push(unit.clone());
         }
     }
@@ -56,11 +68,8 @@ where
     // Free units grouped by stick, each group in share order.
     let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for unit in available {
-        if !chosen.contains(unit) {
-            let group = groups.entry(stick_of(unit)).or_default();
-            if !group.contains(unit) {
-                group.push(unit.clone());
-            }
+        if taken.insert(unit.as_str()) {
+            groups.entry(stick_of(unit)).or_default().push(unit.clone());
         }
     }
     for group in groups.values_mut() {
@@ -174,11 +183,10 @@ mod tests {
         assert_eq!(got, v(&["B-1", "B-0"]));
         let got = pick(&["A-0", "A-1", "B-0", "B-1"], &["B-1", "A-0"], 2).unwrap();
         assert_eq!(got, v(&["B-1", "A-0"]));
-        let got = pick(&["A-0", "A-1"], &["Z-0"], 1).unwrap();
         assert_eq!(
-            got,
-            v(&["Z-0"]),
-            "must_include is honoured even if not offered"
+            pick(&["A-0", "A-1"], &["ghost-0"], 1),
+            Err(PreferredError::NotAvailable("ghost-0".into())),
+            "a unit that was not offered is never handed back"
         );
     }
 
@@ -199,6 +207,25 @@ mod tests {
             pick(&["A-0", "A-1"], &["A-0", "A-1"], 1),
             Err(PreferredError::TooManyRequired { must: 2, size: 1 })
         );
+    }
+
+    #[test]
+    fn huge_requests_stay_cheap_and_bounded() {
+        let available: Vec<String> = (0..10_000).map(|n| format!("S{n}-0")).collect();
+        let got = preferred(&available, &available[..5_000], 5_000, stick_of).unwrap();
+        assert_eq!(got.len(), 5_000);
+        assert_eq!(
+            preferred(&available[..2], &[], usize::MAX, stick_of),
+            Err(PreferredError::NotEnough {
+                size: usize::MAX,
+                available: 2
+            })
+        );
+        let long = "x".repeat(1 << 20);
+        let err = preferred(&available[..2], &[long], 1, stick_of)
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 200, "{} bytes", err.len());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! names the offending field and makes the process exit with code 2.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -14,6 +14,9 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
+
+use crate::labels::NodeLabels;
+use crate::replug::OnReplug;
 
 /// Default extended resource name.
 pub const DEFAULT_RESOURCE_NAME: &str = "nitrokey.com/hsm";
@@ -25,8 +28,20 @@ pub const NITROKEY_HSM_PRODUCT: u16 = 0x4230;
 pub const DEFAULT_SHARES: u32 = 2;
 /// Default time an unplugged stick stays listed (as Unhealthy) before it is dropped.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(5 * 60);
-/// Default address of the HTTP endpoint serving /metrics, /healthz and /readyz.
-pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:9400";
+/// Default port of the HTTP endpoint serving /metrics, /healthz and /readyz. Outside the
+/// Prometheus exporters' range 9100-9999 (fully allocated; dcgm-exporter holds 9400), outside
+/// the Kubernetes components' 10248-10259 and below the NodePort range.
+pub const DEFAULT_METRICS_PORT: u16 = 10291;
+/// Environment variable holding the node's IP (from the downward API, `status.hostIP`): the
+/// default host of the HTTP endpoint.
+pub const NODE_IP_ENV: &str = "NODE_IP";
+/// Longest accepted grace period: a week covers any planned replug, and keeps every deadline
+/// computed from it far inside the clock's range.
+pub const MAX_GRACE_PERIOD: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest accepted rescan interval.
+pub const MAX_RESCAN_INTERVAL: Duration = Duration::from_secs(3600);
+/// Longest duration the parser accepts at all (a year); fields have tighter bounds.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Default interval of the periodic rescan used where hotplug events cannot arrive.
 pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(5);
 /// File name of the plugin's socket inside the device-plugin directory.
@@ -86,14 +101,63 @@ pub struct Cli {
     #[arg(long, value_name = "DIR", env = "NITROKEY_DEVICE_PLUGIN_PLUGIN_DIR")]
     pub plugin_dir: Option<PathBuf>,
 
-    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz
-    /// [default: 0.0.0.0:9400].
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz: IP:PORT, or :PORT
+    /// for the node IP in $NODE_IP (127.0.0.1 without it) [default: :10291].
     #[arg(
         long,
         value_name = "HOST:PORT",
         env = "NITROKEY_DEVICE_PLUGIN_METRICS_ADDRESS"
     )]
     pub metrics_address: Option<String>,
+
+    /// This node's IP, the host of the HTTP endpoint when metricsAddress is :PORT (in a pod:
+    /// the downward API's status.hostIP) [default: 127.0.0.1].
+    #[arg(long, value_name = "IP", env = NODE_IP_ENV)]
+    pub node_ip: Option<String>,
+
+    /// What to do about running pods whose stick was unplugged and plugged back in: none,
+    /// event (a Kubernetes Event on the pod) or evict (through the Eviction API)
+    /// [default: event].
+    #[arg(long, value_name = "MODE", env = "NITROKEY_DEVICE_PLUGIN_ON_REPLUG")]
+    pub on_replug: Option<OnReplug>,
+
+    /// The kubelet's pod-resources socket
+    /// [default: /var/lib/kubelet/pod-resources/kubelet.sock].
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "NITROKEY_DEVICE_PLUGIN_POD_RESOURCES_SOCKET"
+    )]
+    pub pod_resources_socket: Option<PathBuf>,
+
+    /// How node labels nitrokey.com/hsm.present and .count are published: none, nfd (a Node
+    /// Feature Discovery feature file) or api (patching the Node) [default: nfd].
+    #[arg(long, value_name = "MODE", env = "NITROKEY_DEVICE_PLUGIN_NODE_LABELS")]
+    pub node_labels: Option<NodeLabels>,
+
+    /// Node Feature Discovery's local feature directory
+    /// [default: /etc/kubernetes/node-feature-discovery/features.d].
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "NITROKEY_DEVICE_PLUGIN_NFD_FEATURES_DIR"
+    )]
+    pub nfd_features_dir: Option<PathBuf>,
+
+    /// Also name each allocated stick as a CDI device (nitrokey.com/hsm=<stick>) and keep the
+    /// matching CDI spec in cdiSpecDir [default: false].
+    #[arg(long, value_name = "BOOL", env = "NITROKEY_DEVICE_PLUGIN_CDI",
+          num_args = 0..=1, default_missing_value = "true")]
+    pub cdi: Option<bool>,
+
+    /// Directory of CDI specs the container runtime reads [default: /var/run/cdi].
+    #[arg(long, value_name = "DIR", env = "NITROKEY_DEVICE_PLUGIN_CDI_SPEC_DIR")]
+    pub cdi_spec_dir: Option<PathBuf>,
+
+    /// This node's name (in a pod: the downward API's spec.nodeName), named in Events and
+    /// labelled with nodeLabels: api.
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    pub node_name: Option<String>,
 
     /// Log format [default: text].
     #[arg(long, value_name = "FORMAT", env = "NITROKEY_DEVICE_PLUGIN_LOG_FORMAT")]
@@ -108,6 +172,64 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", env = "NITROKEY_DEVICE_PLUGIN_RESCAN_INTERVAL",
           value_parser = parse_duration)]
     pub rescan_interval: Option<Duration>,
+}
+
+impl Cli {
+    /// Parses `args` (the program name first). When an invalid value came from an environment
+    /// variable rather than the command line, the error names the variable, which is what the
+    /// user has to fix (clap alone names the flag).
+    pub fn parse_from_env_aware<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::CommandFactory;
+        use clap::error::{ContextKind, ContextValue, ErrorKind};
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let error = match Self::try_parse_from(&args) {
+            Ok(cli) => return Ok(cli),
+            Err(e) => e,
+        };
+        if !matches!(
+            error.kind(),
+            ErrorKind::InvalidValue | ErrorKind::ValueValidation
+        ) {
+            return Err(error);
+        }
+        let Some(ContextValue::String(invalid)) = error.get(ContextKind::InvalidArg) else {
+            return Err(error);
+        };
+        let flag = invalid.split_whitespace().next().unwrap_or_default();
+        let command = Self::command();
+        let Some(env) = command
+            .get_arguments()
+            .find(|a| a.get_long().is_some_and(|l| flag == format!("--{l}")))
+            .and_then(|a| a.get_env())
+        else {
+            return Err(error);
+        };
+        let on_command_line = args.iter().skip(1).any(|a| {
+            let a = a.to_string_lossy();
+            a == flag || a.starts_with(&format!("{flag}="))
+        });
+        if on_command_line || std::env::var_os(env).is_none() {
+            return Err(error);
+        }
+        let rendered = error.to_string();
+        let first = rendered
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("error: ");
+        Err(clap::Error::raw(
+            error.kind(),
+            format!(
+                "environment variable {}: {}\n",
+                env.to_string_lossy(),
+                shorten(first, 300)
+            ),
+        ))
+    }
 }
 
 /// Log output format.
@@ -218,19 +340,32 @@ pub fn parse_hex_id(s: &str) -> Result<u16, String> {
     u16::from_str_radix(digits, 16).map_err(|e| format!("`{s}`: {e}"))
 }
 
-/// USB IDs in YAML: a hex string (`"20a0"`, `"0x20a0"`, also unquoted `0x20a0`) or an integer.
+/// USB IDs in YAML: hex strings only (`"20a0"`, `"0x20a0"`). A bare YAML number is refused:
+/// YAML reads `4230` as decimal 4230 (0x1086) and `0x4230` as 16944, so what the file means
+/// would differ from what it shows.
 fn deserialize_usb_id<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
     struct UsbId;
+    impl UsbId {
+        fn bare<E: de::Error>(shown: impl fmt::Display) -> E {
+            E::custom(format!(
+                "{shown} is a bare YAML number, which YAML reads as decimal; write USB IDs as \
+                 quoted hex strings like lsusb prints them, e.g. \"4230\" or \"0x4230\""
+            ))
+        }
+    }
     impl Visitor<'_> for UsbId {
         type Value = u16;
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a USB ID: hex string like \"20a0\" or \"0x20a0\", or an integer 0..=65535")
+            f.write_str("a USB ID as a quoted hex string like \"20a0\" or \"0x20a0\"")
         }
         fn visit_u64<E: de::Error>(self, v: u64) -> Result<u16, E> {
-            u16::try_from(v).map_err(|_| E::custom(format!("{v} is larger than a 16-bit USB ID")))
+            Err(Self::bare(v))
         }
         fn visit_i64<E: de::Error>(self, v: i64) -> Result<u16, E> {
-            u16::try_from(v).map_err(|_| E::custom(format!("{v} is not a 16-bit USB ID")))
+            Err(Self::bare(v))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<u16, E> {
+            Err(Self::bare(v))
         }
         fn visit_str<E: de::Error>(self, v: &str) -> Result<u16, E> {
             parse_hex_id(v).map_err(E::custom)
@@ -240,13 +375,19 @@ fn deserialize_usb_id<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> 
 }
 
 /// Parses a human duration: `0`, `90s`, `5m`, `1h30m`, `250ms`, `2d`. A bare number is seconds.
+/// Anything longer than [`MAX_DURATION`] is refused (no arithmetic on it can overflow).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let text = s.trim();
     if text.is_empty() {
         return Err("empty duration".into());
     }
-    if let Ok(secs) = text.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
+    let shown = shorten(text, 40);
+    let too_long = || format!("`{shown}` is longer than the longest accepted duration, 366d");
+    if text.bytes().all(|b| b.is_ascii_digit()) {
+        let secs: u64 = text.parse().map_err(|_| too_long())?;
+        return Some(Duration::from_secs(secs))
+            .filter(|d| *d <= MAX_DURATION)
+            .ok_or_else(too_long);
     }
     let mut total = Duration::ZERO;
     let mut rest = text;
@@ -261,7 +402,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         let (unit, tail) = tail.split_at(unit_len);
         let value: f64 = number
             .parse()
-            .map_err(|_| format!("`{text}` is not a duration like 30s, 5m or 1h30m"))?;
+            .map_err(|_| format!("`{shown}` is not a duration like 30s, 5m or 1h30m"))?;
         let unit_secs = match unit.trim() {
             "ms" => 0.001,
             "s" | "sec" | "secs" => 1.0,
@@ -270,15 +411,32 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "d" => 86400.0,
             other => {
                 return Err(format!(
-                    "`{text}`: unknown unit `{other}` (use ms, s, m, h or d)"
+                    "`{shown}`: unknown unit `{}` (use ms, s, m, h or d)",
+                    shorten(other, 20)
                 ));
             }
         };
-        total += Duration::try_from_secs_f64(value * unit_secs)
-            .map_err(|_| format!("`{text}` is out of range"))?;
+        let part = value * unit_secs;
+        if !part.is_finite() || part > MAX_DURATION.as_secs_f64() {
+            return Err(too_long());
+        }
+        total = Duration::try_from_secs_f64(part)
+            .ok()
+            .and_then(|part| total.checked_add(part))
+            .filter(|t| *t <= MAX_DURATION)
+            .ok_or_else(too_long)?;
         rest = tail;
     }
     Ok(total)
+}
+
+/// `text` cut to at most `max` characters, with a note of the full length when cut: for
+/// echoing untrusted input in messages without echoing all of it.
+pub fn shorten(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_owned(),
+        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
+    }
 }
 
 fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -289,7 +447,7 @@ fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Durati
             f.write_str("a duration like \"30s\", \"5m\" or \"1h30m\"")
         }
         fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-            Ok(Some(Duration::from_secs(v)))
+            parse_duration(&v.to_string()).map(Some).map_err(E::custom)
         }
         fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
             parse_duration(v).map(Some).map_err(E::custom)
@@ -322,6 +480,18 @@ pub struct FileConfig {
     /// See [`Config::rescan_interval`].
     #[serde(default, deserialize_with = "deserialize_duration")]
     pub rescan_interval: Option<Duration>,
+    /// See [`Config::on_replug`].
+    pub on_replug: Option<OnReplug>,
+    /// See [`Config::pod_resources_socket`].
+    pub pod_resources_socket: Option<PathBuf>,
+    /// See [`Config::node_labels`].
+    pub node_labels: Option<NodeLabels>,
+    /// See [`Config::nfd_features_dir`].
+    pub nfd_features_dir: Option<PathBuf>,
+    /// See [`Config::cdi`].
+    pub cdi: Option<bool>,
+    /// See [`Config::cdi_spec_dir`].
+    pub cdi_spec_dir: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -365,6 +535,20 @@ pub struct Config {
     pub discovery: DiscoveryMode,
     /// Interval of the periodic rescan.
     pub rescan_interval: Duration,
+    /// What to do about pods holding a replugged stick.
+    pub on_replug: OnReplug,
+    /// The kubelet's pod-resources socket.
+    pub pod_resources_socket: PathBuf,
+    /// This node's name, if known.
+    pub node_name: Option<String>,
+    /// How node labels are published.
+    pub node_labels: NodeLabels,
+    /// NFD's local feature directory.
+    pub nfd_features_dir: PathBuf,
+    /// Whether `Allocate` names CDI devices and a CDI spec is kept.
+    pub cdi: bool,
+    /// Where the CDI spec goes.
+    pub cdi_spec_dir: PathBuf,
 }
 
 impl Config {
@@ -399,7 +583,16 @@ impl Config {
             .metrics_address
             .clone()
             .or(file.metrics_address)
-            .unwrap_or_else(|| DEFAULT_METRICS_ADDRESS.to_owned());
+            .unwrap_or_else(|| format!(":{DEFAULT_METRICS_PORT}"));
+        let node_ip = match &cli.node_ip {
+            None => None,
+            Some(ip) => Some(ip.trim().parse::<IpAddr>().map_err(|_| {
+                ConfigError::Invalid(
+                    NODE_IP_ENV,
+                    format!("`{}` is not an IP address", shorten(ip, 64)),
+                )
+            })?),
+        };
         let config = Self {
             resource_name: cli
                 .resource_name
@@ -420,20 +613,33 @@ impl Config {
                 .clone()
                 .or(file.plugin_dir)
                 .unwrap_or_else(|| PathBuf::from(nitrokey_proto::DEVICE_PLUGIN_DIR)),
-            metrics_address: metrics_address.parse().map_err(|_| {
-                ConfigError::Invalid(
-                    "metricsAddress",
-                    format!(
-                        "`{metrics_address}` is not HOST:PORT with a numeric IP, e.g. 0.0.0.0:9400"
-                    ),
-                )
-            })?,
+            metrics_address: resolve_metrics_address(&metrics_address, node_ip)
+                .map_err(|e| ConfigError::Invalid("metricsAddress", e))?,
             log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
             discovery: cli.discovery.or(file.discovery).unwrap_or_default(),
             rescan_interval: cli
                 .rescan_interval
                 .or(file.rescan_interval)
                 .unwrap_or(DEFAULT_RESCAN_INTERVAL),
+            on_replug: cli.on_replug.or(file.on_replug).unwrap_or_default(),
+            pod_resources_socket: cli
+                .pod_resources_socket
+                .clone()
+                .or(file.pod_resources_socket)
+                .unwrap_or_else(|| PathBuf::from(nitrokey_proto::POD_RESOURCES_SOCKET)),
+            node_name: cli.node_name.clone().filter(|n| !n.is_empty()),
+            node_labels: cli.node_labels.or(file.node_labels).unwrap_or_default(),
+            nfd_features_dir: cli
+                .nfd_features_dir
+                .clone()
+                .or(file.nfd_features_dir)
+                .unwrap_or_else(|| PathBuf::from(crate::labels::DEFAULT_NFD_DIR)),
+            cdi: cli.cdi.or(file.cdi).unwrap_or(false),
+            cdi_spec_dir: cli
+                .cdi_spec_dir
+                .clone()
+                .or(file.cdi_spec_dir)
+                .unwrap_or_else(|| PathBuf::from(crate::cdi::DEFAULT_SPEC_DIR)),
         };
         config.validate()?;
         Ok(config)
@@ -473,14 +679,48 @@ impl Config {
                 "must not be empty".into(),
             ));
         }
-        if self.rescan_interval < Duration::from_millis(100) {
+        if self.rescan_interval < Duration::from_millis(100)
+            || self.rescan_interval > MAX_RESCAN_INTERVAL
+        {
             return Err(ConfigError::Invalid(
                 "rescanInterval",
-                "must be at least 100ms".into(),
+                format!("{:?} is not between 100ms and 1h", self.rescan_interval),
+            ));
+        }
+        if self.node_labels == NodeLabels::Api && self.node_name.is_none() {
+            return Err(ConfigError::Invalid(
+                "nodeLabels",
+                "api needs the node's name in NODE_NAME (downward API spec.nodeName)".into(),
+            ));
+        }
+        if self.grace_period > MAX_GRACE_PERIOD {
+            return Err(ConfigError::Invalid(
+                "gracePeriod",
+                format!("{:?} is longer than 7d", self.grace_period),
             ));
         }
         Ok(())
     }
+}
+
+/// The HTTP endpoint's address: `IP:PORT`, or `:PORT` on `node_ip` (127.0.0.1 without one,
+/// so that nothing listens on every interface of a host-network pod by default).
+pub fn resolve_metrics_address(text: &str, node_ip: Option<IpAddr>) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    if let Some(port) = text.strip_prefix(':') {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("`{}` is not :PORT with a port number", shorten(text, 64)))?;
+        let host = node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        return Ok(SocketAddr::new(host, port));
+    }
+    text.parse().map_err(|_| {
+        format!(
+            "`{}` is not IP:PORT with a numeric IP (e.g. 10.0.0.5:{DEFAULT_METRICS_PORT}) or \
+             :PORT (on $NODE_IP)",
+            shorten(text, 64)
+        )
+    })
 }
 
 /// Checks that `name` is an extended resource name the kubelet accepts: `<domain>/<name>`,
@@ -573,7 +813,7 @@ mod tests {
             c.plugin_dir,
             PathBuf::from("/var/lib/kubelet/device-plugins")
         );
-        assert_eq!(c.metrics_address, "0.0.0.0:9400".parse().unwrap());
+        assert_eq!(c.metrics_address, "127.0.0.1:10291".parse().unwrap());
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.discovery, DiscoveryMode::Auto);
         assert_eq!(
@@ -586,7 +826,7 @@ mod tests {
     fn full_file() {
         let c = from_yaml(
             "resourceName: example.com/stick\n\
-             devices:\n  - {vendor: 0x20a0, product: \"4230\"}\n  - {vendor: \"0x1050\", product: 1031, serial: ABC}\n\
+             devices:\n  - {vendor: \"0x20a0\", product: \"4230\"}\n  - {vendor: \"0x1050\", product: \"0407\", serial: ABC}\n\
              sharesPerDevice: 3\ngracePeriod: 1h30m\npluginDir: /tmp/dp\n\
              metricsAddress: 127.0.0.1:9999\nlogFormat: json\ndiscovery: rescan\nrescanInterval: 2s\n",
         )
@@ -604,7 +844,7 @@ mod tests {
             c.devices[1],
             DeviceMatcher {
                 vendor: 0x1050,
-                product: 1031,
+                product: 0x0407,
                 serial: Some("ABC".into())
             }
         );
@@ -622,10 +862,21 @@ mod tests {
             ("sharesPerDevice: many\n", "sharesPerDevice"),
             ("sharesPerDevice: 0\n", "sharesPerDevice"),
             ("gracePeriod: soon\n", "gracePeriod"),
-            ("devices:\n  - {vendor: zz, product: 4230}\n", "vendor"),
-            ("devices:\n  - {vendor: 0x20a0}\n", "product"),
+            ("devices:\n  - {vendor: zz, product: \"4230\"}\n", "vendor"),
+            ("devices:\n  - {vendor: \"0x20a0\"}\n", "product"),
             (
-                "devices:\n  - {vendor: 0x20a0, product: 0x4230, colour: red}\n",
+                "devices:\n  - {vendor: \"20a0\", product: 4230}\n",
+                "product",
+            ),
+            (
+                "devices:\n  - {vendor: 0x20a0, product: \"4230\"}\n",
+                "vendor",
+            ),
+            ("gracePeriod: 8d\n", "gracePeriod"),
+            ("gracePeriod: 18446744073709551615\n", "gracePeriod"),
+            ("rescanInterval: 2h\n", "rescanInterval"),
+            (
+                "devices:\n  - {vendor: \"0x20a0\", product: \"0x4230\", colour: red}\n",
                 "colour",
             ),
             ("devices: []\n", "devices"),
@@ -706,6 +957,88 @@ mod tests {
         for bad in ["", "m", "5x", "-5s", "five"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn huge_durations_are_refused_not_overflowed() {
+        assert_eq!(parse_duration("366d").unwrap(), MAX_DURATION);
+        for huge in [
+            "18446744073709551615",
+            "99999999999999999999999",
+            "3000000000000000h",
+            "10000000000000000000s10000000000000000000s",
+            "366d1s",
+            "9999999999999999999999999999999999999999.5d",
+        ] {
+            let err = parse_duration(huge).expect_err(huge);
+            assert!(err.contains("longest accepted"), "{huge}: {err}");
+            assert!(err.len() < 200, "{huge}: message echoes too much: {err}");
+        }
+        let flag = Cli::try_parse_from(["device-plugin", "--grace-period", "3000000000000000h"]);
+        assert!(flag.is_err());
+        let c = Config::merge(
+            FileConfig::default(),
+            &cli(&["--grace-period", "7d", "--rescan-interval", "1h"]),
+        )
+        .unwrap();
+        assert_eq!(c.grace_period, MAX_GRACE_PERIOD);
+        let err = Config::merge(FileConfig::default(), &cli(&["--grace-period", "8d"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gracePeriod"), "{err}");
+    }
+
+    #[test]
+    fn bare_yaml_numbers_are_not_usb_ids() {
+        for yaml in [
+            "devices:\n  - {vendor: \"20a0\", product: 4230}\n",
+            "devices:\n  - {vendor: \"20a0\", product: 0x4230}\n",
+            "devices:\n  - {vendor: \"20a0\", product: -1}\n",
+        ] {
+            let err = from_yaml(yaml).expect_err(yaml).to_string();
+            assert!(err.contains("product"), "{err}");
+            assert!(err.contains("quoted hex"), "{err}");
+        }
+        let c = from_yaml("devices:\n  - {vendor: \"20a0\", product: \"4230\"}\n").unwrap();
+        assert_eq!(c.devices, vec![DeviceMatcher::default()]);
+    }
+
+    #[test]
+    fn metrics_address_defaults_to_the_node_ip() {
+        assert_eq!(
+            resolve_metrics_address(":10291", None).unwrap(),
+            "127.0.0.1:10291".parse().unwrap()
+        );
+        assert_eq!(
+            resolve_metrics_address(":80", Some("10.1.2.3".parse().unwrap())).unwrap(),
+            "10.1.2.3:80".parse().unwrap()
+        );
+        assert_eq!(
+            resolve_metrics_address(":80", Some("fd00::1".parse().unwrap())).unwrap(),
+            "[fd00::1]:80".parse().unwrap()
+        );
+        assert_eq!(
+            resolve_metrics_address("0.0.0.0:9", Some("10.1.2.3".parse().unwrap())).unwrap(),
+            "0.0.0.0:9".parse().unwrap()
+        );
+        assert!(resolve_metrics_address(":http", None).is_err());
+        assert!(resolve_metrics_address(":70000", None).is_err());
+        let c = Config::merge(FileConfig::default(), &cli(&["--node-ip", "192.0.2.7"])).unwrap();
+        assert_eq!(c.metrics_address, "192.0.2.7:10291".parse().unwrap());
+        let err = Config::merge(FileConfig::default(), &cli(&["--node-ip", "node-1"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("NODE_IP"), "{err}");
+    }
+
+    #[test]
+    fn shorten_cuts_long_text() {
+        assert_eq!(shorten("abc", 5), "abc");
+        let long = "x".repeat(1 << 20);
+        let short = shorten(&long, 10);
+        assert!(short.starts_with("xxxxxxxxxx…"));
+        assert!(short.contains("1048576 bytes"));
+        assert_eq!(shorten("äöüäöü", 3), "äöü… (12 bytes)");
     }
 
     #[test]

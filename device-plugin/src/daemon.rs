@@ -10,9 +10,10 @@ use crate::config::Config;
 use crate::inventory::{Inventory, UsbEvent};
 use crate::kubelet::{Supervisor, SupervisorError};
 use crate::metrics::Metrics;
-use crate::state::PluginState;
+use crate::recovery::Recovery;
+use crate::state::{DiscoveryStopped, PluginState};
 use crate::usb::{Discovery, DiscoveryError};
-use crate::{http, usb};
+use crate::{cdi, http, labels, usb};
 
 /// What stops the plugin with a failure.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,9 @@ pub enum DaemonError {
     /// The device-plugin directory could not be created.
     #[error("cannot create the device-plugin directory {0}: {1}")]
     PluginDir(std::path::PathBuf, std::io::Error),
+    /// USB discovery ended while running.
+    #[error(transparent)]
+    DiscoveryStopped(#[from] DiscoveryStopped),
     /// A bug: a task failed unexpectedly.
     #[error("internal error: {0}")]
     Internal(String),
@@ -46,8 +50,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         shares = config.shares_per_device,
         grace_period = ?config.grace_period,
         plugin_dir = %config.plugin_dir.display(),
+        on_replug = ?config.on_replug,
         "starting NitroKey HSM device plugin"
     );
+    for note in usb::blind_spots(|p| p.exists()) {
+        tracing::warn!("{note}");
+    }
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone()).map_err(DaemonError::Signals)?;
 
@@ -78,18 +86,76 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tracing::info!(id = %stick.id, serial = ?stick.info.serial, path = %stick.info.dev_path(),
             sysfs = %usb::sysfs_dir(&stick.info.port_path).display(), "found stick");
     }
-    let state = Arc::new(PluginState::new(inventory, metrics.clone()));
-    let inventory_task = tokio::spawn(state.clone().run(events_rx, shutdown.clone()));
+    let (replugs_tx, replugs_rx) = mpsc::unbounded_channel();
+    let mut state = PluginState::new(inventory, metrics.clone()).with_replugs(replugs_tx);
+    if config.cdi {
+        state = state.with_cdi(config.resource_name.clone());
+    }
+    let state = Arc::new(state);
+    let cdi = config.cdi.then(|| {
+        tokio::spawn(cdi::run(
+            config.resource_name.clone(),
+            config.cdi_spec_dir.clone(),
+            state.clone(),
+            shutdown.clone(),
+        ))
+    });
+    let recovery = Recovery {
+        mode: config.on_replug,
+        resource: config.resource_name.clone(),
+        pod_resources_socket: config.pod_resources_socket.clone(),
+        node_name: config.node_name.clone(),
+        metrics: metrics.clone(),
+        state: state.clone(),
+    };
+    let recovery = tokio::spawn(recovery.run(replugs_rx, shutdown.clone()));
+    let publisher = labels::Publisher {
+        mode: config.node_labels,
+        node_name: config.node_name.clone(),
+        nfd_dir: config.nfd_features_dir.clone(),
+        metrics: metrics.clone(),
+    };
+    let labels = tokio::spawn(labels::run(publisher, state.clone(), shutdown.clone()));
+    let trim = tokio::spawn(crate::server::trim_task());
+    let mut inventory_task = tokio::spawn(state.clone().run(events_rx, shutdown.clone()));
 
-    let result = Supervisor::new(config, state, metrics)
-        .run(shutdown.clone())
-        .await;
-    shutdown.cancel();
-    let _ = inventory_task.await;
+    let supervisor = Supervisor::new(config, state, metrics).run(shutdown.clone());
+    tokio::pin!(supervisor);
+    // Whichever ends first ends the other: a supervisor that stops (signal or failure) stops
+    // the inventory, and an inventory that stops (discovery gone) stops serving.
+    let result = tokio::select! {
+        result = &mut supervisor => {
+            shutdown.cancel();
+            let _ = inventory_task.await;
+            result.map_err(DaemonError::from)
+        }
+        ended = &mut inventory_task => {
+            let error = match ended {
+                Ok(Ok(())) => None,
+                Ok(Err(stopped)) => Some(DaemonError::from(stopped)),
+                Err(e) => Some(DaemonError::Internal(format!("inventory task: {e}"))),
+            };
+            if let Some(e) = &error {
+                tracing::error!(error = %e, "stopping");
+            }
+            shutdown.cancel();
+            let served = supervisor.await.map_err(DaemonError::from);
+            match error {
+                Some(e) => Err(e),
+                None => served,
+            }
+        }
+    };
+    trim.abort();
+    let _ = recovery.await;
+    let _ = labels.await;
+    if let Some(cdi) = cdi {
+        let _ = cdi.await;
+    }
     tokio::task::spawn_blocking(move || drop(discovery))
         .await
         .ok();
-    result.map_err(DaemonError::from)
+    result
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) -> std::io::Result<()> {

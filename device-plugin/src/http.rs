@@ -49,12 +49,14 @@ async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoRespon
 }
 
 async fn healthz(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    if metrics.serving() {
-        (StatusCode::OK, "ok\n")
+    if let Some(reason) = metrics.failure() {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n"))
+    } else if metrics.serving() {
+        (StatusCode::OK, "ok\n".to_owned())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "device plugin gRPC server is not serving\n",
+            "device plugin gRPC server is not serving\n".to_owned(),
         )
     }
 }

@@ -105,7 +105,13 @@ impl Stick {
     }
 }
 
-/// Why a unit ID cannot be handed out.
+/// An ID as it may appear in an error or a log line: IDs come from outside (the kubelet, or
+/// anyone able to reach the socket), so at most a kubelet ID's length of it is echoed.
+pub fn shown_id(id: &str) -> String {
+    crate::config::shorten(id, MAX_DEVICE_ID_LEN)
+}
+
+/// Why a unit ID cannot be handed out (the ID is shortened with [`shown_id`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LookupError {
     /// No such unit.
@@ -265,7 +271,9 @@ impl Inventory {
             .values()
             .filter_map(|s| s.unplugged_at)
             .min()
-            .map(|at| at + self.grace)
+            // A deadline past the clock's range never comes (configuration bounds the grace
+            // period far below that; this keeps the inventory total on its own).
+            .and_then(|at| at.checked_add(self.grace))
     }
 
     /// The units the kubelet is told about, ordered by stick ID then share number.
@@ -298,9 +306,9 @@ impl Inventory {
         for unit in units {
             let stick = self
                 .stick_of_unit(unit)
-                .ok_or_else(|| LookupError::Unknown(unit.clone()))?;
+                .ok_or_else(|| LookupError::Unknown(shown_id(unit)))?;
             if stick.health() != Health::Healthy {
-                return Err(LookupError::Unhealthy(unit.clone()));
+                return Err(LookupError::Unhealthy(shown_id(unit)));
             }
             if !sticks.iter().any(|s| s.id == stick.id) {
                 sticks.push(stick);
@@ -546,6 +554,14 @@ mod tests {
             inv.resolve(&["C-0".into()]),
             Err(LookupError::Unknown("C-0".into()))
         );
+        let huge = "x".repeat(1 << 20);
+        let err = inv.resolve(&[huge]).unwrap_err().to_string();
+        assert!(
+            err.len() < 200,
+            "error echoes a 1 MiB ID: {} bytes",
+            err.len()
+        );
+        assert!(err.contains("1048576 bytes"), "{err}");
         inv.apply(UsbEvent::Left { bus: 1, address: 3 }, now);
         assert_eq!(
             inv.resolve(&["B-1".into()]),

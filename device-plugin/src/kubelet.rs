@@ -1,26 +1,37 @@
 //! Registration with the kubelet and the watch that keeps it registered.
 //!
-//! The supervisor is level-triggered: after every file-system event in the device-plugin
-//! directory (and every few seconds as a safety net) it checks two facts and repairs them:
+//! The decisions are a pure state machine, [`next_action`]: it is told what happened
+//! ([`Event`]: what the device-plugin directory looks like now, how a `Register` call ended,
+//! a timer) and answers what to do ([`Action`]). [`Supervisor::run`] only carries actions out
+//! and turns file-system changes, results and timers into events.
+//!
+//! The rules:
 //!
 //! 1. *Our socket is the one we bound.* If it vanished (a restarting kubelet deletes every
-//!    socket in the directory) the server is restarted on a fresh socket.
-//! 2. *We are registered with the kubelet that owns the current `kubelet.sock`.* If the socket
-//!    was re-created (a kubelet restart) or we re-served, `Register` is called again. A missing
-//!    `kubelet.sock` is waited for; an unreachable one is retried with backoff; a kubelet that
-//!    answers `Register` with an error has rejected the plugin, which ends the process.
+//!    socket in the directory) the server is restarted on a fresh socket, and the
+//!    registration is void.
+//! 2. *We are registered with the kubelet that owns the current `kubelet.sock`.* A new
+//!    `kubelet.sock` (another inode) voids the registration. `Register` is sent only after a
+//!    connect to the socket succeeds: a `kubelet.sock` left behind by a dead kubelet refuses
+//!    connections, and so does a new one in the instant between its creation and the
+//!    kubelet's `listen`. Such a refusal is the normal course of a restart: it is retried
+//!    within milliseconds, at once when a new `kubelet.sock` appears, and is neither logged
+//!    above debug level nor counted as a failed registration.
+//! 3. A kubelet that accepted the connection but failed the call is retried with backoff and
+//!    counted as `unreachable`; one that answered with an error rejected the plugin, which
+//!    ends the process, as the device-plugin API asks.
 //!
 //! The server always runs before `Register` is sent: the kubelet dials the plugin back and
 //! calls `GetDevicePluginOptions` before it answers.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use nitrokey_proto::v1beta1::RegisterRequest;
 use nitrokey_proto::v1beta1::registration_client::RegistrationClient;
-use notify::{EventKind, RecursiveMode, Watcher};
+use notify::{RecursiveMode, Watcher};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -35,11 +46,10 @@ use crate::state::PluginState;
 
 /// How long one `Register` call may take (the kubelet's own dial-back allows 10 s).
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
-/// First retry delay after an unreachable kubelet; doubled up to [`MAX_BACKOFF`]. Short,
-/// because a new `kubelet.sock` exists a moment before the kubelet listens on it.
-const MIN_BACKOFF: Duration = Duration::from_millis(10);
-/// Failed attempts in a row below this backoff are expected races, logged at debug level.
-const QUIET_BACKOFF: Duration = Duration::from_millis(100);
+/// First retry after `kubelet.sock` refused the connection: the kubelet is about to listen.
+const MIN_NOT_LISTENING_BACKOFF: Duration = Duration::from_millis(1);
+/// First retry after a kubelet that accepted the connection failed the call.
+const MIN_FAILURE_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest retry delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Safety-net re-check interval, in case a file-system event was missed.
@@ -48,20 +58,38 @@ const RECHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// Why `Register` did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
-    /// The kubelet could not be reached (not listening yet, restarting, timed out): retry.
+    /// Nothing accepts connections on `kubelet.sock` (missing, left by a dead kubelet, or not
+    /// listening yet): the kubelet is starting or restarting.
+    #[error("nothing listens on kubelet.sock: {0}")]
+    NotListening(String),
+    /// The kubelet accepted the connection but the call failed (timed out, cancelled): retry.
     #[error("kubelet unreachable: {0}")]
     Unreachable(String),
+    /// The kubelet could not dial the plugin's socket back (or call it) during `Register`:
+    /// our socket is not what it should be; serve again and retry.
+    #[error("the kubelet could not reach the plugin's socket: {0}")]
+    DialBack(String),
     /// The kubelet answered with an error: the plugin is not wanted as configured.
     #[error("kubelet rejected the registration: {0}")]
     Rejected(String),
+    /// A new `kubelet.sock` appeared while the call was in flight; it was abandoned.
+    #[error("kubelet.sock was replaced during the call")]
+    Superseded,
 }
+
+/// Prefixes of the kubelet's `Register` errors about dialling the plugin back (kubelet
+/// `devicemanager`: errFailedToDialDevicePlugin, and the failed `GetDevicePluginOptions`).
+const DIAL_BACK_ERRORS: [&str; 2] = [
+    "failed to dial device plugin",
+    "failed to get device plugin options",
+];
 
 /// What ends the supervisor with a failure.
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
     /// The kubelet rejected the registration.
-    #[error(transparent)]
-    Rejected(RegisterError),
+    #[error("kubelet rejected the registration: {0}")]
+    Rejected(String),
     /// The plugin socket could not be served.
     #[error("cannot serve on {0}: {1}")]
     Serve(PathBuf, std::io::Error),
@@ -70,19 +98,166 @@ pub enum SupervisorError {
     Watch(PathBuf, notify::Error),
 }
 
-/// Calls `Register` on the kubelet socket at `kubelet_socket`.
+/// What the supervisor knows about the server and the kubelet.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SupervisorState {
+    /// A server generation serves on a socket that is still the one it bound.
+    pub serving: bool,
+    /// The current `kubelet.sock`, if there is one.
+    pub kubelet: Option<FileId>,
+    /// The `kubelet.sock` the current registration was made with (`None`: not registered).
+    pub registered: Option<FileId>,
+    /// The `kubelet.sock` of the last successful registration, even if it lapsed since.
+    pub last_registered: Option<FileId>,
+    /// Failed attempts in a row on the current `kubelet.sock`.
+    pub failures: u32,
+    /// A retry is scheduled; no attempt before it is due (or a new `kubelet.sock` appears).
+    pub retry_pending: bool,
+}
+
+/// Something the supervisor learned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The device-plugin directory as it is now (at start, after a change, periodically).
+    Observed {
+        /// Our socket is still the file our server bound, and the server runs.
+        plugin_socket_intact: bool,
+        /// The identity of `kubelet.sock`, if it exists.
+        kubelet: Option<FileId>,
+    },
+    /// A new server generation serves on a fresh socket.
+    Served,
+    /// `Register` succeeded.
+    Registered,
+    /// Connecting to `kubelet.sock` was refused or it vanished.
+    NotListening,
+    /// The kubelet accepted the connection but the call failed.
+    Unreachable,
+    /// The kubelet could not dial our socket back during `Register`.
+    DialBackFailed,
+    /// The kubelet answered `Register` with an error.
+    Rejected(String),
+    /// The scheduled retry is due.
+    RetryDue,
+    /// SIGTERM or SIGINT.
+    Shutdown,
+}
+
+/// What the supervisor should do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Serve on a fresh socket (stopping any previous generation).
+    Serve,
+    /// Call `Register`; `after_restart` when the kubelet is a new one since the last success.
+    Register {
+        /// The registration follows a kubelet restart.
+        after_restart: bool,
+    },
+    /// Retry after this delay (nothing else to do until then or until something changes).
+    RetryIn(Duration),
+    /// Nothing to do until something changes.
+    Wait,
+    /// Stop: `None` for a normal shutdown, else why the kubelet rejected the plugin.
+    Exit(Option<String>),
+}
+
+/// The supervisor's decision: updates `state` with `event` and says what to do. Pure.
+pub fn next_action(state: &mut SupervisorState, event: Event) -> Action {
+    match event {
+        Event::Observed {
+            plugin_socket_intact,
+            kubelet,
+        } => {
+            if !plugin_socket_intact {
+                state.serving = false;
+                state.registered = None;
+            }
+            if kubelet != state.kubelet {
+                // Another kubelet (or none): earlier failures and waits were about the old one.
+                state.kubelet = kubelet;
+                state.failures = 0;
+                state.retry_pending = false;
+            }
+            if state.registered.is_some() && state.registered != state.kubelet {
+                state.registered = None;
+            }
+        }
+        Event::Served => {
+            state.serving = true;
+            state.registered = None;
+        }
+        Event::Registered => {
+            state.registered = state.kubelet;
+            state.last_registered = state.kubelet;
+            state.failures = 0;
+            state.retry_pending = false;
+        }
+        Event::NotListening | Event::Unreachable => {
+            let first = if event == Event::NotListening {
+                MIN_NOT_LISTENING_BACKOFF
+            } else {
+                MIN_FAILURE_BACKOFF
+            };
+            let delay = first
+                .saturating_mul(1 << state.failures.min(16))
+                .min(MAX_BACKOFF);
+            state.failures = state.failures.saturating_add(1);
+            state.retry_pending = true;
+            return Action::RetryIn(delay);
+        }
+        Event::DialBackFailed => {
+            // Serve on a fresh socket, then register again once the retry is due.
+            state.serving = false;
+            state.registered = None;
+            let delay = MIN_FAILURE_BACKOFF
+                .saturating_mul(1 << state.failures.min(16))
+                .min(MAX_BACKOFF);
+            state.failures = state.failures.saturating_add(1);
+            state.retry_pending = true;
+            return Action::RetryIn(delay);
+        }
+        Event::Rejected(reason) => return Action::Exit(Some(reason)),
+        Event::RetryDue => state.retry_pending = false,
+        Event::Shutdown => return Action::Exit(None),
+    }
+    if !state.serving {
+        return Action::Serve;
+    }
+    match state.kubelet {
+        Some(kubelet) if state.registered != Some(kubelet) && !state.retry_pending => {
+            Action::Register {
+                after_restart: state.last_registered.is_some_and(|last| last != kubelet),
+            }
+        }
+        _ => Action::Wait,
+    }
+}
+
+/// Calls `Register` on the kubelet socket at `kubelet_socket`. The connection is made first,
+/// on its own, so that a socket nobody listens on is told apart from a failed call.
 pub async fn register(
     kubelet_socket: &Path,
     request: RegisterRequest,
 ) -> Result<(), RegisterError> {
+    let stream = UnixStream::connect(kubelet_socket)
+        .await
+        .map_err(|e| RegisterError::NotListening(e.to_string()))?;
     let path = kubelet_socket.to_owned();
-    // The URI is required by tonic but unused: the connector dials the unix socket.
-    let channel = Endpoint::from_static("http://kubelet.sock")
+    let first = Arc::new(Mutex::new(Some(stream)));
+    // The URI is required by tonic but unused: the connector hands over the connection made
+    // above (and dials the socket again should tonic ever reconnect).
+    let channel = Endpoint::from_static("http://localhost")
         .connect_timeout(Duration::from_secs(5))
         .timeout(REGISTER_TIMEOUT)
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
-            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+            let first = first.lock().unwrap_or_else(|e| e.into_inner()).take();
+            async move {
+                match first {
+                    Some(stream) => Ok(TokioIo::new(stream)),
+                    None => UnixStream::connect(path).await.map(TokioIo::new),
+                }
+            }
         }))
         .await
         .map_err(|e| RegisterError::Unreachable(error_chain(&e)))?;
@@ -98,6 +273,12 @@ pub async fn register(
                 status.code(),
                 status.message()
             ))),
+            _ if DIAL_BACK_ERRORS
+                .iter()
+                .any(|p| status.message().contains(p)) =>
+            {
+                Err(RegisterError::DialBack(status.message().to_owned()))
+            }
             _ => Err(RegisterError::Rejected(format!(
                 "{:?}: {}",
                 status.code(),
@@ -105,6 +286,37 @@ pub async fn register(
             ))),
         },
     }
+}
+
+/// Logs a burst of file-system events (the first one given, the rest still queued): one look
+/// at the directory afterwards covers them all.
+fn drain(
+    first: Option<notify::Result<notify::Event>>,
+    fs_rx: &mut mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+) {
+    for event in first
+        .into_iter()
+        .chain(std::iter::from_fn(|| fs_rx.try_recv().ok()))
+    {
+        match event {
+            Ok(e) => tracing::debug!(kind = ?e.kind, paths = ?e.paths, "plugin directory event"),
+            Err(e) => tracing::warn!(error = %e, "file watch error"),
+        }
+    }
+}
+
+/// A gRPC channel over the unix socket at `path` (for the kubelet's other APIs).
+pub async fn unix_channel(path: &Path) -> Result<tonic::transport::Channel, String> {
+    let path = path.to_owned();
+    Endpoint::from_static("http://localhost")
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|e| error_chain(&e))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -124,18 +336,6 @@ pub struct Supervisor {
     config: Config,
     state: Arc<PluginState>,
     metrics: Arc<Metrics>,
-}
-
-/// Registration progress with the current kubelet.
-#[derive(Debug, Default)]
-struct Registration {
-    /// The kubelet socket we last registered with.
-    kubelet: Option<FileId>,
-    /// Whether that registration still holds (false after re-serving or a kubelet change).
-    current: bool,
-    /// When the next attempt may be made, after a failure.
-    retry_at: Option<Instant>,
-    backoff: Duration,
 }
 
 impl Supervisor {
@@ -174,129 +374,110 @@ impl Supervisor {
             .map_err(|e| SupervisorError::Watch(dir.clone(), e))?;
 
         let mut serving: Option<Serving> = None;
-        let mut reg = Registration {
-            backoff: MIN_BACKOFF,
-            ..Default::default()
-        };
+        let mut state = SupervisorState::default();
+        let mut retry_at: Option<Instant> = None;
         let mut waiting_logged = false;
-        let result = loop {
-            // 1. Our socket.
-            let healthy = serving
-                .as_ref()
-                .is_some_and(|s| s.socket_intact() && !s.finished());
-            if !healthy {
-                if let Some(old) = serving.take() {
-                    tracing::warn!(socket = %socket.display(),
-                        "plugin socket removed or server stopped; serving again");
-                    // The old generation winds down (ending its streams) while the new one
-                    // already serves on a fresh socket at the same path.
-                    tokio::spawn(old.stop());
-                }
-                match Serving::start(&socket, self.state.clone(), self.metrics.clone()) {
-                    Ok(s) => serving = Some(s),
-                    Err(e) => break Err(SupervisorError::Serve(socket.clone(), e)),
-                }
-                reg.current = false;
-                self.metrics.set_registered(false);
-            }
-
-            // 2. Registration with the kubelet owning kubelet.sock.
+        // Directory events consumed while a Register call was in flight: look again before
+        // waiting (our own socket may have gone meanwhile).
+        let mut look_again = false;
+        // kubelet.sock is looked at first: a restarting kubelet deletes our socket before it
+        // creates its new one, so a new kubelet.sock seen here means our socket's deletion (if
+        // any) is visible to the second look.
+        let observe = |serving: &Option<Serving>| {
             let kubelet = FileId::of(&kubelet_socket);
-            match kubelet {
-                None => {
-                    if reg.current {
-                        tracing::warn!("kubelet.sock disappeared; waiting for the kubelet");
-                        reg.current = false;
-                        self.metrics.set_registered(false);
+            Event::Observed {
+                plugin_socket_intact: serving
+                    .as_ref()
+                    .is_some_and(|s| s.socket_intact() && !s.finished()),
+                kubelet,
+            }
+        };
+        let mut event = observe(&serving);
+        let result = loop {
+            let action = next_action(&mut state, event);
+            self.metrics.set_registered(state.registered.is_some());
+            if !state.retry_pending {
+                retry_at = None;
+            }
+            if state.kubelet.is_none() && !waiting_logged {
+                tracing::info!(socket = %kubelet_socket.display(), "waiting for the kubelet socket");
+                waiting_logged = true;
+            } else if state.kubelet.is_some() {
+                waiting_logged = false;
+            }
+            event = match action {
+                Action::Exit(None) => break Ok(()),
+                Action::Exit(Some(reason)) => break Err(SupervisorError::Rejected(reason)),
+                Action::Serve => {
+                    if let Some(old) = serving.take() {
+                        if old.finished() {
+                            tracing::warn!(socket = %socket.display(),
+                                "the gRPC server stopped; serving again");
+                        } else {
+                            tracing::info!(socket = %socket.display(),
+                                "serving again on a fresh socket (the kubelet restarts?)");
+                        }
+                        // The old generation winds down (ending its streams) while the new one
+                        // already serves on a fresh socket at the same path.
+                        tokio::spawn(old.stop());
                     }
-                    if !waiting_logged {
-                        tracing::info!(socket = %kubelet_socket.display(), "waiting for the kubelet socket");
-                        waiting_logged = true;
+                    match Serving::start(&socket, self.state.clone(), self.metrics.clone()) {
+                        Ok(s) => serving = Some(s),
+                        Err(e) => break Err(SupervisorError::Serve(socket.clone(), e)),
                     }
+                    Event::Served
                 }
-                Some(id) => {
-                    waiting_logged = false;
-                    let restarted = reg.kubelet.is_some_and(|old| old != id);
-                    if reg.current && restarted {
-                        tracing::info!(
-                            "kubelet.sock re-created: the kubelet restarted; registering again"
-                        );
-                        reg.current = false;
-                        self.metrics.set_registered(false);
-                    }
-                    let due = reg.retry_at.is_none_or(|at| Instant::now() >= at);
-                    if !reg.current && due {
-                        let attempt = tokio::select! {
-                            () = shutdown.cancelled() => break Ok(()),
-                            attempt = register(&kubelet_socket, self.request()) => attempt,
-                        };
-                        match attempt {
-                            Ok(()) => {
-                                Metrics::count(&self.metrics.registrations, "ok");
-                                if restarted {
-                                    self.metrics.kubelet_restarts.inc();
+                Action::Register { after_restart } => {
+                    let target = state.kubelet;
+                    let call = register(&kubelet_socket, self.request());
+                    tokio::pin!(call);
+                    // A kubelet that restarts while the call is in flight may never answer
+                    // it, or answer with an error about a socket it deleted itself: a new
+                    // kubelet.sock abandons the call for the new kubelet.
+                    let attempt = loop {
+                        tokio::select! {
+                            () = shutdown.cancelled() => break None,
+                            attempt = &mut call => break Some(attempt),
+                            event = fs_rx.recv() => {
+                                drain(event, &mut fs_rx);
+                                look_again = true;
+                                if FileId::of(&kubelet_socket) != target {
+                                    tracing::debug!("kubelet.sock replaced while registering");
+                                    break Some(Err(RegisterError::Superseded));
                                 }
-                                tracing::info!(resource = %self.config.resource_name,
-                                    endpoint = SOCKET_NAME, "registered with the kubelet");
-                                reg.kubelet = Some(id);
-                                reg.current = true;
-                                reg.retry_at = None;
-                                reg.backoff = MIN_BACKOFF;
-                                self.metrics.set_registered(true);
-                            }
-                            Err(RegisterError::Unreachable(e)) => {
-                                Metrics::count(&self.metrics.registrations, "unreachable");
-                                if reg.backoff < QUIET_BACKOFF {
-                                    tracing::debug!(error = %e, retry_in = ?reg.backoff,
-                                        "registration failed; retrying");
-                                } else {
-                                    tracing::warn!(error = %e, retry_in = ?reg.backoff,
-                                        "registration failed; retrying");
-                                }
-                                reg.retry_at = Some(Instant::now() + reg.backoff);
-                                reg.backoff = (reg.backoff * 2).min(MAX_BACKOFF);
-                            }
-                            Err(e @ RegisterError::Rejected(_)) => {
-                                Metrics::count(&self.metrics.registrations, "rejected");
-                                tracing::error!(error = %e, resource = %self.config.resource_name,
-                                    "the kubelet rejected the device plugin; exiting");
-                                break Err(SupervisorError::Rejected(e));
                             }
                         }
-                        // Events that arrived while registering are looked at next round.
-                        continue;
+                    };
+                    match attempt {
+                        None => break Ok(()),
+                        Some(Err(RegisterError::Superseded)) => observe(&serving),
+                        Some(Err(RegisterError::Unreachable(_) | RegisterError::DialBack(_)))
+                            if FileId::of(&kubelet_socket) != target =>
+                        {
+                            tracing::debug!(
+                                "registration failed; kubelet.sock was replaced meanwhile"
+                            );
+                            observe(&serving)
+                        }
+                        Some(attempt) => self.registered(attempt, after_restart),
                     }
                 }
-            }
-
-            // 3. Wait for something to change.
-            let retry = async {
-                match reg.retry_at.filter(|_| !reg.current) {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
+                Action::RetryIn(_) | Action::Wait if std::mem::take(&mut look_again) => {
+                    if let Action::RetryIn(delay) = action {
+                        retry_at = Some(Instant::now() + delay);
+                    }
+                    observe(&serving)
+                }
+                Action::RetryIn(delay) => {
+                    retry_at = Some(Instant::now() + delay);
+                    self.wait(&shutdown, &mut fs_rx, retry_at, &observe, &serving)
+                        .await
+                }
+                Action::Wait => {
+                    self.wait(&shutdown, &mut fs_rx, retry_at, &observe, &serving)
+                        .await
                 }
             };
-            tokio::select! {
-                () = shutdown.cancelled() => break Ok(()),
-                event = fs_rx.recv() => {
-                    // Take the whole burst at once: one round of checks covers it.
-                    let mut batch: Vec<_> = event.into_iter().collect();
-                    while let Ok(more) = fs_rx.try_recv() {
-                        batch.push(more);
-                    }
-                    let mut kubelet_created = false;
-                    for event in &batch {
-                        kubelet_created |= observe(event, &kubelet_socket);
-                    }
-                    if kubelet_created {
-                        // A new kubelet deserves an immediate attempt.
-                        reg.retry_at = None;
-                        reg.backoff = MIN_BACKOFF;
-                    }
-                }
-                () = retry => {}
-                () = tokio::time::sleep(RECHECK_INTERVAL) => {}
-            }
         };
 
         drop(watcher);
@@ -307,19 +488,260 @@ impl Supervisor {
         }
         result
     }
+
+    /// Logs and counts the outcome of a `Register` call and turns it into an event.
+    fn registered(&self, attempt: Result<(), RegisterError>, after_restart: bool) -> Event {
+        match attempt {
+            Ok(()) => {
+                Metrics::count(&self.metrics.registrations, "ok");
+                if after_restart {
+                    self.metrics.kubelet_restarts.inc();
+                    tracing::info!(resource = %self.config.resource_name, endpoint = SOCKET_NAME,
+                        "the kubelet restarted; registered again");
+                } else {
+                    tracing::info!(resource = %self.config.resource_name, endpoint = SOCKET_NAME,
+                        "registered with the kubelet");
+                }
+                Event::Registered
+            }
+            Err(RegisterError::NotListening(e)) => {
+                tracing::debug!(error = %e, "kubelet.sock is not accepting connections yet");
+                Event::NotListening
+            }
+            Err(RegisterError::Unreachable(e)) => {
+                Metrics::count(&self.metrics.registrations, "unreachable");
+                tracing::warn!(error = %e, "registration failed; retrying");
+                Event::Unreachable
+            }
+            Err(RegisterError::DialBack(e)) => {
+                Metrics::count(&self.metrics.registrations, "unreachable");
+                tracing::warn!(error = %e, "the kubelet could not dial the plugin back; serving again");
+                Event::DialBackFailed
+            }
+            Err(RegisterError::Superseded) => Event::NotListening,
+            Err(RegisterError::Rejected(e)) => {
+                Metrics::count(&self.metrics.registrations, "rejected");
+                tracing::error!(error = %e, resource = %self.config.resource_name,
+                    "the kubelet rejected the device plugin; exiting");
+                Event::Rejected(e)
+            }
+        }
+    }
+
+    /// Waits for a change in the directory, the retry timer, the safety-net interval or
+    /// shutdown.
+    async fn wait(
+        &self,
+        shutdown: &CancellationToken,
+        fs_rx: &mut mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+        retry_at: Option<Instant>,
+        observe: &impl Fn(&Option<Serving>) -> Event,
+        serving: &Option<Serving>,
+    ) -> Event {
+        let retry = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => Event::Shutdown,
+            event = fs_rx.recv() => {
+                drain(event, fs_rx);
+                observe(serving)
+            }
+            () = retry => Event::RetryDue,
+            () = tokio::time::sleep(RECHECK_INTERVAL) => observe(serving),
+        }
+    }
 }
 
-/// Logs an event in the plugin directory; `true` if it (re)created kubelet.sock.
-fn observe(event: &notify::Result<notify::Event>, kubelet_socket: &Path) -> bool {
-    match event {
-        Ok(event) => {
-            tracing::debug!(kind = ?event.kind, paths = ?event.paths, "plugin directory event");
-            matches!(event.kind, EventKind::Create(_))
-                && event.paths.iter().any(|p| p == kubelet_socket)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: FileId = FileId::from_parts(1, 10, 100, 0);
+    const NEW: FileId = FileId::from_parts(1, 11, 200, 0);
+
+    fn seen(intact: bool, kubelet: Option<FileId>) -> Event {
+        Event::Observed {
+            plugin_socket_intact: intact,
+            kubelet,
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "file watch error");
-            false
+    }
+
+    /// Serving and registered with `OLD`.
+    fn registered() -> SupervisorState {
+        let mut s = SupervisorState::default();
+        assert_eq!(next_action(&mut s, seen(false, Some(OLD))), Action::Serve);
+        assert_eq!(
+            next_action(&mut s, Event::Served),
+            Action::Register {
+                after_restart: false
+            }
+        );
+        assert_eq!(next_action(&mut s, Event::Registered), Action::Wait);
+        assert_eq!(s.registered, Some(OLD));
+        s
+    }
+
+    #[test]
+    fn serves_before_registering_and_waits_for_the_kubelet() {
+        let mut s = SupervisorState::default();
+        assert_eq!(next_action(&mut s, seen(false, None)), Action::Serve);
+        assert_eq!(next_action(&mut s, Event::Served), Action::Wait);
+        assert_eq!(next_action(&mut s, seen(true, None)), Action::Wait);
+        assert_eq!(
+            next_action(&mut s, seen(true, Some(OLD))),
+            Action::Register {
+                after_restart: false
+            }
+        );
+    }
+
+    #[test]
+    fn nothing_to_do_while_registered() {
+        let mut s = registered();
+        assert_eq!(next_action(&mut s, seen(true, Some(OLD))), Action::Wait);
+        assert_eq!(next_action(&mut s, Event::RetryDue), Action::Wait);
+    }
+
+    #[test]
+    fn kubelet_restart_reserves_probes_and_registers_once_with_the_new_socket() {
+        let mut s = registered();
+        // The new kubelet deleted our socket first; kubelet.sock is still the dead one.
+        assert_eq!(next_action(&mut s, seen(false, Some(OLD))), Action::Serve);
+        assert_eq!(s.registered, None);
+        assert_eq!(
+            next_action(&mut s, Event::Served),
+            Action::Register {
+                after_restart: false
+            }
+        );
+        // The dead socket refuses the connection: a quick, quiet retry.
+        assert_eq!(
+            next_action(&mut s, Event::NotListening),
+            Action::RetryIn(Duration::from_millis(1))
+        );
+        assert_eq!(next_action(&mut s, seen(true, None)), Action::Wait);
+        // The new kubelet.sock: at once, without waiting for the retry.
+        assert_eq!(
+            next_action(&mut s, seen(true, Some(NEW))),
+            Action::Register {
+                after_restart: true
+            }
+        );
+        assert_eq!(s.failures, 0);
+        assert_eq!(next_action(&mut s, Event::Registered), Action::Wait);
+        assert_eq!(s.registered, Some(NEW));
+        assert_eq!(s.last_registered, Some(NEW));
+    }
+
+    #[test]
+    fn new_kubelet_socket_alone_voids_the_registration() {
+        let mut s = registered();
+        assert_eq!(
+            next_action(&mut s, seen(true, Some(NEW))),
+            Action::Register {
+                after_restart: true
+            }
+        );
+        assert_eq!(s.registered, None);
+        assert!(s.serving, "our socket is intact: no need to serve again");
+    }
+
+    #[test]
+    fn kubelet_socket_gone_voids_the_registration() {
+        let mut s = registered();
+        assert_eq!(next_action(&mut s, seen(true, None)), Action::Wait);
+        assert_eq!(s.registered, None);
+        // The same file back (e.g. a missed event) is not a restart.
+        assert_eq!(
+            next_action(&mut s, seen(true, Some(OLD))),
+            Action::Register {
+                after_restart: false
+            }
+        );
+    }
+
+    #[test]
+    fn own_socket_deleted_alone_reserves_and_registers_with_the_same_kubelet() {
+        let mut s = registered();
+        assert_eq!(next_action(&mut s, seen(false, Some(OLD))), Action::Serve);
+        assert_eq!(
+            next_action(&mut s, Event::Served),
+            Action::Register {
+                after_restart: false
+            }
+        );
+    }
+
+    #[test]
+    fn retries_back_off_and_wait_for_their_timer() {
+        let mut s = SupervisorState::default();
+        next_action(&mut s, seen(false, Some(OLD)));
+        next_action(&mut s, Event::Served);
+        let mut delays = Vec::new();
+        for _ in 0..20 {
+            match next_action(&mut s, Event::NotListening) {
+                Action::RetryIn(d) => delays.push(d),
+                other => panic!("{other:?}"),
+            }
+            // A change that is not a new kubelet.sock does not cut the wait short.
+            assert_eq!(next_action(&mut s, seen(true, Some(OLD))), Action::Wait);
+            assert_eq!(
+                next_action(&mut s, Event::RetryDue),
+                Action::Register {
+                    after_restart: false
+                }
+            );
         }
+        assert_eq!(delays[0], Duration::from_millis(1));
+        assert_eq!(delays[1], Duration::from_millis(2));
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(*delays.last().unwrap(), MAX_BACKOFF);
+        assert_eq!(
+            next_action(&mut s, Event::Unreachable),
+            Action::RetryIn(MAX_BACKOFF)
+        );
+        let mut fresh = SupervisorState::default();
+        next_action(&mut fresh, seen(false, Some(OLD)));
+        next_action(&mut fresh, Event::Served);
+        assert_eq!(
+            next_action(&mut fresh, Event::Unreachable),
+            Action::RetryIn(MIN_FAILURE_BACKOFF)
+        );
+        assert_eq!(fresh.failures, 1);
+    }
+
+    #[test]
+    fn a_failed_dial_back_reserves_then_registers_when_due() {
+        let mut s = registered();
+        next_action(&mut s, seen(true, Some(NEW)));
+        assert_eq!(
+            next_action(&mut s, Event::DialBackFailed),
+            Action::RetryIn(MIN_FAILURE_BACKOFF)
+        );
+        assert!(!s.serving);
+        // Whatever arrives first, the socket is served again before anything else ...
+        assert_eq!(next_action(&mut s, seen(false, Some(NEW))), Action::Serve);
+        // ... and the registration waits for the retry.
+        assert_eq!(next_action(&mut s, Event::Served), Action::Wait);
+        assert_eq!(
+            next_action(&mut s, Event::RetryDue),
+            Action::Register {
+                after_restart: true
+            }
+        );
+    }
+
+    #[test]
+    fn rejection_and_shutdown_end_it() {
+        let mut s = registered();
+        assert_eq!(
+            next_action(&mut s, Event::Rejected("name taken".into())),
+            Action::Exit(Some("name taken".into()))
+        );
+        assert_eq!(next_action(&mut s, Event::Shutdown), Action::Exit(None));
     }
 }

@@ -12,16 +12,25 @@
 //! - [`server`]: the `DevicePlugin` gRPC service on the plugin's unix socket.
 //! - [`kubelet`]: `Register`, and the directory watch that re-serves and re-registers when
 //!   the kubelet restarts.
+//! - [`replug`]: pure decisions about pods holding a stick that came back at another address;
+//!   [`recovery`] carries them out (pod-resources API, Events, evictions).
+//! - [`cdi`]: the optional CDI spec matching what `Allocate` hands out.
+//! - [`labels`]: node labels (`nitrokey.com/hsm.present`, `.count`) through the API or an NFD
+//!   feature file.
 //! - [`metrics`], [`http`], [`telemetry`]: Prometheus metrics, health endpoints, logging.
 //! - [`daemon`]: wires everything together; `main.rs` only parses flags and sets exit codes.
 
 pub mod allocation;
+pub mod cdi;
 pub mod config;
 pub mod daemon;
 pub mod http;
 pub mod inventory;
 pub mod kubelet;
+pub mod labels;
 pub mod metrics;
+pub mod recovery;
+pub mod replug;
 pub mod server;
 pub mod state;
 pub mod telemetry;

@@ -52,6 +52,15 @@ pub struct EventLabel {
     pub event: &'static str,
 }
 
+/// Label set `action="event"|"evict"`, `result="ok"|"error"|"refused"`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabel {
+    /// What was done.
+    pub action: &'static str,
+    /// How it went.
+    pub result: &'static str,
+}
+
 /// Every metric the plugin exports, plus the health flags behind `/healthz` and `/readyz`.
 #[derive(Debug)]
 pub struct Metrics {
@@ -70,9 +79,16 @@ pub struct Metrics {
     pub usb_events: Family<EventLabel, Counter>,
     /// Open ListAndWatch streams.
     pub list_and_watch_streams: Gauge,
+    /// Node label updates (API patch or NFD file), by result (`ok`, `error`).
+    pub node_labels: Family<ResultLabel, Counter>,
+    /// Sticks that came back at another USB address while known.
+    pub replugs: Counter,
+    /// What was done about pods holding a replugged stick, by action and result.
+    pub replug_actions: Family<ActionLabel, Counter>,
     registered: Gauge,
     servers: AtomicUsize,
     registered_flag: AtomicBool,
+    failure: std::sync::Mutex<Option<&'static str>>,
 }
 
 impl Metrics {
@@ -89,9 +105,13 @@ impl Metrics {
             kubelet_restarts: Counter::default(),
             usb_events: Family::default(),
             list_and_watch_streams: Gauge::default(),
+            replugs: Counter::default(),
+            node_labels: Family::default(),
+            replug_actions: Family::default(),
             registered: Gauge::default(),
             servers: AtomicUsize::new(0),
             registered_flag: AtomicBool::new(false),
+            failure: std::sync::Mutex::new(None),
         };
         registry.register(
             "build",
@@ -136,6 +156,21 @@ impl Metrics {
             "list_and_watch_streams",
             "Open ListAndWatch streams",
             m.list_and_watch_streams.clone(),
+        );
+        registry.register(
+            "node_label_updates",
+            "Node label updates (API or NFD feature file), by result",
+            m.node_labels.clone(),
+        );
+        registry.register(
+            "replugs",
+            "Sticks that came back at another USB address",
+            m.replugs.clone(),
+        );
+        registry.register(
+            "replug_actions",
+            "Events and evictions for pods holding a replugged stick, by result",
+            m.replug_actions.clone(),
         );
         registry.register(
             "registered",
@@ -183,6 +218,22 @@ impl Metrics {
     /// Whether a gRPC server is serving.
     pub fn serving(&self) -> bool {
         self.servers.load(Ordering::SeqCst) > 0
+    }
+
+    /// Records a failure that makes the plugin unhealthy for good (`/healthz` answers 503 with
+    /// it until the process ends).
+    pub fn set_failed(&self, reason: &'static str) {
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+    }
+
+    /// The failure recorded with [`set_failed`](Self::set_failed), if any.
+    pub fn failure(&self) -> Option<&'static str> {
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Serving and no failure recorded: what `/healthz` reports.
+    pub fn healthy(&self) -> bool {
+        self.serving() && self.failure().is_none()
     }
 
     /// Marks whether the plugin is registered with the current kubelet (`/readyz`).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use nitrokey_proto::v1beta1::device_plugin_server::{DevicePlugin, DevicePluginServer};
 use nitrokey_proto::v1beta1::{
-    AllocateRequest, AllocateResponse, ContainerAllocateResponse,
+    AllocateRequest, AllocateResponse, CdiDevice, ContainerAllocateResponse,
     ContainerPreferredAllocationResponse, Device, DevicePluginOptions, DeviceSpec, Empty,
     ListAndWatchResponse, PreStartContainerRequest, PreStartContainerResponse,
     PreferredAllocationRequest, PreferredAllocationResponse,
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::allocation;
-use crate::inventory::{LookupError, Unit};
+use crate::inventory::{LookupError, Unit, shown_id};
 use crate::metrics::Metrics;
 use crate::state::PluginState;
 
@@ -79,6 +79,27 @@ impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.list_and_watch_streams.dec();
         tracing::info!("ListAndWatch stream closed");
+        release_memory_soon();
+    }
+}
+
+/// Asks for freed heap memory to be handed back to the system shortly (see [`trim_task`]).
+fn release_memory_soon() {
+    TRIM.notify_one();
+}
+
+static TRIM: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Hands freed heap memory back to the system a moment after connections or streams went
+/// away. glibc's allocator keeps the buffers of closed HTTP/2 connections in its free lists
+/// and per-thread arenas, so a burst of clients would otherwise raise the resident memory for
+/// good; the pause lets a whole burst end first, so that one trim covers it.
+pub async fn trim_task() {
+    loop {
+        TRIM.notified().await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // SAFETY: malloc_trim only walks the allocator's own free lists.
+        unsafe { libc::malloc_trim(0) };
     }
 }
 
@@ -171,7 +192,8 @@ impl DevicePlugin for PluginService {
                 ));
             }
             let sticks = inventory.resolve(&container.devices_ids).map_err(|e| {
-                tracing::warn!(error = %e, ids = ?container.devices_ids, "allocation refused");
+                tracing::warn!(error = %e, ids = %summarize_ids(&container.devices_ids),
+                    "allocation refused");
                 match e {
                     LookupError::Unknown(_) => {
                         Metrics::count(&self.metrics.allocations, "unknown");
@@ -183,6 +205,10 @@ impl DevicePlugin for PluginService {
                     }
                 }
             })?;
+            self.state.note_allocated(
+                sticks.iter().map(|s| s.id.as_str()),
+                std::time::Instant::now(),
+            );
             let paths: Vec<String> = sticks.iter().map(|s| s.info.dev_path()).collect();
             let serials: Vec<&str> = sticks.iter().map(|s| s.serial_or_id()).collect();
             let response = ContainerAllocateResponse {
@@ -199,9 +225,22 @@ impl DevicePlugin for PluginService {
                         permissions: "rw".to_owned(),
                     })
                     .collect(),
+                cdi_devices: self
+                    .state
+                    .cdi_kind()
+                    .map(|kind| {
+                        sticks
+                            .iter()
+                            .map(|s| CdiDevice {
+                                name: crate::cdi::device_name(kind, &s.id),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 ..Default::default()
             };
-            tracing::info!(ids = ?container.devices_ids, devices = ?paths, serials = ?serials, "allocated");
+            tracing::info!(ids = %summarize_ids(&container.devices_ids), devices = ?paths,
+                serials = ?serials, "allocated");
             Metrics::count(&self.metrics.allocations, "ok");
             responses.push(response);
         }
@@ -218,6 +257,20 @@ impl DevicePlugin for PluginService {
     }
 }
 
+/// At most a few IDs, each shortened, and the count: untrusted ID lists in log lines.
+pub fn summarize_ids(ids: &[String]) -> String {
+    const SHOWN: usize = 4;
+    let mut text: Vec<String> = ids
+        .iter()
+        .take(SHOWN)
+        .map(|id| format!("{:?}", shown_id(id)))
+        .collect();
+    if ids.len() > SHOWN {
+        text.push(format!("… ({} IDs)", ids.len()));
+    }
+    format!("[{}]", text.join(", "))
+}
+
 /// Identity of a file: device, inode and change time (inode numbers alone are reused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileId {
@@ -228,6 +281,16 @@ pub struct FileId {
 }
 
 impl FileId {
+    /// An identity made of its parts (for tests of decisions about files).
+    pub const fn from_parts(dev: u64, ino: u64, ctime: i64, ctime_nsec: i64) -> Self {
+        Self {
+            dev,
+            ino,
+            ctime,
+            ctime_nsec,
+        }
+    }
+
     /// The identity of the file at `path`, if it exists.
     pub fn of(path: &Path) -> Option<Self> {
         let m = std::fs::symlink_metadata(path).ok()?;
@@ -330,5 +393,22 @@ impl Serving {
         if self.id.is_some() && FileId::of(&self.path) == self.id {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_summaries_are_bounded() {
+        assert_eq!(summarize_ids(&[]), "[]");
+        assert_eq!(summarize_ids(&["A-0".into()]), "[\"A-0\"]");
+        let many: Vec<String> = (0..10_000).map(|n| format!("x{n}")).collect();
+        let text = summarize_ids(&many);
+        assert!(text.ends_with("… (10000 IDs)]"), "{text}");
+        assert!(text.len() < 100, "{text}");
+        let huge = vec!["y".repeat(1 << 20); 3];
+        assert!(summarize_ids(&huge).len() < 400);
     }
 }

@@ -388,6 +388,35 @@ fn dev_is_devtmpfs(mountinfo: &str) -> bool {
         .is_some_and(|fs| fs == "devtmpfs")
 }
 
+/// What the plugin cannot see of the host's USB, each with what it does instead: one line
+/// per missing path, for the start-up log. `exists` is `Path::exists` outside tests.
+pub fn blind_spots(exists: impl Fn(&Path) -> bool) -> Vec<String> {
+    let mut notes = Vec::new();
+    if !exists(Path::new("/sys/bus/usb")) {
+        notes.push(
+            "cannot see /sys/bus/usb: libusb has no USB devices to enumerate and serial numbers \
+             cannot be read; 0 sticks are advertised until /sys is mounted from the host"
+                .to_owned(),
+        );
+    }
+    if !exists(Path::new("/run/udev")) {
+        notes.push(
+            "cannot see /run/udev: udev's device database and hotplug events are missing; \
+             discovery falls back to a periodic rescan unless /dev is the host's devtmpfs"
+                .to_owned(),
+        );
+    }
+    if !exists(Path::new("/dev/bus/usb")) {
+        notes.push(
+            "cannot see /dev/bus/usb: no USB device node exists here (a node without USB, or the \
+             directory is not mounted); sticks are still found through sysfs, but one without a \
+             serial number in sysfs is named after its port"
+                .to_owned(),
+        );
+    }
+    notes
+}
+
 /// The sysfs directory of a port path (exposed for diagnostics).
 pub fn sysfs_dir(port_path: &str) -> PathBuf {
     Path::new(SYSFS_USB_DEVICES).join(port_path)
@@ -403,6 +432,19 @@ mod tests {
         assert_eq!(port_path(1, &[1]), "1-1");
         assert_eq!(port_path(3, &[1, 4, 2]), "3-1.4.2");
         assert_eq!(sysfs_dir("1-1"), PathBuf::from("/sys/bus/usb/devices/1-1"));
+    }
+
+    #[test]
+    fn blind_spots_name_each_missing_path_and_the_fallback() {
+        assert!(blind_spots(|_| true).is_empty());
+        let all = blind_spots(|_| false);
+        assert_eq!(all.len(), 3);
+        assert!(all[0].contains("/sys/bus/usb") && all[0].contains("0 sticks"));
+        assert!(all[1].contains("/run/udev") && all[1].contains("rescan"));
+        assert!(all[2].contains("/dev/bus/usb") && all[2].contains("named after its port"));
+        let only_dev = blind_spots(|p| p != Path::new("/dev/bus/usb"));
+        assert_eq!(only_dev.len(), 1);
+        assert!(only_dev[0].contains("/dev/bus/usb"));
     }
 
     #[test]

@@ -36,17 +36,27 @@ fn invalid_config_files_exit_2_naming_the_field() {
         ("sharesPerDevice: two\n", "sharesPerDevice"),
         ("gracePeriod: forever\n", "gracePeriod"),
         (
-            "devices:\n  - vendor: 0x20a0\n    product: nope\n",
+            "devices:\n  - vendor: \"0x20a0\"\n    product: nope\n",
             "product",
         ),
         (
-            "devices:\n  - vendor: 0x20a0\n    product: 0x4230\n    color: red\n",
+            "devices:\n  - vendor: \"0x20a0\"\n    product: \"0x4230\"\n    color: red\n",
             "color",
         ),
         ("devices: []\n", "devices"),
         ("metricsAddress: everywhere\n", "metricsAddress"),
         ("logFormat: xml\n", "logFormat"),
         ("discovery: psychic\n", "discovery"),
+        (
+            "devices:\n  - vendor: \"20a0\"\n    product: 4230\n",
+            "devices[0].product",
+        ),
+        ("gracePeriod: 18446744073709551615\n", "gracePeriod"),
+        ("gracePeriod: 3000000000000000h\n", "gracePeriod"),
+        (
+            "rescanInterval: 10000000000000000000s10000000000000000000s\n",
+            "rescanInterval",
+        ),
         ("- just\n- a list\n", "invalid config"),
     ] {
         let out = run_with_file(yaml);
@@ -87,6 +97,67 @@ fn missing_file_and_bad_flags_exit_2() {
 }
 
 #[test]
+fn huge_durations_exit_2_without_a_panic() {
+    for value in [
+        "18446744073709551615",
+        "3000000000000000h",
+        "10000000000000000000s10000000000000000000s",
+        "8d",
+    ] {
+        for (flag, env) in [
+            ("--grace-period", "NITROKEY_DEVICE_PLUGIN_GRACE_PERIOD"),
+            (
+                "--rescan-interval",
+                "NITROKEY_DEVICE_PLUGIN_RESCAN_INTERVAL",
+            ),
+        ] {
+            let out = run(&[flag, value], &[]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+            assert!(
+                stderr.contains(flag)
+                    || stderr.contains("gracePeriod")
+                    || stderr.contains("rescanInterval"),
+                "{flag} {value}: {stderr}"
+            );
+            let out = run(&[], &[(env, value)]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{env}={value}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+}
+
+#[test]
+fn invalid_environment_variables_are_named() {
+    for (env, value) in [
+        ("NITROKEY_DEVICE_PLUGIN_SHARES_PER_DEVICE", "two"),
+        ("NITROKEY_DEVICE_PLUGIN_GRACE_PERIOD", "3000000000000000h"),
+        ("NITROKEY_DEVICE_PLUGIN_DEVICE", "20a0"),
+        ("NITROKEY_DEVICE_PLUGIN_LOG_FORMAT", "xml"),
+        ("NITROKEY_DEVICE_PLUGIN_DISCOVERY", "psychic"),
+        ("NODE_IP", "node-1"),
+    ] {
+        let out = run(&[], &[(env, value)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{env}={value}: {stderr}");
+        assert!(
+            stderr.contains(env),
+            "{env}={value}: error does not name {env}: {stderr}"
+        );
+    }
+    // The same value on the command line is reported as the flag's.
+    let out = run(&["--shares-per-device", "two"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--shares-per-device"), "{stderr}");
+    assert!(
+        !stderr.contains("NITROKEY_DEVICE_PLUGIN_SHARES_PER_DEVICE"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn help_lists_every_flag() {
     let out = run(&["--help"], &[]);
     assert!(out.status.success());
@@ -102,6 +173,8 @@ fn help_lists_every_flag() {
         "--log-format",
         "--discovery",
         "--rescan-interval",
+        "--node-ip",
+        "NODE_IP",
         "NITROKEY_DEVICE_PLUGIN_CONFIG",
         "NITROKEY_DEVICE_PLUGIN_DEVICE",
     ] {
@@ -121,7 +194,7 @@ async fn file_env_and_flags_combine() {
     std::fs::write(
         &config,
         "resourceName: file.example.com/hsm\nsharesPerDevice: 5\nlogFormat: json\n\
-         devices:\n  - vendor: \"20a0\"\n    product: 0x4230\n",
+         devices:\n  - vendor: \"20a0\"\n    product: \"0x4230\"\n",
     )
     .unwrap();
     let plugin_dir = dir.path().join("plugins");

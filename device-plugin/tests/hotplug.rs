@@ -1,6 +1,7 @@
 //! USB changes at run time, through umockdev uevents that reach libusb's hotplug callbacks in
 //! the plugin process: add, remove (Unhealthy, then dropped after the grace period), replug
-//! (same IDs, new path, Healthy), the rescan fallback, sticks without a serial, serial filters.
+//! (same IDs, new path, Healthy), the rescan fallback, sticks without a serial, serial filters,
+//! and a node without USB (starts, says what it cannot see, advertises 0, picks up a stick).
 
 mod common;
 
@@ -258,4 +259,37 @@ fn libusb_failing_to_start_is_reported() {
     assert!(stderr.contains("libusb could not start"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!plugin_dir.join("nitrokey-hsm.sock").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_without_usb_starts_says_what_it_cannot_see_and_picks_up_a_stick_later() {
+    // An empty testbed: no USB device, so no /dev/bus/usb; and no /run/udev in it either.
+    let testbed = Testbed::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    let plugin = Plugin::start(&testbed, dir.path(), &[]);
+    kubelet.wait_for_registration(TIMEOUT).await.unwrap();
+    let list = kubelet
+        .wait_for_list(|l| l.connected && l.updates >= 1, TIMEOUT)
+        .await
+        .unwrap();
+    assert!(list.devices.is_empty(), "0 units advertised: {list:?}");
+    plugin.wait_http("/readyz", 200).await;
+    let logs = plugin.logs();
+    for (path, fallback) in [
+        ("/run/udev", "periodic rescan"),
+        ("/dev/bus/usb", "named after its port"),
+    ] {
+        let line = logs
+            .lines()
+            .find(|l| l.contains(&format!("cannot see {path}")))
+            .unwrap_or_else(|| panic!("nothing said about {path}:\n{logs}"));
+        assert!(line.contains("WARN") && line.contains(fallback), "{line}");
+    }
+    testbed.add_nitrokey_hsm("DENK01234567", 1, 2).unwrap();
+    let list = kubelet
+        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(list.healthy_ids(), unit_ids(&["DENK01234567"], 2));
 }

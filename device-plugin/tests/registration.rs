@@ -160,6 +160,26 @@ async fn kubelet_restart_leads_to_reregistration() {
             .await,
         Some(3.0)
     );
+    // Routine restarts are no failures: nothing counted, nothing above INFO logged.
+    assert_eq!(
+        plugin
+            .metric("nitrokey_device_plugin_registrations_total{result=\"unreachable\"}")
+            .await
+            .unwrap_or(0.0),
+        0.0
+    );
+    let logs = plugin.logs();
+    let loud: Vec<&str> = logs
+        .lines()
+        .filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("cannot see"))
+        .collect();
+    assert!(loud.is_empty(), "routine restarts logged {loud:#?}");
+    assert_eq!(
+        logs.matches("the kubelet restarted; registered again")
+            .count(),
+        3,
+        "{logs}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,30 +207,86 @@ async fn kubelet_socket_appearing_after_start_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubelet_unreachable_then_back_is_retried() {
+async fn dead_kubelet_socket_is_never_registered_with_then_a_new_one_is() {
     let testbed = Testbed::new().unwrap();
     testbed.add_nitrokey_hsm("DENK01234567", 1, 2).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    // A stale kubelet.sock nobody listens on: Register fails with "connection refused".
+    // A kubelet.sock left by a dead kubelet: nobody listens on it.
     let mut kubelet = FakeKubelet::start(dir.path()).await.unwrap();
     kubelet.stop().await;
+    assert!(kubelet.socket_path().exists());
     let plugin = Plugin::start(&testbed, dir.path(), &[]);
     plugin.wait_http("/healthz", 200).await;
+    // The plugin keeps probing in the background; give it time to (wrongly) count or warn.
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(plugin.http_get("/readyz").await.0, 503);
-    let failures = plugin
-        .metric("nitrokey_device_plugin_registrations_total{result=\"unreachable\"}")
-        .await
-        .unwrap_or(0.0);
-    assert!(failures >= 1.0, "retried with backoff:\n{}", plugin.logs());
+    assert_eq!(
+        plugin
+            .metric("nitrokey_device_plugin_registrations_total{result=\"unreachable\"}")
+            .await
+            .unwrap_or(0.0),
+        0.0,
+        "a socket nobody listens on is no failed registration:\n{}",
+        plugin.logs()
+    );
+    assert!(
+        plugin
+            .logs()
+            .contains("kubelet.sock is not accepting connections yet"),
+        "{}",
+        plugin.logs()
+    );
 
-    kubelet.restart().await.unwrap();
-    kubelet.wait_for_registration(TIMEOUT).await.unwrap();
+    let restarted_at = kubelet.restart().await.unwrap();
+    let registration = kubelet.wait_for_registration(TIMEOUT).await.unwrap();
+    assert!(registration.received_at >= restarted_at);
     kubelet
         .wait_for_devices(|d| d.len() == 2, TIMEOUT)
         .await
         .unwrap();
     plugin.wait_http("/readyz", 200).await;
+    assert_eq!(
+        kubelet.registrations().len(),
+        1,
+        "exactly one Register call"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubelet_failing_the_call_is_retried_counted_and_warned_about() {
+    let testbed = Testbed::new().unwrap();
+    testbed.add_nitrokey_hsm("DENK01234567", 1, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    kubelet.fail_next_registrations(2);
+    let plugin = Plugin::start(&testbed, dir.path(), &[]);
+    kubelet.wait_for_registration(TIMEOUT).await.unwrap();
+    let attempts = kubelet.registrations();
+    assert_eq!(
+        attempts.len(),
+        3,
+        "two failures, then success: {attempts:?}"
+    );
+    // Backoff: 100 ms, then 200 ms.
+    let gaps: Vec<Duration> = attempts
+        .windows(2)
+        .map(|w| w[1].received_at - w[0].received_at)
+        .collect();
+    assert!(gaps[0] >= Duration::from_millis(100), "{gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(200), "{gaps:?}");
+    plugin.wait_http("/readyz", 200).await;
+    assert_eq!(
+        plugin
+            .metric("nitrokey_device_plugin_registrations_total{result=\"unreachable\"}")
+            .await,
+        Some(2.0)
+    );
+    let warned = plugin
+        .logs()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("registration failed; retrying"))
+        .count();
+    assert_eq!(warned, 2, "{}", plugin.logs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,9 +1,9 @@
-//! The kubelet device-plugin gRPC API, version v1beta1.
+//! The kubelet's device-plugin gRPC API (v1beta1) and pod-resources API (v1).
 //!
 //! # Layout
 //!
-//! `deviceplugin/v1beta1/api.proto` is the wire contract, field for field the published kubelet
-//! API. `build.rs` turns it into Rust at build time; this crate only re-exports the result and
+//! `deviceplugin/v1beta1/api.proto` and `podresources/v1/api.proto` are the wire contracts,
+//! field for field the published kubelet APIs. `build.rs` turns it into Rust at build time; this crate only re-exports the result and
 //! the constants both sides of the protocol agree on, so the device plugin and the kubelet
 //! stand-in used by the tests share one definition.
 
@@ -12,6 +12,15 @@
 pub mod v1beta1 {
     tonic::include_proto!("v1beta1");
 }
+
+/// Generated messages, client and server of the pod-resources API, package `v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod podresources_v1 {
+    tonic::include_proto!("v1");
+}
+
+/// Where the kubelet serves the pod-resources API.
+pub const POD_RESOURCES_SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";
 
 /// API version string sent in `RegisterRequest.version`.
 pub const VERSION: &str = "v1beta1";

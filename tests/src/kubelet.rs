@@ -148,6 +148,8 @@ struct State {
 struct Shared {
     dir: PathBuf,
     reject: Mutex<Option<String>>,
+    /// How many of the next `Register` calls fail with UNAVAILABLE (an overloaded kubelet).
+    unavailable: Mutex<u32>,
     state: Mutex<State>,
     /// Bumped on every registration and every device-list change.
     changes: watch::Sender<u64>,
@@ -195,6 +197,13 @@ impl RegistrationApi for Service {
 impl Service {
     /// The kubelet's checks and dial-back; on success the plugin is connected and streaming.
     async fn accept(&self, request: &RegisterRequest) -> Result<DevicePluginOptions, Status> {
+        {
+            let mut unavailable = self.0.unavailable.lock().unwrap_or_else(|e| e.into_inner());
+            if *unavailable > 0 {
+                *unavailable -= 1;
+                return Err(Status::unavailable("kubelet is busy"));
+            }
+        }
         if let Some(reason) = self
             .0
             .reject
@@ -327,6 +336,7 @@ impl FakeKubelet {
         let shared = Arc::new(Shared {
             dir,
             reject: Mutex::new(None),
+            unavailable: Mutex::new(0),
             state: Mutex::new(State::default()),
             changes,
         });
@@ -343,6 +353,16 @@ impl FakeKubelet {
     /// would (`None` accepts again).
     pub fn reject_registrations(&self, reason: Option<&str>) {
         *self.shared.reject.lock().unwrap_or_else(|e| e.into_inner()) = reason.map(str::to_owned);
+    }
+
+    /// Makes the next `n` `Register` calls fail with UNAVAILABLE after the connection was
+    /// accepted, as a kubelet that is up but cannot serve the call would.
+    pub fn fail_next_registrations(&self, n: u32) {
+        *self
+            .shared
+            .unavailable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = n;
     }
 
     /// The device-plugin directory.
@@ -458,6 +478,34 @@ impl FakeKubelet {
                 "timed out after {timeout:?} waiting for {n} registration(s); got {} (attempts: {:?})",
                 self.registration_count(),
                 self.registrations().iter().map(|r| r.error.clone()).collect::<Vec<_>>()
+            )
+        })
+    }
+
+    /// Waits for an accepted registration that arrived at or after `since` (e.g. the instant
+    /// of a restart) and returns the first such one.
+    pub async fn wait_for_registration_since(
+        &self,
+        since: Instant,
+        timeout: Duration,
+    ) -> anyhow::Result<Registration> {
+        self.wait_until(timeout, |state| {
+            state
+                .registrations
+                .iter()
+                .find(|r| r.accepted && r.received_at >= since)
+                .cloned()
+        })
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "timed out after {timeout:?} waiting for a registration; attempts: {:?}",
+                self.registrations()
+                    .iter()
+                    .rev()
+                    .take(3)
+                    .map(|r| r.error.clone())
+                    .collect::<Vec<_>>()
             )
         })
     }

@@ -10,8 +10,15 @@
 //! - [`kubelet`]: a stand-in for the kubelet's device manager: serves `Registration` on
 //!   `kubelet.sock`, dials the plugin back while `Register` is in flight, consumes
 //!   `ListAndWatch`, calls `Allocate`, and restarts the way a real kubelet does.
-//! - [`softhsm`]: a SoftHSM2 token in a temporary directory, set up like the seed's stick
+//! - [`pod_resources`]: a stand-in for the kubelet's pod-resources API (who holds which
+//!   device), gRPC on a unix socket.
+//! - [`kube_api`]: a stand-in for the Kubernetes API server accepting Events, evictions (with
+//!   429 for a PodDisruptionBudget) and Node label patches, talked to by the real `kube` client.
+//! - [`softhsm`]: a SoftHSM2 token in a temporary directory, set up like a freshly initialised stick
 //!   (label `bank-vaults`, RSA-2048 key pair `bank-vaults`).
+//! - [`tpm`]: a second real token, a software TPM behind the TPM2 PKCS#11 module, with the
+//!   traits SoftHSM2 lacks (sticky failed decrypts, OAEP-SHA256, shared serials, TPM restarts);
+//!   [`tpm::Token`] lets a test run on either token.
 //! - [`openbao`]: a real OpenBao server (Vault's API) on 127.0.0.1, started sealed.
 //! - [`bins`]: where the workspace's own binaries were built.
 //!
@@ -19,7 +26,10 @@
 //! the harnesses only drive their peers.
 
 pub mod bins;
+pub mod kube_api;
 pub mod kubelet;
 pub mod openbao;
+pub mod pod_resources;
 pub mod softhsm;
+pub mod tpm;
 pub mod usb;

@@ -13,8 +13,7 @@
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -71,59 +70,71 @@ pub fn bao_program() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("bao"))
 }
 
-/// One HTTP/1.1 exchange with `Connection: close`; returns status and body.
+/// How long one HTTP exchange with a server under test may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One HTTP exchange (JSON body, if any); returns status and body.
+///
+/// Runs on a thread of its own, so that callers inside an async runtime (the demo, async
+/// tests) can use it too: reqwest's blocking client must not run on a runtime's thread.
 pub fn http(
     address: &str,
     method: &str,
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> anyhow::Result<(u16, String)> {
-    let host = address
-        .strip_prefix("http://")
-        .context("only http:// addresses are supported")?;
-    let mut stream = TcpStream::connect(host)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let payload = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
-        payload.len()
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = text
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()?;
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let body = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_owned()
-    };
-    Ok((status, body))
+    exchange(address, method, path, body, &[])
 }
 
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || tail.len() < n {
-            break;
-        }
-        out.push_str(&tail[..n]);
-        rest = tail[n..].trim_start_matches("\r\n");
+fn exchange(
+    address: &str,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(u16, String)> {
+    if !(address.starts_with("http://") || address.starts_with("https://")) {
+        bail!("`{address}` is not an http:// or https:// address");
     }
-    out
+    let url = format!("{}{path}", address.trim_end_matches('/'));
+    let method = reqwest::Method::from_bytes(method.as_bytes())
+        .with_context(|| format!("`{method}` is not an HTTP method"))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let mut request = client()?.request(method, &url);
+                for (name, value) in headers {
+                    request = request.header(*name, *value);
+                }
+                if let Some(body) = body {
+                    request = request.json(body);
+                }
+                let response = request
+                    .send()
+                    .with_context(|| format!("request to {url}"))?;
+                let status = response.status().as_u16();
+                let text = response
+                    .text()
+                    .with_context(|| format!("reading the answer of {url}"))?;
+                Ok((status, text))
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the HTTP exchange with {url} panicked"))?
+    })
+}
+
+/// One client for every exchange (connection reuse); built on first use, on an exchange's own
+/// thread, and never dropped, which reqwest's blocking client requires outside a runtime.
+fn client() -> anyhow::Result<&'static reqwest::blocking::Client> {
+    static CLIENT: std::sync::OnceLock<reqwest::blocking::Client> = std::sync::OnceLock::new();
+    if let Some(client) = CLIENT.get() {
+        return Ok(client);
+    }
+    let client = reqwest::blocking::Client::builder()
+        .timeout(HTTP_TIMEOUT)
+        .build()
+        .context("building the HTTP client")?;
+    Ok(CLIENT.get_or_init(|| client))
 }
 
 impl OpenBao {
@@ -321,23 +332,13 @@ impl OpenBao {
 
     /// `GET` an authenticated path with `token`; returns status and body.
     pub fn get_with_token(&self, path: &str, token: &str) -> anyhow::Result<(u16, String)> {
-        let host = self.address();
-        let host = host.trim_start_matches("http://");
-        let mut stream = TcpStream::connect(host)?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\nX-Vault-Token: {token}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw)?;
-        let (head, body) = raw.split_once("\r\n\r\n").context("malformed response")?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .context("no status")?
-            .parse()?;
-        Ok((status, body.to_owned()))
+        exchange(
+            &self.address(),
+            "GET",
+            path,
+            None,
+            &[("X-Vault-Token", token)],
+        )
     }
 
     /// Stops the server with SIGTERM and waits for it.

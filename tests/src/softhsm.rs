@@ -1,7 +1,7 @@
-//! A SoftHSM2 token in a temporary directory, set up the way the seed recipe sets up a
-//! NitroKey HSM stick: token label `bank-vaults`, user PIN `banzai`, SO PIN `banzaicloud`, and
-//! an RSA-2048 key pair labelled `bank-vaults`, made with the same tools an operator uses
-//! (`softhsm2-util`, OpenSC's `pkcs11-tool`).
+//! A SoftHSM2 token in a temporary directory, set up the way an operator sets up a NitroKey
+//! HSM stick for Bank-Vaults: token label `bank-vaults`, user PIN `banzai`, SO PIN
+//! `banzaicloud`, and an RSA-2048 key pair labelled `bank-vaults`, made with the same tools an
+//! operator uses (`softhsm2-util`, OpenSC's `pkcs11-tool`).
 //!
 //! SoftHSM2 reads its configuration from `SOFTHSM2_CONF`, so every process that should see
 //! this token (the program under test, `pkcs11-tool`) needs [`SoftHsm::env`]. After
@@ -13,13 +13,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use tempfile::TempDir;
 
-/// Token label, as in the seed recipe.
+/// Token label, as Bank-Vaults' documentation sets it up.
 pub const TOKEN_LABEL: &str = "bank-vaults";
-/// User PIN, as in the seed recipe.
+/// User PIN, as Bank-Vaults' documentation sets it up.
 pub const USER_PIN: &str = "banzai";
-/// Security officer PIN, as in the seed recipe.
+/// Security officer PIN, as Bank-Vaults' documentation sets it up.
 pub const SO_PIN: &str = "banzaicloud";
-/// RSA key pair label, as in the seed recipe.
+/// RSA key pair label, as Bank-Vaults' documentation sets it up.
 pub const KEY_LABEL: &str = "bank-vaults";
 
 /// Finds SoftHSM2's PKCS#11 module (`SOFTHSM2_MODULE` overrides the search).
@@ -70,7 +70,7 @@ fn check(what: &str, out: Output) -> anyhow::Result<String> {
 }
 
 impl SoftHsm {
-    /// A token with the seed's RSA-2048 key pair.
+    /// A token with the RSA-2048 key pair `bank-vaults`.
     pub fn new() -> anyhow::Result<Self> {
         let hsm = Self::without_key()?;
         hsm.generate_key_pair(KEY_LABEL)?;
@@ -206,7 +206,7 @@ impl SoftHsm {
         check(&format!("pkcs11-tool {}", args.join(" ")), out)
     }
 
-    /// Generates an RSA-2048 key pair with `label` on the token (as the seed does).
+    /// Generates an RSA-2048 key pair with `label` on the token (as an operator does with OpenSC).
     pub fn generate_key_pair(&self, label: &str) -> anyhow::Result<()> {
         self.run_pkcs11_tool(
             true,

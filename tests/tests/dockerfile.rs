@@ -1,10 +1,12 @@
-//! Checks the container image recipe without a container engine.
+//! Checks the container image recipe statically.
 //!
-//! No Docker engine runs on build machines, so the image cannot be built here. What can go wrong
-//! with the recipe is checked statically instead: hadolint's rules (plus the OCI labels the image
-//! promises), every `COPY` source present in the repository and not dropped by `.dockerignore`,
-//! the binaries copied into the image being exactly the ones the workspace builds, pinned base
-//! images, a non-root default user, and the OpenSC module at the path Bank-Vaults configs use.
+//! Two images come from one Dockerfile: targets `device-plugin` and `unseal-init`. What can go
+//! wrong with the recipe is checked here: hadolint's rules (plus the OCI labels the images
+//! promise), every `COPY` source present in the repository and not dropped by `.dockerignore`,
+//! each image carrying exactly its own program as the workspace builds it, pinned base images, a
+//! non-root default user, each image installing its packages from its list in `deploy/image/`
+//! (the list the root-filesystem test builds from) and only unseal-init's carrying the smart-card
+//! stack. `image_rootfs.rs` builds and runs the same root filesystems.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -68,14 +70,6 @@ fn parse_dockerfile(text: &str) -> Vec<Instruction> {
 fn dockerfile() -> Vec<Instruction> {
     let text = std::fs::read_to_string(repo().join("Dockerfile")).expect("read Dockerfile");
     parse_dockerfile(&text)
-}
-
-fn final_stage(instructions: &[Instruction]) -> usize {
-    instructions
-        .iter()
-        .map(|i| i.stage)
-        .max()
-        .expect("Dockerfile has instructions")
 }
 
 /// Splits `COPY [--flag=x ...] SRC... DEST` into (flags, sources, destination).
@@ -353,8 +347,46 @@ fn dockerignore_matcher_follows_docker_rules() {
     assert!(ignore.includes("src/keep.tmp"));
 }
 
+/// The two runtime targets, each named after the one program it carries.
+const TARGETS: [&str; 2] = ["device-plugin", "unseal-init"];
+
+/// Stage index of each `FROM ... AS name`.
+fn stage_names(instructions: &[Instruction]) -> Vec<(usize, String)> {
+    instructions
+        .iter()
+        .filter(|i| i.keyword == "FROM")
+        .map(|i| {
+            let words: Vec<&str> = i.args.split_whitespace().collect();
+            let name = words
+                .windows(2)
+                .find(|w| w[0].eq_ignore_ascii_case("AS"))
+                .map(|w| w[1].to_string())
+                .unwrap_or_default();
+            (i.stage, name)
+        })
+        .collect()
+}
+
+fn stage_of(instructions: &[Instruction], name: &str) -> usize {
+    stage_names(instructions)
+        .into_iter()
+        .find(|(_, n)| n == name)
+        .unwrap_or_else(|| panic!("the Dockerfile has no target `{name}`"))
+        .0
+}
+
+/// The packages a list file names, comments and blanks dropped (as the Dockerfile's `sed`).
+fn package_list(target: &str) -> BTreeSet<String> {
+    let text = std::fs::read_to_string(repo().join(format!("deploy/image/{target}.packages")))
+        .expect("package list");
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or_default().trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
 #[test]
-fn the_image_carries_exactly_the_binaries_the_workspace_builds() {
+fn each_image_carries_exactly_its_program_as_the_workspace_builds_it() {
     let ins = dockerfile();
     let metadata = workspace_metadata();
     let packages = metadata["packages"].as_array().expect("packages");
@@ -403,51 +435,59 @@ fn the_image_carries_exactly_the_binaries_the_workspace_builds() {
         "the test harness must not be built into the image"
     );
     let built_bins: BTreeSet<String> = built_packages.iter().flat_map(|p| bins_of(p)).collect();
-    let expected: BTreeSet<String> = ["device-plugin", "unseal-init"].map(String::from).into();
+    let expected: BTreeSet<String> = TARGETS.map(String::from).into();
     assert_eq!(
         built_bins, expected,
         "the packages built must provide exactly the two programs"
     );
 
-    // Each built binary is staged, then copied into /usr/local/bin of the final stage.
-    let last = final_stage(&ins);
-    let copied: BTreeSet<String> = ins
-        .iter()
-        .filter(|i| i.stage == last && i.keyword == "COPY")
-        .filter_map(|i| {
-            let (flags, sources, dest) = copy_parts(&i.args);
-            flags
-                .iter()
-                .any(|f| f.starts_with("--from"))
-                .then_some((sources, dest))
-        })
-        .flat_map(|(sources, dest)| {
-            sources.into_iter().map(move |src| {
-                let name = src.rsplit('/').next().expect("file name").to_string();
-                assert_eq!(
-                    dest,
-                    format!("/usr/local/bin/{name}"),
-                    "`{src}` must land in /usr/local/bin under its own name"
-                );
-                assert!(
-                    build.args.contains(&format!("target/release/{name} {src}")),
-                    "`{src}` is not the release build of `{name}` staged by the cargo build step"
-                );
-                name
+    // Each target copies its own program, staged by the build step, into /usr/local/bin, and
+    // makes it the entrypoint.
+    for target in TARGETS {
+        let stage = stage_of(&ins, target);
+        let copied: Vec<(String, String)> = ins
+            .iter()
+            .filter(|i| i.stage == stage && i.keyword == "COPY")
+            .filter_map(|i| {
+                let (flags, sources, dest) = copy_parts(&i.args);
+                flags
+                    .iter()
+                    .any(|f| f.starts_with("--from"))
+                    .then(|| sources.into_iter().map(move |s| (s, dest.clone())))
             })
-        })
-        .collect();
-    assert_eq!(
-        copied, expected,
-        "the final image must carry exactly the workspace's binaries"
-    );
+            .flatten()
+            .collect();
+        let program = format!("/usr/local/bin/{target}");
+        assert_eq!(
+            copied,
+            vec![(format!("/out/{target}"), program.clone())],
+            "target {target} must carry exactly its own program"
+        );
+        assert!(
+            build
+                .args
+                .contains(&format!("target/release/{target} /out/{target}")),
+            "`/out/{target}` is not the release build staged by the cargo build step"
+        );
+        let entrypoint = ins
+            .iter()
+            .rfind(|i| i.stage == stage && i.keyword == "ENTRYPOINT")
+            .unwrap_or_else(|| panic!("target {target} sets no ENTRYPOINT"));
+        let entrypoint: Vec<String> =
+            serde_json::from_str(&entrypoint.args).expect("ENTRYPOINT in JSON form");
+        assert_eq!(entrypoint, vec![program]);
+    }
 }
 
 #[test]
 fn base_images_are_pinned_and_match_the_toolchain() {
     let ins = dockerfile();
     let froms: Vec<&Instruction> = ins.iter().filter(|i| i.keyword == "FROM").collect();
-    assert_eq!(froms.len(), 2, "expected a build stage and a runtime stage");
+    let names: BTreeSet<String> = stage_names(&ins).into_iter().map(|(_, n)| n).collect();
+    let expected: BTreeSet<String> = ["build", "device-plugin", "unseal-init"]
+        .map(String::from)
+        .into();
+    assert_eq!(names, expected, "a build stage and the two runtime targets");
     let mut codenames = BTreeSet::new();
     for from in &froms {
         let image = from
@@ -510,66 +550,85 @@ fn base_images_are_pinned_and_match_the_toolchain() {
 }
 
 #[test]
-fn final_image_runs_as_a_non_root_user() {
+fn every_image_runs_as_a_non_root_user() {
     let ins = dockerfile();
-    let last = final_stage(&ins);
-    let user = ins
-        .iter()
-        .rfind(|i| i.stage == last && i.keyword == "USER")
-        .expect("the final stage sets USER");
-    let uid = user.args.split(':').next().expect("uid");
-    let uid: u32 = uid.parse().unwrap_or_else(|_| {
-        panic!(
-            "USER `{}` must be numeric so Kubernetes' runAsNonRoot can verify it",
-            user.args
-        )
-    });
-    assert_ne!(uid, 0, "the default user must not be root");
+    for target in TARGETS {
+        let stage = stage_of(&ins, target);
+        let user = ins
+            .iter()
+            .rfind(|i| i.stage == stage && i.keyword == "USER")
+            .unwrap_or_else(|| panic!("target {target} sets no USER"));
+        let uid = user.args.split(':').next().expect("uid");
+        let uid: u32 = uid.parse().unwrap_or_else(|_| {
+            panic!(
+                "USER `{}` must be numeric so Kubernetes' runAsNonRoot can verify it",
+                user.args
+            )
+        });
+        assert_ne!(uid, 0, "{target}: the default user must not be root");
+    }
 }
 
 #[test]
-fn runtime_has_the_smart_card_stack_and_the_bank_vaults_module_path() {
+fn each_image_installs_its_own_package_list_and_only_unseal_init_the_smart_card_stack() {
     let ins = dockerfile();
-    let last = final_stage(&ins);
-    let runtime_run: String = ins
-        .iter()
-        .filter(|i| i.stage == last && i.keyword == "RUN")
-        .map(|i| i.args.as_str())
-        .collect::<Vec<_>>()
-        .join(" ; ");
-    let words: BTreeSet<&str> = runtime_run.split_whitespace().collect();
-    for package in [
-        "opensc",
-        "pcscd",
-        "libccid",
-        "libusb-1.0-0",
-        "libudev1",
-        "ca-certificates",
-    ] {
+    let smart_card = ["opensc", "pcscd", "libccid"];
+    for target in TARGETS {
+        let stage = stage_of(&ins, target);
+        let list = format!("deploy/image/{target}.packages");
+        let copies_list = ins.iter().any(|i| {
+            i.stage == stage && i.keyword == "COPY" && copy_parts(&i.args).1.contains(&list)
+        });
+        assert!(copies_list, "target {target} must install from {list}");
+        let run: String = ins
+            .iter()
+            .filter(|i| i.stage == stage && i.keyword == "RUN")
+            .map(|i| i.args.as_str())
+            .collect::<Vec<_>>()
+            .join(" ; ");
+        let file = list.rsplit('/').next().expect("file name");
         assert!(
-            words.contains(package),
-            "the runtime image must install `{package}`"
+            run.contains(&format!("/tmp/image/{file}")) && run.contains("apt-get install"),
+            "target {target} must apt-get install the packages of {file}: {run}"
         );
+        assert!(
+            run.contains(&format!("setup.sh {target}")),
+            "target {target} must run deploy/image/setup.sh {target}: {run}"
+        );
+        let packages = package_list(target);
+        for p in smart_card {
+            assert_eq!(
+                packages.contains(p),
+                target == "unseal-init",
+                "{target}: {p} belongs in the unseal-init image only"
+            );
+        }
     }
-    // The module must be linked at the path the seed's Bank-Vaults config uses, from the
-    // architecture-specific distro path (not a hard-coded x86_64 one).
-    let link = runtime_run
-        .split(['&', ';'])
-        .find(|cmd| cmd.contains("ln -s") && cmd.contains("/usr/lib/opensc-pkcs11.so"))
-        .expect("a step links /usr/lib/opensc-pkcs11.so");
-    assert!(link.contains("opensc-pkcs11.so"), "{link}");
+    assert!(
+        package_list("device-plugin")
+            .is_superset(&["libusb-1.0-0", "libudev1"].map(String::from).into())
+    );
+    assert!(package_list("unseal-init").contains("ca-certificates"));
+    // The module link follows the image's architecture, and a dangling one fails the build.
+    let setup = std::fs::read_to_string(repo().join("deploy/image/setup.sh")).expect("setup.sh");
+    let link = setup
+        .lines()
+        .find(|l| l.contains("ln -s") && l.contains("/usr/lib/opensc-pkcs11.so"))
+        .expect("setup.sh links /usr/lib/opensc-pkcs11.so");
     assert!(
         !link.contains("x86_64"),
         "the module link must not hard-code one architecture: {link}"
     );
+    assert!(setup.contains("test -e /usr/lib/opensc-pkcs11.so"));
     assert!(
-        runtime_run.contains("test -e /usr/lib/opensc-pkcs11.so"),
-        "the build must fail if the link dangles"
+        setup.contains("set -eu"),
+        "setup.sh must stop at the first failure"
     );
     // Build stage: code generation and USB headers.
+    let build = stage_of(&ins, "build");
     let build_run: String = ins
         .iter()
-        .filter(|i| i.stage != last && i.keyword == "RUN")
+        .filter(|i| i.stage == build && i.keyword == "RUN")
         .map(|i| i.args.as_str())
         .collect::<Vec<_>>()
         .join(" ");
@@ -587,20 +646,23 @@ fn runtime_has_the_smart_card_stack_and_the_bank_vaults_module_path() {
 }
 
 #[test]
-fn image_version_label_is_the_workspace_version() {
+fn image_version_labels_are_the_workspace_version() {
     let ins = dockerfile();
-    let labels: String = ins
-        .iter()
-        .filter(|i| i.keyword == "LABEL")
-        .map(|i| i.args.as_str())
-        .collect::<Vec<_>>()
-        .join(" ");
     let expected = format!(
         "org.opencontainers.image.version=\"{}\"",
         workspace_version()
     );
-    assert!(
-        labels.contains(&expected),
-        "expected label {expected} in: {labels}"
-    );
+    for target in TARGETS {
+        let stage = stage_of(&ins, target);
+        let labels: String = ins
+            .iter()
+            .filter(|i| i.stage == stage && i.keyword == "LABEL")
+            .map(|i| i.args.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            labels.contains(&expected),
+            "{target}: expected label {expected} in: {labels}"
+        );
+    }
 }

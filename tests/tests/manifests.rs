@@ -2,33 +2,42 @@
 //!
 //! Each kustomization under `deploy/` is rendered with `kubectl kustomize`, and the Helm chart
 //! with Helm's own engine; every object is parsed into its `k8s-openapi` type and serialised back,
-//! and any field lost on the way (a misspelt or misplaced field the API server would drop or
-//! reject) fails the test. On top of that, what an operator would trip over is asserted: image
-//! names and tags against the Dockerfile, ports and probe paths against the programs' defaults,
-//! the native sidecar's shape and its one HSM unit, the device plugin's mounts and privileges,
-//! RBAC limited to what the programs use, and every program config against its documented keys.
+//! once with the newest API types and once with those of the oldest Kubernetes the project
+//! supports (1.26), and any field lost on the way (a misspelt or misplaced field, or one that
+//! older API server rejects or silently drops) fails the test. The programs' configs embedded in
+//! the manifests are parsed and validated by the programs' own configuration code. On top of
+//! that, what an operator would trip over is asserted: image names and tags against the
+//! Dockerfile, ports and probes against the configs, TLS between unseal-init and Vault, the PIN
+//! as a mounted file, the device plugin's mounts and privileges, RBAC limited to what the
+//! programs call, and one name for each thing across manifests and documentation.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Service};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Service, Volume};
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-const IMAGE: &str = "ghcr.io/nitrokey-vault/nitrokey-vault";
+const DEVICE_PLUGIN_IMAGE: &str = "ghcr.io/nitrokey-vault/device-plugin";
+const UNSEAL_INIT_IMAGE: &str = "ghcr.io/nitrokey-vault/unseal-init";
 const RESOURCE: &str = "nitrokey.com/hsm";
 const DEVICE_PLUGIN_BIN: &str = "/usr/local/bin/device-plugin";
 const UNSEAL_INIT_BIN: &str = "/usr/local/bin/unseal-init";
-const DEVICE_PLUGIN_PORT: i32 = 9400;
 const UNSEAL_INIT_PORT: i32 = 9091;
 const VAULT_PORT: i32 = 8200;
 const VAULT_CLUSTER_PORT: i32 = 8201;
 const PLUGIN_DIR: &str = "/var/lib/kubelet/device-plugins";
 const OPENSC_MODULE: &str = "/usr/lib/opensc-pkcs11.so";
+/// The oldest Kubernetes every shipped manifest must be valid on.
+const MIN_KUBERNETES: &str = "1.26";
+/// Native sidecars (`restartPolicy: Always` on an init container) exist from this version on.
+const NATIVE_SIDECAR_KUBERNETES: &str = "1.29";
+/// The Secret holding the stick's user PIN, the same name everywhere.
+const PIN_SECRET: &str = "vault-hsm-pin";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -90,7 +99,7 @@ fn kustomize(dir: &Path) -> Vec<Value> {
         .arg("kustomize")
         .arg(dir)
         .output()
-        .expect("kubectl is installed (scripts/install-deps.sh installs it)");
+        .expect("kubectl is installed (scripts/install-deps.sh installs it into .venv)");
     assert!(
         out.status.success(),
         "kubectl kustomize {} failed:\n{}",
@@ -118,6 +127,25 @@ fn rendered() -> BTreeMap<String, Vec<Value>> {
         .collect()
 }
 
+/// The Kubernetes version a rendering needs: 1.29 where unseal-init runs as a native sidecar,
+/// the project's minimum everywhere else.
+fn needed_kubernetes(objects: &[Value]) -> &'static str {
+    let native = workload_pod_specs(objects).iter().any(|(_, spec)| {
+        spec.init_containers
+            .iter()
+            .flatten()
+            .any(|c| c.restart_policy.as_deref() == Some("Always"))
+    });
+    if native {
+        NATIVE_SIDECAR_KUBERNETES
+    } else {
+        MIN_KUBERNETES
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed round trips through the newest and the oldest supported API types.
+
 /// Paths present in `original` that are missing or different in `round_tripped`.
 fn lost_fields(original: &Value, round_tripped: &Value, path: &str, out: &mut Vec<String>) {
     match (original, round_tripped) {
@@ -143,14 +171,96 @@ fn lost_fields(original: &Value, round_tripped: &Value, path: &str, out: &mut Ve
     }
 }
 
-fn round_trip<T: DeserializeOwned + Serialize>(object: &Value) -> Result<T, String> {
+/// Parses `object` as `T` and serialises it back; returns the fields the type does not know.
+fn lost_in_round_trip<T: DeserializeOwned + Serialize>(
+    object: &Value,
+) -> Result<Vec<String>, String> {
     let typed: T =
         serde_json::from_value(object.clone()).map_err(|e| format!("does not parse: {e}"))?;
     let back = serde_json::to_value(&typed).expect("k8s-openapi types serialise");
     let mut lost = Vec::new();
     lost_fields(object, &back, "", &mut lost);
+    Ok(lost)
+}
+
+/// Fields of `object` unknown to the API types of one `k8s-openapi` crate (one Kubernetes
+/// version); an error for a kind without a typed check.
+macro_rules! lost_for_version {
+    ($k8s:ident, $object:expr) => {{
+        use $k8s::api::{
+            apps::v1 as apps, core::v1 as core, policy::v1 as policy, rbac::v1 as rbac,
+        };
+        let object: &Value = $object;
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let api = object["apiVersion"].as_str().unwrap_or_default();
+        match (api, kind) {
+            ("v1", "Namespace") => lost_in_round_trip::<core::Namespace>(object),
+            ("v1", "ServiceAccount") => lost_in_round_trip::<core::ServiceAccount>(object),
+            ("v1", "ConfigMap") => lost_in_round_trip::<core::ConfigMap>(object),
+            ("v1", "Secret") => lost_in_round_trip::<core::Secret>(object),
+            ("v1", "Service") => lost_in_round_trip::<core::Service>(object),
+            ("apps/v1", "DaemonSet") => lost_in_round_trip::<apps::DaemonSet>(object),
+            ("apps/v1", "StatefulSet") => lost_in_round_trip::<apps::StatefulSet>(object),
+            ("apps/v1", "Deployment") => lost_in_round_trip::<apps::Deployment>(object),
+            ("rbac.authorization.k8s.io/v1", "Role") => lost_in_round_trip::<rbac::Role>(object),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
+                lost_in_round_trip::<rbac::RoleBinding>(object)
+            }
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+                lost_in_round_trip::<rbac::ClusterRole>(object)
+            }
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                lost_in_round_trip::<rbac::ClusterRoleBinding>(object)
+            }
+            ("policy/v1", "PodDisruptionBudget") => {
+                lost_in_round_trip::<policy::PodDisruptionBudget>(object)
+            }
+            ("cert-manager.io/v1", "Certificate") => Ok(certificate_problems(object)),
+            _ => Err(format!("no typed check for {api} {kind}: add it here")),
+        }
+    }};
+}
+
+/// cert-manager's `Certificate` has no `k8s-openapi` type: its spec keys are checked against
+/// cert-manager v1's documented ones, and the names unseal-init and the peers use must be in it.
+fn certificate_problems(object: &Value) -> Vec<String> {
+    let known = [
+        "secretName",
+        "issuerRef",
+        "dnsNames",
+        "ipAddresses",
+        "commonName",
+        "duration",
+        "renewBefore",
+        "privateKey",
+        "usages",
+        "secretTemplate",
+    ];
+    let mut problems: Vec<String> = object["spec"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| !known.contains(&k.as_str()))
+        .map(|(k, _)| format!(".spec.{k}"))
+        .collect();
+    for required in ["secretName", "issuerRef"] {
+        if object["spec"].get(required).is_none() {
+            problems.push(format!(".spec.{required} is missing"));
+        }
+    }
+    let ips = object["spec"]["ipAddresses"].as_array().cloned();
+    if !ips.unwrap_or_default().iter().any(|ip| ip == "127.0.0.1") {
+        problems.push(".spec.ipAddresses must name 127.0.0.1 (unseal-init's address)".into());
+    }
+    problems
+}
+
+/// Parses one rendered object into its typed API struct with the newest types; unknown kinds
+/// and unknown fields fail.
+fn check_typed(object: &Value) -> Result<(), String> {
+    let lost = lost_for_version!(k8s_openapi, object)?;
     if lost.is_empty() {
-        Ok(typed)
+        Ok(())
     } else {
         Err(format!(
             "fields unknown to the API (misspelt or misplaced): {}",
@@ -159,149 +269,61 @@ fn round_trip<T: DeserializeOwned + Serialize>(object: &Value) -> Result<T, Stri
     }
 }
 
-/// Parses one rendered object into its typed API struct; unknown kinds fail.
-fn check_typed(object: &Value) -> Result<(), String> {
-    use k8s_openapi::api::{
-        apps::v1 as apps, core::v1 as core, policy::v1 as policy, rbac::v1 as rbac,
+/// The same with Kubernetes 1.26's API types. `needs` is the version the rendering declares:
+/// where it is 1.29, init containers' `restartPolicy` (native sidecars) is the one field
+/// allowed to be missing from 1.26.
+fn check_typed_oldest(object: &Value, needs: &str) -> Result<(), String> {
+    let lost = lost_for_version!(k8s_openapi_1_26, object)?;
+    let native_sidecar_field = |path: &str| {
+        path.starts_with(".spec.template.spec.initContainers[") && path.ends_with("].restartPolicy")
     };
-    let kind = object["kind"].as_str().unwrap_or_default();
-    let api = object["apiVersion"].as_str().unwrap_or_default();
-    match (api, kind) {
-        ("v1", "Namespace") => round_trip::<core::Namespace>(object).map(drop),
-        ("v1", "ServiceAccount") => round_trip::<core::ServiceAccount>(object).map(drop),
-        ("v1", "ConfigMap") => round_trip::<core::ConfigMap>(object).map(drop),
-        ("v1", "Secret") => round_trip::<core::Secret>(object).map(drop),
-        ("v1", "Service") => round_trip::<core::Service>(object).map(drop),
-        ("apps/v1", "DaemonSet") => round_trip::<apps::DaemonSet>(object).map(drop),
-        ("apps/v1", "StatefulSet") => round_trip::<apps::StatefulSet>(object).map(drop),
-        ("apps/v1", "Deployment") => round_trip::<apps::Deployment>(object).map(drop),
-        ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<rbac::Role>(object).map(drop),
-        ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
-            round_trip::<rbac::RoleBinding>(object).map(drop)
-        }
-        ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
-            round_trip::<rbac::ClusterRole>(object).map(drop)
-        }
-        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
-            round_trip::<rbac::ClusterRoleBinding>(object).map(drop)
-        }
-        ("policy/v1", "PodDisruptionBudget") => {
-            round_trip::<policy::PodDisruptionBudget>(object).map(drop)
-        }
-        _ => Err(format!("no typed check for {api} {kind}: add it here")),
+    let unexpected: Vec<String> = lost
+        .into_iter()
+        .filter(|p| !(needs == NATIVE_SIDECAR_KUBERNETES && native_sidecar_field(p)))
+        .collect();
+    if unexpected.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "fields Kubernetes {MIN_KUBERNETES} does not have (its API server rejects them, or \
+             drops them silently): {}",
+            unexpected.join(", ")
+        ))
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Program configuration schemas (the documented key sets; the programs' loaders reject others).
+// The programs' configs, through the programs' own configuration code.
 
-/// Expected JSON type of a config value.
-#[derive(Clone, Copy, Debug)]
-enum Ty {
-    Str,
-    Int,
-    Bool,
-    Map,
-    List,
-}
-
-fn type_ok(ty: Ty, v: &Value) -> bool {
-    match ty {
-        Ty::Str => v.is_string(),
-        Ty::Int => v.is_u64() || v.is_i64(),
-        Ty::Bool => v.is_boolean(),
-        Ty::Map => v.is_object(),
-        Ty::List => v.is_array(),
+/// An unseal-init config as the program reads it: parsed and validated by `unseal_init::config`.
+/// The PIN file exists only in the pod, so validation runs with a stand-in file at its path;
+/// returns the validated config and the `hsm.pinFile` the manifest names.
+fn unseal_init_config(text: &str, at: &str) -> (unseal_init::config::Config, Option<PathBuf>) {
+    use unseal_init::config;
+    let mut file =
+        config::parse_file(text).unwrap_or_else(|e| panic!("{at}: unseal-init rejects it: {e}"));
+    let pin_file = file.hsm.pin_file.take();
+    let stand_in = tempfile::NamedTempFile::new().expect("PIN stand-in");
+    std::fs::write(stand_in.path(), "stand-in").expect("write PIN stand-in");
+    if pin_file.is_some() {
+        file.hsm.pin_file = Some(stand_in.path().to_path_buf());
     }
+    let resolved = config::resolve(
+        file,
+        &unseal_init::cli::Overrides::default(),
+        &config::Env::default(),
+    )
+    .unwrap_or_else(|e| panic!("{at}: unseal-init rejects it: {e}"));
+    (resolved, pin_file)
 }
 
-fn device_plugin_schema() -> BTreeMap<&'static str, Ty> {
-    BTreeMap::from([
-        ("resourceName", Ty::Str),
-        ("devices", Ty::List),
-        ("devices[].vendor", Ty::Str),
-        ("devices[].product", Ty::Str),
-        ("devices[].serial", Ty::Str),
-        ("sharesPerDevice", Ty::Int),
-        ("gracePeriod", Ty::Str),
-        ("pluginDir", Ty::Str),
-        ("metricsAddress", Ty::Str),
-        ("logFormat", Ty::Str),
-    ])
-}
-
-fn unseal_init_schema() -> BTreeMap<&'static str, Ty> {
-    BTreeMap::from([
-        ("mode", Ty::Str),
-        ("vault", Ty::Map),
-        ("vault.address", Ty::Str),
-        ("vault.caCert", Ty::Str),
-        ("vault.raftLeaderAddress", Ty::Str),
-        ("hsm", Ty::Map),
-        ("hsm.daemon", Ty::Bool),
-        ("hsm.modulePath", Ty::Str),
-        ("hsm.slotId", Ty::Int),
-        ("hsm.tokenLabel", Ty::Str),
-        ("hsm.tokenSerial", Ty::Str),
-        ("hsm.pin", Ty::Str),
-        ("hsm.pinFile", Ty::Str),
-        ("hsm.keyLabel", Ty::Str),
-        ("hsm.generateKey", Ty::Bool),
-        ("options", Ty::Map),
-        ("options.secretShares", Ty::Int),
-        ("options.secretThreshold", Ty::Int),
-        ("options.storeRootToken", Ty::Bool),
-        ("options.preFlightChecks", Ty::Bool),
-        ("kubernetes", Ty::Map),
-        ("kubernetes.secretNamespace", Ty::Str),
-        ("kubernetes.secretName", Ty::Str),
-        ("unsealPeriod", Ty::Str),
-        ("metricsAddress", Ty::Str),
-    ])
-}
-
-/// Checks `config` against a schema of dotted keys (`a.b`, `list[].field`); returns problems.
-fn schema_problems(
-    config: &Value,
-    schema: &BTreeMap<&str, Ty>,
-    prefix: &str,
-    out: &mut Vec<String>,
-) {
-    let Some(map) = config.as_object() else {
-        out.push(format!("`{prefix}` must be a mapping"));
-        return;
-    };
-    for (key, value) in map {
-        let path = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
-        let Some(ty) = schema.get(path.as_str()) else {
-            out.push(format!("unknown key `{path}`"));
-            continue;
-        };
-        if !type_ok(*ty, value) {
-            out.push(format!("`{path}` must be {ty:?}, found {value}"));
-            continue;
-        }
-        match ty {
-            Ty::Map => schema_problems(value, schema, &path, out),
-            Ty::List => {
-                for item in value.as_array().into_iter().flatten() {
-                    schema_problems(item, schema, &format!("{path}[]"), out);
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-fn port_of(address: &str) -> i32 {
-    address
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.trim_end_matches('/').parse().ok())
-        .unwrap_or_else(|| panic!("address `{address}` has no port"))
+/// A device plugin config as the program reads it (`nitrokey_device_plugin::config`).
+fn device_plugin_config(text: &str, at: &str) -> nitrokey_device_plugin::config::Config {
+    use nitrokey_device_plugin::config::{Cli, Config, FileConfig};
+    let file = FileConfig::from_yaml(text)
+        .unwrap_or_else(|e| panic!("{at}: the device plugin rejects it: {e}"));
+    Config::merge(file, &Cli::default())
+        .unwrap_or_else(|e| panic!("{at}: the device plugin rejects it: {e}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -349,22 +371,31 @@ fn port_named(c: &Container, name: &str) -> Option<i32> {
         .map(|p| p.container_port)
 }
 
-/// (path, port) of an HTTP probe, with a named port resolved against the container's ports.
+/// (path, port, scheme) of an HTTP probe, with a named port resolved against the container's
+/// ports.
 fn http_probe(
     c: &Container,
     probe: Option<&k8s_openapi::api::core::v1::Probe>,
-) -> Option<(String, i32)> {
+) -> Option<(String, i32, String)> {
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     let get = probe?.http_get.as_ref()?;
     let port = match &get.port {
         IntOrString::Int(p) => *p,
         IntOrString::String(name) => port_named(c, name)?,
     };
-    Some((get.path.clone().unwrap_or_default(), port))
+    Some((
+        get.path.clone().unwrap_or_default(),
+        port,
+        get.scheme.clone().unwrap_or_else(|| "HTTP".into()),
+    ))
 }
 
 fn has_port(c: &Container, port: i32) -> bool {
     c.ports.iter().flatten().any(|p| p.container_port == port)
+}
+
+fn runs(c: &Container, bin: &str) -> bool {
+    c.command.as_ref().is_some_and(|cmd| cmd[0] == bin)
 }
 
 /// The config files a program container reads: `--config PATH`, with `$(POD_NAME)` expanded for
@@ -397,6 +428,28 @@ fn config_files(c: &Container, pods: &[String]) -> (String, Vec<(String, String)
     (dir.to_string(), files)
 }
 
+/// The volume mounted at `dir` (exactly) in container `c` of pod `spec`.
+fn volume_at<'a>(spec: &'a PodSpec, c: &Container, dir: &str) -> Option<&'a Volume> {
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == dir)?;
+    spec.volumes.iter().flatten().find(|v| v.name == mount.name)
+}
+
+/// Whether `file` (an absolute path) is a file that a mounted Secret volume provides in `c`:
+/// returns the Secret's name and key.
+fn secret_file(spec: &PodSpec, c: &Container, file: &str) -> Option<(String, String)> {
+    let (dir, name) = file.rsplit_once('/')?;
+    let secret = volume_at(spec, c, dir)?.secret.as_ref()?;
+    let key = match &secret.items {
+        Some(items) => items.iter().find(|i| i.path == name)?.key.clone(),
+        None => name.to_string(),
+    };
+    Some((secret.secret_name.clone().unwrap_or_default(), key))
+}
+
 /// The ConfigMap mounted at `dir` in container `c` of pod `spec`.
 fn mounted_config_map<'a>(
     spec: &PodSpec,
@@ -404,18 +457,8 @@ fn mounted_config_map<'a>(
     dir: &str,
     cms: &'a [ConfigMap],
 ) -> &'a ConfigMap {
-    let mount = c
-        .volume_mounts
-        .iter()
-        .flatten()
-        .find(|m| m.mount_path == dir)
-        .unwrap_or_else(|| panic!("{}: nothing mounted at {dir}", c.name));
-    let volume = spec
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.name == mount.name)
-        .unwrap_or_else(|| panic!("{}: volume {} is not defined", c.name, mount.name));
+    let volume =
+        volume_at(spec, c, dir).unwrap_or_else(|| panic!("{}: nothing mounted at {dir}", c.name));
     let cm_name = &volume
         .config_map
         .as_ref()
@@ -431,13 +474,19 @@ fn mounted_config_map<'a>(
         })
 }
 
-fn config_from(cm: &ConfigMap, file: &str) -> Value {
-    let text = cm
-        .data
+fn config_text<'a>(cm: &'a ConfigMap, file: &str) -> &'a str {
+    cm.data
         .as_ref()
         .and_then(|d| d.get(file))
-        .unwrap_or_else(|| panic!("ConfigMap {:?} has no key {file}", cm.metadata.name));
-    serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{file}: YAML does not parse: {e}"))
+        .unwrap_or_else(|| panic!("ConfigMap {:?} has no key {file}", cm.metadata.name))
+}
+
+fn env_value(c: &Container, name: &str) -> Option<String> {
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.clone())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -445,13 +494,15 @@ fn config_from(cm: &ConfigMap, file: &str) -> Value {
 
 /// Checks one rendered set of objects (one kustomization or one chart rendering).
 fn check_objects(origin: &str, objects: &[Value]) {
+    let needs = needed_kubernetes(objects);
     let mut problems = Vec::new();
     for object in objects {
+        let name = format!("{} {}", object["kind"], object["metadata"]["name"]);
         if let Err(e) = check_typed(object) {
-            problems.push(format!(
-                "{} {}: {e}",
-                object["kind"], object["metadata"]["name"]
-            ));
+            problems.push(format!("{name}: {e}"));
+        }
+        if let Err(e) = check_typed_oldest(object, needs) {
+            problems.push(format!("{name}: {e}"));
         }
         assert_ne!(
             object["kind"], "Node",
@@ -484,23 +535,30 @@ fn check_images(origin: &str, objects: &[Value]) {
                 !tag.is_empty() && tag != "latest",
                 "{origin} {workload}: image {image} is not pinned"
             );
+            let cmd = c.command.clone().unwrap_or_default();
             match name {
-                IMAGE => {
+                DEVICE_PLUGIN_IMAGE | UNSEAL_INIT_IMAGE => {
                     assert_eq!(
                         tag, version,
                         "{origin} {workload}: {image} must be the release tag {version}"
                     );
-                    let cmd = c.command.clone().unwrap_or_default();
-                    assert!(
-                        cmd.len() == 1
-                            && (cmd[0] == DEVICE_PLUGIN_BIN || cmd[0] == UNSEAL_INIT_BIN),
-                        "{origin} {workload}: {} must run one of the image's programs, got {cmd:?}",
+                    // Each image carries one program (and only unseal-init's the smart-card
+                    // stack), so the image decides what the container may run.
+                    let bin = if name == DEVICE_PLUGIN_IMAGE {
+                        DEVICE_PLUGIN_BIN
+                    } else {
+                        UNSEAL_INIT_BIN
+                    };
+                    assert_eq!(
+                        cmd,
+                        vec![bin.to_string()],
+                        "{origin} {workload}: {} in {image} must run {bin}",
                         c.name
                     );
                 }
                 "hashicorp/vault" => {
                     assert_eq!(
-                        c.command.as_ref().map(|c| c[0].as_str()),
+                        cmd.first().map(String::as_str),
                         Some("vault"),
                         "{origin}: Vault runs `vault`"
                     );
@@ -511,7 +569,7 @@ fn check_images(origin: &str, objects: &[Value]) {
                 }
                 "quay.io/openbao/openbao" => {
                     assert_eq!(
-                        c.command.as_ref().map(|c| c[0].as_str()),
+                        cmd.first().map(String::as_str),
                         Some("bao"),
                         "{origin}: OpenBao runs `bao`"
                     );
@@ -529,20 +587,56 @@ fn check_images(origin: &str, objects: &[Value]) {
     }
 }
 
+/// RBAC rules bound to ServiceAccount `sa` in `ns`, through RoleBindings and
+/// ClusterRoleBindings of the rendered objects.
+fn rules_of(objects: &[Value], sa: &str, ns: &str) -> Vec<PolicyRule> {
+    let roles: Vec<Role> = of_kind(objects, "Role");
+    let cluster_roles: Vec<ClusterRole> = of_kind(objects, "ClusterRole");
+    let mut out = Vec::new();
+    for binding in objects
+        .iter()
+        .filter(|o| o["kind"] == "RoleBinding" || o["kind"] == "ClusterRoleBinding")
+    {
+        let binding_ns = binding["metadata"]["namespace"].as_str().unwrap_or(ns);
+        let binds = binding["subjects"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| {
+                s["kind"] == "ServiceAccount"
+                    && s["name"] == sa
+                    && s["namespace"].as_str().unwrap_or(binding_ns) == ns
+            });
+        if !binds {
+            continue;
+        }
+        let role_name = binding["roleRef"]["name"].as_str().unwrap_or_default();
+        let rules = if binding["roleRef"]["kind"] == "ClusterRole" {
+            cluster_roles
+                .iter()
+                .find(|r| r.metadata.name.as_deref() == Some(role_name))
+                .and_then(|r| r.rules.clone())
+        } else {
+            roles
+                .iter()
+                .find(|r| r.metadata.name.as_deref() == Some(role_name))
+                .and_then(|r| r.rules.clone())
+        };
+        out.extend(rules.unwrap_or_default());
+    }
+    out
+}
+
 fn check_device_plugin(origin: &str, objects: &[Value]) {
     let cms: Vec<ConfigMap> = of_kind(objects, "ConfigMap");
     for ds in of_kind::<DaemonSet>(objects, "DaemonSet") {
         let name = ds.metadata.name.clone().unwrap_or_default();
-        let ns = ds.metadata.namespace.clone();
+        let ns = ds.metadata.namespace.clone().unwrap_or_default();
         let spec = ds.spec.template.spec.expect("pod spec");
         let c = spec
             .containers
             .iter()
-            .find(|c| {
-                c.command
-                    .as_ref()
-                    .is_some_and(|cmd| cmd[0] == DEVICE_PLUGIN_BIN)
-            })
+            .find(|c| runs(c, DEVICE_PLUGIN_BIN))
             .unwrap_or_else(|| panic!("{origin}: DaemonSet {name} does not run the device plugin"));
         let at = format!("{origin} DaemonSet/{name}");
 
@@ -555,33 +649,12 @@ fn check_device_plugin(origin: &str, objects: &[Value]) {
             spec.tolerations.as_ref().is_some_and(|t| !t.is_empty()),
             "{at}: needs tolerations"
         );
-        assert_eq!(
-            spec.automount_service_account_token,
-            Some(false),
-            "{at}: must not mount an API token"
-        );
         assert!(
             c.resources
                 .as_ref()
                 .and_then(|r| r.requests.as_ref())
                 .is_some(),
             "{at}: resource requests"
-        );
-
-        // Probes and port match the program's defaults.
-        assert!(
-            has_port(c, DEVICE_PLUGIN_PORT),
-            "{at}: container port {DEVICE_PLUGIN_PORT}"
-        );
-        assert_eq!(
-            http_probe(c, c.liveness_probe.as_ref()),
-            Some(("/healthz".into(), DEVICE_PLUGIN_PORT)),
-            "{at}: liveness"
-        );
-        assert_eq!(
-            http_probe(c, c.readiness_probe.as_ref()),
-            Some(("/readyz".into(), DEVICE_PLUGIN_PORT)),
-            "{at}: readiness"
         );
 
         // Privileges: none beyond the owner's access to the kubelet's directory.
@@ -607,7 +680,7 @@ fn check_device_plugin(origin: &str, objects: &[Value]) {
             "{at}: must add no capability"
         );
 
-        // Mounts: the kubelet's plugin directory and the host's USB view.
+        // Mounts: the kubelet's plugin directory and the host's USB view, read-only.
         let host_path_of = |mount_path: &str| -> Option<(String, bool)> {
             let m = c
                 .volume_mounts
@@ -620,99 +693,102 @@ fn check_device_plugin(origin: &str, objects: &[Value]) {
                 m.read_only.unwrap_or(false),
             ))
         };
-        assert_eq!(
-            host_path_of(PLUGIN_DIR).map(|p| p.0),
-            Some(PLUGIN_DIR.to_string()),
-            "{at}: plugin dir hostPath"
-        );
-        assert_eq!(
-            host_path_of("/dev/bus/usb"),
-            Some(("/dev/bus/usb".into(), true)),
-            "{at}: /dev/bus/usb read-only hostPath"
-        );
-        assert_eq!(
-            host_path_of("/sys"),
-            Some(("/sys".into(), true)),
-            "{at}: /sys read-only"
-        );
-        assert_eq!(
-            host_path_of("/run/udev"),
-            Some(("/run/udev".into(), true)),
-            "{at}: /run/udev read-only"
-        );
+        for (path, read_only) in [("/dev/bus/usb", true), ("/sys", true), ("/run/udev", true)] {
+            assert_eq!(
+                host_path_of(path),
+                Some((path.to_string(), read_only)),
+                "{at}: {path} must be a read-only hostPath"
+            );
+        }
 
-        // Its ServiceAccount has no RBAC at all.
+        // API access: whatever the plugin is granted, never Secrets, never wildcards, never
+        // the verbs that lead to more privilege.
         let sa = spec
             .service_account_name
             .clone()
             .unwrap_or_else(|| "default".into());
-        for binding in objects
-            .iter()
-            .filter(|o| o["kind"] == "RoleBinding" || o["kind"] == "ClusterRoleBinding")
-        {
-            let subjects = binding["subjects"].as_array().cloned().unwrap_or_default();
+        for rule in rules_of(objects, &sa, &ns) {
+            let resources = rule.resources.clone().unwrap_or_default();
             assert!(
-                !subjects
+                !resources
                     .iter()
-                    .any(|s| s["name"] == sa.as_str() && s["namespace"].as_str() == ns.as_deref()),
-                "{at}: the device plugin needs no API access, but {} binds its ServiceAccount",
-                binding["metadata"]["name"]
+                    .any(|r| r == "*" || r.starts_with("secrets")),
+                "{at}: the device plugin must not reach Secrets: {rule:?}"
+            );
+            assert!(
+                !rule
+                    .verbs
+                    .iter()
+                    .any(|v| ["*", "escalate", "bind", "impersonate"].contains(&v.as_str())),
+                "{at}: {rule:?}"
             );
         }
 
-        // Config: documented keys, and values that agree with the pod.
+        // Config: parsed by the device plugin itself, and agreeing with the pod.
         let (dir, files) = config_files(c, &[]);
         let cm = mounted_config_map(&spec, c, &dir, &cms);
         for (_, file) in files {
-            let config = config_from(cm, &file);
-            let mut problems = Vec::new();
-            schema_problems(&config, &device_plugin_schema(), "", &mut problems);
-            assert!(problems.is_empty(), "{at}: {file}: {}", problems.join("; "));
-            assert_eq!(config["resourceName"], RESOURCE, "{at}: resourceName");
-            let plugin_dir = config["pluginDir"].as_str().unwrap_or(PLUGIN_DIR);
+            let config = device_plugin_config(config_text(cm, &file), &format!("{at} {file}"));
+            assert_eq!(config.resource_name, RESOURCE, "{at}: resourceName");
             assert!(
-                host_path_of(plugin_dir).is_some(),
-                "{at}: pluginDir {plugin_dir} is not mounted"
+                host_path_of(&config.plugin_dir.display().to_string())
+                    .is_some_and(|(host, _)| host == PLUGIN_DIR),
+                "{at}: pluginDir {} is not the kubelet's {PLUGIN_DIR}",
+                config.plugin_dir.display()
             );
-            let metrics = config["metricsAddress"].as_str().unwrap_or("0.0.0.0:9400");
-            assert_eq!(
-                port_of(metrics),
-                DEVICE_PLUGIN_PORT,
-                "{at}: metricsAddress vs container port"
-            );
-            assert!(
-                config["sharesPerDevice"].as_u64().unwrap_or(2) >= 1,
-                "{at}: sharesPerDevice >= 1"
-            );
-            if let Some(format) = config["logFormat"].as_str() {
-                assert!(
-                    ["text", "json"].contains(&format),
-                    "{at}: logFormat {format}"
+            // Probes reach the port the program serves them on.
+            let port = i32::from(config.metrics_address.port());
+            assert!(has_port(c, port), "{at}: container port {port}");
+            for (probe, path) in [
+                (c.liveness_probe.as_ref(), "/healthz"),
+                (c.readiness_probe.as_ref(), "/readyz"),
+            ] {
+                assert_eq!(
+                    http_probe(c, probe),
+                    Some((path.into(), port, "HTTP".into())),
+                    "{at}: probe {path}"
                 );
             }
-            for matcher in config["devices"].as_array().into_iter().flatten() {
-                for key in ["vendor", "product"] {
-                    let v = matcher[key]
-                        .as_str()
-                        .unwrap_or_else(|| panic!("{at}: devices[].{key} is required"));
-                    let hex = v
-                        .strip_prefix("0x")
-                        .unwrap_or_else(|| panic!("{at}: {key} {v} is not 0x-hex"));
-                    assert!(
-                        u16::from_str_radix(hex, 16).is_ok(),
-                        "{at}: {key} {v} is not a USB id"
-                    );
-                }
-            }
         }
+    }
+}
+
+/// The unseal-init container of a Vault pod: a regular container beside Vault, or a native
+/// sidecar (an init container with `restartPolicy: Always`); never a plain init container,
+/// which would have to finish before Vault could even start.
+fn unseal_init_container<'a>(at: &str, spec: &'a PodSpec) -> &'a Container {
+    let regular: Vec<&Container> = spec
+        .containers
+        .iter()
+        .filter(|c| runs(c, UNSEAL_INIT_BIN))
+        .collect();
+    let init: Vec<&Container> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .filter(|c| runs(c, UNSEAL_INIT_BIN))
+        .collect();
+    assert_eq!(
+        regular.len() + init.len(),
+        1,
+        "{at}: exactly one unseal-init container"
+    );
+    if let Some(side) = init.first() {
+        assert_eq!(
+            side.restart_policy.as_deref(),
+            Some("Always"),
+            "{at}: an unseal-init init container must be a native sidecar: a plain one would \
+             wait for a Vault that starts only after it"
+        );
+        side
+    } else {
+        regular[0]
     }
 }
 
 fn check_vault(origin: &str, objects: &[Value]) {
     let cms: Vec<ConfigMap> = of_kind(objects, "ConfigMap");
     let services: Vec<Service> = of_kind(objects, "Service");
-    let roles: Vec<Role> = of_kind(objects, "Role");
-    let bindings: Vec<RoleBinding> = of_kind(objects, "RoleBinding");
     for sts in of_kind::<StatefulSet>(objects, "StatefulSet") {
         let name = sts.metadata.name.clone().unwrap_or_default();
         let ns = sts
@@ -725,36 +801,9 @@ fn check_vault(origin: &str, objects: &[Value]) {
         let replicas = sts_spec.replicas.unwrap_or(1);
         let pods: Vec<String> = (0..replicas).map(|i| format!("{name}-{i}")).collect();
         let spec = sts_spec.template.spec.clone().expect("pod spec");
+        let side = unseal_init_container(&at, &spec);
 
-        // The native sidecar.
-        let sidecars: Vec<&Container> = spec
-            .init_containers
-            .iter()
-            .flatten()
-            .filter(|c| {
-                c.command
-                    .as_ref()
-                    .is_some_and(|cmd| cmd[0] == UNSEAL_INIT_BIN)
-            })
-            .collect();
-        assert_eq!(
-            sidecars.len(),
-            1,
-            "{at}: exactly one unseal-init init container"
-        );
-        let side = sidecars[0];
-        assert_eq!(
-            side.restart_policy.as_deref(),
-            Some("Always"),
-            "{at}: unseal-init must be a native sidecar"
-        );
-        assert!(
-            spec.containers.iter().all(|c| c
-                .command
-                .as_ref()
-                .is_none_or(|cmd| cmd[0] != UNSEAL_INIT_BIN)),
-            "{at}: unseal-init belongs in initContainers"
-        );
+        // Its one HSM unit.
         let res = side.resources.clone().unwrap_or_default();
         let req = res
             .requests
@@ -772,7 +821,10 @@ fn check_vault(origin: &str, objects: &[Value]) {
             "{at}: unseal-init must limit {RESOURCE} to 1"
         );
         assert_eq!(req, lim, "{at}: {RESOURCE} requests must equal limits");
-        for c in &spec.containers {
+        for c in all_containers(&spec)
+            .into_iter()
+            .filter(|c| c.name != side.name)
+        {
             let asks = c.resources.as_ref().is_some_and(|r| {
                 r.limits.as_ref().is_some_and(|l| l.contains_key(RESOURCE))
                     || r.requests
@@ -785,31 +837,27 @@ fn check_vault(origin: &str, objects: &[Value]) {
                 c.name
             );
         }
-        let pin = side
-            .env
-            .iter()
-            .flatten()
-            .find(|e| e.name == "BANK_VAULTS_HSM_PIN");
-        let pin_ref = pin
-            .and_then(|e| e.value_from.as_ref())
-            .and_then(|v| v.secret_key_ref.as_ref());
-        assert!(
-            pin_ref.is_some(),
-            "{at}: BANK_VAULTS_HSM_PIN must come from a Secret"
-        );
-        assert!(
-            has_port(side, UNSEAL_INIT_PORT),
-            "{at}: unseal-init port {UNSEAL_INIT_PORT}"
-        );
+        // The PIN never travels in the environment (visible in `kubectl describe`, inherited
+        // by pcscd): it is a mounted file.
+        for c in all_containers(&spec) {
+            assert!(
+                c.env
+                    .iter()
+                    .flatten()
+                    .all(|e| e.name != "BANK_VAULTS_HSM_PIN"),
+                "{at}: {} passes the PIN in the environment; mount it (hsm.pinFile)",
+                c.name
+            );
+        }
         assert_eq!(
             http_probe(side, side.liveness_probe.as_ref()),
-            Some(("/healthz".into(), UNSEAL_INIT_PORT)),
+            Some(("/healthz".into(), UNSEAL_INIT_PORT, "HTTP".into())),
             "{at}: sidecar liveness"
         );
         if let Some(probe) = http_probe(side, side.readiness_probe.as_ref()) {
             assert_eq!(
                 probe,
-                ("/readyz".into(), UNSEAL_INIT_PORT),
+                ("/readyz".into(), UNSEAL_INIT_PORT, "HTTP".into()),
                 "{at}: sidecar readiness"
             );
         }
@@ -838,15 +886,13 @@ fn check_vault(origin: &str, objects: &[Value]) {
             .iter()
             .flatten()
             .find(|m| m.mount_path == "/run/pcscd");
-        let pcscd_volume =
-            pcscd.and_then(|m| spec.volumes.iter().flatten().find(|v| v.name == m.name));
         assert!(
-            pcscd_volume.is_some_and(|v| v.empty_dir.is_some())
+            volume_at(&spec, side, "/run/pcscd").is_some_and(|v| v.empty_dir.is_some())
                 && pcscd.is_some_and(|m| m.read_only != Some(true)),
             "{at}: pcscd needs a writable emptyDir at /run/pcscd"
         );
 
-        // The server container.
+        // The server container: TLS from a mounted Secret, probes over HTTPS.
         let server = spec
             .containers
             .iter()
@@ -856,6 +902,15 @@ fn check_vault(origin: &str, objects: &[Value]) {
             has_port(server, VAULT_CLUSTER_PORT),
             "{at}: cluster port {VAULT_CLUSTER_PORT}"
         );
+        for probe in [&server.readiness_probe, &server.liveness_probe] {
+            let (_, port, scheme) = http_probe(server, probe.as_ref())
+                .unwrap_or_else(|| panic!("{at}: the server needs HTTP probes"));
+            assert_eq!(
+                (port, scheme.as_str()),
+                (VAULT_PORT, "HTTPS"),
+                "{at}: probes speak TLS"
+            );
+        }
         let hcl_mount = server
             .command
             .iter()
@@ -863,32 +918,31 @@ fn check_vault(origin: &str, objects: &[Value]) {
             .find_map(|a| a.strip_prefix("-config="))
             .unwrap_or_else(|| panic!("{at}: the server needs -config=FILE"));
         let (hcl_dir, hcl_file) = hcl_mount.rsplit_once('/').expect("absolute -config path");
-        let hcl_cm = mounted_config_map(&spec, server, hcl_dir, &cms);
-        let hcl = hcl_cm
-            .data
-            .as_ref()
-            .and_then(|d| d.get(hcl_file))
-            .expect("server config in ConfigMap");
-        assert!(
-            hcl.contains(&format!("address         = \"0.0.0.0:{VAULT_PORT}\"")),
+        let hcl = config_text(mounted_config_map(&spec, server, hcl_dir, &cms), hcl_file);
+        let hcl_value = |key: &str| -> Option<String> {
+            hcl.lines().map(str::trim).find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == key).then(|| v.trim().trim_matches('"').to_string())
+            })
+        };
+        assert_eq!(
+            hcl_value("address").as_deref(),
+            Some(format!("0.0.0.0:{VAULT_PORT}").as_str()),
             "{at}: listener on {VAULT_PORT}"
         );
-        let raft_path = hcl
-            .lines()
-            .map(str::trim)
-            .find_map(|l| {
-                l.strip_prefix("path")
-                    .map(|p| p.trim().trim_start_matches('=').trim().trim_matches('"'))
-            })
-            .expect("raft storage path");
-        assert!(
-            server
-                .volume_mounts
-                .iter()
-                .flatten()
-                .any(|m| raft_path.starts_with(&m.mount_path) && m.mount_path != "/"),
-            "{at}: raft path {raft_path} is not on a mounted volume"
+        assert_ne!(
+            hcl_value("tls_disable").as_deref(),
+            Some("true"),
+            "{at}: TLS is on by default"
         );
+        let mut tls_secret = None;
+        for key in ["tls_cert_file", "tls_key_file"] {
+            let file = hcl_value(key).unwrap_or_else(|| panic!("{at}: listener needs {key}"));
+            let (secret, _) = secret_file(&spec, server, &file)
+                .unwrap_or_else(|| panic!("{at}: {key} {file} is not on a mounted Secret"));
+            tls_secret = Some(secret);
+        }
+        let raft_path = hcl_value("path").expect("raft storage path");
         assert!(
             sts_spec
                 .volume_claim_templates
@@ -923,59 +977,84 @@ fn check_vault(origin: &str, objects: &[Value]) {
             "{at}: sealed peers must resolve"
         );
 
-        // unseal-init configs, one per pod where they differ.
+        // unseal-init configs, one per pod where they differ, as unseal-init reads them.
         let (dir, files) = config_files(side, &pods);
         let cm = mounted_config_map(&spec, side, &dir, &cms);
         let mut leaders = 0;
         for (pod, file) in files {
-            let config = config_from(cm, &file);
             let at = format!("{at} {file}");
-            let mut problems = Vec::new();
-            schema_problems(&config, &unseal_init_schema(), "", &mut problems);
-            assert!(problems.is_empty(), "{at}: {}", problems.join("; "));
-            let mode = config["mode"].as_str().unwrap_or("hsm");
-            assert!(["hsm", "hsm-k8s"].contains(&mode), "{at}: mode {mode}");
-            let address = config["vault"]["address"].as_str().expect("vault.address");
+            let text = config_text(cm, &file);
+            let raw: Value = serde_yaml::from_str(text).expect("config is YAML");
             assert!(
-                address.starts_with("http://127.0.0.1:")
-                    || address.starts_with("https://127.0.0.1:"),
-                "{at}: Vault is in the pod"
+                raw["hsm"].get("pin").is_none(),
+                "{at}: the PIN belongs in a Secret, not in a ConfigMap"
             );
-            assert_eq!(port_of(address), VAULT_PORT, "{at}: vault.address port");
+            let (config, pin_file) = unseal_init_config(text, &at);
+            let pin_file = pin_file
+                .unwrap_or_else(|| panic!("{at}: hsm.pinFile must name the mounted PIN Secret"));
+            let pin_file = pin_file.display().to_string();
+            let (secret, _) = secret_file(&spec, side, &pin_file)
+                .unwrap_or_else(|| panic!("{at}: hsm.pinFile {pin_file} is not a mounted Secret"));
+            assert_eq!(secret, PIN_SECRET, "{at}: the PIN Secret's name");
+
+            assert!(
+                config.vault.address == format!("https://127.0.0.1:{VAULT_PORT}"),
+                "{at}: unseal-init reaches Vault in the pod over TLS, got {}",
+                config.vault.address
+            );
+            let ca = config
+                .vault
+                .ca_cert
+                .clone()
+                .map(|p| p.display().to_string())
+                .or_else(|| env_value(side, "VAULT_CACERT"))
+                .unwrap_or_else(|| panic!("{at}: unseal-init needs Vault's CA (VAULT_CACERT)"));
+            let (ca_secret, ca_key) = secret_file(&spec, side, &ca)
+                .unwrap_or_else(|| panic!("{at}: the CA {ca} is not on a mounted Secret"));
             assert_eq!(
-                port_of(config["metricsAddress"].as_str().unwrap_or(":9091")),
+                (Some(ca_secret), ca_key.as_str()),
+                (tls_secret.clone(), "ca.crt"),
+                "{at}: the CA is the ca.crt of Vault's certificate Secret"
+            );
+            assert_eq!(
+                i32::from(config.metrics_address.port()),
                 UNSEAL_INIT_PORT,
                 "{at}: metricsAddress"
             );
+            // The init journal outlives the container and the pod, like Vault's data.
+            let journal = config.journal_dir.display().to_string();
+            let on_pvc = side.volume_mounts.iter().flatten().any(|m| {
+                journal.starts_with(&m.mount_path)
+                    && sts_spec
+                        .volume_claim_templates
+                        .iter()
+                        .flatten()
+                        .any(|pvc| pvc.metadata.name.as_deref() == Some(m.name.as_str()))
+            });
+            assert!(
+                on_pvc,
+                "{at}: the init journal {journal} must be on the StatefulSet's persistent volume"
+            );
             assert_eq!(
-                config["hsm"]["modulePath"], OPENSC_MODULE,
+                config.hsm.module_path,
+                Path::new(OPENSC_MODULE),
                 "{at}: the image provides {OPENSC_MODULE}"
             );
-            assert!(
-                config["hsm"].get("pin").is_none(),
-                "{at}: the PIN belongs in a Secret, not in a ConfigMap"
-            );
-            let shares = config["options"]["secretShares"].as_u64().unwrap_or(5);
-            let threshold = config["options"]["secretThreshold"].as_u64().unwrap_or(3);
-            assert!(
-                threshold >= 1 && threshold <= shares,
-                "{at}: threshold {threshold} of {shares} shares"
-            );
-            match config["vault"]["raftLeaderAddress"].as_str() {
+            match config.vault.raft_leader_address.as_deref() {
                 None => leaders += 1,
                 Some(leader) => {
                     let expected = format!(
-                        "http://{name}-0.{}:{VAULT_PORT}",
+                        "https://{name}-0.{}:{VAULT_PORT}",
                         sts_spec.service_name.as_deref().unwrap_or_default()
                     );
                     assert_eq!(
                         leader, expected,
-                        "{at}: followers join pod 0 through the headless Service"
+                        "{at}: followers join pod 0 through the headless Service, over TLS"
                     );
                     assert_ne!(pod, format!("{name}-0"), "{at}: pod 0 must not join itself");
                 }
             }
-            check_secret_access(&at, mode, &config, &spec, side, &ns, &roles, &bindings);
+            check_secret_access(&at, &config, &spec, side, &ns, objects);
         }
         assert_eq!(
             leaders, 1,
@@ -1000,17 +1079,16 @@ fn check_vault(origin: &str, objects: &[Value]) {
     }
 }
 
-/// hsm-k8s mode needs a token and exactly the Secret's permissions; hsm mode needs no token.
-#[allow(clippy::too_many_arguments)]
+/// hsm-k8s mode needs a token and exactly what unseal-init calls on its one Secret (`get` to
+/// read, `patch` to write; the Secret ships with the manifests, so no `create`, which RBAC
+/// cannot narrow to a name); hsm mode needs no token at all.
 fn check_secret_access(
     at: &str,
-    mode: &str,
-    config: &Value,
+    config: &unseal_init::config::Config,
     spec: &PodSpec,
     side: &Container,
     ns: &str,
-    roles: &[Role],
-    bindings: &[RoleBinding],
+    objects: &[Value],
 ) {
     let projected_token = side.volume_mounts.iter().flatten().any(|m| {
         m.mount_path == "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -1025,76 +1103,57 @@ fn check_secret_access(
             })
     });
     let has_token = projected_token || spec.automount_service_account_token != Some(false);
-    if mode != "hsm-k8s" {
+    let Some(kubernetes) = config
+        .kubernetes
+        .as_ref()
+        .filter(|_| config.mode == unseal_init::config::Mode::HsmK8s)
+    else {
         assert!(
             !has_token,
-            "{at}: mode {mode} does not use the API; mount no token"
+            "{at}: mode hsm does not use the API; mount no token"
         );
         return;
-    }
+    };
     assert!(
         has_token,
         "{at}: hsm-k8s needs an API token in the unseal-init container"
     );
-    let secret_ns = config["kubernetes"]["secretNamespace"]
-        .as_str()
-        .unwrap_or(ns);
-    let secret = config["kubernetes"]["secretName"]
-        .as_str()
-        .expect("kubernetes.secretName");
+    let secret = kubernetes.name.as_str();
     assert_eq!(
-        secret_ns, ns,
+        kubernetes.namespace.as_deref().unwrap_or(ns),
+        ns,
         "{at}: the Secret must be in the pod's namespace ({ns}), where the Role is"
+    );
+    assert!(
+        objects
+            .iter()
+            .any(|o| o["kind"] == "Secret" && o["metadata"]["name"] == secret),
+        "{at}: the Secret {secret} must ship with the manifests (so no `create` is needed)"
     );
     let sa = spec
         .service_account_name
         .clone()
         .unwrap_or_else(|| "default".into());
-    let allowed = |verb: &str| {
-        bindings
-            .iter()
-            .filter(|b| b.metadata.namespace.as_deref().unwrap_or("default") == ns)
-            .filter(|b| {
-                b.subjects
-                    .iter()
-                    .flatten()
-                    .any(|s| s.kind == "ServiceAccount" && s.name == sa)
-            })
-            .filter_map(|b| {
-                roles.iter().find(|r| {
-                    b.role_ref.kind == "Role"
-                        && r.metadata.name.as_deref() == Some(&b.role_ref.name)
-                })
-            })
-            .flat_map(|r| r.rules.iter().flatten())
-            .any(|rule| {
-                rule.api_groups.iter().flatten().any(|g| g.is_empty())
-                    && rule.resources.iter().flatten().any(|r| r == "secrets")
-                    && rule.verbs.iter().any(|v| v == verb)
-                    && rule
-                        .resource_names
-                        .as_ref()
-                        .is_none_or(|n| n.is_empty() || n.iter().any(|n| n == secret))
-            })
-    };
-    for verb in ["get", "create", "update"] {
+    let rules = rules_of(objects, &sa, ns);
+    let mut granted = BTreeSet::new();
+    for rule in &rules {
+        let names = rule.resource_names.clone().unwrap_or_default();
         assert!(
-            allowed(verb),
-            "{at}: ServiceAccount {sa} may not {verb} Secret {ns}/{secret}"
+            names == [secret],
+            "{at}: ServiceAccount {sa} may reach more than Secret {secret}: {rule:?}"
         );
+        assert!(
+            rule.resources.iter().flatten().all(|r| r == "secrets")
+                && rule.api_groups.iter().flatten().all(|g| g.is_empty()),
+            "{at}: {rule:?}"
+        );
+        granted.extend(rule.verbs.iter().cloned());
     }
-    // Nothing beyond the one Secret, except `create`, which RBAC cannot narrow by name.
-    for role in roles {
-        for rule in role.rules.iter().flatten() {
-            let unnamed = rule.resource_names.as_ref().is_none_or(|n| n.is_empty());
-            assert!(
-                !unnamed || rule.verbs.iter().all(|v| v == "create"),
-                "{at}: Role {:?} grants {:?} on every Secret",
-                role.metadata.name,
-                rule.verbs
-            );
-        }
-    }
+    let expected: BTreeSet<String> = ["get", "patch"].map(String::from).into();
+    assert_eq!(
+        granted, expected,
+        "{at}: ServiceAccount {sa} must be granted exactly what unseal-init calls on {secret}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1108,6 +1167,7 @@ fn the_expected_kustomizations_exist() {
         "deploy/overlays/vault-single",
         "deploy/overlays/vault-ha",
         "deploy/overlays/openbao-single",
+        "deploy/overlays/native-sidecar",
         "deploy/overlays/minikube",
     ] {
         assert!(
@@ -1121,10 +1181,20 @@ fn the_expected_kustomizations_exist() {
 fn every_kustomization_renders_into_valid_typed_objects_that_match_the_programs() {
     let all = rendered();
     assert!(!all.is_empty());
+    // Every rendering is checked, so one report shows every broken example.
+    let mut failures = Vec::new();
     for (origin, objects) in &all {
         assert!(!objects.is_empty(), "{origin} renders nothing");
-        check_objects(origin, objects);
+        if let Err(panic) = std::panic::catch_unwind(|| check_objects(origin, objects)) {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            failures.push(message);
+        }
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     // The examples deploy what they say they deploy.
     let count = |origin: &str, kind: &str| all[origin].iter().filter(|o| o["kind"] == kind).count();
     assert_eq!(count("deploy/base/device-plugin", "DaemonSet"), 1);
@@ -1132,11 +1202,72 @@ fn every_kustomization_renders_into_valid_typed_objects_that_match_the_programs(
         "deploy/overlays/vault-single",
         "deploy/overlays/vault-ha",
         "deploy/overlays/openbao-single",
+        "deploy/overlays/native-sidecar",
     ] {
         assert_eq!(count(overlay, "StatefulSet"), 1, "{overlay}");
     }
     assert_eq!(count("deploy/overlays/minikube", "DaemonSet"), 1);
     assert_eq!(count("deploy/overlays/minikube", "StatefulSet"), 1);
+}
+
+#[test]
+fn every_example_runs_on_the_oldest_supported_kubernetes_except_the_native_sidecar_one() {
+    let all = rendered();
+    for (origin, objects) in &all {
+        let expected = if origin == "deploy/overlays/native-sidecar" {
+            NATIVE_SIDECAR_KUBERNETES
+        } else {
+            MIN_KUBERNETES
+        };
+        assert_eq!(needed_kubernetes(objects), expected, "{origin}");
+    }
+    // The native-sidecar variant is the single-node example with unseal-init moved, nothing
+    // else changed.
+    let sts = |origin: &str| -> StatefulSet {
+        of_kind::<StatefulSet>(&all[origin], "StatefulSet").remove(0)
+    };
+    let classic = sts("deploy/overlays/vault-single");
+    let native = sts("deploy/overlays/native-sidecar");
+    let classic_spec = classic.spec.template.spec.expect("pod spec");
+    let native_spec = native.spec.template.spec.expect("pod spec");
+    let mut moved = native_spec
+        .init_containers
+        .clone()
+        .expect("init containers")[0]
+        .clone();
+    assert_eq!(moved.restart_policy.take().as_deref(), Some("Always"));
+    assert_eq!(
+        Some(&moved),
+        classic_spec
+            .containers
+            .iter()
+            .find(|c| c.name == moved.name),
+        "the native sidecar must be the same container"
+    );
+    assert_eq!(
+        native_spec.containers.len() + 1,
+        classic_spec.containers.len()
+    );
+}
+
+#[test]
+fn an_older_api_server_would_reject_what_the_newest_types_accept() {
+    // The 1.26 check is what catches fields that only newer clusters know; prove it does.
+    let mount: Value = serde_yaml::from_str(
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: x}\nspec:\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec:\n      containers:\n        - name: c\n          image: i:1\n          volumeMounts: [{name: sys, mountPath: /sys, readOnly: true, recursiveReadOnly: IfPossible}]\n      volumes: [{name: sys, hostPath: {path: /sys}}]\n",
+    )
+    .expect("yaml");
+    assert!(check_typed(&mount).is_ok(), "{:?}", check_typed(&mount));
+    let err = check_typed_oldest(&mount, MIN_KUBERNETES).expect_err("1.30 field on 1.26");
+    assert!(err.contains("recursiveReadOnly"), "{err}");
+
+    let sidecar: Value = serde_yaml::from_str(
+        "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: x}\nspec:\n  serviceName: x\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec:\n      initContainers: [{name: s, image: i:1, restartPolicy: Always}]\n      containers: [{name: c, image: i:1}]\n",
+    )
+    .expect("yaml");
+    let err = check_typed_oldest(&sidecar, MIN_KUBERNETES).expect_err("1.29 field on 1.26");
+    assert!(err.contains("restartPolicy"), "{err}");
+    assert!(check_typed_oldest(&sidecar, NATIVE_SIDECAR_KUBERNETES).is_ok());
 }
 
 #[test]
@@ -1169,6 +1300,27 @@ fn overlays_deploy_the_variant_they_name() {
     );
 }
 
+/// Files whose text a user reads or runs: documentation, manifests, scripts.
+fn user_facing_files() -> Vec<PathBuf> {
+    let mut out = vec![repo().join("README.md"), repo().join("Dockerfile")];
+    let mut stack = vec![repo().join("deploy"), repo().join("scripts")];
+    for krate in ["device-plugin", "unseal-init"] {
+        out.push(repo().join(krate).join("README.md"));
+    }
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 #[test]
 fn the_release_tag_is_set_in_one_place_and_matches_the_dockerfile() {
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
@@ -1177,7 +1329,7 @@ fn the_release_tag_is_set_in_one_place_and_matches_the_dockerfile() {
         dockerfile.contains(&format!("org.opencontainers.image.version=\"{version}\"")),
         "the Dockerfile's version label must be {version}"
     );
-    // Only the images component names a tag for the project's image.
+    // Only the images component names a tag for the project's images in the manifests.
     let mut tagged = Vec::new();
     let mut stack = vec![repo().join("deploy")];
     while let Some(dir) = stack.pop() {
@@ -1189,9 +1341,10 @@ fn the_release_tag_is_set_in_one_place_and_matches_the_dockerfile() {
                 }
             } else if path.extension().is_some_and(|e| e == "yaml") {
                 let text = std::fs::read_to_string(&path).expect("read");
-                if text.contains(&format!("{IMAGE}:"))
-                    || (text.contains(IMAGE) && text.contains("newTag"))
-                {
+                let names_image = [DEVICE_PLUGIN_IMAGE, UNSEAL_INIT_IMAGE].iter().any(|i| {
+                    text.contains(&format!("{i}:")) || (text.contains(i) && text.contains("newTag"))
+                });
+                if names_image {
                     tagged.push(rel(&path));
                 }
             }
@@ -1202,6 +1355,102 @@ fn the_release_tag_is_set_in_one_place_and_matches_the_dockerfile() {
         vec!["deploy/components/images/kustomization.yaml".to_string()],
         "image tag set in several places"
     );
+    // Wherever documentation or scripts name one of the images with a tag, it is this release.
+    let mut wrong = Vec::new();
+    for file in user_facing_files() {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        for image in [
+            DEVICE_PLUGIN_IMAGE,
+            UNSEAL_INIT_IMAGE,
+            "ghcr.io/nitrokey-vault/nitrokey-vault",
+        ] {
+            for (i, _) in text.match_indices(&format!("{image}:")) {
+                let tag: String = text[i + image.len() + 1..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || ".-_".contains(*c))
+                    .collect();
+                if tag != version || image.ends_with("/nitrokey-vault") {
+                    wrong.push(format!("{}: {image}:{tag}", rel(&file)));
+                }
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "images must be named {DEVICE_PLUGIN_IMAGE}:{version} or {UNSEAL_INIT_IMAGE}:{version}: {wrong:#?}"
+    );
+}
+
+#[test]
+fn one_pin_secret_name_and_no_pin_on_a_command_line() {
+    // Every place that creates or names the PIN Secret uses one name, and creates it from a
+    // file: a PIN on a command line ends up in shell history and the process list.
+    let mut problems = Vec::new();
+    for file in user_facing_files() {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        for line in text.lines() {
+            if line.contains("--from-literal=pin") {
+                problems.push(format!("{}: {}", rel(&file), line.trim()));
+            }
+            if let Some(i) = line.find("create secret generic ") {
+                let name = line[i + 22..].split_whitespace().next().unwrap_or_default();
+                let about_pin = line.contains("pin=") || line.contains("PIN");
+                if about_pin && name != PIN_SECRET {
+                    problems.push(format!("{}: Secret {name}: {}", rel(&file), line.trim()));
+                }
+            }
+            for stale in ["secretKeyRef: {name: hsm-pin", "secretName: hsm-pin"] {
+                if line.contains(stale) {
+                    problems.push(format!("{}: {}", rel(&file), line.trim()));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[test]
+fn supported_kubernetes_versions_are_stated_and_agree() {
+    let chart: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join(CHART).join("Chart.yaml")).expect("Chart.yaml"),
+    )
+    .expect("Chart.yaml parses");
+    assert_eq!(
+        chart["kubeVersion"],
+        format!(">={MIN_KUBERNETES}.0-0").as_str(),
+        "the chart installs where the manifests are valid"
+    );
+    let guide = std::fs::read_to_string(repo().join("deploy/README.md")).expect("deploy/README.md");
+    assert!(
+        guide.contains(&format!("Kubernetes {MIN_KUBERNETES}"))
+            && guide.contains(&format!("Kubernetes {NATIVE_SIDECAR_KUBERNETES}")),
+        "deploy/README.md states the supported versions ({MIN_KUBERNETES}+, native sidecars \
+         {NATIVE_SIDECAR_KUBERNETES}+)"
+    );
+}
+
+#[test]
+fn user_facing_text_speaks_of_the_project_itself() {
+    let mut found = Vec::new();
+    for file in user_facing_files() {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        for (n, line) in text.lines().enumerate() {
+            let lower = line.to_ascii_lowercase();
+            if lower.contains("seed recipe")
+                || lower.contains("the seed's")
+                || lower.contains("the seed ")
+            {
+                found.push(format!("{}:{}: {}", rel(&file), n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(found.is_empty(), "{found:#?}");
 }
 
 #[test]
@@ -1258,21 +1507,19 @@ fn round_trip_detects_misspelt_fields() {
 }
 
 #[test]
-fn config_schema_check_rejects_unknown_and_mistyped_keys() {
-    let config: Value =
-        serde_yaml::from_str("mode: hsm\nhsm: {slotID: 0, daemon: 'yes'}\nunsealPeriod: 5s\n")
-            .expect("yaml");
-    let mut problems = Vec::new();
-    schema_problems(&config, &unseal_init_schema(), "", &mut problems);
-    assert!(
-        problems.iter().any(|p| p.contains("hsm.slotID")),
-        "{problems:?}"
+#[should_panic(expected = "slotID")]
+fn configs_are_checked_by_the_programs_own_parsers() {
+    // A misspelt key is refused by unseal-init itself, naming the key.
+    unseal_init_config("mode: hsm\nhsm: {slotID: 0}\n", "example");
+}
+
+#[test]
+#[should_panic(expected = "sharesPerDevice")]
+fn device_plugin_configs_are_checked_by_its_own_parser() {
+    device_plugin_config(
+        "resourceName: nitrokey.com/hsm\nsharesPerDevice: 0\n",
+        "example",
     );
-    assert!(
-        problems.iter().any(|p| p.contains("hsm.daemon")),
-        "{problems:?}"
-    );
-    assert_eq!(problems.len(), 2, "{problems:?}");
 }
 
 #[test]
@@ -1300,31 +1547,37 @@ fn minikube_script_is_clean_shell_and_never_patches_nodes() {
     for needed in [
         "deploy/base/device-plugin",
         "deploy/overlays/vault-single",
-        "vault-hsm-pin",
+        PIN_SECRET,
+        "vault-tls",
     ] {
         assert!(
             text.contains(needed),
             "setup.sh must deploy/create {needed}"
         );
     }
-    // The Secret name the script creates is the one the manifests read the PIN from.
+    // The Secrets the script creates are the ones the manifests mount.
     let objects = kustomize(&repo().join("deploy/overlays/vault-single"));
     let (_, spec) = workload_pod_specs(&objects)
         .into_iter()
         .next()
         .expect("vault pod");
-    let pin_secret = all_containers(&spec)
-        .into_iter()
-        .flat_map(|c| c.env.iter().flatten())
-        .find(|e| e.name == "BANK_VAULTS_HSM_PIN")
-        .and_then(|e| e.value_from.clone())
-        .and_then(|v| v.secret_key_ref)
-        .map(|s| s.name)
-        .expect("PIN secret ref");
-    assert!(
-        text.contains(&format!("secret generic {pin_secret} ")),
-        "setup.sh must create Secret {pin_secret}"
+    let secrets: BTreeSet<String> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.secret.as_ref().and_then(|s| s.secret_name.clone()))
+        .collect();
+    assert_eq!(
+        secrets,
+        [PIN_SECRET, "vault-tls"].map(String::from).into(),
+        "the single-node example mounts the PIN and TLS Secrets"
     );
+    for secret in &secrets {
+        assert!(
+            text.contains(&format!("secret generic {secret} --from-file")),
+            "setup.sh must create Secret {secret} from files"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1401,6 +1654,14 @@ fn helm_chart_renders_into_the_same_valid_objects() {
     let cases = [
         ("defaults", serde_json::json!({}), "kube-system", 1, 0),
         (
+            "native sidecar, cert-manager",
+            serde_json::json!({"vault": {"enabled": true, "tls": {"certManager": {"enabled": true}}},
+                "unsealInit": {"nativeSidecar": true}}),
+            "vault",
+            1,
+            1,
+        ),
+        (
             "vault",
             serde_json::json!({"vault": {"enabled": true}}),
             "vault",
@@ -1423,7 +1684,12 @@ fn helm_chart_renders_into_the_same_valid_objects() {
         let count = |kind: &str| objects.iter().filter(|o| o["kind"] == kind).count();
         assert_eq!(count("DaemonSet"), daemonsets, "{origin}");
         assert_eq!(count("StatefulSet"), statefulsets, "{origin}");
-        for o in &objects {
+        // Cluster-scoped objects have no namespace; everything else lives in the release's.
+        let cluster_scoped = ["ClusterRole", "ClusterRoleBinding", "Namespace"];
+        for o in objects
+            .iter()
+            .filter(|o| !cluster_scoped.iter().any(|k| o["kind"] == *k))
+        {
             assert_eq!(
                 o["metadata"]["namespace"], namespace,
                 "{origin}: {} in the release namespace",

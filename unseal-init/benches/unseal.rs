@@ -1,135 +1,498 @@
-//! Benchmark: how long Vault stays sealed once unseal-init acts, split into time spent in the
-//! HSM (PKCS#11 calls) and everything else (Vault HTTP, host RSA, bookkeeping), plus how many
-//! HSM operations one init and one unseal cost. Runs against a SoftHSM2 token and a real
-//! OpenBao server; prints figures (no pass/fail).
+//! Benchmark of the sidecar as it runs in a Vault pod: how long Vault stays sealed once
+//! unseal-init acts (split into time in the HSM, in Vault's API and the rest), how many HSM
+//! operations one init and one unseal cost, how many it spends per minute while Vault is
+//! unsealed (the goal is none), and how much memory it holds after idling. Optionally the
+//! same unseal through the OpenSC-like PKCS#11 shim, which adds a USB stick's latencies.
 //!
-//! `cargo bench -p nitrokey-unseal-init --bench unseal` (UNSEAL_BENCH_ROUNDS sets the number
-//! of unseal rounds, default 10).
+//! The real `unseal-init` binary runs as the sidecar against a SoftHSM2 token and a real
+//! OpenBao server, reached through a recording proxy; figures come from the sidecar's
+//! `/metrics`, its log (read as it is written), the proxy's timeline of Vault requests and
+//! `/proc`. Prints a markdown table (no pass/fail).
+//!
+//! `cargo bench -p nitrokey-unseal-init --bench unseal`. `UNSEAL_BENCH_ROUNDS` sets the
+//! number of unseal rounds (default 10), `BENCH_IDLE_SECS` the idle phase (default 60).
+//! The shim row needs `cargo build -p nitrokey-pkcs11-shim` (same profile) first.
 
-use nitrokey_e2e::openbao::OpenBao;
-use nitrokey_e2e::softhsm::{SoftHsm, USER_PIN};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use anyhow::{Context, bail};
+use common::faults::{self, Trigger, Watched, is_event, poll};
+use common::proxy::{self, Seen, Tap};
+use nitrokey_e2e::openbao::{OpenBao, free_port, http};
+use nitrokey_e2e::softhsm::SoftHsm;
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use unseal_init::cli::Overrides;
-use unseal_init::config::{self, Env};
-use unseal_init::runner::{Runner, open_keyring};
-use unseal_init::telemetry::{OpTotals, Telemetry};
-use unseal_init::vault::VaultClient;
 
-type Totals = BTreeMap<&'static str, OpTotals>;
+/// The sidecar's unseal period during the benchmark.
+const PERIOD: &str = "1s";
+/// Latencies the shim adds, as measured on a Nitrokey HSM 2 with OpenSC 0.23.
+const SHIM_LATENCY: &str = "initialize=2000,decrypt=150,read=50";
 
-fn delta(before: &Totals, after: &Totals) -> (u64, Duration, BTreeMap<&'static str, u64>) {
-    let mut count = 0;
-    let mut time = Duration::ZERO;
-    let mut by_op = BTreeMap::new();
-    for (op, a) in after {
-        let b = before.get(op).copied().unwrap_or_default();
-        let c = a.count - b.count;
-        if c > 0 {
-            by_op.insert(*op, c);
-        }
-        count += c;
-        time += a.time - b.time;
-    }
-    (count, time, by_op)
+/// What `/metrics` says at one moment.
+#[derive(Debug, Clone, Default)]
+struct Metrics {
+    hsm_ops: BTreeMap<String, f64>,
+    hsm_seconds: f64,
+    vault_seconds: f64,
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+impl Metrics {
+    fn parse(text: &str) -> Self {
+        let mut m = Self::default();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            match name {
+                "unseal_init_hsm_operations_total" => {
+                    let op = labels
+                        .split("op=\"")
+                        .nth(1)
+                        .and_then(|rest| rest.split('"').next())
+                        .unwrap_or("?");
+                    *m.hsm_ops.entry(op.to_owned()).or_default() += value;
+                }
+                "unseal_init_hsm_operation_seconds_sum" => m.hsm_seconds += value,
+                "unseal_init_vault_request_seconds_sum" => m.vault_seconds += value,
+                _ => {}
+            }
+        }
+        m
+    }
+
+    fn fetch(base: &str) -> anyhow::Result<Self> {
+        let (status, body) = http(base, "GET", "/metrics", None)?;
+        if status != 200 {
+            bail!("{base}/metrics returned {status}");
+        }
+        Ok(Self::parse(&body))
+    }
+
+    fn total(&self) -> f64 {
+        self.hsm_ops.values().sum()
+    }
+
+    /// Operations, HSM time and Vault API time since `before`.
+    fn since(&self, before: &Self) -> Delta {
+        let by_op = self
+            .hsm_ops
+            .iter()
+            .map(|(op, n)| {
+                (
+                    op.clone(),
+                    n - before.hsm_ops.get(op).copied().unwrap_or(0.0),
+                )
+            })
+            .filter(|(_, n)| *n > 0.0)
+            .collect();
+        Delta {
+            ops: self.total() - before.total(),
+            by_op,
+            hsm: Duration::from_secs_f64((self.hsm_seconds - before.hsm_seconds).max(0.0)),
+            vault: Duration::from_secs_f64((self.vault_seconds - before.vault_seconds).max(0.0)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Delta {
+    ops: f64,
+    by_op: BTreeMap<String, f64>,
+    hsm: Duration,
+    vault: Duration,
+}
+
+impl Delta {
+    fn ops_text(&self) -> String {
+        let parts: Vec<String> = self
+            .by_op
+            .iter()
+            .map(|(op, n)| format!("{op} {n}"))
+            .collect();
+        if parts.is_empty() {
+            format!("{}", self.ops)
+        } else {
+            format!("{} ({})", self.ops, parts.join(", "))
+        }
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn median(v: &[Duration]) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    s.get(s.len() / 2).copied().unwrap_or_default()
+}
+
+/// Resident and peak memory of `pid` in KiB, from `/proc/<pid>/status`.
+fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{name} missing in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// One Vault request as the proxy saw it.
+struct Exchange {
+    line: String,
+    start: Instant,
+    end: Instant,
+    /// `sealed` in the reply, when it has one.
+    sealed: Option<bool>,
+}
+
+impl Exchange {
+    fn is(&self, method: &str, path: &str) -> bool {
+        self.line.starts_with(&format!("{method} {path} "))
+    }
+}
+
+/// Records every Vault request the sidecar makes, with its timing; keeps no body (some carry
+/// keys).
+#[derive(Default)]
+struct Timeline(Mutex<Vec<Exchange>>);
+
+impl Tap for Timeline {
+    fn response(&self, seen: &Seen, body: String) -> Option<String> {
+        let sealed = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["sealed"].as_bool());
+        if let Ok(mut all) = self.0.lock() {
+            all.push(Exchange {
+                line: seen.line.clone(),
+                start: seen.at,
+                end: Instant::now(),
+                sealed,
+            });
+        }
+        Some(body)
+    }
+}
+
+impl Timeline {
+    fn len(&self) -> usize {
+        self.0.lock().map(|a| a.len()).unwrap_or(0)
+    }
+}
+
+/// A running sidecar with its metrics endpoint.
+struct Sidecar {
+    run: Watched,
+    metrics: String,
+}
+
+impl Sidecar {
+    fn start(
+        hsm: &SoftHsm,
+        dir: &Path,
+        vault: &str,
+        port: u16,
+        module: Option<&Path>,
+        trigger: Option<Trigger>,
+    ) -> anyhow::Result<Self> {
+        let config = common::write_config(
+            dir,
+            hsm,
+            vault,
+            &format!("unsealPeriod: {PERIOD}\nmetricsAddress: 127.0.0.1:{port}\n"),
+        );
+        let mut cmd = common::command(hsm);
+        if let Some(shim) = module {
+            let text = std::fs::read_to_string(&config)?.replace(
+                &format!("modulePath: {}", hsm.module().display()),
+                &format!("modulePath: {}", shim.display()),
+            );
+            std::fs::write(&config, text)?;
+            cmd.env("NKSHIM_MODULE", hsm.module())
+                .env("NKSHIM_LATENCY", SHIM_LATENCY)
+                .env("NKSHIM_OPENSC_LABELS", "1");
+        }
+        cmd.arg("--config").arg(&config);
+        Ok(Self {
+            run: Watched::spawn(cmd, trigger),
+            metrics: format!("http://127.0.0.1:{port}"),
+        })
+    }
+
+    fn wait_line(&self, message: &str, count: usize, timeout: Duration) -> anyhow::Result<Instant> {
+        poll(timeout, || {
+            self.run.seen_at(|l| is_event(l, message)).len() >= count
+        });
+        match self.run.seen_at(|l| is_event(l, message)).get(count - 1) {
+            Some(at) => Ok(*at),
+            None => bail!(
+                "`{message}` (#{count}) not logged within {timeout:?}; last lines:\n{}",
+                self.run.tail(20)
+            ),
+        }
+    }
+
+    fn stop(mut self) -> anyhow::Result<()> {
+        self.run.signal(libc::SIGTERM);
+        if self.run.wait_exit(Duration::from_secs(30)).is_none() {
+            bail!("sidecar did not stop on SIGTERM:\n{}", self.run.tail(20));
+        }
+        Ok(())
+    }
+}
+
+/// One sealed → unsealed round: Vault restarted (sealed), the sidecar unseals it.
+struct Round {
+    /// From the sidecar's first `seal-status` that saw Vault sealed to the `sys/unseal` reply
+    /// that said unsealed: the time Vault stays sealed once the sidecar acts.
+    pass: Duration,
+    /// Time inside Vault requests during the pass, as the proxy saw them.
+    vault: Duration,
+    /// From Vault answering again to unsealed, including the wait for the next period.
+    end_to_end: Duration,
+    cost: Delta,
+}
+
+fn unseal_rounds(
+    bao: &mut OpenBao,
+    sidecar: &Sidecar,
+    timeline: &Timeline,
+    rounds: usize,
+) -> anyhow::Result<Vec<Round>> {
+    let mut out = Vec::new();
+    for _ in 0..rounds {
+        let done = sidecar.run.seen_at(|l| is_event(l, faults::UNSEALED)).len();
+        let before = Metrics::fetch(&sidecar.metrics)?;
+        let mark = timeline.len();
+        bao.restart()?;
+        let back = Instant::now();
+        sidecar.wait_line(faults::UNSEALED, done + 1, Duration::from_secs(120))?;
+        let after = Metrics::fetch(&sidecar.metrics)?;
+        let all = timeline.0.lock().map_err(|_| anyhow::anyhow!("timeline"))?;
+        let round = &all[mark.min(all.len())..];
+        let first = round
+            .iter()
+            .position(|e| e.is("GET", "/v1/sys/seal-status") && e.sealed == Some(true))
+            .context("no seal-status saw the restarted Vault sealed")?;
+        let last = first
+            + round[first..]
+                .iter()
+                .position(|e| e.is("PUT", "/v1/sys/unseal") && e.sealed == Some(false))
+                .context("no sys/unseal reply said unsealed")?;
+        let pass = &round[first..=last];
+        out.push(Round {
+            pass: pass[pass.len() - 1].end.duration_since(pass[0].start),
+            vault: pass.iter().map(|e| e.end.duration_since(e.start)).sum(),
+            end_to_end: pass[pass.len() - 1].end.saturating_duration_since(back),
+            cost: after.since(&before),
+        });
+    }
+    Ok(out)
+}
+
+fn round_rows(rows: &mut Vec<(String, String)>, what: &str, rounds: &[Round]) {
+    let n = rounds.len();
+    let pass: Vec<Duration> = rounds.iter().map(|r| r.pass).collect();
+    let e2e: Vec<Duration> = rounds.iter().map(|r| r.end_to_end).collect();
+    let hsm: Vec<Duration> = rounds.iter().map(|r| r.cost.hsm).collect();
+    let vault: Vec<Duration> = rounds.iter().map(|r| r.vault).collect();
+    let (p, h, v) = (median(&pass), median(&hsm), median(&vault));
+    rows.push((
+        format!("sealed → unsealed, {what}: sidecar's pass, median of {n}"),
+        format!(
+            "{} = HSM {} + Vault API {} + rest {}",
+            ms(p),
+            ms(h),
+            ms(v),
+            ms(p.saturating_sub(h + v))
+        ),
+    ));
+    rows.push((
+        format!("sealed → unsealed, {what}: Vault back → unsealed (≤ {PERIOD} period), median"),
+        ms(median(&e2e)),
+    ));
+    if let Some(last) = rounds.last() {
+        rows.push((
+            format!("HSM operations per unseal, {what}"),
+            last.cost.ops_text(),
+        ));
+    }
+}
+
+fn shim_module() -> Result<PathBuf, String> {
+    nitrokey_e2e::bins::pkcs11_shim().map_err(|e| format!("{e:#}"))
 }
 
 fn main() -> anyhow::Result<()> {
-    let rounds: usize = std::env::var("UNSEAL_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let env_num = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(default)
+    };
+    let rounds = env_num("UNSEAL_BENCH_ROUNDS", 10) as usize;
+    let idle = Duration::from_secs(env_num("BENCH_IDLE_SECS", 60));
     let hsm = SoftHsm::new()?;
     let mut bao = OpenBao::start()?;
-    for (k, v) in hsm.env() {
-        // SAFETY: set before any thread is started.
-        unsafe { std::env::set_var(k, v) };
-    }
-    let yaml = format!(
-        "vault:\n  address: {}\nhsm:\n  modulePath: {}\n  slotId: {}\n  pin: {USER_PIN}\n",
-        bao.address(),
-        hsm.module().display(),
-        hsm.slot_id()
-    );
-    let file = config::parse_file(&yaml).map_err(anyhow::Error::msg)?;
-    let mut cfg = config::resolve(file, &Overrides::default(), &Env::default())?;
-    cfg.once = true;
-    let rt = tokio::runtime::Runtime::new()?;
-    let telemetry = Telemetry::new();
+    let dir = tempfile::tempdir()?;
+    let timeline = Arc::new(Timeline::default());
+    let vault = proxy::start_tap(&bao.address(), timeline.clone());
+    let mut rows: Vec<(String, String)> = Vec::new();
 
-    let t0 = Instant::now();
-    let before = telemetry.hsm_totals();
-    let (_hsm, keyring) = rt.block_on(open_keyring(&cfg, telemetry.clone()))?;
-    let vault = VaultClient::new(&cfg.vault.address, None)?.with_telemetry(telemetry.clone());
-    let runner = Runner::new(cfg.clone(), vault, keyring, telemetry.clone());
-    rt.block_on(runner.preflight())?;
-    let startup = t0.elapsed();
-    let (startup_ops, startup_hsm, startup_by) = delta(&before, &telemetry.hsm_totals());
-
-    let before = telemetry.hsm_totals();
-    let vault_before = telemetry.vault_totals();
-    let t0 = Instant::now();
-    rt.block_on(runner.pass(true))?;
-    let init = t0.elapsed();
-    let (init_ops, init_hsm, init_by) = delta(&before, &telemetry.hsm_totals());
-    let (_, init_vault, _) = delta(&vault_before, &telemetry.vault_totals());
-    anyhow::ensure!(!bao.seal_status()?.sealed, "init pass left Vault sealed");
-
-    let mut totals = Vec::new();
-    let mut hsm_times = Vec::new();
-    let mut vault_times = Vec::new();
-    let mut unseal_by = BTreeMap::new();
-    let mut unseal_ops = 0;
-    for _ in 0..rounds {
-        bao.restart()?;
-        anyhow::ensure!(bao.seal_status()?.sealed, "restarted server is not sealed");
-        let before = telemetry.hsm_totals();
-        let vault_before = telemetry.vault_totals();
-        let t0 = Instant::now();
-        rt.block_on(runner.pass(true))?;
-        totals.push(t0.elapsed());
-        vault_times.push(delta(&vault_before, &telemetry.vault_totals()).1);
-        let (ops, time, by) = delta(&before, &telemetry.hsm_totals());
-        hsm_times.push(time);
-        unseal_ops = ops;
-        unseal_by = by;
-        anyhow::ensure!(!bao.seal_status()?.sealed, "unseal pass left Vault sealed");
-    }
-    let mean = |v: &[Duration]| v.iter().sum::<Duration>() / v.len().max(1) as u32;
-    let median = |v: &[Duration]| {
-        let mut s = v.to_vec();
-        s.sort();
-        s[s.len() / 2]
+    // HSM work before the init (module, login, key lookup, scheme probe, pre-flight) is read
+    // the moment the sidecar logs that it sends `sys/init`: nothing touches the token again
+    // until Vault answers, which takes seconds with raft storage.
+    let at_init: Arc<Mutex<Option<anyhow::Result<Metrics>>>> = Arc::new(Mutex::new(None));
+    let snapshot = at_init.clone();
+    let port = free_port()?;
+    let trigger = Trigger {
+        matches: Box::new(|l: &str| is_event(l, faults::INITIALIZING)),
+        action: Box::new(move |_| {
+            if let Ok(mut s) = snapshot.lock() {
+                *s = Some(Metrics::fetch(&format!("http://127.0.0.1:{port}")));
+            }
+        }),
     };
+    let spawned = Instant::now();
+    let sidecar = Sidecar::start(&hsm, dir.path(), &vault.address, port, None, Some(trigger))?;
+    let init_sent = sidecar.wait_line(faults::INITIALIZING, 1, Duration::from_secs(120))?;
+    let unsealed = sidecar.wait_line(faults::UNSEALED, 1, Duration::from_secs(180))?;
+    let before_init = poll(Duration::from_secs(10), || {
+        at_init.lock().is_ok_and(|s| s.is_some())
+    })
+    .then(|| at_init.lock().ok()?.take())
+    .flatten()
+    .context("no metrics snapshot when init started")??;
+    let after_init = Metrics::fetch(&sidecar.metrics)?;
+    let startup = before_init.since(&Metrics::default());
+    rows.push((
+        "start-up to `sys/init` sent (module, login, key, probe, pre-flight)".into(),
+        format!(
+            "{}, {} in HSM; HSM operations {}",
+            ms(init_sent.duration_since(spawned)),
+            ms(startup.hsm),
+            startup.ops_text()
+        ),
+    ));
+    let init = after_init.since(&before_init);
+    let took = unsealed.duration_since(init_sent);
+    rows.push((
+        "init pass: `sys/init` sent → unsealed (5 keys + root stored, verified)".into(),
+        format!(
+            "{} = HSM {} + Vault API {} + rest {}",
+            ms(took),
+            ms(init.hsm),
+            ms(init.vault),
+            ms(took.saturating_sub(init.hsm + init.vault))
+        ),
+    ));
+    rows.push((
+        "HSM operations per init (incl. its unseal)".into(),
+        init.ops_text(),
+    ));
 
+    // Idle with Vault unsealed: the sidecar should leave the token alone entirely.
+    let idle_start = Metrics::fetch(&sidecar.metrics)?;
+    let requests_before = timeline.len();
+    std::thread::sleep(idle);
+    let idle_end = Metrics::fetch(&sidecar.metrics)?;
+    let requests = timeline.len() - requests_before;
+    let idle_ops = idle_end.since(&idle_start);
+    let per_minute = idle_ops.ops * 60.0 / idle.as_secs_f64();
+    rows.push((
+        format!(
+            "HSM operations per idle minute, Vault unsealed, period {PERIOD} (target 0; over {} s)",
+            idle.as_secs()
+        ),
+        if idle_ops.by_op.is_empty() {
+            format!("{per_minute:.1}")
+        } else {
+            format!("{per_minute:.1} ({})", idle_ops.ops_text())
+        },
+    ));
+    rows.push((
+        format!("Vault API requests per idle minute, period {PERIOD}"),
+        format!("{:.1}", requests as f64 * 60.0 / idle.as_secs_f64()),
+    ));
+    let (rss, peak) = memory_kib(sidecar.run.pid())?;
+    rows.push((
+        format!("sidecar RSS after {} s idle", idle.as_secs()),
+        format!(
+            "{:.1} MiB (peak {:.1} MiB)",
+            rss as f64 / 1024.0,
+            peak as f64 / 1024.0
+        ),
+    ));
+    rows.push((
+        "Kubernetes API calls per idle minute".into(),
+        "not measured here (needs a cluster)".into(),
+    ));
+
+    let soft = unseal_rounds(&mut bao, &sidecar, &timeline, rounds)?;
+    round_rows(&mut rows, "SoftHSM2", &soft);
+    sidecar.stop()?;
+
+    match shim_module() {
+        Ok(shim) => {
+            let spawned = Instant::now();
+            let sidecar = Sidecar::start(
+                &hsm,
+                dir.path(),
+                &vault.address,
+                free_port()?,
+                Some(&shim),
+                None,
+            )?;
+            let ready = poll(Duration::from_secs(120), || {
+                http(&sidecar.metrics, "GET", "/readyz", None).is_ok_and(|(s, _)| s == 200)
+            });
+            if !ready {
+                bail!("sidecar on the shim never ready:\n{}", sidecar.run.tail(20));
+            }
+            rows.push((
+                format!("start-up to ready, OpenSC-like shim ({SHIM_LATENCY})"),
+                ms(spawned.elapsed()),
+            ));
+            let shim_rounds = unseal_rounds(&mut bao, &sidecar, &timeline, rounds.min(5))?;
+            round_rows(
+                &mut rows,
+                &format!("OpenSC-like shim ({SHIM_LATENCY})"),
+                &shim_rounds,
+            );
+            sidecar.stop()?;
+        }
+        Err(why) => {
+            println!("skipping the OpenSC-like shim: {why}");
+            rows.push((
+                "sealed → unsealed, OpenSC-like shim".into(),
+                "skipped: shim not built".into(),
+            ));
+        }
+    }
+
+    let build = if cfg!(debug_assertions) {
+        "debug build"
+    } else {
+        "release build"
+    };
     println!(
-        "unseal-init benchmark (SoftHSM2 2.6 token, OpenBao 2.7 single-node raft, 5 shares / threshold 3)"
+        "\nunseal-init sidecar benchmark ({build}; SoftHSM2 token, OpenBao single-node raft, 5 shares / threshold 3, unsealPeriod {PERIOD})\n"
     );
-    println!();
-    println!(
-        "start-up (module, login, key lookup, scheme probe, pre-flight): {:.1} ms total, {:.1} ms in HSM; {startup_ops} HSM ops {startup_by:?}",
-        ms(startup),
-        ms(startup_hsm)
-    );
-    println!(
-        "init pass (sys/init, store 5 keys + root token with read-back, unseal): {:.1} ms total = {:.1} ms HSM + {:.1} ms Vault API + {:.1} ms rest; {init_ops} HSM ops {init_by:?}",
-        ms(init),
-        ms(init_hsm),
-        ms(init_vault),
-        ms(init.saturating_sub(init_hsm + init_vault))
-    );
-    let (m, mh, mv) = (median(&totals), median(&hsm_times), median(&vault_times));
-    println!(
-        "sealed -> unsealed over {rounds} restarts: median {:.1} ms (mean {:.1} ms) = HSM {:.1} ms + Vault API {:.1} ms + rest {:.1} ms (medians); {unseal_ops} HSM ops per unseal {unseal_by:?}",
-        ms(m),
-        ms(mean(&totals)),
-        ms(mh),
-        ms(mv),
-        ms(m.saturating_sub(mh + mv))
-    );
+    println!("| figure | value |\n|---|---|");
+    for (what, value) in rows {
+        println!("| {what} | {value} |");
+    }
     Ok(())
 }

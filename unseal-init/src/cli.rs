@@ -24,83 +24,150 @@ pub struct Cli {
 /// Flags shared by the sidecar and the subcommands.
 #[derive(Debug, Default, Args)]
 pub struct Overrides {
-    /// Storage mode: `hsm` (objects on the token) or `hsm-k8s` (Kubernetes Secret).
-    #[arg(long, env = "BANK_VAULTS_MODE", global = true)]
+    /// Storage mode: `hsm` (objects on the token) or `hsm-k8s` (Kubernetes Secret). [default: hsm]
+    #[arg(
+        help_heading = "Storage",
+        long,
+        env = "BANK_VAULTS_MODE",
+        global = true
+    )]
     pub mode: Option<String>,
-    /// Vault address (default: the file's `vault.address`, then $VAULT_ADDR).
-    #[arg(long, global = true)]
+    /// Vault address (default: the file's `vault.address`, then $VAULT_ADDR). [default: $VAULT_ADDR, then http://127.0.0.1:8200]
+    #[arg(help_heading = "Vault", long)]
     pub vault_addr: Option<String>,
-    /// PEM CA certificate for Vault's TLS (default: the file's `vault.caCert`, then $VAULT_CACERT).
-    #[arg(long, global = true)]
+    /// PEM CA certificate for Vault's TLS (default: the file's `vault.caCert`, then $VAULT_CACERT). [default: $VAULT_CACERT, else the built-in web roots]
+    #[arg(help_heading = "Vault", long)]
     pub vault_cacert: Option<PathBuf>,
     /// Raft leader this Vault joins when it is not initialised.
-    #[arg(long, env = "BANK_VAULTS_RAFT_LEADER_ADDRESS", global = true)]
+    #[arg(help_heading = "Vault", long, env = "BANK_VAULTS_RAFT_LEADER_ADDRESS")]
     pub raft_leader_address: Option<String>,
-    /// Start and supervise pcscd (needed by OpenSC for USB tokens).
-    #[arg(long, env = "BANK_VAULTS_HSM_DAEMON", global = true, num_args = 0..=1, default_missing_value = "true")]
+    /// Start and supervise pcscd (needed by OpenSC for USB tokens). [default: false]
+    #[arg(help_heading = "HSM", long, env = "BANK_VAULTS_HSM_DAEMON", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub hsm_daemon: Option<bool>,
-    /// PKCS#11 module (shared library) path.
-    #[arg(long, env = "BANK_VAULTS_HSM_MODULE_PATH", global = true)]
+    /// PKCS#11 module (shared library) path. [default: /usr/lib/opensc-pkcs11.so]
+    #[arg(
+        help_heading = "HSM",
+        long,
+        env = "BANK_VAULTS_HSM_MODULE_PATH",
+        global = true
+    )]
     pub hsm_module_path: Option<PathBuf>,
     /// Slot id to use (preferred with OpenSC).
-    #[arg(long, env = "BANK_VAULTS_HSM_SLOT_ID", global = true)]
+    #[arg(
+        help_heading = "HSM",
+        long,
+        env = "BANK_VAULTS_HSM_SLOT_ID",
+        global = true
+    )]
     pub hsm_slot_id: Option<u64>,
     /// Token label to select the slot by (padding and OpenSC decorations tolerated).
-    #[arg(long, env = "BANK_VAULTS_HSM_TOKEN_LABEL", global = true)]
+    #[arg(
+        help_heading = "HSM",
+        long,
+        env = "BANK_VAULTS_HSM_TOKEN_LABEL",
+        global = true
+    )]
     pub hsm_token_label: Option<String>,
     /// Token serial number to select the slot by.
-    #[arg(long, env = "BANK_VAULTS_HSM_TOKEN_SERIAL", global = true)]
-    pub hsm_token_serial: Option<String>,
-    /// User PIN (prefer the environment variable or a PIN file).
     #[arg(
+        help_heading = "HSM",
+        long,
+        env = "BANK_VAULTS_HSM_TOKEN_SERIAL",
+        global = true
+    )]
+    pub hsm_token_serial: Option<String>,
+    /// User PIN. Prefer a PIN file: a flag is visible to every process on the node in
+    /// /proc/PID/cmdline, an environment variable to this container's processes.
+    #[arg(
+        help_heading = "HSM",
         long,
         env = "BANK_VAULTS_HSM_PIN",
         global = true,
         hide_env_values = true
     )]
-    pub hsm_pin: Option<String>,
+    pub hsm_pin: Option<crate::secret::Secret>,
     /// File holding the user PIN (e.g. a mounted Secret).
-    #[arg(long, env = "BANK_VAULTS_HSM_PIN_FILE", global = true)]
+    #[arg(
+        help_heading = "HSM",
+        long,
+        env = "BANK_VAULTS_HSM_PIN_FILE",
+        global = true
+    )]
     pub hsm_pin_file: Option<PathBuf>,
-    /// Label of the RSA key pair.
-    #[arg(long, env = "BANK_VAULTS_HSM_KEY_LABEL", global = true)]
+    /// Label of the RSA key pair. [default: bank-vaults]
+    #[arg(
+        help_heading = "HSM",
+        long,
+        env = "BANK_VAULTS_HSM_KEY_LABEL",
+        global = true
+    )]
     pub hsm_key_label: Option<String>,
-    /// Generate the RSA key pair on the token when it is missing.
-    #[arg(long, env = "BANK_VAULTS_HSM_GENERATE_KEY", global = true, num_args = 0..=1, default_missing_value = "true")]
+    /// Generate the RSA key pair on the token when it is missing. [default: false]
+    #[arg(help_heading = "HSM", long, env = "BANK_VAULTS_HSM_GENERATE_KEY", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub hsm_generate_key: Option<bool>,
-    /// Number of unseal key shares Vault is initialised with.
-    #[arg(long, env = "BANK_VAULTS_SECRET_SHARES", global = true)]
+    /// Number of unseal key shares Vault is initialised with. [default: 5]
+    #[arg(help_heading = "Init options", long, env = "BANK_VAULTS_SECRET_SHARES")]
     pub secret_shares: Option<u8>,
-    /// Number of shares needed to unseal.
-    #[arg(long, env = "BANK_VAULTS_SECRET_THRESHOLD", global = true)]
+    /// Number of shares needed to unseal. [default: 3]
+    #[arg(
+        help_heading = "Init options",
+        long,
+        env = "BANK_VAULTS_SECRET_THRESHOLD"
+    )]
     pub secret_threshold: Option<u8>,
-    /// Store the root token (`vault-root`).
-    #[arg(long, env = "BANK_VAULTS_STORE_ROOT_TOKEN", global = true, num_args = 0..=1, default_missing_value = "true")]
+    /// Store the root token (`vault-root`). [default: true]
+    #[arg(help_heading = "Init options", long, env = "BANK_VAULTS_STORE_ROOT_TOKEN", num_args = 0..=1, default_missing_value = "true")]
     pub store_root_token: Option<bool>,
-    /// Write, read back and decrypt `vault-test` before touching Vault.
-    #[arg(long, env = "BANK_VAULTS_PRE_FLIGHT_CHECKS", global = true, num_args = 0..=1, default_missing_value = "true")]
+    /// Write, read back and decrypt `vault-test` before touching Vault. [default: true]
+    #[arg(help_heading = "Init options", long, env = "BANK_VAULTS_PRE_FLIGHT_CHECKS", num_args = 0..=1, default_missing_value = "true")]
     pub pre_flight_checks: Option<bool>,
     /// Initialise Vault even though unseal keys from an earlier Vault are in the store
-    /// (they are replaced).
-    #[arg(long, env = "BANK_VAULTS_OVERWRITE_EXISTING_KEYS", global = true, num_args = 0..=1, default_missing_value = "true")]
+    /// (they are replaced). [default: false]
+    #[arg(help_heading = "Init options", long, env = "BANK_VAULTS_OVERWRITE_EXISTING_KEYS", num_args = 0..=1, default_missing_value = "true")]
     pub overwrite_existing_keys: Option<bool>,
-    /// Namespace of the Kubernetes Secret (mode hsm-k8s).
-    #[arg(long, env = "BANK_VAULTS_K8S_SECRET_NAMESPACE", global = true)]
+    /// Namespace of the Kubernetes Secret (mode hsm-k8s). [default: the pod's namespace]
+    #[arg(
+        help_heading = "Storage",
+        long,
+        env = "BANK_VAULTS_K8S_SECRET_NAMESPACE",
+        global = true
+    )]
     pub k8s_secret_namespace: Option<String>,
     /// Name of the Kubernetes Secret (mode hsm-k8s).
-    #[arg(long, env = "BANK_VAULTS_K8S_SECRET_NAME", global = true)]
+    #[arg(
+        help_heading = "Storage",
+        long,
+        env = "BANK_VAULTS_K8S_SECRET_NAME",
+        global = true
+    )]
     pub k8s_secret_name: Option<String>,
-    /// One pass (initialise if needed, unseal, exit) instead of watching.
-    #[arg(long, env = "BANK_VAULTS_ONCE", global = true, num_args = 0..=1, default_missing_value = "true")]
+    /// One pass (initialise if needed, unseal, exit) instead of watching. [default: false: run as a sidecar]
+    #[arg(help_heading = "Running", long, env = "BANK_VAULTS_ONCE", num_args = 0..=1, default_missing_value = "true")]
     pub once: Option<bool>,
-    /// How often Vault's seal status is checked in sidecar mode (e.g. `5s`, `1m`).
-    #[arg(long, env = "BANK_VAULTS_UNSEAL_PERIOD", global = true)]
+    /// With --once: give up after this long (e.g. `10m`) and exit 1. Never cuts a `sys/init`
+    /// short or leaves keys unstored: it stops the run the way SIGTERM does. [default: none]
+    #[arg(help_heading = "Running", long, env = "UNSEAL_INIT_DEADLINE")]
+    pub deadline: Option<String>,
+    /// How often Vault's seal status is checked in sidecar mode (e.g. `5s`, `1m`). [default: 5s]
+    #[arg(help_heading = "Running", long, env = "BANK_VAULTS_UNSEAL_PERIOD")]
     pub unseal_period: Option<String>,
-    /// Address of the metrics and health HTTP server.
-    #[arg(long, env = "UNSEAL_INIT_METRICS_ADDRESS", global = true)]
+    /// How long a one-shot run waits for the HSM token to appear (the sidecar waits for ever). [default: 2m]
+    #[arg(
+        help_heading = "HSM",
+        long,
+        env = "UNSEAL_INIT_TOKEN_WAIT_TIMEOUT",
+        global = true
+    )]
+    pub hsm_token_wait_timeout: Option<String>,
+    /// Directory of the init write-ahead journal: a volume that outlives the container. [default: /var/lib/unseal-init]
+    #[arg(help_heading = "Running", long, env = "UNSEAL_INIT_JOURNAL_DIR")]
+    pub journal_dir: Option<PathBuf>,
+    /// Address of the metrics and health HTTP server. [default: 0.0.0.0:9091]
+    #[arg(help_heading = "Running", long, env = "UNSEAL_INIT_METRICS_ADDRESS")]
     pub metrics_address: Option<String>,
     /// Log format: `text` or `json`.
     #[arg(
+        help_heading = "Running",
         long,
         env = "UNSEAL_INIT_LOG_FORMAT",
         global = true,

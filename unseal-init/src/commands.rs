@@ -1,14 +1,15 @@
-//! Operator subcommands (`unseal-init hsm ...`): what the seed's pkcs11-tool steps did, with
+//! Operator subcommands (`unseal-init hsm ...`): what the manual pkcs11-tool steps did, with
 //! this program's slot selection, PIN handling and object format. Output goes to stdout and
 //! never contains a secret value.
 
 use crate::cli::HsmCommand;
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::envelope;
-use crate::hsm::{self, Hsm};
+use crate::hsm;
+use crate::hsm_actor::HsmHandle;
 use crate::keypair;
 use crate::runner::open_keyring;
-use crate::storage::lock;
+use crate::shutdown::Shutdown;
 use crate::telemetry::Telemetry;
 use crate::token_store;
 use anyhow::Context;
@@ -19,7 +20,7 @@ pub async fn run(cfg: &Config, command: &HsmCommand) -> anyhow::Result<()> {
     let telemetry = Telemetry::new();
     match command {
         HsmCommand::Info => info(cfg),
-        HsmCommand::Keygen => keygen(cfg, telemetry),
+        HsmCommand::Keygen => keygen(cfg, telemetry).await,
         HsmCommand::List => list(cfg, telemetry).await,
         HsmCommand::Delete { label, yes } => delete(cfg, telemetry, label, *yes).await,
         HsmCommand::Migrate => migrate(cfg, telemetry).await,
@@ -40,12 +41,16 @@ fn info(cfg: &Config) -> anyhow::Result<()> {
         let Ok(si) = ctx.get_slot_info(slot) else {
             continue;
         };
-        println!(
-            "Slot {} ({}): {}",
-            slot.id(),
-            si.manufacturer_id().trim(),
-            si.slot_description().trim()
-        );
+        let manufacturer = si.manufacturer_id().trim().to_owned();
+        if manufacturer.is_empty() {
+            println!("Slot {}: {}", slot.id(), si.slot_description().trim());
+        } else {
+            println!(
+                "Slot {} ({manufacturer}): {}",
+                slot.id(),
+                si.slot_description().trim()
+            );
+        }
         if !si.token_present() {
             println!("  no token");
             continue;
@@ -53,7 +58,11 @@ fn info(cfg: &Config) -> anyhow::Result<()> {
         if let Ok(t) = ctx.get_token_info(slot) {
             println!("  token label:   {}", t.label().trim());
             println!("  manufacturer:  {}", t.manufacturer_id().trim());
-            println!("  model:         {}", t.model().trim());
+            println!(
+                "  model:         {}",
+                t.model()
+                    .trim_matches(|c: char| c == '\0' || c.is_whitespace())
+            );
             println!("  serial:        {}", t.serial_number().trim());
             let mut flags = Vec::new();
             if t.token_initialized() {
@@ -81,10 +90,33 @@ fn info(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn keygen(cfg: &Config, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
-    let mut hsm = Hsm::open(&cfg.hsm, telemetry)?;
-    hsm.login()?;
-    match keypair::public_key(&mut hsm) {
+/// Starts the HSM thread, waits (up to `hsm.tokenWaitTimeout`) for the token and logs in.
+async fn logged_in(cfg: &Config, telemetry: Arc<Telemetry>) -> anyhow::Result<HsmHandle> {
+    let hsm = HsmHandle::start(&cfg.hsm, telemetry).await?;
+    hsm.wait_for_token(Some(cfg.hsm.token_wait_timeout), &Shutdown::new(), |_| {})
+        .await?;
+    hsm.with(|h| h.login()).await??;
+    Ok(hsm)
+}
+
+/// The key store as a subcommand sees it: waiting for the token as `--once` does.
+async fn open_for_command(
+    cfg: &Config,
+    telemetry: Arc<Telemetry>,
+) -> anyhow::Result<crate::runner::Opened> {
+    open_keyring(
+        cfg,
+        telemetry,
+        &Shutdown::new(),
+        Some(cfg.hsm.token_wait_timeout),
+    )
+    .await
+}
+
+async fn keygen(cfg: &Config, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
+    let hsm = logged_in(cfg, telemetry).await?;
+    let found = hsm.call("find_key", keypair::public_key).await;
+    match found {
         Ok((_, info)) => {
             println!(
                 "RSA key pair `{}` already exists ({} bits, id {}); nothing generated",
@@ -93,14 +125,12 @@ fn keygen(cfg: &Config, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
             Ok(())
         }
         Err(hsm::HsmError::KeyMissing(_)) => {
-            keypair::generate(&mut hsm)?;
-            let (_, info) = keypair::public_key(&mut hsm)?;
+            hsm.call("generate_key_pair", keypair::generate).await?;
+            let (_, info) = hsm.call("find_key", keypair::public_key).await?;
+            let slot = hsm.with(|h| h.slot_id()).await?.unwrap_or_default();
             println!(
-                "generated RSA key pair `{}` ({} bits, id {}) on slot {}",
-                info.label,
-                info.bits,
-                info.id_hex,
-                hsm.slot_id()
+                "generated RSA key pair `{}` ({} bits, id {}) on slot {slot}",
+                info.label, info.bits, info.id_hex,
             );
             Ok(())
         }
@@ -109,17 +139,17 @@ fn keygen(cfg: &Config, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
 }
 
 async fn list(cfg: &Config, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
-    let mut hsm = Hsm::open(&cfg.hsm, telemetry)?;
-    hsm.login()?;
-    match keypair::public_key(&mut hsm) {
+    let hsm = logged_in(cfg, telemetry).await?;
+    match hsm.call("find_key", keypair::public_key).await {
         Ok((_, info)) => println!(
             "Key pair: {} (RSA {} bits, id {})",
             info.label, info.bits, info.id_hex
         ),
         Err(e) => println!("Key pair: {e}"),
     }
-    let objects = token_store::list(&mut hsm)?;
-    println!("Data objects on slot {}: {}", hsm.slot_id(), objects.len());
+    let objects = hsm.call("list_objects", token_store::list).await?;
+    let slot = hsm.with(|h| h.slot_id()).await?.unwrap_or_default();
+    println!("Data objects on slot {slot}: {}", objects.len());
     for (label, value) in objects {
         println!(
             "  {label}: {} bytes, {}",
@@ -128,7 +158,6 @@ async fn list(cfg: &Config, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
         );
     }
     if let Some(k) = &cfg.kubernetes {
-        drop(hsm);
         let store =
             crate::secret_store::SecretStore::connect(k.namespace.as_deref(), &k.name).await?;
         let keys = store.keys().await?;
@@ -148,11 +177,15 @@ async fn delete(
             "refusing to delete `{label}` without --yes (this cannot be undone)"
         )));
     }
-    let (shared, keyring) = open_keyring(cfg, telemetry).await?;
-    let removed = keyring.storage().delete(label).await?;
+    let opened = open_for_command(cfg, telemetry).await?;
+    let removed = opened.keyring.storage().delete(label).await?;
     // Objects left on the token by mode `hsm` are removed even when the store is a Secret.
-    let on_token = if matches!(keyring.storage(), crate::storage::Storage::Kubernetes(_)) {
-        token_store::delete(&mut *lock(&shared)?, label)?
+    let on_token = if cfg.mode == Mode::HsmK8s {
+        let name = label.to_owned();
+        opened
+            .hsm
+            .call("destroy_object", move |h| token_store::delete(h, &name))
+            .await?
     } else {
         0
     };
@@ -163,27 +196,40 @@ async fn delete(
     Ok(())
 }
 
+/// Rewrites every legacy value it can read; a value that cannot be decrypted is reported by
+/// name and skipped, and the command fails at the end naming them.
 async fn migrate(cfg: &Config, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
-    let (_, keyring) = open_keyring(cfg, telemetry).await?;
+    let opened = open_for_command(cfg, telemetry).await?;
+    let keyring = opened.keyring;
     let names = keyring.storage().names().await?;
     let mut migrated = 0;
+    let mut failed = Vec::new();
     for name in names.iter().filter(|n| is_vault_name(n)) {
-        if keyring
-            .migrate(name)
-            .await
-            .with_context(|| format!("migrating `{name}`"))?
-        {
-            println!(
-                "migrated `{name}` to format v{} {}",
-                envelope::VERSION,
-                keyring.scheme().name()
-            );
-            migrated += 1;
-        } else {
-            println!("`{name}` is already current");
+        match keyring.migrate(name).await {
+            Ok(true) => {
+                println!(
+                    "migrated `{name}` to format v{} {}",
+                    envelope::VERSION,
+                    keyring.scheme().name()
+                );
+                migrated += 1;
+            }
+            Ok(false) => println!("`{name}` is already current"),
+            Err(e) if e.is_about_the_value() => {
+                println!("`{name}` skipped: {e}");
+                failed.push(name.clone());
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("migrating `{name}`"))),
         }
     }
     println!("{migrated} value(s) migrated");
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "{} value(s) could not be read and were left as they are: {}",
+            failed.len(),
+            failed.join(", ")
+        );
+    }
     Ok(())
 }
 

@@ -71,6 +71,8 @@ pub struct FileConfig {
     pub unseal_period: Option<String>,
     /// Metrics/health listen address.
     pub metrics_address: Option<String>,
+    /// Directory of the init write-ahead journal (a volume that outlives the container).
+    pub journal_dir: Option<PathBuf>,
 }
 
 /// `vault:` section.
@@ -100,15 +102,17 @@ pub struct HsmFile {
     /// Token serial.
     pub token_serial: Option<String>,
     /// User PIN (prefer `pinFile` or the environment).
-    pub pin: Option<String>,
+    pub pin: Option<Secret>,
     /// File holding the PIN.
     pub pin_file: Option<PathBuf>,
     /// RSA key pair label.
     pub key_label: Option<String>,
     /// Generate the key pair when missing.
     pub generate_key: Option<bool>,
-    /// pcscd socket path when `daemon` is true.
+    /// No longer supported (pcscd ignores it); kept only to say so by name.
     pub daemon_socket: Option<PathBuf>,
+    /// How long a one-shot run waits for the token to appear, e.g. `2m`.
+    pub token_wait_timeout: Option<String>,
 }
 
 /// `options:` section.
@@ -173,8 +177,8 @@ pub struct SlotSelector {
 pub struct HsmConfig {
     /// Start pcscd.
     pub daemon: bool,
-    /// pcscd socket path.
-    pub daemon_socket: PathBuf,
+    /// How long `--once` waits for the token to appear (the sidecar waits for ever).
+    pub token_wait_timeout: Duration,
     /// PKCS#11 module.
     pub module_path: PathBuf,
     /// Slot selection.
@@ -233,10 +237,24 @@ pub struct Config {
     pub metrics_address: SocketAddr,
     /// One pass only.
     pub once: bool,
+    /// Directory of the init write-ahead journal.
+    pub journal_dir: PathBuf,
+    /// `--once` gives up after this long.
+    pub deadline: Option<Duration>,
 }
 
-/// pcsc-lite's built-in socket path (inside the container, so pod-local).
+/// pcsc-lite's socket path (inside the container, so pod-local). Debian's pcscd always
+/// listens here, whatever `PCSCLITE_CSOCK_NAME` says.
 pub const DEFAULT_PCSCD_SOCKET: &str = "/run/pcscd/pcscd.comm";
+
+/// Default init journal directory; the manifests mount a persistent volume here.
+pub const DEFAULT_JOURNAL_DIR: &str = "/var/lib/unseal-init";
+
+/// Shortest accepted `unsealPeriod`: a pass is an HTTP round trip to Vault, and anything
+/// faster only burns CPU in both processes.
+pub const MIN_UNSEAL_PERIOD: Duration = Duration::from_millis(100);
+/// Longest accepted duration anywhere in the configuration.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Default PKCS#11 module (OpenSC, as in Bank-Vaults' NitroKey example).
 pub const DEFAULT_MODULE: &str = "/usr/lib/opensc-pkcs11.so";
@@ -268,8 +286,6 @@ pub struct Env {
     pub vault_addr: Option<String>,
     /// `VAULT_CACERT`.
     pub vault_cacert: Option<PathBuf>,
-    /// `PCSCLITE_CSOCK_NAME`.
-    pub pcsc_socket: Option<PathBuf>,
 }
 
 impl Env {
@@ -279,36 +295,33 @@ impl Env {
         Self {
             vault_addr: get("VAULT_ADDR"),
             vault_cacert: get("VAULT_CACERT").map(PathBuf::from),
-            pcsc_socket: get("PCSCLITE_CSOCK_NAME").map(PathBuf::from),
         }
     }
 }
 
-/// Parses a duration such as `500ms`, `5s`, `2m`, `1h` (a bare number means seconds).
+/// Parses a duration such as `500ms`, `5s`, `2m`, `1h30m` (humantime's grammar; a bare number
+/// means seconds, as Bank-Vaults' flags take it). Zero and anything above [`MAX_DURATION`] are
+/// refused, so no later arithmetic can overflow.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration (e.g. 5s, 500ms, 1m)"))?;
-    let secs = match unit.trim() {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown unit `{other}` in `{text}` (use ms, s, m or h)"
-            ));
-        }
+    let d = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        t.parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("`{text}` is too long a duration"))?
+    } else {
+        humantime::parse_duration(t)
+            .map_err(|e| format!("`{text}` is not a duration like 5s, 500ms or 1m ({e})"))?
     };
-    if !secs.is_finite() || secs <= 0.0 {
+    if d.is_zero() {
         return Err(format!("`{text}` must be positive"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    if d > MAX_DURATION {
+        return Err(format!(
+            "`{text}` is longer than the maximum of {}",
+            humantime::format_duration(MAX_DURATION)
+        ));
+    }
+    Ok(d)
 }
 
 /// Reads a PIN file (e.g. a mounted Secret), dropping trailing line breaks.
@@ -374,9 +387,9 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
         file.hsm.pin,
         &file.hsm.pin_file,
     ) {
-        (Some(pin), _, _, _) => (Some(Secret::from(pin.as_str())), None),
+        (Some(pin), _, _, _) => (Some(pin.clone()), None),
         (None, Some(path), _, _) => (Some(read_pin_file(path)?), Some(path.clone())),
-        (None, None, Some(pin), _) => (Some(Secret::new(pin)), None),
+        (None, None, Some(pin), _) => (Some(pin), None),
         (None, None, None, Some(path)) => (Some(read_pin_file(path)?), Some(path.clone())),
         (None, None, None, None) => (None, None),
     };
@@ -392,13 +405,25 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
         return Err(invalid("hsm.keyLabel", "must not be empty"));
     }
     let daemon = flags.hsm_daemon.or(file.hsm.daemon).unwrap_or(false);
+    if file.hsm.daemon_socket.is_some() {
+        return Err(invalid(
+            "hsm.daemonSocket",
+            format!(
+                "is not supported: pcscd always listens on {DEFAULT_PCSCD_SOCKET} inside the container; remove the key"
+            ),
+        ));
+    }
+    let token_wait_timeout = match flags
+        .hsm_token_wait_timeout
+        .as_deref()
+        .or(file.hsm.token_wait_timeout.as_deref())
+    {
+        Some(text) => parse_duration(text).map_err(|r| invalid("hsm.tokenWaitTimeout", r))?,
+        None => Duration::from_secs(120),
+    };
     let hsm = HsmConfig {
         daemon,
-        daemon_socket: file
-            .hsm
-            .daemon_socket
-            .or_else(|| env.pcsc_socket.clone())
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_PCSCD_SOCKET)),
+        token_wait_timeout,
         module_path: flags
             .hsm_module_path
             .clone()
@@ -498,6 +523,30 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
         Some(text) => parse_duration(text).map_err(|r| invalid("unsealPeriod", r))?,
         None => Duration::from_secs(5),
     };
+    if unseal_period < MIN_UNSEAL_PERIOD {
+        return Err(invalid(
+            "unsealPeriod",
+            format!(
+                "{} is shorter than the minimum of {}",
+                humantime::format_duration(unseal_period),
+                humantime::format_duration(MIN_UNSEAL_PERIOD)
+            ),
+        ));
+    }
+    let deadline = flags
+        .deadline
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .map_err(|r| invalid("deadline", r))?;
+    let journal_dir = flags
+        .journal_dir
+        .clone()
+        .or(file.journal_dir)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_JOURNAL_DIR));
+    if journal_dir.as_os_str().is_empty() {
+        return Err(invalid("journalDir", "must not be empty"));
+    }
     let metrics_text = flags
         .metrics_address
         .clone()
@@ -519,6 +568,8 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
         unseal_period,
         metrics_address,
         once: flags.once.unwrap_or(false),
+        journal_dir,
+        deadline,
     })
 }
 
@@ -565,7 +616,7 @@ mod tests {
     #[test]
     fn flags_override_the_file_and_env_fills_gaps() {
         let flags = Overrides {
-            hsm_pin: Some("fromflag".into()),
+            hsm_pin: Some(Secret::from("fromflag")),
             secret_shares: Some(3),
             secret_threshold: Some(2),
             vault_addr: Some("http://10.0.0.1:8200/".into()),
@@ -606,7 +657,7 @@ mod tests {
         assert_eq!(cfg.hsm.pin_file.as_deref(), Some(path.as_path()));
         // A PIN given directly wins over the file, and there is then no file to watch.
         let direct = Overrides {
-            hsm_pin: Some("fromflag".into()),
+            hsm_pin: Some(Secret::from("fromflag")),
             ..Default::default()
         };
         let cfg = resolve_text(&format!("hsm:\n  pinFile: {}\n", path.display()), &direct)
@@ -646,9 +697,52 @@ mod tests {
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5 fortnights").is_err());
+    }
+
+    #[test]
+    fn absurd_durations_are_errors_not_panics() {
+        for text in [
+            "100000000000000000000h",
+            "18446744073709551616s",
+            "18446744073709551615",
+            "10000000000000000000s10000000000000000000s",
+            "3000000000000000h",
+            "",
+        ] {
+            assert!(parse_duration(text).is_err(), "{text}");
+        }
+        let err =
+            resolve_text("unsealPeriod: 0.0000000001ms\n", &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("unsealPeriod"), "{err}");
+        let err = resolve_text("unsealPeriod: 10ms\n", &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("minimum"), "{err}");
+        let flags = Overrides {
+            unseal_period: Some("100000000000000000000h".into()),
+            ..Default::default()
+        };
+        let err = resolve_text("", &flags).unwrap_err();
+        assert!(err.to_string().contains("unsealPeriod"), "{err}");
+    }
+
+    #[test]
+    fn the_removed_socket_option_is_named_and_journal_dir_has_a_default() {
+        let err =
+            resolve_text("hsm:\n  daemonSocket: /run/x.comm\n", &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("hsm.daemonSocket"), "{err}");
+        let cfg = resolve_text("", &Overrides::default()).expect("defaults");
+        assert_eq!(cfg.journal_dir, PathBuf::from(DEFAULT_JOURNAL_DIR));
+        assert_eq!(cfg.hsm.token_wait_timeout, Duration::from_secs(120));
+        let cfg = resolve_text(
+            "journalDir: /data/j\nhsm:\n  tokenWaitTimeout: 10s\n",
+            &Overrides::default(),
+        )
+        .expect("set");
+        assert_eq!(cfg.journal_dir, PathBuf::from("/data/j"));
+        assert_eq!(cfg.hsm.token_wait_timeout, Duration::from_secs(10));
     }
 
     #[test]

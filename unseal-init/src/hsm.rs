@@ -1,10 +1,17 @@
-//! PKCS#11 session management: loading the module, choosing the slot, logging in exactly once,
-//! and re-opening the session with backoff when the token goes away.
+//! The PKCS#11 session itself: loading the module, choosing the slot, logging in exactly once,
+//! and keeping the session usable the way a real stick needs it.
 //!
-//! Every token call goes through [`Hsm::run`], which times it for the metrics and, when the
-//! session or token was lost, re-opens and retries. A wrong PIN is never retried: a
-//! SmartCard-HSM blocks the PIN after a few failures, so `C_Login` is called again only with
-//! a PIN that already worked.
+//! Everything here is synchronous and slow on a real stick (OpenSC's `C_Initialize` takes
+//! seconds, a decrypt about 150 ms), so an [`Hsm`] lives on its own thread and is reached only
+//! through [`crate::hsm_actor::HsmHandle`]. Each call makes one attempt; waiting and backoff
+//! happen in the handle, on the runtime's timers.
+//!
+//! Two behaviours of OpenSC 0.23 with a SmartCard-HSM (and of tpm2-pkcs11) shape [`Hsm::run`]:
+//! a failed operation stays active in its session, so every later `C_DecryptInit` there returns
+//! `CKR_OPERATION_ACTIVE`; and after the token restarts, calls keep failing until the module is
+//! re-initialised. So any failed call replaces the session, and repeated failures re-initialise
+//! the module. A wrong PIN is never retried: `C_Login` is called again only with a PIN that
+//! already worked.
 
 use crate::config::{HsmConfig, SlotSelector};
 use crate::pin::PinFailure;
@@ -18,7 +25,6 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 use thiserror::Error;
 
 /// Failures talking to the token.
@@ -32,13 +38,33 @@ pub enum HsmError {
         /// Cause.
         reason: String,
     },
-    /// No slot matched the selector.
-    #[error("no HSM slot matches {wanted}; slots seen: {seen}")]
+    /// No slot matched the selector (yet: a token can show up later).
+    #[error("no HSM slot matches {wanted}; slots with a token: {seen}")]
     NoSlot {
         /// What was asked for.
         wanted: String,
         /// Slots and token labels found.
         seen: String,
+    },
+    /// No slot matched the selector within the time a one-shot run waits.
+    #[error(
+        "no HSM slot matches {wanted} after waiting {waited} (hsm.tokenWaitTimeout); slots with a token: {seen}"
+    )]
+    TokenTimeout {
+        /// What was asked for.
+        wanted: String,
+        /// Slots and token labels found last.
+        seen: String,
+        /// How long it waited.
+        waited: String,
+    },
+    /// Several slots matched the selector.
+    #[error("{wanted} matches several slots: {matches}; add slotId or another criterion")]
+    AmbiguousSlot {
+        /// What was asked for.
+        wanted: String,
+        /// The matching slots.
+        matches: String,
     },
     /// No PIN configured for an operation that needs one.
     #[error(
@@ -76,28 +102,35 @@ pub enum HsmError {
         /// cryptoki's error (return value and function).
         source: CkError,
     },
+    /// The session, login or token was lost; worth retrying after a pause.
+    #[error("HSM token unavailable during {op}: {source}")]
+    Lost {
+        /// Operation name.
+        op: &'static str,
+        /// cryptoki's error.
+        source: CkError,
+    },
     /// The token stayed unreachable through every retry.
-    #[error("HSM token unavailable after {attempts} attempts during {op}: {source}")]
+    #[error("HSM token unavailable after {attempts} attempts during {op}: {last}")]
     Unavailable {
         /// Operation name.
         op: &'static str,
         /// Attempts made.
         attempts: u32,
         /// Last error.
-        source: CkError,
+        last: String,
     },
+    /// The HSM thread is gone (it only stops when the program does).
+    #[error("the HSM thread has stopped")]
+    ThreadGone,
     /// The token returned something unusable.
     #[error("{0}")]
     Other(String),
 }
 
 impl HsmError {
-    /// True when retrying cannot help (PIN problems): the PIN in use must not be tried again.
-    pub fn is_fatal(&self) -> bool {
-        self.pin_failure().is_some()
-    }
-
-    /// Which PIN problem this is, if any.
+    /// Which PIN problem this is, if any: the one question that decides whether the program
+    /// may go on (a PIN problem is never retried).
     pub fn pin_failure(&self) -> Option<PinFailure> {
         match self {
             HsmError::PinIncorrect => Some(PinFailure::Rejected),
@@ -105,6 +138,14 @@ impl HsmError {
             HsmError::NoPin => Some(PinFailure::Missing),
             _ => None,
         }
+    }
+
+    /// True when the token may simply be away (unplugged, restarting, not found yet).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            HsmError::Lost { .. } | HsmError::Unavailable { .. } | HsmError::NoSlot { .. }
+        )
     }
 }
 
@@ -117,6 +158,7 @@ pub fn is_session_lost(err: &CkError) -> bool {
                 | RvError::SessionClosed
                 | RvError::DeviceRemoved
                 | RvError::TokenNotPresent
+                | RvError::TokenNotRecognized
                 | RvError::DeviceError
                 | RvError::UserNotLoggedIn
                 | RvError::CryptokiNotInitialized,
@@ -166,8 +208,24 @@ fn describe_selector(sel: &SlotSelector) -> String {
     }
 }
 
-/// Chooses the slot: every given criterion must match; with none given, exactly one slot with
-/// a token must exist.
+fn describe_slots(slots: &[&SlotView]) -> String {
+    if slots.is_empty() {
+        return "none".to_owned();
+    }
+    slots
+        .iter()
+        .map(|s| {
+            format!(
+                "{} (token `{}`, serial `{}`)",
+                s.id, s.token_label, s.token_serial
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Chooses the slot: every given criterion must match, and exactly one slot may match. Taking
+/// the first of several would be a guess (a TPM token reports every serial as zeros).
 pub fn select_slot(slots: &[SlotView], sel: &SlotSelector) -> Result<u64, HsmError> {
     let matches: Vec<&SlotView> = slots
         .iter()
@@ -183,28 +241,31 @@ pub fn select_slot(slots: &[SlotView], sel: &SlotSelector) -> Result<u64, HsmErr
                 .is_none_or(|x| s.token_serial.trim() == x.trim())
         })
         .collect();
-    let no_criteria = sel == &SlotSelector::default();
     match matches.as_slice() {
         [one] => Ok(one.id),
-        [first, ..] if !no_criteria => Ok(first.id),
-        _ => Err(HsmError::NoSlot {
+        [] => Err(HsmError::NoSlot {
             wanted: describe_selector(sel),
-            seen: if slots.is_empty() {
-                "none".to_owned()
-            } else {
-                slots
-                    .iter()
-                    .map(|s| {
-                        format!(
-                            "{} (token `{}`, serial `{}`)",
-                            s.id, s.token_label, s.token_serial
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
+            seen: describe_slots(&slots.iter().collect::<Vec<_>>()),
+        }),
+        several => Err(HsmError::AmbiguousSlot {
+            wanted: describe_selector(sel),
+            matches: describe_slots(several),
         }),
     }
+}
+
+/// Copies a text attribute so that a NUL follows its last byte in memory, outside the declared
+/// length. OpenSC 0.23 copies some string attributes (`CKA_APPLICATION`, labels) as C strings,
+/// reading up to the first NUL whatever `ulValueLen` says; without the NUL it would store
+/// whatever follows the buffer on the heap onto the token.
+pub fn text_attr(bytes: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(bytes.len() + 1);
+    v.extend_from_slice(bytes);
+    v.push(0);
+    // The NUL stays in the allocation's spare capacity; cryptoki passes the buffer's own
+    // pointer and length to the module.
+    v.pop();
+    v
 }
 
 /// Handles that stay valid only as long as the session does.
@@ -214,24 +275,46 @@ pub struct HandleCache {
     pub private_key: Option<ObjectHandle>,
 }
 
-/// An open, logged-in PKCS#11 session on the selected token.
+/// The key pair's identity: label, and `CKA_ID` once the public half was read, so that the
+/// private half is paired by id and not by label alone.
+#[derive(Debug, Clone, Default)]
+pub struct KeyRef {
+    /// `CKA_LABEL`.
+    pub label: String,
+    /// `CKA_ID` of the public key, when known and non-empty.
+    pub id: Option<Vec<u8>>,
+}
+
+/// Consecutive failed re-opens after which the module itself is re-initialised: some modules
+/// (tpm2-pkcs11 after its TPM restarted, SoftHSM2 after a token came back) recover only then.
+const REINIT_AFTER: u32 = 2;
+
+/// An open PKCS#11 module and, once selected and logged in, a session on the chosen token.
 pub struct Hsm {
     /// `None` only between a finalize and the next initialize.
     ctx: Option<Pkcs11>,
     module: PathBuf,
     selector: SlotSelector,
-    slot: Slot,
+    slot: Option<Slot>,
     session: Option<Session>,
     pin: Option<Secret>,
-    key_label: String,
+    key: KeyRef,
     cache: HandleCache,
     telemetry: Arc<Telemetry>,
-    retries: u32,
-    backoff: Duration,
+    failed_reopens: u32,
+    general_errors: u32,
 }
 
 fn call<T>(op: &'static str, r: cryptoki::error::Result<T>) -> Result<T, HsmError> {
-    r.map_err(|source| HsmError::Call { op, source })
+    r.map_err(|source| classify(op, source))
+}
+
+fn classify(op: &'static str, source: CkError) -> HsmError {
+    if is_session_lost(&source) {
+        HsmError::Lost { op, source }
+    } else {
+        HsmError::Call { op, source }
+    }
 }
 
 /// Loads and initialises a PKCS#11 module.
@@ -270,84 +353,114 @@ pub fn slot_views(ctx: &Pkcs11) -> Result<Vec<(Slot, SlotView)>, HsmError> {
 }
 
 impl Hsm {
-    /// Loads the module, logs what it finds like Bank-Vaults does, and selects the slot.
-    /// Does not log in; call [`Hsm::login`].
-    pub fn open(cfg: &HsmConfig, telemetry: Arc<Telemetry>) -> Result<Self, HsmError> {
-        let ctx = load_module(&cfg.module_path)?;
+    /// Loads the module and logs what it is. Selects no slot yet: see [`Hsm::select`].
+    pub fn load(cfg: &HsmConfig, telemetry: Arc<Telemetry>) -> Result<Self, HsmError> {
+        let ctx = {
+            let _t = OpTimer::start(&telemetry, "initialize");
+            load_module(&cfg.module_path)?
+        };
         if let Ok(info) = ctx.get_library_info() {
             tracing::info!(
                 cryptoki_version = %info.cryptoki_version(),
-                manufacturer = info.manufacturer_id(),
-                library = info.library_description(),
+                manufacturer = info.manufacturer_id().trim(),
+                library = info.library_description().trim(),
                 library_version = %info.library_version(),
                 "HSM library information"
             );
         }
-        let slot = Self::find_slot(&ctx, &cfg.selector)?;
-        let hsm = Self {
+        Ok(Self {
             ctx: Some(ctx),
             module: cfg.module_path.clone(),
             selector: cfg.selector.clone(),
-            slot,
+            slot: None,
             session: None,
             pin: cfg.pin.clone(),
-            key_label: cfg.key_label.clone(),
+            key: KeyRef {
+                label: cfg.key_label.clone(),
+                id: None,
+            },
             cache: HandleCache::default(),
             telemetry,
-            retries: 6,
-            backoff: Duration::from_millis(250),
-        };
-        hsm.log_slot();
-        Ok(hsm)
+            failed_reopens: 0,
+            general_errors: 0,
+        })
     }
 
-    fn find_slot(ctx: &Pkcs11, selector: &SlotSelector) -> Result<Slot, HsmError> {
-        let views = slot_views(ctx)?;
+    /// Looks for the configured token once. `Ok(false)` when it is not there (yet).
+    pub fn select(&mut self) -> Result<bool, HsmError> {
+        let views = slot_views(self.ctx()?)?;
         let plain: Vec<SlotView> = views.iter().map(|(_, v)| v.clone()).collect();
-        tracing::info!(
-            slots = ?plain.iter().map(|v| v.id).collect::<Vec<_>>(),
-            "HSM searching for slot"
-        );
-        let id = select_slot(&plain, selector)?;
-        views
-            .into_iter()
-            .find(|(_, v)| v.id == id)
-            .map(|(s, _)| s)
-            .ok_or_else(|| HsmError::Other(format!("slot {id} vanished")))
+        match select_slot(&plain, &self.selector) {
+            Ok(id) => {
+                self.slot = views.into_iter().find(|(_, v)| v.id == id).map(|(s, _)| s);
+                self.log_slot();
+                Ok(self.slot.is_some())
+            }
+            Err(HsmError::NoSlot { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What [`Hsm::select`] is looking for and which slots with a token it sees, for logs
+    /// and errors while waiting.
+    pub fn describe_search(&self) -> (String, String) {
+        let seen = self
+            .ctx()
+            .and_then(slot_views)
+            .map(|v| {
+                let views: Vec<&SlotView> = v.iter().map(|(_, s)| s).collect();
+                describe_slots(&views)
+            })
+            .unwrap_or_else(|e| e.to_string());
+        (describe_selector(&self.selector), seen)
+    }
+
+    /// Finalizes and re-initialises the module: the only way some modules notice a token
+    /// that came back or a TPM that restarted.
+    pub fn reinitialize(&mut self) -> Result<(), HsmError> {
+        self.session = None;
+        self.cache = HandleCache::default();
+        self.slot = None;
+        if let Some(old) = self.ctx.take() {
+            let _ = old.finalize();
+        }
+        let _t = OpTimer::start(&self.telemetry, "initialize");
+        self.ctx = Some(load_module(&self.module)?);
+        Ok(())
     }
 
     fn log_slot(&self) {
-        let Ok(ctx) = self.ctx() else {
+        let (Ok(ctx), Some(slot)) = (self.ctx(), self.slot) else {
             return;
         };
-        if let Ok(t) = ctx.get_token_info(self.slot) {
+        if let Ok(t) = ctx.get_token_info(slot) {
             tracing::info!(
-                slot = self.slot.id(),
+                slot = slot.id(),
                 label = t.label().trim(),
-                manufacturer = t.manufacturer_id(),
-                model = t.model(),
-                serial = t.serial_number(),
-                "HSM token information"
-            );
-        }
-        if let Ok(s) = ctx.get_slot_info(self.slot) {
-            tracing::info!(
-                slot = self.slot.id(),
-                description = s.slot_description().trim(),
-                manufacturer = s.manufacturer_id(),
-                "HSM slot information"
+                manufacturer = t.manufacturer_id().trim(),
+                model = t
+                    .model()
+                    .trim_matches(|c: char| c == '\0' || c.is_whitespace()),
+                serial = t.serial_number().trim(),
+                "HSM token found"
             );
         }
     }
 
-    /// The selected slot id.
-    pub fn slot_id(&self) -> u64 {
-        self.slot.id()
+    /// The selected slot id, once selected.
+    pub fn slot_id(&self) -> Option<u64> {
+        self.slot.map(|s| s.id())
     }
 
-    /// The configured key pair label.
-    pub fn key_label(&self) -> &str {
-        &self.key_label
+    /// The key pair this program uses.
+    pub fn key(&self) -> &KeyRef {
+        &self.key
+    }
+
+    /// Records the key pair's `CKA_ID` (read from its public half).
+    pub fn set_key_id(&mut self, id: Vec<u8>) {
+        self.key.id = if id.is_empty() { None } else { Some(id) };
+        self.cache.private_key = None;
     }
 
     /// The PKCS#11 context.
@@ -357,10 +470,11 @@ impl Hsm {
             .ok_or_else(|| HsmError::Other("PKCS#11 module is not initialised".to_owned()))
     }
 
-    /// Sets how often and how patiently a lost token is re-opened.
-    pub fn set_retry(&mut self, retries: u32, backoff: Duration) {
-        self.retries = retries.max(1);
-        self.backoff = backoff;
+    fn selected(&self) -> Result<Slot, HsmError> {
+        self.slot.ok_or_else(|| HsmError::NoSlot {
+            wanted: describe_selector(&self.selector),
+            seen: "not searched yet".to_owned(),
+        })
     }
 
     /// Opens a read-write session and logs in as user. `C_Login` is called at most once per
@@ -368,7 +482,8 @@ impl Hsm {
     /// again (a later call fails with [`HsmError::NoPin`] instead).
     pub fn login(&mut self) -> Result<(), HsmError> {
         let pin = self.pin.clone().ok_or(HsmError::NoPin)?;
-        let info = call("C_GetTokenInfo", self.ctx()?.get_token_info(self.slot))?;
+        let slot = self.selected()?;
+        let info = call("C_GetTokenInfo", self.ctx()?.get_token_info(slot))?;
         if info.user_pin_locked() {
             return Err(HsmError::PinLocked("locked"));
         }
@@ -379,9 +494,9 @@ impl Hsm {
         }
         let session = {
             let _t = OpTimer::start(&self.telemetry, "open_session");
-            call("C_OpenSession", self.ctx()?.open_rw_session(self.slot))?
+            call("C_OpenSession", self.ctx()?.open_rw_session(slot))?
         };
-        tracing::info!(slot = self.slot.id(), "HSM login attempt");
+        tracing::info!(slot = slot.id(), "HSM login attempt");
         self.telemetry.login_attempt();
         let auth = AuthPin::from(pin.expose().to_owned());
         let result = {
@@ -399,21 +514,25 @@ impl Hsm {
                 self.pin = None;
                 return Err(HsmError::PinLocked("locked"));
             }
-            Err(source) => {
-                return Err(HsmError::Call {
+            // tpm2-pkcs11 answers a login after its TPM restarted with CKR_GENERAL_ERROR until
+            // the module is re-initialised: a token problem, not a PIN problem.
+            Err(source @ CkError::Pkcs11(RvError::GeneralError, _)) => {
+                return Err(HsmError::Lost {
                     op: "C_Login",
                     source,
                 });
             }
+            Err(source) => return Err(classify("C_Login", source)),
         }
         self.session = Some(session);
         self.cache = HandleCache::default();
+        self.failed_reopens = 0;
+        self.general_errors = 0;
         Ok(())
     }
 
     /// Drops the session so that the next operation re-selects the slot and logs in again
-    /// (with the PIN that already worked). Used when the token answered but looked wrong,
-    /// e.g. after it was unplugged and some modules keep serving a stale, empty view.
+    /// (with the PIN that already worked).
     pub fn reset_session(&mut self) {
         self.session = None;
         self.cache = HandleCache::default();
@@ -421,78 +540,99 @@ impl Hsm {
 
     /// Opens a session without logging in (listing public objects and mechanisms).
     pub fn open_public_session(&mut self) -> Result<(), HsmError> {
-        let session = call("C_OpenSession", self.ctx()?.open_ro_session(self.slot))?;
+        let slot = self.selected()?;
+        let session = call("C_OpenSession", self.ctx()?.open_ro_session(slot))?;
         self.session = Some(session);
         Ok(())
     }
 
-    fn reconnect(&mut self) -> Result<(), HsmError> {
+    /// Swaps the session for a fresh one, ending whatever operation a failed call left
+    /// active in it. The new session is opened before the old one closes, so the login
+    /// (shared by every session of this process) survives.
+    fn replace_session(&mut self) {
+        let (Ok(ctx), Some(slot)) = (self.ctx(), self.slot) else {
+            self.reset_session();
+            return;
+        };
+        match ctx.open_rw_session(slot) {
+            Ok(fresh) => {
+                self.session = Some(fresh);
+                self.cache = HandleCache::default();
+            }
+            Err(_) => self.reset_session(),
+        }
+    }
+
+    /// Re-selects the slot and logs in again after the session was lost; re-initialises the
+    /// module first when plain re-opening keeps failing.
+    fn reopen(&mut self) -> Result<(), HsmError> {
         self.session = None;
         self.cache = HandleCache::default();
+        if self.failed_reopens >= REINIT_AFTER {
+            tracing::debug!(
+                failures = self.failed_reopens,
+                "re-initialising the PKCS#11 module"
+            );
+            self.reinitialize()?;
+        }
         // A re-plugged token may come back on another slot id, so select again.
-        let found = match self.ctx() {
-            Ok(ctx) => Self::find_slot(ctx, &self.selector),
-            Err(e) => Err(e),
-        };
-        let slot = match found {
-            Ok(slot) => slot,
-            Err(_) => {
-                // Some modules (SoftHSM2 among them) only see a re-inserted token after a full
-                // C_Finalize / C_Initialize; a second C_Initialize without the finalize fails.
-                if let Some(old) = self.ctx.take() {
-                    let _ = old.finalize();
-                }
-                let ctx = load_module(&self.module)?;
-                let slot = Self::find_slot(&ctx, &self.selector);
-                self.ctx = Some(ctx);
-                slot?
-            }
-        };
-        self.slot = slot;
+        let found = self.select()?;
+        if !found {
+            return Err(HsmError::NoSlot {
+                wanted: describe_selector(&self.selector),
+                seen: "none matching".to_owned(),
+            });
+        }
         self.login()
     }
 
-    /// Runs `f` on the session as operation `op`: timed, and retried with backoff after
-    /// re-opening the session when the session or token was lost. Other errors return at once.
+    /// Runs `f` on the session as operation `op`, timed, in one attempt. A lost session is
+    /// re-opened first (logging in again with the PIN that worked). After any failure the
+    /// session is replaced, so an operation the module left active cannot poison the next call.
     pub fn run<T>(
         &mut self,
         op: &'static str,
-        mut f: impl FnMut(&Session, &mut HandleCache, &str) -> cryptoki::error::Result<T>,
+        f: impl FnOnce(&Session, &mut HandleCache, &KeyRef) -> cryptoki::error::Result<T>,
     ) -> Result<T, HsmError> {
-        let mut delay = self.backoff;
-        let mut attempt = 1;
-        loop {
-            let result = match self.session.as_ref() {
-                Some(session) => {
-                    let _t = OpTimer::start(&self.telemetry, op);
-                    f(session, &mut self.cache, &self.key_label)
+        if self.session.is_none()
+            && let Err(e) = self.reopen()
+        {
+            if e.pin_failure().is_none() {
+                self.failed_reopens += 1;
+            }
+            return Err(e);
+        }
+        let Some(session) = self.session.as_ref() else {
+            return Err(HsmError::Other("no HSM session".to_owned()));
+        };
+        let result = {
+            let _t = OpTimer::start(&self.telemetry, op);
+            f(session, &mut self.cache, &self.key)
+        };
+        match result {
+            Ok(v) => Ok(v),
+            Err(source @ CkError::Pkcs11(RvError::GeneralError, _)) => {
+                // One general error can be the value (a bad ciphertext); several since the last
+                // login mean the module lost its device (SoftHSM2 whose token files went away,
+                // tpm2-pkcs11 whose TPM restarted), and only a re-initialisation brings it back.
+                self.general_errors += 1;
+                if self.general_errors > REINIT_AFTER {
+                    self.general_errors = 0;
+                    self.reset_session();
+                    self.failed_reopens = REINIT_AFTER;
+                    return Err(HsmError::Lost { op, source });
                 }
-                None => Err(CkError::Pkcs11(
-                    RvError::SessionHandleInvalid,
-                    cryptoki::context::Function::OpenSession,
-                )),
-            };
-            match result {
-                Ok(v) => return Ok(v),
-                Err(e) if is_session_lost(&e) => {
-                    if attempt >= self.retries {
-                        return Err(HsmError::Unavailable {
-                            op,
-                            attempts: attempt,
-                            source: e,
-                        });
-                    }
-                    tracing::warn!(op, attempt, error = %e, retry_in = ?delay, "HSM session lost, re-opening");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                    attempt += 1;
-                    match self.reconnect() {
-                        Ok(()) => {}
-                        Err(e) if e.is_fatal() => return Err(e),
-                        Err(e) => tracing::warn!(error = %e, "HSM re-open failed"),
-                    }
-                }
-                Err(source) => return Err(HsmError::Call { op, source }),
+                self.replace_session();
+                Err(HsmError::Call { op, source })
+            }
+            Err(source) if is_session_lost(&source) => {
+                self.reset_session();
+                self.failed_reopens += 1;
+                Err(HsmError::Lost { op, source })
+            }
+            Err(source) => {
+                self.replace_session();
+                Err(HsmError::Call { op, source })
             }
         }
     }
@@ -569,12 +709,54 @@ mod tests {
             msg.contains("bank-vaults (UserPIN)") && msg.contains("other"),
             "{msg}"
         );
-        // Without criteria, two tokens are ambiguous.
-        assert!(select_slot(&views(), &SlotSelector::default()).is_err());
+        assert!(matches!(err, HsmError::NoSlot { .. }));
         assert_eq!(
             select_slot(&views()[1..], &SlotSelector::default()).expect("single"),
             1_234_567_890
         );
+    }
+
+    #[test]
+    fn several_matches_are_an_error_naming_each_never_the_first() {
+        // A TPM token reports every serial as zeros: a serial selector must not guess.
+        let zeros = vec![
+            SlotView {
+                id: 1,
+                token_label: "a".into(),
+                token_serial: "0000000000000000".into(),
+            },
+            SlotView {
+                id: 2,
+                token_label: "b".into(),
+                token_serial: "0000000000000000".into(),
+            },
+        ];
+        let err = select_slot(
+            &zeros,
+            &SlotSelector {
+                token_serial: Some("0000000000000000".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, HsmError::AmbiguousSlot { .. }), "{msg}");
+        assert!(
+            msg.contains("1 (token `a`") && msg.contains("2 (token `b`"),
+            "{msg}"
+        );
+        assert!(select_slot(&views(), &SlotSelector::default()).is_err());
+    }
+
+    #[test]
+    fn text_attributes_carry_a_nul_outside_their_length() {
+        let v = text_attr(b"vault-test");
+        assert_eq!(v, b"vault-test");
+        assert!(v.capacity() > v.len());
+        // SAFETY: the byte at len() lies inside the allocation (capacity > len) and was
+        // written by text_attr before the pop.
+        let after = unsafe { *v.as_ptr().add(v.len()) };
+        assert_eq!(after, 0);
     }
 
     #[test]
@@ -587,6 +769,10 @@ mod tests {
         assert!(!is_session_lost(&CkError::Pkcs11(
             RvError::PinIncorrect,
             Function::Login
+        )));
+        assert!(!is_session_lost(&CkError::Pkcs11(
+            RvError::OperationActive,
+            Function::DecryptInit
         )));
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::crypto::HostKey;
 use crate::envelope::Scheme;
-use crate::hsm::{Hsm, HsmError};
+use crate::hsm::{Hsm, HsmError, KeyRef, text_attr};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
 use cryptoki::mechanism::{Mechanism, MechanismType};
@@ -26,13 +26,18 @@ pub struct KeyPairInfo {
 fn find_one(
     session: &Session,
     class: ObjectClass,
-    label: &str,
+    key: &KeyRef,
 ) -> cryptoki::error::Result<Option<ObjectHandle>> {
-    let found = session.find_objects(&[
+    let mut template = vec![
         Attribute::Class(class),
         Attribute::KeyType(KeyType::RSA),
-        Attribute::Label(label.as_bytes().to_vec()),
-    ])?;
+        Attribute::Label(text_attr(key.label.as_bytes())),
+    ];
+    // Paired by CKA_ID when the public half told us one: two pairs may share a label.
+    if let Some(id) = &key.id {
+        template.push(Attribute::Id(id.clone()));
+    }
+    let found = session.find_objects(&template)?;
     Ok(found.into_iter().next())
 }
 
@@ -40,12 +45,12 @@ fn find_one(
 pub fn private_key(
     session: &Session,
     cache: &mut crate::hsm::HandleCache,
-    label: &str,
+    key: &KeyRef,
 ) -> cryptoki::error::Result<ObjectHandle> {
     if let Some(h) = cache.private_key {
         return Ok(h);
     }
-    match find_one(session, ObjectClass::PRIVATE_KEY, label)? {
+    match find_one(session, ObjectClass::PRIVATE_KEY, key)? {
         Some(h) => {
             cache.private_key = Some(h);
             Ok(h)
@@ -65,8 +70,12 @@ enum Presence {
 }
 
 fn presence(session: &Session, label: &str) -> cryptoki::error::Result<Presence> {
-    let public = find_one(session, ObjectClass::PUBLIC_KEY, label)?;
-    let private = find_one(session, ObjectClass::PRIVATE_KEY, label)?;
+    let by_label = KeyRef {
+        label: label.to_owned(),
+        id: None,
+    };
+    let public = find_one(session, ObjectClass::PUBLIC_KEY, &by_label)?;
+    let private = find_one(session, ObjectClass::PRIVATE_KEY, &by_label)?;
     Ok(match (public, private) {
         (Some(public), Some(_)) => {
             let attrs = session.get_attributes(
@@ -94,11 +103,13 @@ fn presence(session: &Session, label: &str) -> cryptoki::error::Result<Presence>
     })
 }
 
-/// Reads the public key of the configured pair; errors if either half is missing.
+/// Reads the public key of the configured pair; errors if either half is missing. Remembers
+/// the pair's `CKA_ID` so the private half is found by it.
 pub fn public_key(hsm: &mut Hsm) -> Result<(HostKey, KeyPairInfo), HsmError> {
-    let label = hsm.key_label().to_owned();
-    match hsm.run("find_key", |s, _, l| presence(s, l))? {
+    let label = hsm.key().label.clone();
+    match hsm.run("find_key", |s, _, k| presence(s, &k.label))? {
         Presence::Both(n, e, id) => {
+            hsm.set_key_id(id.clone());
             let key = HostKey::from_components(&n, &e)
                 .map_err(|e| HsmError::Other(format!("key pair `{label}`: {e}")))?;
             let info = KeyPairInfo {
@@ -127,8 +138,8 @@ pub fn public_key(hsm: &mut Hsm) -> Result<(HostKey, KeyPairInfo), HsmError> {
 pub fn generate(hsm: &mut Hsm) -> Result<(), HsmError> {
     let mut id = [0u8; 20];
     rand::fill(&mut id);
-    hsm.run("generate_key_pair", |s, cache, label| {
-        let label = label.as_bytes().to_vec();
+    hsm.run("generate_key_pair", |s, cache, key| {
+        let label = text_attr(key.label.as_bytes());
         let public = [
             Attribute::Token(true),
             Attribute::Private(false),
@@ -137,7 +148,7 @@ pub fn generate(hsm: &mut Hsm) -> Result<(), HsmError> {
             Attribute::Wrap(true),
             Attribute::ModulusBits(2048.into()),
             Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
-            Attribute::Label(label.clone()),
+            Attribute::Label(text_attr(&label)),
             Attribute::Id(id.to_vec()),
         ];
         let private = [
@@ -192,9 +203,9 @@ pub fn decrypt(
     ciphertext: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
     let mech = mechanism(scheme);
-    hsm.run("decrypt", |s, cache, label| {
-        let key = private_key(s, cache, label)?;
-        s.decrypt(&mech, key, ciphertext)
+    hsm.run("decrypt", |s, cache, key| {
+        let handle = private_key(s, cache, key)?;
+        s.decrypt(&mech, handle, ciphertext)
     })
     .map(Zeroizing::new)
 }
@@ -218,7 +229,7 @@ pub fn probe_scheme(hsm: &mut Hsm, key: &HostKey) -> Result<Scheme, HsmError> {
                 return Ok(scheme);
             }
             Ok(_) => reasons.push(format!("{}: wrong plaintext", scheme.name())),
-            Err(e @ HsmError::Unavailable { .. }) => return Err(e),
+            Err(e) if e.is_transient() || e.pin_failure().is_some() => return Err(e),
             Err(e) => reasons.push(format!("{}: {e}", scheme.name())),
         }
     }

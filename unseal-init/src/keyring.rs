@@ -1,13 +1,21 @@
 //! Vault's secrets on the store: encrypt on the host, write, read back, decrypt on the token,
 //! compare, and only then drop older copies. Reads understand both this program's format and
 //! Bank-Vaults' bare ciphertext.
+//!
+//! The key ring sees the store through [`Storage`] and the token's private key through
+//! [`Decrypter`], so its rules are unit-tested with an in-memory store and a software key.
 
 use crate::crypto::HostKey;
 use crate::envelope::{self, Scheme};
 use crate::hsm::HsmError;
+use crate::hsm_actor::HsmHandle;
 use crate::keypair;
+use crate::pin::PinFailure;
 use crate::secret::Secret;
-use crate::storage::{SharedHsm, Storage, StorageError, lock};
+use crate::storage::{Storage, StorageError};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 use zeroize::Zeroizing;
@@ -16,10 +24,32 @@ use zeroize::Zeroizing;
 pub const TEST_KEY: &str = "vault-test";
 /// Name of the root token object.
 pub const ROOT_KEY: &str = "vault-root";
+/// Prefix of the unseal key objects.
+pub const UNSEAL_PREFIX: &str = "vault-unseal-";
 
 /// Name of unseal key `i`.
 pub fn unseal_key_name(i: usize) -> String {
-    format!("vault-unseal-{i}")
+    format!("{UNSEAL_PREFIX}{i}")
+}
+
+/// The index of an unseal key name (`vault-unseal-3` → 3).
+pub fn unseal_key_index(name: &str) -> Option<usize> {
+    let digits = name.strip_prefix(UNSEAL_PREFIX)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The unseal key names among `names`, in key order.
+pub fn unseal_key_names(names: &[String]) -> Vec<String> {
+    let mut keys: Vec<(usize, &String)> = names
+        .iter()
+        .filter_map(|n| unseal_key_index(n).map(|i| (i, n)))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter().map(|(_, n)| n.clone()).collect()
 }
 
 /// Keyring failures; never include a secret value.
@@ -39,8 +69,8 @@ pub enum KeyringError {
         /// Why.
         source: envelope::FormatError,
     },
-    /// Host-side encryption failed.
-    #[error("`{name}`: {reason}")]
+    /// Host-side encryption failed (e.g. a value longer than RSA-OAEP can hold).
+    #[error("`{name}` cannot be encrypted: {reason}")]
     Encrypt {
         /// Key name.
         name: String,
@@ -72,47 +102,86 @@ pub enum KeyringError {
 }
 
 impl KeyringError {
-    /// True when the process must stop rather than retry.
-    pub fn is_fatal(&self) -> bool {
+    /// The token error behind this one, if any.
+    pub fn hsm(&self) -> Option<&HsmError> {
         match self {
-            KeyringError::Hsm(e) => e.is_fatal(),
-            KeyringError::Storage(StorageError::Hsm(e)) => e.is_fatal(),
-            _ => false,
+            KeyringError::Hsm(h) => Some(h),
+            KeyringError::Storage(s) => s.hsm(),
+            _ => None,
         }
+    }
+
+    /// The PIN problem behind this error, if any (the only errors no retry can fix).
+    pub fn pin_failure(&self) -> Option<PinFailure> {
+        self.hsm().and_then(HsmError::pin_failure)
+    }
+
+    /// True when the value itself is the problem (unreadable, foreign, corrupted), so other
+    /// values may still be fine.
+    pub fn is_about_the_value(&self) -> bool {
+        matches!(
+            self,
+            KeyringError::Format { .. }
+                | KeyringError::Decrypt { .. }
+                | KeyringError::NotText { .. }
+        )
+    }
+}
+
+/// Decrypts with the token's private key.
+pub trait Decrypter: Send + Sync {
+    /// Decrypts `ciphertext` produced with `scheme`.
+    fn decrypt<'a>(
+        &'a self,
+        scheme: Scheme,
+        ciphertext: &'a [u8],
+    ) -> BoxFuture<'a, Result<Zeroizing<Vec<u8>>, HsmError>>;
+}
+
+impl Decrypter for HsmHandle {
+    fn decrypt<'a>(
+        &'a self,
+        scheme: Scheme,
+        ciphertext: &'a [u8],
+    ) -> BoxFuture<'a, Result<Zeroizing<Vec<u8>>, HsmError>> {
+        let ct = ciphertext.to_vec();
+        async move {
+            self.call("decrypt", move |h| keypair::decrypt(h, scheme, &ct))
+                .await
+        }
+        .boxed()
     }
 }
 
 /// Encrypts with the token's public key, stores, and decrypts with the token.
 #[derive(Clone)]
 pub struct Keyring {
-    hsm: SharedHsm,
+    decrypter: Arc<dyn Decrypter>,
     key: HostKey,
     scheme: Scheme,
-    storage: Storage,
+    storage: Arc<dyn Storage>,
 }
 
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
 impl Keyring {
     /// Builds a keyring; `scheme` is the one [`keypair::probe_scheme`] chose.
-    pub fn new(hsm: SharedHsm, key: HostKey, scheme: Scheme, storage: Storage) -> Self {
+    pub fn new(
+        decrypter: Arc<dyn Decrypter>,
+        key: HostKey,
+        scheme: Scheme,
+        storage: Arc<dyn Storage>,
+    ) -> Self {
         Self {
-            hsm,
+            decrypter,
             key,
             scheme,
             storage,
-        }
-    }
-
-    /// Makes the next token operation re-open the session (see [`crate::hsm::Hsm::reset_session`]).
-    pub fn reopen_token(&self) {
-        if let Ok(mut hsm) = self.hsm.lock() {
-            hsm.reset_session();
         }
     }
 
@@ -122,11 +191,11 @@ impl Keyring {
     }
 
     /// The storage backend.
-    pub fn storage(&self) -> &Storage {
-        &self.storage
+    pub fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
     }
 
-    fn decrypt_envelope(
+    async fn decrypt_envelope(
         &self,
         name: &str,
         env: &envelope::Envelope,
@@ -137,10 +206,9 @@ impl Keyring {
         };
         let mut reasons = Vec::new();
         for scheme in candidates {
-            let result = keypair::decrypt(&mut *lock(&self.hsm)?, scheme, &env.ciphertext);
-            match result {
+            match self.decrypter.decrypt(scheme, &env.ciphertext).await {
                 Ok(pt) => return Ok(pt),
-                Err(e) if e.is_fatal() || matches!(e, HsmError::Unavailable { .. }) => {
+                Err(e) if e.pin_failure().is_some() || e.is_transient() => {
                     return Err(e.into());
                 }
                 Err(e) => reasons.push(format!("{}: {e}", scheme.name())),
@@ -159,27 +227,27 @@ impl Keyring {
         })
     }
 
+    /// Decrypts stored bytes of `name` to text.
+    pub async fn open(&self, name: &str, bytes: &[u8]) -> Result<Secret, KeyringError> {
+        let env = self.decode(name, bytes)?;
+        let pt = self.decrypt_envelope(name, &env).await?;
+        let text = std::str::from_utf8(&pt).map_err(|_| KeyringError::NotText {
+            name: name.to_owned(),
+        })?;
+        Ok(Secret::from(text))
+    }
+
     /// Decrypts the value under `name`, if any.
     pub async fn load(&self, name: &str) -> Result<Option<Secret>, KeyringError> {
         let Some(bytes) = self.storage.get(name).await? else {
             return Ok(None);
         };
-        let env = self.decode(name, &bytes)?;
-        let pt = self.decrypt_envelope(name, &env)?;
-        let text = std::str::from_utf8(&pt).map_err(|_| KeyringError::NotText {
-            name: name.to_owned(),
-        })?;
-        Ok(Some(Secret::from(text)))
+        self.open(name, &bytes).await.map(Some)
     }
 
-    /// Whether a value exists under `name` (no decryption).
-    pub async fn exists(&self, name: &str) -> Result<bool, KeyringError> {
-        Ok(self.storage.exists(name).await?)
-    }
-
-    /// Encrypts and stores `value` under `name`, replacing any older value only after the new
-    /// one reads back and decrypts to `value`.
-    pub async fn store(&self, name: &str, value: &Secret) -> Result<(), KeyringError> {
+    /// Encrypts `value` on the host into the stored format. No token involved: this is what
+    /// runs in the milliseconds after `sys/init` answers.
+    pub fn seal(&self, name: &str, value: &Secret) -> Result<Vec<u8>, KeyringError> {
         let ct = self
             .key
             .encrypt(self.scheme, value.expose().as_bytes())
@@ -187,23 +255,43 @@ impl Keyring {
                 name: name.to_owned(),
                 reason: e.to_string(),
             })?;
-        let bytes = envelope::encode(self.scheme, now_ms(), &ct);
-        self.storage.put(name, &bytes).await?;
-        let back = self.storage.get(name).await?;
-        if back.as_deref() != Some(&bytes[..]) {
-            return Err(KeyringError::Verify {
-                name: name.to_owned(),
-            });
+        Ok(envelope::encode(self.scheme, now_ms(), &ct))
+    }
+
+    /// Writes already-sealed `bytes` under `name`, then reads them back and decrypts them on
+    /// the token (and compares with `expected` when the clear value is at hand); older copies
+    /// are removed only after that.
+    pub async fn store_sealed(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        expected: Option<&Secret>,
+    ) -> Result<(), KeyringError> {
+        let verify_err = || KeyringError::Verify {
+            name: name.to_owned(),
+        };
+        if self.storage.get(name).await?.as_deref() != Some(bytes) {
+            self.storage.put(name, bytes).await?;
+            if self.storage.get(name).await?.as_deref() != Some(bytes) {
+                return Err(verify_err());
+            }
         }
-        let env = self.decode(name, &bytes)?;
-        let pt = self.decrypt_envelope(name, &env)?;
-        if pt[..] != *value.expose().as_bytes() {
-            return Err(KeyringError::Verify {
-                name: name.to_owned(),
-            });
+        let opened = self.open(name, bytes).await?;
+        if expected.is_some_and(|e| e != &opened) {
+            return Err(verify_err());
         }
-        self.storage.prune(name, &bytes).await?;
+        let removed = self.storage.prune(name, bytes).await?;
+        if removed > 0 {
+            tracing::info!(key = name, removed, "replaced older copy");
+        }
         Ok(())
+    }
+
+    /// Encrypts and stores `value` under `name`, replacing any older value only after the new
+    /// one reads back and decrypts to `value`.
+    pub async fn store(&self, name: &str, value: &Secret) -> Result<(), KeyringError> {
+        let bytes = self.seal(name, value)?;
+        self.store_sealed(name, &bytes, Some(value)).await
     }
 
     /// Re-writes a legacy value in the current format; false if it was current already or
@@ -215,32 +303,187 @@ impl Keyring {
         if !self.decode(name, &bytes)?.is_legacy() {
             return Ok(false);
         }
-        let Some(value) = self.load(name).await? else {
-            return Ok(false);
-        };
+        let value = self.open(name, &bytes).await?;
         self.store(name, &value).await?;
         Ok(true)
     }
 
-    /// Pre-flight check: write, read back and decrypt `vault-test`.
-    pub async fn preflight(&self) -> Result<(), KeyringError> {
+    /// Pre-flight check: `vault-test` must decrypt to itself. It is written only when it is
+    /// missing or unreadable, so a routine start costs the token no write.
+    pub async fn preflight(&self) -> Result<PreflightOutcome, KeyringError> {
         let value = Secret::from(TEST_KEY);
-        self.store(TEST_KEY, &value).await?;
-        match self.load(TEST_KEY).await? {
-            Some(v) if v == value => Ok(()),
-            _ => Err(KeyringError::Verify {
-                name: TEST_KEY.to_owned(),
-            }),
+        match self.load(TEST_KEY).await {
+            Ok(Some(v)) if v == value => return Ok(PreflightOutcome::Read),
+            Ok(_) => {}
+            Err(e) if e.is_about_the_value() => {
+                tracing::warn!(key = TEST_KEY, error = %e, "pre-flight value unreadable; writing it again");
+            }
+            Err(e) => return Err(e),
         }
+        self.store(TEST_KEY, &value).await?;
+        Ok(PreflightOutcome::Written)
     }
 
-    /// How many consecutive unseal keys (`vault-unseal-0`, `-1`, ...) are stored.
-    pub async fn unseal_key_count(&self) -> Result<usize, KeyringError> {
-        let names = self.storage.names().await?;
-        let mut n = 0;
-        while names.contains(&unseal_key_name(n)) {
-            n += 1;
+    /// The unseal key names present in the store, in key order. Reads no values.
+    pub async fn unseal_keys(&self) -> Result<Vec<String>, KeyringError> {
+        Ok(unseal_key_names(&self.storage.names().await?))
+    }
+}
+
+/// What the pre-flight check had to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreflightOutcome {
+    /// `vault-test` was there and decrypted.
+    Read,
+    /// `vault-test` was (re)written, read back and decrypted.
+    Written,
+}
+
+/// A software stand-in for the token's private key, for unit tests.
+#[cfg(test)]
+pub mod soft {
+    use super::*;
+    use rsa::PrivateKey;
+    use rsa::traits::PublicKeyParts;
+
+    /// Decrypts with an in-memory key, counting calls.
+    pub struct SoftDecrypter {
+        key: PrivateKey,
+        /// Decrypt calls so far.
+        pub calls: std::sync::atomic::AtomicUsize,
+    }
+
+    /// A fresh 1024-bit pair (small: tests only) as decrypter and host key.
+    pub fn pair() -> (Arc<SoftDecrypter>, HostKey) {
+        let key = PrivateKey::new(&mut rand::rng(), 1024).expect("keygen");
+        let public = key.to_public_key();
+        let host = HostKey::from_components(&public.n().to_be_bytes(), &public.e().to_be_bytes())
+            .expect("host key");
+        (
+            Arc::new(SoftDecrypter {
+                key,
+                calls: Default::default(),
+            }),
+            host,
+        )
+    }
+
+    impl Decrypter for SoftDecrypter {
+        fn decrypt<'a>(
+            &'a self,
+            scheme: Scheme,
+            ciphertext: &'a [u8],
+        ) -> BoxFuture<'a, Result<Zeroizing<Vec<u8>>, HsmError>> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let result = match scheme {
+                Scheme::OaepSha256 => self.key.oaep_decrypt::<sha2::Sha256>(ciphertext),
+                Scheme::OaepSha1 => self.key.oaep_decrypt::<sha1::Sha1>(ciphertext),
+                Scheme::Pkcs1v15 => self.key.pkcs1v15_decrypt(ciphertext),
+            };
+            let out = result
+                .map(Zeroizing::new)
+                .map_err(|e| HsmError::Other(format!("decrypt failed: {e}")));
+            async move { out }.boxed()
         }
-        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::memory::MemoryStore;
+
+    fn ring() -> (Keyring, Arc<MemoryStore>, Arc<soft::SoftDecrypter>) {
+        let (dec, host) = soft::pair();
+        let store = Arc::new(MemoryStore::new());
+        let ring = Keyring::new(dec.clone(), host, Scheme::OaepSha256, store.clone());
+        (ring, store, dec)
+    }
+
+    #[test]
+    fn unseal_key_names_are_ordered_by_index_not_text() {
+        let names: Vec<String> = [
+            "vault-unseal-10",
+            "vault-root",
+            "vault-unseal-2",
+            "vault-unseal-x",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            unseal_key_names(&names),
+            ["vault-unseal-2", "vault-unseal-10"]
+        );
+        assert_eq!(unseal_key_index("vault-unseal-"), None);
+    }
+
+    #[tokio::test]
+    async fn stored_values_round_trip_and_replace_without_gap() {
+        let (ring, store, _) = ring();
+        ring.store("vault-unseal-0", &Secret::from("aa"))
+            .await
+            .expect("store");
+        ring.store("vault-unseal-0", &Secret::from("bb"))
+            .await
+            .expect("replace");
+        assert_eq!(store.raw("vault-unseal-0").len(), 1, "older copy pruned");
+        let back = ring
+            .load("vault-unseal-0")
+            .await
+            .expect("load")
+            .expect("present");
+        assert_eq!(back.expose(), "bb");
+        assert_eq!(ring.load("vault-unseal-1").await.expect("load"), None);
+    }
+
+    #[tokio::test]
+    async fn preflight_writes_only_when_missing_or_unreadable() {
+        let (ring, store, _) = ring();
+        assert_eq!(
+            ring.preflight().await.expect("first"),
+            PreflightOutcome::Written
+        );
+        let puts = store.count("put");
+        assert_eq!(
+            ring.preflight().await.expect("second"),
+            PreflightOutcome::Read
+        );
+        assert_eq!(store.count("put"), puts, "a routine start writes nothing");
+        store.delete_all_for_test(TEST_KEY);
+        store.insert(TEST_KEY, vec![0u8; 7]);
+        assert_eq!(
+            ring.preflight().await.expect("repair"),
+            PreflightOutcome::Written
+        );
+    }
+
+    #[tokio::test]
+    async fn a_value_too_long_for_rsa_fails_at_once_naming_it() {
+        let (ring, store, _) = ring();
+        let long = Secret::new("k".repeat(5000));
+        let err = ring.store("vault-unseal-0", &long).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("vault-unseal-0") && msg.contains("cannot be encrypted"),
+            "{msg}"
+        );
+        assert!(!msg.contains("kkkk"), "{msg}");
+        assert_eq!(store.count("put"), 0);
+    }
+
+    #[tokio::test]
+    async fn foreign_values_are_reported_as_about_the_value() {
+        let (ring, store, _) = ring();
+        store.insert("vault-unseal-0", vec![1u8; 128]);
+        let err = ring.load("vault-unseal-0").await.unwrap_err();
+        assert!(err.is_about_the_value(), "{err}");
+        assert!(err.to_string().contains("vault-unseal-0"));
+    }
+
+    impl MemoryStore {
+        fn delete_all_for_test(&self, name: &str) {
+            futures::executor::block_on(Storage::delete(self, name)).expect("delete");
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! `unseal-init` entry point: parse flags, load the configuration, start logging, and hand
 //! over to the sidecar loop, the one-shot pass, or an `hsm` subcommand. Exit codes: 0 done,
-//! 1 failure, 2 invalid configuration or usage, 3 PIN rejected or blocked (`--once` and
-//! subcommands; the sidecar stays up and waits for a different PIN instead).
+//! 1 failure, 2 invalid configuration or usage (a missing PIN included), 3 PIN rejected or
+//! blocked (`--once` and subcommands; the sidecar stays up and waits for a different PIN
+//! instead).
 
 use clap::Parser;
 use std::io::IsTerminal;
@@ -10,13 +11,18 @@ use std::sync::Arc;
 use unseal_init::cli::{Cli, Command};
 use unseal_init::config::{self, Config, Env, FileConfig};
 use unseal_init::runner::{self, Runner};
+use unseal_init::shutdown::Shutdown;
 use unseal_init::telemetry::{self, Telemetry};
 use unseal_init::vault::VaultClient;
 use unseal_init::{ConfirmationRequired, exit, pcscd, pin, sidecar};
 
 fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // cryptoki logs every vendor-defined mechanism a token lists as an ERROR; they are normal.
+    if let Ok(quiet) = "cryptoki::mechanism=off".parse() {
+        filter = filter.add_directive(quiet);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -36,7 +42,27 @@ fn load_config(cli: &Cli) -> Result<Config, config::ConfigError> {
     config::resolve(file, &cli.overrides, &Env::from_process())
 }
 
-async fn unseal(cfg: Config) -> anyhow::Result<()> {
+/// Turns SIGTERM and Ctrl-C into a stop request. The work is never dropped: it reads the
+/// request where stopping is safe (see [`shutdown`]).
+fn watch_signals(shutdown: Shutdown) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received; stopping once nothing is left half-done"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received; stopping once nothing is left half-done"),
+        }
+        shutdown.request();
+    });
+}
+
+async fn unseal(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let telemetry = Telemetry::new();
     telemetry.heartbeat();
     if !cfg.once {
@@ -46,26 +72,46 @@ async fn unseal(cfg: Config) -> anyhow::Result<()> {
         tracing::info!(address = %addr, "metrics, /healthz and /readyz listening");
     }
     if cfg.hsm.daemon {
-        pcscd::start(cfg.hsm.daemon_socket.clone()).await?;
+        pcscd::start().await?;
     }
     if cfg.once {
-        let (_hsm, keyring) = runner::open_keyring(&cfg, Arc::clone(&telemetry)).await?;
+        let deadline_hit = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Some(limit) = cfg.deadline {
+            let (hit, stop) = (Arc::clone(&deadline_hit), shutdown.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(limit).await;
+                tracing::warn!(deadline = %humantime::format_duration(limit), "deadline reached; stopping once nothing is left half-done");
+                hit.store(true, std::sync::atomic::Ordering::SeqCst);
+                stop.request();
+            });
+        }
+        let opened = runner::open_keyring(
+            &cfg,
+            Arc::clone(&telemetry),
+            &shutdown,
+            Some(cfg.hsm.token_wait_timeout),
+        )
+        .await?;
         let vault = VaultClient::new(&cfg.vault.address, cfg.vault.ca_cert.as_deref())?
             .with_telemetry(Arc::clone(&telemetry));
-        let runner = Runner::new(cfg, vault, keyring, telemetry);
-        runner.preflight().await?;
-        runner.pass(true).await?;
+        let runner = Runner::new(
+            cfg,
+            vault,
+            opened.keyring,
+            Some(opened.hsm),
+            telemetry,
+            shutdown,
+        );
+        runner.start().await?;
+        if runner.pass(true).await? == runner::PassOutcome::Stopped {
+            if deadline_hit.load(std::sync::atomic::Ordering::SeqCst) {
+                anyhow::bail!("Vault was not unsealed within the deadline (--deadline)");
+            }
+            tracing::info!("stopped on request before Vault was unsealed");
+        }
         return Ok(());
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = sidecar::run(cfg, telemetry) => r,
-        _ = term.recv() => {
-            tracing::info!("SIGTERM received, stopping");
-            Ok(())
-        }
-        _ = tokio::signal::ctrl_c() => Ok(()),
-    }
+    sidecar::run(cfg, telemetry, shutdown).await
 }
 
 fn main() -> ExitCode {
@@ -75,18 +121,12 @@ fn main() -> ExitCode {
         Ok(cfg) => cfg,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("error: {e}");
             return ExitCode::from(exit::CONFIG as u8);
         }
     };
-    if cfg.hsm.daemon && cfg.hsm.daemon_socket != std::path::Path::new(config::DEFAULT_PCSCD_SOCKET)
-    {
-        // SAFETY: no other thread exists yet (the runtime starts below); the PC/SC client
-        // library inside the PKCS#11 module reads this to find the supervised pcscd.
-        unsafe { std::env::set_var("PCSCLITE_CSOCK_NAME", &cfg.hsm.daemon_socket) };
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread is enough: every PKCS#11 call runs on the HSM thread, everything else here
+    // waits on the network.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -99,21 +139,24 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match &cli.command {
             Some(Command::Hsm { command }) => unseal_init::commands::run(&cfg, command).await,
-            None => unseal(cfg).await,
+            None => {
+                let shutdown = Shutdown::new();
+                watch_signals(shutdown.clone());
+                unseal(cfg, shutdown).await
+            }
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let code = if pin::pin_failure(&e).is_some() {
-                exit::PIN
-            } else if e.downcast_ref::<ConfirmationRequired>().is_some() {
-                exit::CONFIG
-            } else {
-                exit::FAILURE
+            let code = match pin::pin_failure(&e) {
+                // No PIN at all is a configuration problem, not a refused PIN.
+                Some(pin::PinFailure::Missing) => exit::CONFIG,
+                Some(_) => exit::PIN,
+                None if e.downcast_ref::<ConfirmationRequired>().is_some() => exit::CONFIG,
+                None => exit::FAILURE,
             };
             tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
             ExitCode::from(code as u8)
         }
     }

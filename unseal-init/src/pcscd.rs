@@ -1,9 +1,11 @@
 //! Supervises `pcscd` when `hsm.daemon` is true: OpenSC reaches USB tokens through it.
 //!
-//! pcscd runs in the foreground as a child with its socket inside the container (pcsc-lite's
-//! default `/run/pcscd/pcscd.comm`, or `hsm.daemonSocket`, passed to both sides as
-//! `PCSCLITE_CSOCK_NAME` for pcsc-lite builds that honour it). The module is loaded only once
-//! the socket answers; a crashed pcscd is restarted with backoff.
+//! pcscd runs in the foreground as a child with its socket inside the container, at
+//! pcsc-lite's fixed path `/run/pcscd/pcscd.comm` (Debian's pcscd ignores
+//! `PCSCLITE_CSOCK_NAME` for its own socket, so no other path can work). The module is loaded
+//! only once the socket answers; the token itself may show up later, which the HSM layer waits
+//! for. A crashed pcscd is restarted with backoff. pcscd gets none of this program's secrets
+//! in its environment.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -44,11 +46,16 @@ pub fn program() -> String {
 
 fn spawn(socket: &Path) -> Result<Child, PcscdError> {
     let program = program();
-    Command::new(&program)
-        .arg("--foreground")
-        .env("PCSCLITE_CSOCK_NAME", socket)
-        .kill_on_drop(true)
-        .spawn()
+    let _ = socket;
+    let mut cmd = Command::new(&program);
+    cmd.arg("--foreground").kill_on_drop(true);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("BANK_VAULTS_") {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.env_remove("VAULT_TOKEN");
+    cmd.spawn()
         .map_err(|source| PcscdError::Spawn { program, source })
 }
 
@@ -69,7 +76,8 @@ async fn wait_ready(child: &mut Child, socket: &Path, timeout: Duration) -> Resu
 }
 
 /// Starts pcscd, waits until its socket answers, and keeps it running in the background.
-pub async fn start(socket: PathBuf) -> Result<(), PcscdError> {
+pub async fn start() -> Result<(), PcscdError> {
+    let socket = PathBuf::from(crate::config::DEFAULT_PCSCD_SOCKET);
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).map_err(|source| PcscdError::Dir {
             path: dir.to_owned(),

@@ -14,6 +14,7 @@ use crate::hsm::HsmError;
 use crate::keyring::KeyringError;
 use crate::runner::PassError;
 use crate::secret::Secret;
+use crate::shutdown::Shutdown;
 use crate::storage::StorageError;
 use crate::telemetry::Telemetry;
 use std::path::Path;
@@ -45,30 +46,17 @@ impl PinFailure {
     }
 }
 
-fn keyring_pin_failure(e: &KeyringError) -> Option<PinFailure> {
-    match e {
-        KeyringError::Hsm(h) | KeyringError::Storage(StorageError::Hsm(h)) => h.pin_failure(),
-        _ => None,
-    }
-}
-
-/// The PIN problem behind `err`, if any. The error types wrap [`HsmError`] transparently, so
-/// each wrapper is looked into rather than only the chain's sources.
+/// The PIN problem behind `err`, if any, wherever in the chain the token's error sits.
 pub fn pin_failure(err: &anyhow::Error) -> Option<PinFailure> {
     err.chain().find_map(|e| {
         if let Some(h) = e.downcast_ref::<HsmError>() {
             h.pin_failure()
         } else if let Some(k) = e.downcast_ref::<KeyringError>() {
-            keyring_pin_failure(k)
+            k.pin_failure()
         } else if let Some(p) = e.downcast_ref::<PassError>() {
-            match p {
-                PassError::Keyring(k) | PassError::StoreAfterInit { source: k, .. } => {
-                    keyring_pin_failure(k)
-                }
-                _ => None,
-            }
-        } else if let Some(StorageError::Hsm(h)) = e.downcast_ref::<StorageError>() {
-            h.pin_failure()
+            p.pin_failure()
+        } else if let Some(s) = e.downcast_ref::<StorageError>() {
+            s.hsm().and_then(HsmError::pin_failure)
         } else {
             None
         }
@@ -144,11 +132,20 @@ impl PinMemory {
 /// Waits until `file` holds a PIN worth trying and makes it the one in use; without a file
 /// (PIN given directly), waits for ever. Keeps the liveness heartbeat going meanwhile, so the
 /// container is not restarted (a restart would present the refused PIN again).
-pub async fn wait_for_new_pin(memory: &mut PinMemory, file: Option<&Path>, telemetry: &Telemetry) {
+///
+/// Returns false when a stop was requested meanwhile.
+pub async fn wait_for_new_pin(
+    memory: &mut PinMemory,
+    file: Option<&Path>,
+    telemetry: &Telemetry,
+    shutdown: &Shutdown,
+) -> bool {
     let mut last_note: Option<String> = None;
     loop {
         telemetry.heartbeat();
-        tokio::time::sleep(PIN_FILE_POLL).await;
+        if shutdown.sleep_or_stop(PIN_FILE_POLL).await.is_stop() {
+            return false;
+        }
         let Some(path) = file else {
             continue;
         };
@@ -156,7 +153,7 @@ pub async fn wait_for_new_pin(memory: &mut PinMemory, file: Option<&Path>, telem
             Ok(read) => match memory.consider(read) {
                 Verdict::Try => {
                     tracing::info!(file = %path.display(), "the PIN file changed; logging in with the new PIN");
-                    return;
+                    return true;
                 }
                 Verdict::Unchanged => continue,
                 Verdict::KnownRejected => {

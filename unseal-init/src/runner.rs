@@ -1,18 +1,31 @@
-//! Drives Vault: start-up of the key store, then passes of observe → decide → act, once
-//! (`--once`) or for ever (sidecar). Decisions come from [`crate::unseal::next_step`]; this
-//! file holds the I/O and the ordering guarantees (keys stored before any unseal).
+//! Drives Vault: opening the key store, then passes of observe → decide → act, once
+//! (`--once`) or for ever (sidecar). Decisions come from [`crate::unseal`]; this file holds the
+//! I/O and the ordering guarantees:
+//!
+//! - `sys/init`'s keys are sealed on the host and written to the [`journal`] before anything
+//!   else, stored and verified one by one, and the journal is removed only after the last;
+//!   every pass first finishes a journal it finds.
+//! - Nothing is unsealed before every key is stored.
+//! - A pass with Vault unsealed touches neither the token nor the Kubernetes API.
 
 use crate::config::{Config, Mode};
-use crate::hsm::Hsm;
-use crate::keyring::{Keyring, KeyringError, ROOT_KEY, unseal_key_name};
+use crate::hsm::HsmError;
+use crate::hsm_actor::HsmHandle;
+use crate::journal::{self, EntryAction, Journal, JournalError};
+use crate::keypair;
+use crate::keyring::{Keyring, KeyringError, PreflightOutcome, ROOT_KEY, TEST_KEY};
+use crate::pin::PinFailure;
+use crate::secret::Secret;
 use crate::secret_store::SecretStore;
-use crate::storage::{SharedHsm, Storage};
+use crate::shutdown::Shutdown;
+use crate::storage::Storage;
 use crate::telemetry::Telemetry;
-use crate::unseal::{Observation, Step, VaultView, init_storage_plan, next_step};
+use crate::token_store::TokenStore;
+use crate::unseal::{Observation, Step, VaultView, init_storage_plan, next_step, store_needed};
 use crate::vault::{VaultClient, VaultError};
-use crate::{keypair, secret::Secret};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// Why a pass did not end with Vault unsealed.
@@ -24,18 +37,23 @@ pub enum PassError {
     /// Vault failed.
     #[error(transparent)]
     Vault(#[from] VaultError),
+    /// The init journal could not be read or written.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
     /// Vault is uninitialised but the store holds another Vault's keys.
     #[error(
         "Vault is not initialised but the store already holds {0} unseal key(s), probably of an earlier Vault; refusing to initialise (remove them with `unseal-init hsm delete`, or set options.overwriteExistingKeys)"
     )]
     StaleKeys(usize),
-    /// Not enough keys to unseal.
-    #[error("Vault is sealed and needs {needed} unseal keys but the store holds {found}")]
+    /// Not enough readable keys to unseal.
+    #[error("Vault is sealed and needs {needed} unseal keys but the store holds {found} readable ones{}", unreadable_note(.unreadable))]
     MissingKeys {
         /// Needed.
         needed: u32,
-        /// Found.
+        /// Readable keys found.
         found: usize,
+        /// Keys present but not decryptable.
+        unreadable: Vec<String>,
     },
     /// The stored keys do not unseal this Vault.
     #[error(
@@ -47,50 +65,83 @@ pub enum PassError {
         /// Vault's last answer.
         detail: String,
     },
-    /// Vault was initialised but the keys could not all be stored.
-    #[error("Vault was initialised but storing `{name}` failed: {source}")]
-    StoreAfterInit {
-        /// Key name.
-        name: String,
-        /// Cause.
-        source: KeyringError,
+    /// Vault was initialised and not every key is stored yet; the journal holds the rest.
+    #[error(
+        "Vault was initialised but {} of its keys are not stored yet ({}); they are safe in the init journal {} and the next pass or start stores them: {cause}",
+        .remaining.len(), .remaining.join(", "), .journal.display()
+    )]
+    InitPending {
+        /// Names not stored yet.
+        remaining: Vec<String>,
+        /// The journal holding them.
+        journal: PathBuf,
+        /// Why storing stopped.
+        cause: KeyringError,
     },
+    /// `sys/init` answered with something that cannot be kept whole.
+    #[error("Vault's sys/init answer is not what was asked for: {0}")]
+    InitAnswer(String),
     /// Raft join did not succeed.
     #[error("raft join to {0} did not complete")]
     JoinFailed(String),
 }
 
+fn unreadable_note(names: &[String]) -> String {
+    if names.is_empty() {
+        String::new()
+    } else {
+        format!(" (unreadable: {})", names.join(", "))
+    }
+}
+
 impl PassError {
-    /// True when the token may be in a stale state worth re-opening before the next pass.
-    pub fn suspects_token(&self) -> bool {
-        matches!(
-            self,
-            PassError::MissingKeys { .. }
-                | PassError::Keyring(KeyringError::Hsm(_))
-                | PassError::Keyring(KeyringError::Storage(crate::storage::StorageError::Hsm(_)))
-                | PassError::Keyring(KeyringError::Decrypt { .. })
-        )
+    /// The PIN problem behind this error, if any: the only kind no later pass can fix.
+    pub fn pin_failure(&self) -> Option<PinFailure> {
+        match self {
+            PassError::Keyring(k) | PassError::InitPending { cause: k, .. } => k.pin_failure(),
+            _ => None,
+        }
     }
 
-    /// True when no later pass can succeed without an operator.
-    pub fn is_fatal(&self) -> bool {
+    /// True when the token may be in a stale state worth re-opening before the next pass.
+    pub fn suspects_token(&self) -> bool {
         match self {
-            PassError::Keyring(e) | PassError::StoreAfterInit { source: e, .. } => e.is_fatal(),
+            PassError::MissingKeys { .. } => true,
+            PassError::Keyring(k) | PassError::InitPending { cause: k, .. } => {
+                k.hsm().is_some_and(HsmError::is_transient)
+            }
             _ => false,
         }
     }
 }
 
-/// Opens the token, logs in, finds (or generates) the key pair, picks the scheme and the
-/// storage backend. Blocking: call from a blocking context or accept the short stall.
+/// The token, the key store on it (or in a Secret), and what was found there.
+pub struct Opened {
+    /// The HSM thread.
+    pub hsm: HsmHandle,
+    /// The key store.
+    pub keyring: Keyring,
+}
+
+/// Opens the token (waiting for it: up to `token_wait`, or until `shutdown` without one),
+/// logs in, finds (or generates) the key pair, picks the scheme and the storage backend.
 pub async fn open_keyring(
     cfg: &Config,
     telemetry: Arc<Telemetry>,
-) -> anyhow::Result<(SharedHsm, Keyring)> {
+    shutdown: &Shutdown,
+    token_wait: Option<Duration>,
+) -> anyhow::Result<Opened> {
     use anyhow::Context;
-    let mut hsm = Hsm::open(&cfg.hsm, telemetry)?;
-    hsm.login()?;
-    let (key, info) = keypair::ensure(&mut hsm, cfg.hsm.generate_key)?;
+    let hsm = HsmHandle::start(&cfg.hsm, Arc::clone(&telemetry)).await?;
+    let t = Arc::clone(&telemetry);
+    hsm.wait_for_token(token_wait, shutdown, move |reason| t.token_problem(reason))
+        .await?;
+    // One attempt: a refused PIN must never be presented twice.
+    hsm.with(|h| h.login()).await??;
+    let generate = cfg.hsm.generate_key;
+    let (key, info) = hsm
+        .call("find_key", move |h| keypair::ensure(h, generate))
+        .await?;
     tracing::info!(
         label = info.label,
         id = info.id_hex,
@@ -98,19 +149,23 @@ pub async fn open_keyring(
         "found RSA key pair in HSM"
     );
     tracing::info!("the HSM decrypts only; encrypting on the host with the extracted public key");
-    let scheme = keypair::probe_scheme(&mut hsm, &key)?;
-    let shared: SharedHsm = Arc::new(Mutex::new(hsm));
-    let storage = match (cfg.mode, &cfg.kubernetes) {
-        (Mode::HsmK8s, Some(k)) => {
-            let store = SecretStore::connect(k.namespace.as_deref(), &k.name)
+    let probe_key = key.clone();
+    let scheme = hsm
+        .call("probe_scheme", move |h| {
+            keypair::probe_scheme(h, &probe_key)
+        })
+        .await?;
+    let storage: Arc<dyn Storage> = match (cfg.mode, &cfg.kubernetes) {
+        (Mode::HsmK8s, Some(k)) => Arc::new(
+            SecretStore::connect(k.namespace.as_deref(), &k.name)
                 .await
-                .context("connecting to the Kubernetes API")?;
-            Storage::Kubernetes(Box::new(store))
-        }
-        _ => Storage::Hsm(shared.clone()),
+                .context("connecting to the Kubernetes API")?,
+        ),
+        _ => Arc::new(TokenStore::new(hsm.clone())),
     };
     tracing::info!(storage = storage.kind(), "storage backend");
-    Ok((shared.clone(), Keyring::new(shared, key, scheme, storage)))
+    let keyring = Keyring::new(Arc::new(hsm.clone()), key, scheme, storage);
+    Ok(Opened { hsm, keyring })
 }
 
 /// One Vault, one key store.
@@ -118,8 +173,10 @@ pub struct Runner {
     cfg: Config,
     vault: VaultClient,
     keyring: Keyring,
+    hsm: Option<HsmHandle>,
     telemetry: Arc<Telemetry>,
-    vault_was_up: Mutex<Option<bool>>,
+    shutdown: Shutdown,
+    vault_was_up: Mutex<Option<(bool, Instant)>>,
 }
 
 /// Result of a pass that did not fail.
@@ -129,21 +186,28 @@ pub enum PassOutcome {
     Unsealed,
     /// Vault did not answer.
     VaultUnreachable,
+    /// A stop was requested; nothing is left half-done.
+    Stopped,
 }
 
 impl Runner {
-    /// Builds a runner.
+    /// Builds a runner. `hsm` (when the token is in use) is re-opened after suspicious
+    /// failures.
     pub fn new(
         cfg: Config,
         vault: VaultClient,
         keyring: Keyring,
+        hsm: Option<HsmHandle>,
         telemetry: Arc<Telemetry>,
+        shutdown: Shutdown,
     ) -> Self {
         Self {
             cfg,
             vault,
             keyring,
+            hsm,
             telemetry,
+            shutdown,
             vault_was_up: Mutex::new(None),
         }
     }
@@ -161,7 +225,9 @@ impl Runner {
             .is_some_and(|l| l.trim_end_matches('/') != self.vault.address())
     }
 
-    async fn observe(&self) -> Result<Observation, PassError> {
+    /// Vault's status and, when a decision needs it, the unseal key names in the store (kept
+    /// for the unseal that may follow, so the token is listed once per pass).
+    async fn observe(&self) -> Result<(Observation, Vec<String>), PassError> {
         let vault = match self.vault.seal_status().await {
             Ok(s) => {
                 self.telemetry.vault_status(s.initialized, s.sealed);
@@ -179,56 +245,84 @@ impl Runner {
             }
             Err(e) => return Err(e.into()),
         };
-        Ok(Observation {
+        let follower = self.raft_follower();
+        let names = if store_needed(vault, follower) {
+            Some(self.keyring.unseal_keys().await?)
+        } else {
+            None
+        };
+        let obs = Observation {
             vault,
-            stored_keys: self.keyring.unseal_key_count().await?,
-            raft_follower: self.raft_follower(),
+            stored_keys: names.as_ref().map(Vec::len),
+            raft_follower: follower,
             overwrite_existing_keys: self.cfg.options.overwrite_existing_keys,
-        })
+        };
+        Ok((obs, names.unwrap_or_default()))
     }
 
-    /// Logs reachability changes once instead of on every poll.
+    /// Logs reachability changes once (with the whole cause) instead of on every poll, and a
+    /// reminder every minute while Vault stays unreachable.
     fn note_vault_up(&self, up: bool, err: Option<&VaultError>) {
         if let Ok(mut was) = self.vault_was_up.lock() {
-            if *was != Some(up) {
-                match (up, err) {
-                    (true, _) => {
-                        tracing::info!(address = self.vault.address(), "Vault API is answering")
-                    }
-                    (false, Some(e)) => tracing::info!(reason = %e, "waiting for Vault's API"),
-                    (false, None) => {}
+            let now = Instant::now();
+            match (*was, up, err) {
+                (Some((true, _)), true, _) => return,
+                (_, true, _) => {
+                    tracing::info!(address = self.vault.address(), "Vault API is answering")
                 }
-                *was = Some(up);
-            } else if let Some(e) = err {
-                tracing::debug!(reason = %e, "Vault still unreachable");
+                (Some((false, since)), false, Some(e)) => {
+                    if now - since < Duration::from_secs(60) {
+                        tracing::debug!(reason = %e, "Vault still unreachable");
+                        return;
+                    }
+                    tracing::info!(reason = %e, "still waiting for Vault's API");
+                }
+                (_, false, Some(e)) => tracing::info!(reason = %e, "waiting for Vault's API"),
+                (_, false, None) => {}
             }
+            *was = Some((up, now));
         }
     }
 
-    /// Pre-flight check of the key store.
-    pub async fn preflight(&self) -> Result<(), PassError> {
+    /// What a start does before anything else: finish an init journal, then the pre-flight
+    /// check of the key store.
+    pub async fn start(&self) -> Result<(), PassError> {
+        self.finish_journal().await?;
         if self.cfg.options.pre_flight_checks {
-            self.keyring.preflight().await?;
-            tracing::info!(
-                key = crate::keyring::TEST_KEY,
-                "pre-flight check passed: written, read back and decrypted"
-            );
+            match self.keyring.preflight().await? {
+                PreflightOutcome::Read => tracing::info!(
+                    key = TEST_KEY,
+                    "pre-flight check passed: read and decrypted"
+                ),
+                PreflightOutcome::Written => tracing::info!(
+                    key = TEST_KEY,
+                    "pre-flight check passed: written, read back and decrypted"
+                ),
+            }
         }
         Ok(())
     }
 
     /// One pass: act until Vault is unsealed, or report why not. With `wait`, an unreachable
-    /// Vault is polled with backoff instead of ending the pass.
+    /// Vault is polled with backoff instead of ending the pass. Ends early (`Stopped`) when a
+    /// stop was requested, but never between `sys/init` and the journal.
     pub async fn pass(&self, wait: bool) -> Result<PassOutcome, PassError> {
         let mut backoff = Duration::from_millis(200);
         let mut joined = false;
+        self.finish_journal().await?;
         loop {
-            let obs = self.observe().await?;
+            if self.shutdown.requested() {
+                return Ok(PassOutcome::Stopped);
+            }
+            let (obs, names) = self.observe().await?;
             let step = next_step(&obs);
             tracing::debug!(?step, "next step");
             match step {
                 Step::WaitForVault if wait => {
-                    tokio::time::sleep(backoff).await;
+                    self.telemetry.heartbeat();
+                    if self.shutdown.sleep_or_stop(backoff).await.is_stop() {
+                        return Ok(PassOutcome::Stopped);
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
                 Step::WaitForVault => return Ok(PassOutcome::VaultUnreachable),
@@ -248,7 +342,7 @@ impl Runner {
                     joined = true;
                 }
                 Step::Unseal { threshold } => {
-                    let result = self.unseal(threshold as usize).await;
+                    let result = self.unseal(threshold as usize, &names).await;
                     self.telemetry.unseal_attempt(result.is_ok());
                     match result {
                         Err(PassError::Vault(VaultError::Unreachable { .. })) if wait => continue,
@@ -257,55 +351,189 @@ impl Runner {
                 }
                 Step::RefuseStaleKeys { found } => return Err(PassError::StaleKeys(found)),
                 Step::MissingKeys { needed, found } => {
-                    return Err(PassError::MissingKeys { needed, found });
+                    return Err(PassError::MissingKeys {
+                        needed,
+                        found,
+                        unreadable: Vec::new(),
+                    });
                 }
+            }
+        }
+    }
+
+    fn journal_dir(&self) -> &std::path::Path {
+        &self.cfg.journal_dir
+    }
+
+    /// Stores whatever an earlier run left in the init journal, then removes it.
+    pub async fn finish_journal(&self) -> Result<(), PassError> {
+        let Some(j) = journal::read(self.journal_dir())? else {
+            return Ok(());
+        };
+        tracing::info!(
+            path = %journal::path(self.journal_dir()).display(),
+            entries = j.entries.len(),
+            vault = j.vault.as_str(),
+            "resuming init journal"
+        );
+        self.complete(&j).await
+    }
+
+    /// Stores every journal entry, verifying each, and removes the journal after the last.
+    /// A failing store (a stick pulled, the API server away) is retried for up to
+    /// `hsm.tokenWaitTimeout`; after that, or on a PIN problem or a stop request, the journal
+    /// stays for the next pass or start.
+    async fn complete(&self, j: &Journal) -> Result<(), PassError> {
+        let give_up = Instant::now() + self.cfg.hsm.token_wait_timeout;
+        for (i, entry) in j.entries.iter().enumerate() {
+            let mut delay = Duration::from_millis(500);
+            let mut attempt = 1;
+            loop {
+                self.telemetry.heartbeat();
+                let cause = match self.store_entry(&entry.name, &entry.sealed).await {
+                    Ok(()) => break,
+                    Err(cause) => cause,
+                };
+                let remaining: Vec<String> =
+                    j.entries[i..].iter().map(|e| e.name.clone()).collect();
+                let retry = cause.pin_failure().is_none()
+                    && !self.shutdown.requested()
+                    && Instant::now() + delay < give_up;
+                if !retry {
+                    if self.shutdown.requested() {
+                        tracing::warn!(
+                            remaining = remaining.join(", ").as_str(),
+                            "stopping with keys not stored yet; they are safe in the init journal"
+                        );
+                    }
+                    return Err(PassError::InitPending {
+                        remaining,
+                        journal: journal::path(self.journal_dir()),
+                        cause,
+                    });
+                }
+                tracing::error!(
+                    key = entry.name.as_str(),
+                    attempt,
+                    error = %cause,
+                    retry_in = ?delay,
+                    "storing a key of the just-initialised Vault failed; it is safe in the init journal; retrying until it succeeds"
+                );
+                if self.shutdown.sleep_or_stop(delay).await.is_stop() {
+                    continue;
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+                attempt += 1;
+            }
+            if entry.name == ROOT_KEY {
+                tracing::info!(key = entry.name.as_str(), "root token stored in key store");
+            } else {
+                tracing::info!(key = entry.name.as_str(), "unseal key stored in key store");
+            }
+        }
+        journal::remove(self.journal_dir())?;
+        tracing::info!("init journal complete; removed");
+        Ok(())
+    }
+
+    async fn store_entry(&self, name: &str, sealed: &[u8]) -> Result<(), KeyringError> {
+        let stored = self.keyring.storage().get(name).await?;
+        match journal::entry_action(stored.as_deref(), sealed) {
+            EntryAction::KeepNewer => {
+                tracing::warn!(
+                    key = name,
+                    "the store holds a value written after the init journal; keeping it"
+                );
+                Ok(())
+            }
+            EntryAction::AlreadyStored | EntryAction::Write => {
+                self.keyring.store_sealed(name, sealed, None).await
             }
         }
     }
 
     async fn initialize(&self) -> Result<(), PassError> {
         let o = self.cfg.options;
+        // Before Vault hands out keys, make sure they will have somewhere durable to go.
+        journal::check_writable(self.journal_dir())?;
         tracing::info!(
             shares = o.secret_shares,
             threshold = o.secret_threshold,
             "initializing vault"
         );
+        // Never raced against a stop request or a timeout: dropping this request would not
+        // stop Vault from initialising, and its answer is the only copy of the keys.
         let result = self.vault.init(o.secret_shares, o.secret_threshold).await?;
         self.telemetry.vault_init();
-        let shares = result.keys.len();
-        let mut secrets: Vec<Secret> = result.keys;
-        if o.store_root_token {
-            secrets.push(result.root_token);
+        tracing::info!(
+            keys = result.keys.len(),
+            "sys/init answered; encrypting the keys on the host"
+        );
+        let problems = result.problems(o.secret_shares);
+        let mut values: Vec<&Secret> = result.keys.iter().collect();
+        if o.store_root_token && !result.root_token.is_empty() {
+            values.push(&result.root_token);
         }
-        let plan = init_storage_plan(shares, o.store_root_token);
-        // Vault no longer has these secrets and this process holds the only copy: storing
-        // never gives up on a non-fatal failure (a re-plugged stick, a Kubernetes API
-        // outage), and the loop keeps /healthz alive so the container is not restarted.
-        for (name, value) in plan.iter().zip(secrets.iter()) {
-            let mut delay = Duration::from_millis(500);
-            let mut attempt = 1;
-            loop {
-                self.telemetry.heartbeat();
-                match self.keyring.store(name, value).await {
-                    Ok(()) => break,
-                    Err(e) if !e.is_fatal() => {
-                        tracing::error!(key = name.as_str(), attempt, error = %e, retry_in = ?delay, "storing a key of the just-initialised Vault failed; retrying until it succeeds");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(30));
-                        attempt += 1;
-                    }
-                    Err(source) => {
-                        return Err(PassError::StoreAfterInit {
-                            name: name.clone(),
-                            source,
-                        });
-                    }
-                }
+        let plan = init_storage_plan(result.keys.len(), o.store_root_token);
+        let mut entries = Vec::with_capacity(values.len());
+        let mut unsealable = Vec::new();
+        for (name, value) in plan.iter().zip(values) {
+            match self.keyring.seal(name, value) {
+                Ok(sealed) => entries.push(journal::Entry {
+                    name: name.clone(),
+                    sealed,
+                }),
+                Err(e) => unsealable.push(e.to_string()),
             }
-            if name == ROOT_KEY {
-                tracing::info!(key = name.as_str(), "root token stored in key store");
-            } else {
-                tracing::info!(key = name.as_str(), "unseal key stored in key store");
+        }
+        // The clear values are not needed any more; dropping zeroes them.
+        drop(result);
+        let j = Journal {
+            vault: self.vault.address().to_owned(),
+            created_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
+            entries,
+        };
+        if !j.entries.is_empty() {
+            let path = journal::write(self.journal_dir(), &j)?;
+            tracing::info!(path = %path.display(), entries = j.entries.len(), "init journal written");
+        }
+        if !problems.is_empty() || !unsealable.is_empty() {
+            let all: Vec<String> = problems.into_iter().chain(unsealable).collect();
+            tracing::error!(
+                problems = all.join("; ").as_str(),
+                "Vault's sys/init answer does not match the request; every key it returned that could be encrypted is being stored"
+            );
+            if !j.entries.is_empty() {
+                self.complete(&j).await?;
+            }
+            return Err(PassError::InitAnswer(all.join("; ")));
+        }
+        self.complete(&j).await?;
+        if o.overwrite_existing_keys {
+            self.remove_stale_keys(usize::from(o.secret_shares)).await?;
+        }
+        Ok(())
+    }
+
+    /// After an init that replaced an earlier Vault's keys, removes that Vault's
+    /// `vault-unseal-N` beyond the new share count: they unseal nothing any more.
+    async fn remove_stale_keys(&self, shares: usize) -> Result<(), PassError> {
+        for name in self.keyring.unseal_keys().await? {
+            if crate::keyring::unseal_key_index(&name).is_some_and(|i| i >= shares) {
+                let removed = self
+                    .keyring
+                    .storage()
+                    .delete(&name)
+                    .await
+                    .map_err(KeyringError::from)?;
+                tracing::info!(
+                    key = name.as_str(),
+                    removed,
+                    "removed an earlier Vault's unseal key"
+                );
             }
         }
         Ok(())
@@ -339,25 +567,27 @@ impl Runner {
         Err(PassError::JoinFailed(leader))
     }
 
-    async fn unseal(&self, threshold: usize) -> Result<(), PassError> {
+    /// Submits stored keys until Vault is unsealed: any `threshold` readable keys will do, so
+    /// one unreadable value (corrupted, written with another key) does not block the rest.
+    async fn unseal(&self, threshold: usize, names: &[String]) -> Result<(), PassError> {
         tracing::info!("vault is sealed, unsealing");
         self.vault.unseal_reset().await?;
-        let stored = self.keyring.unseal_key_count().await?;
         let mut submitted = 0;
+        let mut unreadable = Vec::new();
         let mut last = String::from("no answer");
-        for i in 0..stored {
+        for name in names {
             if submitted == threshold {
                 break;
             }
-            let name = unseal_key_name(i);
-            let key = match self.keyring.load(&name).await {
+            let key = match self.keyring.load(name).await {
                 Ok(Some(k)) => k,
                 Ok(None) => continue,
-                Err(e) if e.is_fatal() => return Err(e.into()),
-                Err(e) => {
+                Err(e) if e.is_about_the_value() => {
                     tracing::warn!(key = name.as_str(), error = %e, "skipping unreadable unseal key");
+                    unreadable.push(name.clone());
                     continue;
                 }
+                Err(e) => return Err(e.into()),
             };
             submitted += 1;
             match self.vault.unseal(&key).await {
@@ -380,9 +610,11 @@ impl Runner {
             }
         }
         if submitted < threshold {
+            let _ = self.vault.unseal_reset().await;
             return Err(PassError::MissingKeys {
-                needed: threshold as u32,
+                needed: u32::try_from(threshold).unwrap_or(u32::MAX),
                 found: submitted,
+                unreadable,
             });
         }
         // A raft follower finishes joining after the last key and only then reports unsealed.
@@ -404,30 +636,42 @@ impl Runner {
         })
     }
 
-    /// Sidecar mode: a pass every `unsealPeriod` for ever; returns only on a fatal error.
-    pub async fn watch(&self) -> anyhow::Result<()> {
+    /// Sidecar mode: a pass every `unsealPeriod` until a stop is requested; returns early only
+    /// on a PIN problem (which the caller waits out).
+    pub async fn watch(&self) -> Result<(), PassError> {
         let period = self.cfg.unseal_period;
         self.telemetry
             .set_liveness_window(period * 3 + Duration::from_secs(60));
-        let mut last_error: Option<String> = None;
+        let mut last_error: Option<(String, Instant)> = None;
         loop {
             self.telemetry.heartbeat();
             match self.pass(false).await {
-                Ok(_) => last_error = None,
-                Err(e) if e.is_fatal() => return Err(e.into()),
+                Ok(PassOutcome::Stopped) => return Ok(()),
+                Ok(_) => {
+                    if last_error.take().is_some() {
+                        tracing::info!("unseal pass succeeded again");
+                    }
+                }
+                Err(e) if e.pin_failure().is_some() => return Err(e),
                 Err(e) => {
-                    if e.suspects_token() {
-                        self.keyring.reopen_token();
+                    if e.suspects_token()
+                        && let Some(hsm) = &self.hsm
+                    {
+                        let _ = hsm.with(|h| h.reset_session()).await;
                     }
                     let text = e.to_string();
-                    if last_error.as_deref() != Some(text.as_str()) {
+                    let now = Instant::now();
+                    let repeat = matches!(&last_error, Some((t, at)) if *t == text && now - *at < Duration::from_secs(300));
+                    if !repeat {
                         tracing::error!(error = %text, "unseal pass failed; retrying every unsealPeriod");
+                        last_error = Some((text, now));
                     }
-                    last_error = Some(text);
                 }
             }
             self.telemetry.heartbeat();
-            tokio::time::sleep(period).await;
+            if self.shutdown.sleep_or_stop(period).await.is_stop() {
+                return Ok(());
+            }
         }
     }
 }

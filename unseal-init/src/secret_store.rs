@@ -10,6 +10,10 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
+use crate::storage::{Storage, StorageError};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
 /// Kubernetes API failures, with the Secret named.
 #[derive(Debug, Error)]
 #[error("Kubernetes Secret {namespace}/{name}: {action} failed: {source}")]
@@ -79,13 +83,30 @@ impl SecretStore {
         Ok(self.data().await?.into_keys().collect())
     }
 
-    /// Sets `key` to `value`, creating the Secret if needed.
+    /// Sets `key` to `value`, creating the Secret if needed. Several pods may start at once
+    /// with no Secret yet: a create that finds it already created (409) means another pod
+    /// won the race, so the patch is simply tried again.
     pub async fn put(&self, key: &str, value: &[u8]) -> Result<(), SecretStoreError> {
         let encoded = base64::engine::general_purpose::STANDARD.encode(value);
         let patch = serde_json::json!({ "data": { key: encoded } });
+        for _ in 0..3 {
+            match self.try_put(key, value, &patch).await {
+                Err(e) if matches!(&e.source, kube::Error::Api(s) if s.code == 409) => continue,
+                other => return other,
+            }
+        }
+        self.try_put(key, value, &patch).await
+    }
+
+    async fn try_put(
+        &self,
+        key: &str,
+        value: &[u8],
+        patch: &serde_json::Value,
+    ) -> Result<(), SecretStoreError> {
         match self
             .api
-            .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(patch))
             .await
         {
             Ok(_) => Ok(()),
@@ -126,5 +147,40 @@ impl SecretStore {
             .await
             .map_err(|e| self.err("patch", e))?;
         Ok(true)
+    }
+}
+
+impl Storage for SecretStore {
+    fn kind(&self) -> &'static str {
+        "Kubernetes Secret"
+    }
+
+    fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, StorageError>> {
+        async move { Ok(SecretStore::get(self, name).await?) }.boxed()
+    }
+
+    fn put<'a>(
+        &'a self,
+        name: &'a str,
+        value: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        async move { Ok(SecretStore::put(self, name, value).await?) }.boxed()
+    }
+
+    fn prune<'a>(
+        &'a self,
+        _name: &'a str,
+        _keep: &'a [u8],
+    ) -> BoxFuture<'a, Result<usize, StorageError>> {
+        // A data key holds one value: a merge patch replaces it atomically.
+        async { Ok(0) }.boxed()
+    }
+
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<usize, StorageError>> {
+        async move { Ok(usize::from(SecretStore::delete(self, name).await?)) }.boxed()
+    }
+
+    fn names(&self) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
+        async move { Ok(self.keys().await?) }.boxed()
     }
 }

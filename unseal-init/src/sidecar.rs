@@ -1,32 +1,51 @@
-//! Sidecar mode's lifetime: open the token, pre-flight, then pass after pass — and, when the
-//! token refuses the user PIN, stay up instead of exiting.
+//! Sidecar mode's lifetime: open the token, finish any init journal, pre-flight, then pass
+//! after pass — staying up when the token refuses the PIN or is not there yet.
 //!
 //! Exiting would hand the decision to the kubelet, which restarts a native sidecar and so
 //! presents the same wrong PIN again until the token blocks it. Here a refused PIN makes the
 //! sidecar unready (with the reason on `/readyz` and in `unseal_init_hsm_pin_rejected`) while
-//! it stays live, and it logs in again only with a different PIN ([`crate::pin`]).
+//! it stays live, and it logs in again only with a different PIN ([`crate::pin`]). A missing
+//! token is waited for the same way: a stick can be plugged in at any time.
 
 use crate::config::Config;
 use crate::pin::{self, PinMemory};
 use crate::runner::{self, Runner};
+use crate::shutdown::Shutdown;
 use crate::telemetry::Telemetry;
 use crate::vault::VaultClient;
 use std::sync::Arc;
+use std::time::Duration;
 
-/// Runs until a failure that is not about the PIN; PIN failures are waited out.
-pub async fn run(mut cfg: Config, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
+/// Runs until a stop is requested or a failure no waiting can fix; PIN failures and a lost
+/// token are waited out.
+pub async fn run(
+    mut cfg: Config,
+    telemetry: Arc<Telemetry>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let mut pins = PinMemory::new(cfg.hsm.pin.take());
     let pin_file = cfg.hsm.pin_file.clone();
+    let mut pause = Duration::from_secs(1);
     loop {
         cfg.hsm.pin = pins.in_use().cloned();
-        let result = session(&cfg, &telemetry).await;
+        let result = session(&cfg, &telemetry, &shutdown).await;
         // Everything holding this PIN (token session, keyring, runner) is gone by now.
         cfg.hsm.pin = None;
         let err = match result {
             Ok(()) => return Ok(()),
+            Err(_) if shutdown.requested() => return Ok(()),
             Err(e) => e,
         };
         let Some(failure) = pin::pin_failure(&err) else {
+            if transient(&err) {
+                tracing::warn!(error = %format!("{err:#}"), retry_in = ?pause, "the HSM token is unavailable; opening it again");
+                telemetry.token_problem(Some("HSM token unavailable"));
+                if shutdown.sleep_or_stop(pause).await.is_stop() {
+                    return Ok(());
+                }
+                pause = (pause * 2).min(Duration::from_secs(30));
+                continue;
+            }
             return Err(err);
         };
         pins.failed(failure);
@@ -45,17 +64,43 @@ pub async fn run(mut cfg: Config, telemetry: Arc<Telemetry>) -> anyhow::Result<(
             error = %format!("{err:#}"),
             "cannot log in to the HSM and will not retry this PIN; {waiting} (/readyz reports not ready meanwhile)"
         );
-        pin::wait_for_new_pin(&mut pins, pin_file.as_deref(), &telemetry).await;
+        if !pin::wait_for_new_pin(&mut pins, pin_file.as_deref(), &telemetry, &shutdown).await {
+            return Ok(());
+        }
         telemetry.pin_problem(None);
     }
 }
 
-/// One logged-in session: token and key store, pre-flight, then the pass loop.
-async fn session(cfg: &Config, telemetry: &Arc<Telemetry>) -> anyhow::Result<()> {
-    let (_hsm, keyring) = runner::open_keyring(cfg, Arc::clone(telemetry)).await?;
+/// True when the token was there and went away (or its module needs re-opening): worth
+/// another try rather than an exit.
+fn transient(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<crate::hsm::HsmError>()
+            .is_some_and(crate::hsm::HsmError::is_transient)
+            || e.downcast_ref::<runner::PassError>()
+                .is_some_and(runner::PassError::suspects_token)
+    })
+}
+
+/// One logged-in session: token and key store, journal and pre-flight, then the pass loop.
+async fn session(
+    cfg: &Config,
+    telemetry: &Arc<Telemetry>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let opened = runner::open_keyring(cfg, Arc::clone(telemetry), shutdown, None).await?;
+    telemetry.token_problem(None);
     let vault = VaultClient::new(&cfg.vault.address, cfg.vault.ca_cert.as_deref())?
         .with_telemetry(Arc::clone(telemetry));
-    let runner = Runner::new(cfg.clone(), vault, keyring, Arc::clone(telemetry));
-    runner.preflight().await?;
-    runner.watch().await
+    let runner = Runner::new(
+        cfg.clone(),
+        vault,
+        opened.keyring,
+        Some(opened.hsm),
+        Arc::clone(telemetry),
+        shutdown.clone(),
+    );
+    runner.start().await?;
+    runner.watch().await?;
+    Ok(())
 }

@@ -1,10 +1,10 @@
-//! Where ciphertext lives: data objects on the token (mode `hsm`) or a Kubernetes Secret
-//! (mode `hsm-k8s`). One interface for both, so the Vault flow does not care.
+//! Where ciphertext lives: data objects on the token (mode `hsm`, [`crate::token_store`]) or a
+//! Kubernetes Secret (mode `hsm-k8s`, [`crate::secret_store`]). One trait for both, so the
+//! key ring and the Vault flow do not care, and can be tested against [`memory::MemoryStore`].
 
-use crate::hsm::{Hsm, HsmError};
-use crate::secret_store::{SecretStore, SecretStoreError};
-use crate::token_store;
-use std::sync::{Arc, Mutex};
+use crate::hsm::HsmError;
+use crate::secret_store::SecretStoreError;
+use futures::future::BoxFuture;
 use thiserror::Error;
 
 /// A storage failure.
@@ -16,9 +16,6 @@ pub enum StorageError {
     /// Kubernetes failure.
     #[error(transparent)]
     Kubernetes(Box<SecretStoreError>),
-    /// The shared token handle was poisoned by a panic elsewhere.
-    #[error("HSM session lock poisoned")]
-    Poisoned,
 }
 
 impl From<SecretStoreError> for StorageError {
@@ -27,86 +24,164 @@ impl From<SecretStoreError> for StorageError {
     }
 }
 
-/// The token, shared between storage and decryption.
-pub type SharedHsm = Arc<Mutex<Hsm>>;
-
-/// Locks the shared token.
-pub fn lock(hsm: &SharedHsm) -> Result<std::sync::MutexGuard<'_, Hsm>, StorageError> {
-    hsm.lock().map_err(|_| StorageError::Poisoned)
+impl StorageError {
+    /// The token error behind this one, if any.
+    pub fn hsm(&self) -> Option<&HsmError> {
+        match self {
+            StorageError::Hsm(h) => Some(h),
+            StorageError::Kubernetes(_) => None,
+        }
+    }
 }
 
-/// The configured storage backend.
-#[derive(Clone)]
-pub enum Storage {
-    /// Data objects on the token.
-    Hsm(SharedHsm),
-    /// A Kubernetes Secret.
-    Kubernetes(Box<SecretStore>),
-}
-
-impl Storage {
+/// A named store of ciphertext values.
+pub trait Storage: Send + Sync {
     /// Short name for logs.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Storage::Hsm(_) => "HSM data objects",
-            Storage::Kubernetes(_) => "Kubernetes Secret",
-        }
-    }
+    fn kind(&self) -> &'static str;
 
-    /// The stored bytes under `name`.
-    pub async fn get(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        match self {
-            Storage::Hsm(h) => Ok(token_store::get(&mut *lock(h)?, name)?),
-            Storage::Kubernetes(s) => Ok(s.get(name).await?),
-        }
-    }
+    /// The stored bytes under `name` (the newest, if an interrupted replace left two).
+    fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, StorageError>>;
 
     /// Writes `value` under `name` without removing an older value yet.
-    pub async fn put(&self, name: &str, value: &[u8]) -> Result<(), StorageError> {
-        match self {
-            Storage::Hsm(h) => Ok(token_store::put(&mut *lock(h)?, name, value)?),
-            Storage::Kubernetes(s) => Ok(s.put(name, value).await?),
-        }
-    }
+    fn put<'a>(&'a self, name: &'a str, value: &'a [u8])
+    -> BoxFuture<'a, Result<(), StorageError>>;
 
-    /// Removes any value under `name` other than `keep` (left by a replace).
-    pub async fn prune(&self, name: &str, keep: &[u8]) -> Result<(), StorageError> {
-        match self {
-            Storage::Hsm(h) => {
-                let removed = token_store::prune(&mut *lock(h)?, name, keep)?;
-                if removed > 0 {
-                    tracing::info!(key = name, removed, "replaced older copy");
-                }
-                Ok(())
-            }
-            Storage::Kubernetes(_) => Ok(()),
-        }
-    }
-
-    /// Whether anything is stored under `name`.
-    pub async fn exists(&self, name: &str) -> Result<bool, StorageError> {
-        Ok(self.get(name).await?.is_some())
-    }
+    /// Removes any value under `name` other than `keep` (left by a replace); returns how many.
+    fn prune<'a>(
+        &'a self,
+        name: &'a str,
+        keep: &'a [u8],
+    ) -> BoxFuture<'a, Result<usize, StorageError>>;
 
     /// Deletes everything under `name`; returns how many values went.
-    pub async fn delete(&self, name: &str) -> Result<usize, StorageError> {
-        match self {
-            Storage::Hsm(h) => Ok(token_store::delete(&mut *lock(h)?, name)?),
-            Storage::Kubernetes(s) => Ok(usize::from(s.delete(name).await?)),
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<usize, StorageError>>;
+
+    /// Every stored name, sorted, duplicates collapsed. Reads no values.
+    fn names(&self) -> BoxFuture<'_, Result<Vec<String>, StorageError>>;
+}
+
+/// An in-memory store for unit tests of the key ring and the Vault flow.
+pub mod memory {
+    use super::{Storage, StorageError};
+    use futures::FutureExt;
+    use futures::future::BoxFuture;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    /// Values by name, with every operation counted.
+    #[derive(Default)]
+    pub struct MemoryStore {
+        values: Mutex<BTreeMap<String, Vec<Vec<u8>>>>,
+        ops: Mutex<BTreeMap<&'static str, usize>>,
+    }
+
+    impl MemoryStore {
+        /// An empty store.
+        pub fn new() -> Self {
+            Self::default()
+        }
+
+        /// How many times `op` ran.
+        pub fn count(&self, op: &'static str) -> usize {
+            self.ops
+                .lock()
+                .map(|o| o.get(op).copied().unwrap_or(0))
+                .unwrap_or(0)
+        }
+
+        /// Every value stored under `name`, oldest first.
+        pub fn raw(&self, name: &str) -> Vec<Vec<u8>> {
+            self.values
+                .lock()
+                .map(|v| v.get(name).cloned().unwrap_or_default())
+                .unwrap_or_default()
+        }
+
+        /// Stores `value` directly (as another program would have).
+        pub fn insert(&self, name: &str, value: Vec<u8>) {
+            if let Ok(mut v) = self.values.lock() {
+                v.entry(name.to_owned()).or_default().push(value);
+            }
+        }
+
+        fn note(&self, op: &'static str) {
+            if let Ok(mut o) = self.ops.lock() {
+                *o.entry(op).or_default() += 1;
+            }
         }
     }
 
-    /// Every stored name (duplicates collapsed).
-    pub async fn names(&self) -> Result<Vec<String>, StorageError> {
-        let mut names = match self {
-            Storage::Hsm(h) => token_store::list(&mut *lock(h)?)?
-                .into_iter()
-                .map(|(l, _)| l)
-                .collect(),
-            Storage::Kubernetes(s) => s.keys().await?,
-        };
-        names.sort();
-        names.dedup();
-        Ok(names)
+    impl Storage for MemoryStore {
+        fn kind(&self) -> &'static str {
+            "memory"
+        }
+
+        fn get<'a>(
+            &'a self,
+            name: &'a str,
+        ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StorageError>> {
+            self.note("get");
+            let newest = self
+                .values
+                .lock()
+                .ok()
+                .and_then(|v| v.get(name).and_then(|all| all.last().cloned()));
+            async move { Ok(newest) }.boxed()
+        }
+
+        fn put<'a>(
+            &'a self,
+            name: &'a str,
+            value: &'a [u8],
+        ) -> BoxFuture<'a, Result<(), StorageError>> {
+            self.note("put");
+            self.insert(name, value.to_vec());
+            async { Ok(()) }.boxed()
+        }
+
+        fn prune<'a>(
+            &'a self,
+            name: &'a str,
+            keep: &'a [u8],
+        ) -> BoxFuture<'a, Result<usize, StorageError>> {
+            self.note("prune");
+            let mut removed = 0;
+            if let Ok(mut v) = self.values.lock()
+                && let Some(all) = v.get_mut(name)
+            {
+                let before = all.len();
+                all.retain(|x| x == keep);
+                all.truncate(1);
+                removed = before - all.len();
+            }
+            async move { Ok(removed) }.boxed()
+        }
+
+        fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<usize, StorageError>> {
+            self.note("delete");
+            let removed = self
+                .values
+                .lock()
+                .ok()
+                .and_then(|mut v| v.remove(name))
+                .map(|all| all.len())
+                .unwrap_or(0);
+            async move { Ok(removed) }.boxed()
+        }
+
+        fn names(&self) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
+            self.note("names");
+            let names = self
+                .values
+                .lock()
+                .map(|v| {
+                    v.iter()
+                        .filter(|(_, all)| !all.is_empty())
+                        .map(|(k, _)| k.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            async move { Ok(names) }.boxed()
+        }
     }
 }

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Label set naming an HSM operation.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,15 +66,12 @@ pub struct Telemetry {
     vault_totals: Mutex<BTreeMap<&'static str, OpTotals>>,
     ready: AtomicBool,
     pin_problem: Mutex<Option<&'static str>>,
+    token_problem: Mutex<Option<&'static str>>,
+    /// Milliseconds since `born` at the last heartbeat: a monotonic clock, so an NTP step
+    /// never makes the process look dead.
     heartbeat_ms: AtomicU64,
+    born: Instant,
     liveness_window: Mutex<Duration>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Telemetry {
@@ -152,7 +149,9 @@ impl Telemetry {
             vault_totals: Mutex::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
             pin_problem: Mutex::new(None),
-            heartbeat_ms: AtomicU64::new(now_ms()),
+            token_problem: Mutex::new(None),
+            heartbeat_ms: AtomicU64::new(0),
+            born: Instant::now(),
             liveness_window: Mutex::new(Duration::from_secs(60)),
         })
     }
@@ -198,6 +197,17 @@ impl Telemetry {
         self.hsm_login_attempts.inc();
     }
 
+    fn uptime_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Records that the token is not there (`Some(reason)`, shown on `/readyz`) or is back.
+    pub fn token_problem(&self, reason: Option<&'static str>) {
+        if let Ok(mut p) = self.token_problem.lock() {
+            *p = reason;
+        }
+    }
+
     /// Records that no login is possible with the PIN in use (`Some(reason)`, shown on
     /// `/readyz`) or that a new PIN is being tried (`None`).
     pub fn pin_problem(&self, reason: Option<&'static str>) {
@@ -241,7 +251,7 @@ impl Telemetry {
 
     /// The main loop calls this every pass; `/healthz` fails when it stops.
     pub fn heartbeat(&self) {
-        self.heartbeat_ms.store(now_ms(), Ordering::SeqCst);
+        self.heartbeat_ms.store(self.uptime_ms(), Ordering::SeqCst);
     }
 
     /// How long the loop may be silent before `/healthz` fails.
@@ -258,7 +268,9 @@ impl Telemetry {
             .lock()
             .map(|w| *w)
             .unwrap_or(Duration::from_secs(60));
-        let age = now_ms().saturating_sub(self.heartbeat_ms.load(Ordering::SeqCst));
+        let age = self
+            .uptime_ms()
+            .saturating_sub(self.heartbeat_ms.load(Ordering::SeqCst));
         Duration::from_millis(age) <= window
     }
 
@@ -271,6 +283,9 @@ impl Telemetry {
     /// unsealed, but this sidecar can no longer unseal it again.
     pub fn not_ready_reason(&self) -> Option<&'static str> {
         if let Some(reason) = self.pin_problem.lock().ok().and_then(|p| *p) {
+            return Some(reason);
+        }
+        if let Some(reason) = self.token_problem.lock().ok().and_then(|p| *p) {
             return Some(reason);
         }
         if self.ready.load(Ordering::SeqCst) {
@@ -405,7 +420,8 @@ mod tests {
         t.heartbeat();
         assert!(t.alive());
         t.set_liveness_window(Duration::ZERO);
-        t.heartbeat_ms.store(0, Ordering::SeqCst);
+        // The heartbeat is on a monotonic clock: any time after it is "too late" here.
+        std::thread::sleep(Duration::from_millis(2));
         assert!(!t.alive());
     }
 }

@@ -4,17 +4,29 @@
 //! name, CKA_VALUE = the stored bytes. A replace writes the new object first and removes the
 //! old ones only after the caller verified the new one ([`prune`]), so a crash leaves at most
 //! a duplicate, never nothing; readers pick the newest duplicate by the format's write stamp.
+//!
+//! The functions taking `&mut Hsm` run on the HSM thread; [`TokenStore`] is the
+//! [`Storage`] that sends them there. Every text attribute goes through
+//! [`crate::hsm::text_attr`], because OpenSC reads some of them as C strings.
 
 use crate::envelope;
-use crate::hsm::{Hsm, HsmError};
+use crate::hsm::{Hsm, HsmError, text_attr};
+use crate::hsm_actor::HsmHandle;
+use crate::storage::{Storage, StorageError};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
+fn by_name(name: &str) -> [Attribute; 2] {
+    [
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Label(text_attr(name.as_bytes())),
+    ]
+}
 
 fn find(session: &Session, name: &str) -> cryptoki::error::Result<Vec<(ObjectHandle, Vec<u8>)>> {
-    let handles = session.find_objects(&[
-        Attribute::Class(ObjectClass::DATA),
-        Attribute::Label(name.as_bytes().to_vec()),
-    ])?;
+    let handles = session.find_objects(&by_name(name))?;
     let mut out = Vec::with_capacity(handles.len());
     for h in handles {
         let value = session
@@ -49,15 +61,12 @@ pub fn get(hsm: &mut Hsm, name: &str) -> Result<Option<Vec<u8>>, HsmError> {
 /// Number of objects stored under `name`.
 pub fn count(hsm: &mut Hsm, name: &str) -> Result<usize, HsmError> {
     hsm.run("find_objects", |s, _, _| {
-        Ok(s.find_objects(&[
-            Attribute::Class(ObjectClass::DATA),
-            Attribute::Label(name.as_bytes().to_vec()),
-        ])?
-        .len())
+        Ok(s.find_objects(&by_name(name))?.len())
     })
 }
 
-/// Writes a new object under `name` and reads it back; older objects stay until [`prune`].
+/// Writes a new object under `name`; older objects stay until [`prune`]. The caller reads it
+/// back to verify.
 pub fn put(hsm: &mut Hsm, name: &str, value: &[u8]) -> Result<(), HsmError> {
     hsm.run("create_object", |s, _, _| {
         s.create_object(&[
@@ -65,19 +74,12 @@ pub fn put(hsm: &mut Hsm, name: &str, value: &[u8]) -> Result<(), HsmError> {
             Attribute::Token(true),
             Attribute::Private(true),
             Attribute::Modifiable(true),
-            Attribute::Label(name.as_bytes().to_vec()),
-            Attribute::Application(name.as_bytes().to_vec()),
+            Attribute::Label(text_attr(name.as_bytes())),
+            Attribute::Application(text_attr(name.as_bytes())),
             Attribute::Value(value.to_vec()),
         ])
     })?;
-    let found = hsm.run("read_object", |s, _, _| find(s, name))?;
-    if found.iter().any(|(_, v)| v == value) {
-        Ok(())
-    } else {
-        Err(HsmError::Other(format!(
-            "object `{name}` was written but reading it back did not return the written value"
-        )))
-    }
+    Ok(())
 }
 
 /// Removes every object under `name` except one holding `keep`.
@@ -107,6 +109,101 @@ pub fn delete(hsm: &mut Hsm, name: &str) -> Result<usize, HsmError> {
         }
         Ok(found.len())
     })
+}
+
+/// Labels of all data objects, duplicates included, without reading any value (a value read
+/// is card I/O on a real stick).
+pub fn labels(hsm: &mut Hsm) -> Result<Vec<String>, HsmError> {
+    hsm.run("list_objects", |s, _, _| {
+        let handles = s.find_objects(&[Attribute::Class(ObjectClass::DATA)])?;
+        let mut out = Vec::with_capacity(handles.len());
+        for h in handles {
+            for a in s.get_attributes(h, &[AttributeType::Label])? {
+                if let Attribute::Label(l) = a {
+                    out.push(String::from_utf8_lossy(&l).into_owned());
+                }
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// The token's data objects as a [`Storage`], through the HSM thread.
+#[derive(Clone)]
+pub struct TokenStore {
+    hsm: HsmHandle,
+}
+
+impl TokenStore {
+    /// A store on the token behind `hsm`.
+    pub fn new(hsm: HsmHandle) -> Self {
+        Self { hsm }
+    }
+}
+
+impl Storage for TokenStore {
+    fn kind(&self) -> &'static str {
+        "HSM data objects"
+    }
+
+    fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, StorageError>> {
+        let name = name.to_owned();
+        async move { Ok(self.hsm.call("read_object", move |h| get(h, &name)).await?) }.boxed()
+    }
+
+    fn put<'a>(
+        &'a self,
+        name: &'a str,
+        value: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        let (name, value) = (name.to_owned(), value.to_vec());
+        async move {
+            // Not retried blindly: a write that failed half-way may have created the object,
+            // and the caller verifies and prunes anyway.
+            Ok(self
+                .hsm
+                .call("create_object", move |h| put(h, &name, &value))
+                .await?)
+        }
+        .boxed()
+    }
+
+    fn prune<'a>(
+        &'a self,
+        name: &'a str,
+        keep: &'a [u8],
+    ) -> BoxFuture<'a, Result<usize, StorageError>> {
+        let (name, keep) = (name.to_owned(), keep.to_vec());
+        async move {
+            let removed = self
+                .hsm
+                .call("prune_objects", move |h| prune(h, &name, &keep))
+                .await?;
+            Ok(removed)
+        }
+        .boxed()
+    }
+
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<usize, StorageError>> {
+        let name = name.to_owned();
+        async move {
+            Ok(self
+                .hsm
+                .call("destroy_object", move |h| delete(h, &name))
+                .await?)
+        }
+        .boxed()
+    }
+
+    fn names(&self) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
+        async move {
+            let mut names = self.hsm.call("list_objects", labels).await?;
+            names.sort();
+            names.dedup();
+            Ok(names)
+        }
+        .boxed()
+    }
 }
 
 /// All data objects as (label, value), in token order.

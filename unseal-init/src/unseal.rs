@@ -6,8 +6,9 @@
 pub struct Observation {
     /// Vault's status, or `None` when it did not answer.
     pub vault: Option<VaultView>,
-    /// Consecutive `vault-unseal-N` keys in the store.
-    pub stored_keys: usize,
+    /// `vault-unseal-N` keys in the store; `None` when the store was not looked at because
+    /// no decision needs it (see [`store_needed`]).
+    pub stored_keys: Option<usize>,
     /// A raft leader address is configured (this Vault is a follower).
     pub raft_follower: bool,
     /// Stale keys may be overwritten by a new init.
@@ -55,28 +56,36 @@ pub enum Step {
     },
 }
 
+/// Whether deciding needs to know what the store holds. An unsealed Vault needs nothing from
+/// the store (nor does a follower about to join), so a watch pass then costs the token — and
+/// the Kubernetes API — nothing.
+pub fn store_needed(vault: Option<VaultView>, raft_follower: bool) -> bool {
+    match vault {
+        None => false,
+        Some(v) if v.initialized => v.sealed,
+        Some(_) => !raft_follower,
+    }
+}
+
 /// Decides the next step.
 pub fn next_step(obs: &Observation) -> Step {
     let Some(v) = obs.vault else {
         return Step::WaitForVault;
     };
+    let stored_keys = obs.stored_keys.unwrap_or(0);
     match (v.initialized, v.sealed) {
         (true, false) => Step::Done,
         (false, _) if obs.raft_follower => Step::JoinRaft,
-        (false, _) if obs.stored_keys > 0 && !obs.overwrite_existing_keys => {
-            Step::RefuseStaleKeys {
-                found: obs.stored_keys,
-            }
+        (false, _) if stored_keys > 0 && !obs.overwrite_existing_keys => {
+            Step::RefuseStaleKeys { found: stored_keys }
         }
         (false, _) => Step::Initialize,
-        (true, true) if obs.stored_keys >= v.threshold as usize && v.threshold > 0 => {
-            Step::Unseal {
-                threshold: v.threshold,
-            }
-        }
+        (true, true) if stored_keys >= v.threshold as usize && v.threshold > 0 => Step::Unseal {
+            threshold: v.threshold,
+        },
         (true, true) => Step::MissingKeys {
             needed: v.threshold,
-            found: obs.stored_keys,
+            found: stored_keys,
         },
     }
 }
@@ -102,7 +111,7 @@ mod tests {
                 sealed,
                 threshold,
             }),
-            stored_keys: stored,
+            stored_keys: Some(stored),
             raft_follower: false,
             overwrite_existing_keys: false,
         }
@@ -145,6 +154,29 @@ mod tests {
     fn unsealed_vault_needs_nothing() {
         assert_eq!(next_step(&obs(Some((true, false, 3)), 5)), Step::Done);
         assert_eq!(next_step(&obs(Some((true, false, 3)), 0)), Step::Done);
+        let mut o = obs(Some((true, false, 3)), 0);
+        o.stored_keys = None;
+        assert_eq!(next_step(&o), Step::Done);
+    }
+
+    #[test]
+    fn the_store_is_read_only_when_a_decision_needs_it() {
+        let v = |initialized, sealed| {
+            Some(VaultView {
+                initialized,
+                sealed,
+                threshold: 3,
+            })
+        };
+        assert!(!store_needed(v(true, false), false), "unsealed: idle");
+        assert!(!store_needed(None, false), "unreachable: wait");
+        assert!(store_needed(v(true, true), false), "sealed: keys");
+        assert!(
+            store_needed(v(false, true), false),
+            "uninitialised: stale keys?"
+        );
+        assert!(!store_needed(v(false, true), true), "follower joins first");
+        assert!(store_needed(v(true, true), true), "joined follower unseals");
     }
 
     #[test]

@@ -72,10 +72,62 @@ pub struct InitResult {
     pub root_token: Secret,
 }
 
+impl InitResult {
+    /// What does not match the request: number of keys, key format, an empty root token.
+    /// Pure; the caller keeps whatever came back regardless, since it exists nowhere else.
+    pub fn problems(&self, shares: u8) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.keys.len() != usize::from(shares) {
+            out.push(format!(
+                "asked for {shares} unseal keys, Vault returned {}",
+                self.keys.len()
+            ));
+        }
+        for (i, k) in self.keys.iter().enumerate() {
+            let v = k.expose();
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                out.push(format!(
+                    "unseal key {i} is not a hex string ({} characters)",
+                    v.len()
+                ));
+            }
+        }
+        if self.root_token.is_empty() {
+            out.push("the root token is empty".to_owned());
+        }
+        out
+    }
+}
+
 #[derive(Deserialize)]
 struct InitBody {
+    #[serde(default)]
     keys: Vec<String>,
+    #[serde(default)]
     root_token: String,
+}
+
+/// Largest response body read from Vault: its answers are small, and a misbehaving server or
+/// proxy must not be able to make this process allocate without bound.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// Time allowed for every request except `sys/init`.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The error and every cause below it, on one line (reqwest's own message omits the cause:
+/// connection refused, certificate rejected, timed out).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 #[derive(Deserialize)]
@@ -99,11 +151,11 @@ pub struct VaultClient {
 }
 
 impl VaultClient {
-    /// Builds a client; `ca_cert` is a PEM bundle trusted in addition to the system roots.
+    /// Builds a client; with `ca_cert` (a PEM bundle, like Vault's `VAULT_CACERT`) only
+    /// that CA is trusted. There is no client-wide timeout: every request sets its own, and
+    /// `sys/init` has none (abandoning it would lose the keys Vault hands out).
     pub fn new(address: &str, ca_cert: Option<&Path>) -> Result<Self, VaultError> {
-        let mut builder = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(5));
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
         if let Some(path) = ca_cert {
             let ca_err = |reason: String| VaultError::CaCert {
                 path: path.display().to_string(),
@@ -115,6 +167,7 @@ impl VaultClient {
             if certs.is_empty() {
                 return Err(ca_err("no PEM certificate found".to_owned()));
             }
+            builder = builder.tls_built_in_root_certs(false);
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
@@ -149,9 +202,13 @@ impl VaultClient {
     }
 
     fn unreachable(&self, e: reqwest::Error) -> VaultError {
+        let mut reason = error_chain(&e);
+        if e.is_timeout() && !reason.contains("timed out") {
+            reason.push_str(" (timed out)");
+        }
         VaultError::Unreachable {
             address: self.address.clone(),
-            reason: e.to_string(),
+            reason,
         }
     }
 
@@ -163,19 +220,37 @@ impl VaultClient {
     ) -> Result<bytes_body::Body, VaultError> {
         let start = std::time::Instant::now();
         let result = async {
-            let resp = req.send().await?;
+            let mut resp = req.send().await?;
             let status = resp.status();
-            Ok::<_, reqwest::Error>((status, resp.bytes().await?))
+            let mut body = bytes_body::Body(Vec::new());
+            while let Some(chunk) = resp.chunk().await? {
+                if body.0.len() + chunk.len() > MAX_BODY {
+                    return Ok(Err(status));
+                }
+                body.0.extend_from_slice(&chunk);
+            }
+            Ok::<_, reqwest::Error>(Ok((status, body)))
         }
         .await;
         if let Some(t) = &self.telemetry {
             t.vault_request(endpoint, start.elapsed());
         }
-        let (status, body) = result.map_err(|e| self.unreachable(e))?;
+        let (status, body) = match result.map_err(|e| self.unreachable(e))? {
+            Ok(answer) => answer,
+            Err(status) => {
+                return Err(VaultError::Body {
+                    endpoint,
+                    reason: format!(
+                        "HTTP {} with a body larger than {MAX_BODY} bytes; not read further",
+                        status.as_u16()
+                    ),
+                });
+            }
+        };
         if !status.is_success() {
-            let message = match serde_json::from_slice::<ErrorsBody>(&body) {
+            let message = match serde_json::from_slice::<ErrorsBody>(&body.0) {
                 Ok(b) if !b.errors.is_empty() => b.errors.join("; "),
-                _ if echo_body => String::from_utf8_lossy(&body).into_owned(),
+                _ if echo_body => String::from_utf8_lossy(&body.0).into_owned(),
                 _ => "(body withheld)".to_owned(),
             };
             return Err(VaultError::Status {
@@ -184,7 +259,7 @@ impl VaultClient {
                 message,
             });
         }
-        Ok(bytes_body::Body(body.to_vec()))
+        Ok(body)
     }
 
     /// `GET sys/seal-status`.
@@ -192,7 +267,9 @@ impl VaultClient {
         let body = self
             .send(
                 "sys/seal-status",
-                self.http.get(self.url("sys/seal-status")),
+                self.http
+                    .get(self.url("sys/seal-status"))
+                    .timeout(REQUEST_TIMEOUT),
                 true,
             )
             .await?;
@@ -202,7 +279,9 @@ impl VaultClient {
         })
     }
 
-    /// `PUT sys/init`; the response holds the unseal keys and root token.
+    /// `PUT sys/init`; the response holds the unseal keys and root token. No timeout: the
+    /// request is never abandoned, because Vault initialises whether or not anyone is still
+    /// listening for its answer.
     pub async fn init(&self, shares: u8, threshold: u8) -> Result<InitResult, VaultError> {
         let req = self
             .http
@@ -227,6 +306,7 @@ impl VaultClient {
         let req = self
             .http
             .put(self.url("sys/unseal"))
+            .timeout(REQUEST_TIMEOUT)
             .json(&serde_json::json!({ "reset": true }));
         let body = self.send("sys/unseal", req, true).await?;
         serde_json::from_slice(&body.0).map_err(|e| VaultError::Body {
@@ -248,6 +328,7 @@ impl VaultClient {
         let req = self
             .http
             .put(self.url("sys/unseal"))
+            .timeout(REQUEST_TIMEOUT)
             .header("content-type", "application/json")
             .body(body.as_bytes().to_vec());
         let body = self.send("sys/unseal", req, false).await?;
@@ -270,6 +351,7 @@ impl VaultClient {
         let req = self
             .http
             .put(self.url("sys/storage/raft/join"))
+            .timeout(REQUEST_TIMEOUT)
             .json(&payload);
         let body = self.send("sys/storage/raft/join", req, true).await?;
         let parsed: JoinBody = serde_json::from_slice(&body.0).map_err(|e| VaultError::Body {
@@ -277,6 +359,65 @@ impl VaultClient {
             reason: e.to_string(),
         })?;
         Ok(parsed.joined)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_answers_are_checked_against_the_request() {
+        let ok = InitResult {
+            keys: vec![Secret::from("ab12"), Secret::from("cd34")],
+            root_token: Secret::from("s.token"),
+        };
+        assert!(ok.problems(2).is_empty());
+        let problems = ok.problems(3);
+        assert_eq!(problems, ["asked for 3 unseal keys, Vault returned 2"]);
+        let bad = InitResult {
+            keys: vec![Secret::from("not hex!")],
+            root_token: Secret::from(""),
+        };
+        let problems = bad.problems(1).join("; ");
+        assert!(
+            problems.contains("unseal key 0 is not a hex string"),
+            "{problems}"
+        );
+        assert!(problems.contains("root token is empty"), "{problems}");
+        assert!(
+            !problems.contains("not hex!"),
+            "the value itself is never shown"
+        );
+    }
+
+    #[derive(Debug)]
+    struct Outer(Inner);
+    #[derive(Debug)]
+    struct Inner;
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("error sending request")
+        }
+    }
+    impl std::fmt::Display for Inner {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("connection refused")
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+    impl std::error::Error for Inner {}
+
+    #[test]
+    fn unreachable_reasons_carry_their_cause() {
+        assert_eq!(
+            error_chain(&Outer(Inner)),
+            "error sending request: connection refused"
+        );
     }
 }
 

@@ -246,14 +246,18 @@ fn wrong_slot_or_label_lists_what_was_seen() {
     let (hsm, bao, dir) = peers();
     let config = write_config(dir.path(), &hsm, &bao.address(), "");
     let mut cmd = command(&hsm);
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("--once")
-        .args(["--hsm-slot-id", "4242"]);
+    cmd.arg("--config").arg(&config).arg("--once").args([
+        "--hsm-slot-id",
+        "4242",
+        "--hsm-token-wait-timeout",
+        "1s",
+    ]);
     let r = run(cmd, Duration::from_secs(30));
     assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(r.text.contains("waiting for the HSM token"), "{}", r.text);
     assert!(
-        r.text.contains("no HSM slot matches slotId 4242"),
+        r.text
+            .contains("no HSM slot matches slotId 4242 after waiting 1s"),
         "{}",
         r.text
     );
@@ -265,7 +269,8 @@ fn wrong_slot_or_label_lists_what_was_seen() {
     std::fs::write(
         &cfg_label,
         format!(
-            "vault:\n  address: {}\nhsm:\n  modulePath: {}\n  tokenLabel: \"bank-vaults (UserPIN)\"\n  pin: {USER_PIN}\n",
+            "journalDir: {}\nvault:\n  address: {}\nhsm:\n  modulePath: {}\n  tokenLabel: \"bank-vaults (UserPIN)\"\n  pin: {USER_PIN}\n",
+            journal_dir(dir.path()).display(),
             bao.address(),
             hsm.module().display()
         ),
@@ -281,7 +286,8 @@ fn wrong_slot_or_label_lists_what_was_seen() {
     std::fs::write(
         &cfg_label,
         format!(
-            "vault:\n  address: {}\nhsm:\n  modulePath: {}\n  tokenLabel: nokey\n  pin: {USER_PIN}\n",
+            "journalDir: {}\nvault:\n  address: {}\nhsm:\n  modulePath: {}\n  tokenLabel: nokey\n  tokenWaitTimeout: 1s\n  pin: {USER_PIN}\n",
+            journal_dir(dir.path()).display(),
             bao.address(),
             hsm.module().display()
         ),
@@ -405,15 +411,20 @@ fn openbao_killed_between_storage_and_unseal_is_unsealed_by_the_same_run() {
 fn token_unplugged_while_storing_the_new_keys_loses_nothing() {
     let (hsm, bao, dir) = peers();
     let hsm = std::sync::Arc::new(hsm);
-    let unplugged = hsm.clone();
+    // The proxy's thread outlives the test; a strong reference in its hook would keep the
+    // token's temporary directory (test keys included) from ever being removed.
+    let unplugged = std::sync::Arc::downgrade(&hsm);
     let proxy = proxy::start(
         &bao.address(),
         "PUT /v1/sys/init",
         Action::HookAfterResponse,
         move || {
+            let Some(token) = unplugged.upgrade() else {
+                return;
+            };
             // The answer to sys/init is delivered only after the token has gone.
-            unplugged.unplug().expect("unplug");
-            let back = unplugged.clone();
+            token.unplug().expect("unplug");
+            let back = token;
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_secs(3));
                 back.reinsert().expect("reinsert");
@@ -470,7 +481,73 @@ fn sidecar_unseals_once_an_unplugged_token_is_back() {
     let out = child.wait_with_output().expect("output");
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("unseal pass failed"), "{log}");
-    assert!(log.contains("HSM session lost, re-opening"), "{log}");
+    assert!(log.contains("HSM token unavailable; re-opening"), "{log}");
     // Every login used the PIN that worked; none was rejected.
     assert!(!log.contains("CKR_PIN_INCORRECT"), "{log}");
+}
+
+/// Answers every request with a 200 status and an endless body, the way a broken proxy or a
+/// hostile endpoint might; returns its address.
+fn endless_body_server() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf);
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 200000000\r\n\r\n";
+                if stream.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let chunk = vec![b' '; 64 * 1024];
+                // Until the client hangs up (or 200 MB went out).
+                for _ in 0..(200_000_000 / chunk.len()) {
+                    if stream.write_all(&chunk).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn an_endless_vault_answer_is_cut_off_and_a_deadline_ends_the_run() {
+    let hsm = SoftHsm::new().expect("token");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vault = endless_body_server();
+    let config = write_config(dir.path(), &hsm, &vault, "");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config").arg(&config).arg("--once");
+    let r = run(cmd, Duration::from_secs(60));
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(
+        r.text.contains("larger than 1048576 bytes"),
+        "the oversized body was not refused:\n{}",
+        r.text
+    );
+    // Nothing was initialised, so no journal was ever written.
+    assert!(!journal_dir(dir.path()).join("init-journal.json").exists());
+
+    // A Vault that never answers: --deadline ends the run, saying so, instead of waiting for
+    // ever.
+    let closed = format!(
+        "http://127.0.0.1:{}",
+        nitrokey_e2e::openbao::free_port().expect("port")
+    );
+    let config = write_config(dir.path(), &hsm, &closed, "");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["--once", "--deadline", "2s"]);
+    let started = std::time::Instant::now();
+    let r = run(cmd, Duration::from_secs(60));
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(r.text.contains("within the deadline"), "{}", r.text);
+    assert!(r.text.contains("Connect"), "the cause is named: {}", r.text);
+    assert!(started.elapsed() < Duration::from_secs(30));
 }

@@ -117,7 +117,8 @@ fn raft_follower_joins_the_leader_and_is_unsealed_with_the_same_keys() {
     std::fs::write(
         &follower_cfg,
         format!(
-            "vault:\n  address: {}\n  raftLeaderAddress: {}\nhsm:\n  modulePath: {}\n  slotId: {}\n  pin: banzai\n",
+            "journalDir: {}\nvault:\n  address: {}\n  raftLeaderAddress: {}\nhsm:\n  modulePath: {}\n  slotId: {}\n  pin: banzai\n",
+            journal_dir(follower_dir.path()).display(),
             follower.address(),
             leader.address(),
             hsm.module().display(),

@@ -170,17 +170,29 @@ fn stale_keys_block_a_new_init_unless_overwrite_is_allowed() {
         "old keys must be untouched"
     );
 
-    // Explicitly allowed: the keys are replaced, one object per name, and unseal works.
+    // Explicitly allowed, with fewer shares than before: the keys are replaced, one object per
+    // name, the earlier Vault's surplus keys are removed, and unseal works.
     let mut cmd = command(&hsm);
     cmd.arg("--config")
         .arg(&config)
         .arg("--once")
-        .arg("--overwrite-existing-keys");
+        .arg("--overwrite-existing-keys")
+        .args(["--secret-shares", "3", "--secret-threshold", "2"]);
     let r = run(cmd, Duration::from_secs(60));
     assert_eq!(r.code, Some(0), "{}", r.text);
     let mut labels = hsm.data_labels().expect("labels");
     labels.sort();
-    assert_eq!(labels, default_names());
+    let mut want: Vec<String> = default_names()
+        .into_iter()
+        .filter(|n| n != "vault-unseal-3" && n != "vault-unseal-4")
+        .collect();
+    want.sort();
+    assert_eq!(labels, want, "{}", r.text);
+    assert!(
+        r.text.contains("removed an earlier Vault's unseal key"),
+        "{}",
+        r.text
+    );
     assert_ne!(decrypt_stored(&hsm, "vault-root"), old_root);
     assert!(!fresh.seal_status().expect("status").sealed);
 }

@@ -3,13 +3,14 @@ ui            = true
 # Integrated storage memory-maps its database; mlock would pin all of it.
 disable_mlock = true
 
-# unseal-init reaches the API on 127.0.0.1:8200 inside the pod. TLS is off to keep the example
-# short; in production mount a certificate, set tls_cert_file/tls_key_file here, use https in
-# unseal-init's vault.address and point vault.caCert at the CA.
+# TLS from the Secret vault-tls (deploy/README.md, "TLS"): unseal-init in the same pod, the
+# raft peers and every client check this certificate against its ca.crt.
 listener "tcp" {
   address         = "0.0.0.0:8200"
   cluster_address = "0.0.0.0:8201"
-  tls_disable     = true
+  tls_cert_file   = "/vault/tls/tls.crt"
+  tls_key_file    = "/vault/tls/tls.key"
+  tls_min_version = "tls12"
 }
 
 # Raft: node id, API and cluster addresses come from VAULT_RAFT_NODE_ID, VAULT_API_ADDR and

@@ -37,7 +37,8 @@ pub struct Plugin {
 }
 
 impl Plugin {
-    /// Starts the plugin under `testbed` on `dir` with `--grace-period 2s`, RUST_LOG=debug and
+    /// Starts the plugin under `testbed` on `dir` with `--grace-period 2s`, `--node-labels
+    /// none`, RUST_LOG=debug and
     /// the extra `args` (later flags win).
     pub fn start(testbed: &Testbed, dir: &Path, args: &[&str]) -> Plugin {
         Self::start_with_env(testbed, dir, args, &[])
@@ -67,6 +68,9 @@ impl Plugin {
             .arg(metrics_address.to_string())
             .arg("--grace-period")
             .arg("2s")
+            // Never the host's NFD directory; tests of node labels choose their own.
+            .arg("--node-labels")
+            .arg("none")
             .args(args)
             .env("RUST_LOG", "debug,h2=info,tower=info,hyper_util=info")
             .envs(env.iter().copied())

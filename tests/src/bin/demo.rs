@@ -1,7 +1,7 @@
 //! The local end-to-end demo: the whole mission on one machine, with no hardware and no
 //! cluster, using the same real stand-ins as the tests.
 //!
-//! 1. a SoftHSM2 token set up like the seed's freshly initialised stick;
+//! 1. a SoftHSM2 token set up like a freshly initialised stick;
 //! 2. an emulated Nitrokey HSM on USB (umockdev), so libusb in the device plugin finds it;
 //! 3. the device plugin registering `nitrokey.com/hsm` with a kubelet stand-in, then a stick
 //!    unplugged and plugged in again;
@@ -9,7 +9,8 @@
 //! 5. `unseal-init --once` initialising and unsealing it, keys stored on the token;
 //! 6. the token's objects and OpenBao's seal status.
 //!
-//! Every process it starts is stopped when it ends, also on Ctrl-C or SIGTERM.
+//! Every process it starts is stopped when it ends, also on Ctrl-C (exit status 130, no
+//! helper's traceback) or SIGTERM (143).
 
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -29,30 +30,84 @@ const SERIAL: &str = "DENK01234567";
 /// How long any one step may take before the demo gives up.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Exit status after Ctrl-C, as a shell reports a program ended by SIGINT (128 + 2).
+const EXIT_INTERRUPTED: u8 = 130;
+/// Exit status after SIGTERM (128 + 15).
+const EXIT_TERMINATED: u8 = 143;
+
+/// Resolves when the demo is asked to stop; names the signal and the exit status that goes
+/// with it.
+async fn stop_requested() -> (&'static str, u8) {
+    let mut term = signal(SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => ("Ctrl-C", EXIT_INTERRUPTED),
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => ("SIGTERM", EXIT_TERMINATED),
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let interrupted = async {
-        let mut term = signal(SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => "Ctrl-C",
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => "SIGTERM",
-        }
-    };
+    // Listen before anything is started, so a signal can never find the demo deaf.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        let _ = stop_tx.send(Some(stop_requested().await));
+    });
+    let stopped = |rx: &tokio::sync::watch::Receiver<_>| *rx.borrow();
     // Dropping `run` on a signal drops every harness it holds, which stops their processes.
     let outcome = tokio::select! {
-        result = run() => result,
-        name = interrupted => Err(anyhow::anyhow!("interrupted by {name}")),
+        biased;
+        Ok(()) = stop_rx.changed() => Err(None),
+        result = run() => result.map_err(Some),
+    };
+    let outcome = match outcome {
+        // Ctrl-C reaches the whole foreground process group: a helper the demo was waiting on
+        // can die of it a moment before the runtime reports the signal to the demo itself.
+        Err(Some(error)) => {
+            let reported = tokio::time::timeout(Duration::from_millis(500), async {
+                while stopped(&stop_rx).is_none() && stop_rx.changed().await.is_ok() {}
+            })
+            .await;
+            match reported {
+                Ok(()) if stopped(&stop_rx).is_some() => Err(None),
+                _ => Err(Some(error)),
+            }
+        }
+        other => other,
     };
     match outcome {
         Ok(()) => {
             println!("\nDone. Every process the demo started has been stopped.");
             ExitCode::SUCCESS
         }
-        Err(error) => {
+        Err(None) => {
+            let (name, code) = stopped(&stop_rx).unwrap_or(("a signal", EXIT_INTERRUPTED));
+            eprintln!("\ninterrupted ({name}). Every process the demo started has been stopped.");
+            ExitCode::from(code)
+        }
+        Err(Some(error)) => {
             eprintln!("\ndemo failed: {error:#}");
             eprintln!("Every process the demo started has been stopped.");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Runs `f` with SIGINT ignored, so that processes it starts inherit the ignored disposition:
+/// the emulated-USB helper is a Python program that the terminal's Ctrl-C would otherwise
+/// end with a traceback, while the demo stops it in order itself.
+fn with_sigint_ignored<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigaction(2) with a zeroed, then filled struct; the previous action is put back
+    // unchanged, so the runtime's handler keeps working afterwards.
+    unsafe {
+        let mut ignore: libc::sigaction = std::mem::zeroed();
+        ignore.sa_sigaction = libc::SIG_IGN;
+        let mut previous: libc::sigaction = std::mem::zeroed();
+        let saved = libc::sigaction(libc::SIGINT, &ignore, &mut previous) == 0;
+        let result = f();
+        if saved {
+            libc::sigaction(libc::SIGINT, &previous, std::ptr::null_mut());
+        }
+        result
     }
 }
 
@@ -73,7 +128,7 @@ async fn forward(stream: impl tokio::io::AsyncRead + Unpin) -> std::io::Result<(
     Ok(())
 }
 
-/// Orders object labels as the manual recipe lists them: test value, unseal keys, root token.
+/// Orders object labels the way Bank-Vaults writes them: test value, unseal keys, root token.
 fn label_order(label: &str) -> (u8, u32, String) {
     match label.strip_prefix("vault-unseal-").map(str::parse::<u32>) {
         _ if label == "vault-test" => (0, 0, String::new()),
@@ -103,7 +158,7 @@ async fn run() -> anyhow::Result<()> {
 
     step(
         1,
-        "HSM token: SoftHSM2, initialised like the stick in the manual recipe",
+        "HSM token: SoftHSM2, initialised like a fresh NitroKey HSM stick",
     );
     let token = tokio::task::spawn_blocking(SoftHsm::new).await??;
     detail(format!(
@@ -117,7 +172,7 @@ async fn run() -> anyhow::Result<()> {
         2,
         "USB: an emulated Nitrokey HSM (umockdev), seen by libusb",
     );
-    let testbed = Testbed::new()?;
+    let testbed = with_sigint_ignored(Testbed::new)?;
     let stick = testbed.add_nitrokey_hsm(SERIAL, 1, 2)?;
     detail(format!(
         "20a0:4230 serial {SERIAL} plugged in at {}",
@@ -139,9 +194,13 @@ async fn run() -> anyhow::Result<()> {
         .arg(&plugin_dir)
         .arg("--metrics-address")
         .arg(format!("127.0.0.1:{metrics_port}"))
+        // No cluster here: no pod-resources socket to ask, no node to label.
+        .args(["--node-labels", "none", "--on-replug", "none"])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
+        // Its own process group: the terminal's Ctrl-C is the demo's to handle, in order.
+        .process_group(0)
         .kill_on_drop(true);
     let mut plugin = command.spawn().context("starting device-plugin")?;
     let show_plugin_log = || std::fs::read_to_string(&plugin_log).unwrap_or_default();
@@ -242,12 +301,15 @@ async fn run() -> anyhow::Result<()> {
         .arg(token.slot_id().to_string())
         .arg("--hsm-key-label")
         .arg(softhsm::KEY_LABEL)
+        .arg("--journal-dir")
+        .arg(work.path().join("unseal-init-journal"))
         .arg("--metrics-address")
         .arg(format!("127.0.0.1:{}", openbao::free_port()?))
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true);
     let mut child = command.spawn().context("starting unseal-init")?;
     let stdout = child.stdout.take().context("unseal-init stdout")?;

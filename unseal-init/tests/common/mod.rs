@@ -4,8 +4,10 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod kube_api;
 pub mod proxy;
+pub mod stick;
 
 use nitrokey_e2e::openbao::OpenBao;
 use nitrokey_e2e::softhsm::{Padding, SoftHsm, USER_PIN};
@@ -25,11 +27,18 @@ pub fn default_names() -> Vec<String> {
     names
 }
 
-/// Writes a configuration file in `dir` for `hsm` and `bao` plus `extra` YAML lines.
+/// The init journal directory every config written by [`write_config`] in `dir` uses.
+pub fn journal_dir(dir: &Path) -> PathBuf {
+    dir.join("journal")
+}
+
+/// Writes a configuration file in `dir` for `hsm` and `bao` plus `extra` YAML lines; the init
+/// journal goes to [`journal_dir`].
 pub fn write_config(dir: &Path, hsm: &SoftHsm, vault: &str, extra: &str) -> PathBuf {
     let path = dir.join("unseal-init.yaml");
     let text = format!(
-        "mode: hsm\nvault:\n  address: {vault}\nhsm:\n  modulePath: {}\n  slotId: {}\n  pin: {USER_PIN}\n  keyLabel: bank-vaults\n{extra}",
+        "mode: hsm\njournalDir: {}\nvault:\n  address: {vault}\nhsm:\n  modulePath: {}\n  slotId: {}\n  pin: {USER_PIN}\n  keyLabel: bank-vaults\n{extra}",
+        journal_dir(dir).display(),
         hsm.module().display(),
         hsm.slot_id()
     );

@@ -1,5 +1,11 @@
+{{- /* The device plugin's image (no smart-card stack). */ -}}
 {{- define "nitrokey-vault.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- /* unseal-init's image (OpenSC, pcscd, CCID driver). */ -}}
+{{- define "nitrokey-vault.unsealInitImage" -}}
+{{ .Values.unsealInit.image.repository }}:{{ .Values.unsealInit.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
 {{- define "nitrokey-vault.labels" -}}

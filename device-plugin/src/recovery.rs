@@ -1,0 +1,240 @@
+//! Carries out the replug decisions of [`crate::replug`]: asks the kubelet's pod-resources
+//! API which pods hold a replugged stick, then creates Events on them or evicts them through
+//! the Kubernetes API (the `kube` client, configured from `KUBECONFIG` or the pod's service
+//! account).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{EvictParams, PostParams};
+use kube::{Api, Client};
+use nitrokey_proto::podresources_v1::ListPodResourcesRequest;
+use nitrokey_proto::podresources_v1::pod_resources_lister_client::PodResourcesListerClient;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{ActionLabel, Metrics};
+use crate::replug::{Evictions, Holder, OnReplug, Replug, holders};
+use crate::state::PluginState;
+
+/// How often queued evictions are looked at again.
+const EVICTION_TICK: Duration = Duration::from_secs(1);
+/// Reason of the Events this plugin creates.
+pub const EVENT_REASON: &str = "NitrokeyHsmReplugged";
+/// Component named as the Events' source.
+pub const COMPONENT: &str = "nitrokey-device-plugin";
+
+/// The replug recovery task.
+#[derive(Debug)]
+pub struct Recovery {
+    /// What to do.
+    pub mode: OnReplug,
+    /// The resource whose units are looked up.
+    pub resource: String,
+    /// The kubelet's pod-resources socket.
+    pub pod_resources_socket: PathBuf,
+    /// This node's name, as the Events' source host.
+    pub node_name: Option<String>,
+    /// Metrics to count into.
+    pub metrics: Arc<Metrics>,
+    /// The plugin state (when sticks were last allocated).
+    pub state: Arc<PluginState>,
+}
+
+impl Recovery {
+    /// Handles replugs until `shutdown`.
+    pub async fn run(
+        self,
+        mut replugs: mpsc::UnboundedReceiver<Replug>,
+        shutdown: CancellationToken,
+    ) {
+        let mut client: Option<Client> = None;
+        let mut evictions = Evictions::default();
+        loop {
+            let busy = evictions.busy();
+            let tick = async {
+                if busy {
+                    tokio::time::sleep(EVICTION_TICK).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                replug = replugs.recv() => match replug {
+                    Some(replug) => self.replugged(replug, &mut client, &mut evictions).await,
+                    None => return,
+                },
+                () = tick => self.evict_next(&mut client, &mut evictions).await,
+            }
+        }
+    }
+
+    async fn replugged(
+        &self,
+        replug: Replug,
+        client: &mut Option<Client>,
+        evictions: &mut Evictions,
+    ) {
+        tracing::info!(stick = %replug.stick, old = %replug.old_path, new = %replug.new_path,
+            mode = ?self.mode, "stick re-plugged at another address");
+        if self.mode == OnReplug::None {
+            return;
+        }
+        let Some(mut by_stick) = self.list().await else {
+            return;
+        };
+        let holding = by_stick.remove(&replug.stick).unwrap_or_default();
+        if holding.is_empty() {
+            tracing::info!(stick = %replug.stick, "no running pod holds the stick");
+            return;
+        }
+        match self.mode {
+            OnReplug::None => {}
+            OnReplug::Event => {
+                for holder in &holding {
+                    self.event(client, holder, &replug.message()).await;
+                }
+            }
+            OnReplug::Evict => {
+                evictions.replugged(&replug, &holding);
+                self.evict_next(client, evictions).await;
+            }
+        }
+    }
+
+    async fn evict_next(&self, client: &mut Option<Client>, evictions: &mut Evictions) {
+        let Some(by_stick) = self.list().await else {
+            return;
+        };
+        let state = self.state.clone();
+        let next = evictions.next(
+            &by_stick,
+            |stick, since| state.allocated_since(stick, since),
+            Instant::now(),
+        );
+        let Some((holder, replug)) = next else {
+            return;
+        };
+        let Some(api) = self.client(client).await else {
+            evictions.refused(holder, replug);
+            return;
+        };
+        let pods: Api<Pod> = Api::namespaced(api, &holder.namespace);
+        match pods.evict(&holder.pod, &EvictParams::default()).await {
+            Ok(_) => {
+                self.count("evict", "ok");
+                tracing::info!(namespace = %holder.namespace, pod = %holder.pod,
+                    stick = %replug.stick, "evicted a pod holding the re-plugged stick");
+                let message = format!("{}: evicted by {COMPONENT}", replug.message());
+                self.event(client, &holder, &message).await;
+            }
+            Err(e) => {
+                // 429: a PodDisruptionBudget holds it for now; anything else may pass too.
+                self.count("evict", "refused");
+                tracing::warn!(namespace = %holder.namespace, pod = %holder.pod, error = %e,
+                    "eviction refused; trying again later");
+                evictions.refused(holder, replug);
+            }
+        }
+    }
+
+    /// The current holders of our resource's units, by stick.
+    async fn list(&self) -> Option<std::collections::BTreeMap<String, Vec<Holder>>> {
+        let listed = async {
+            let channel = crate::kubelet::unix_channel(&self.pod_resources_socket).await?;
+            PodResourcesListerClient::new(channel)
+                .list(ListPodResourcesRequest {})
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        match listed {
+            Ok(response) => Some(holders(
+                &response.into_inner().pod_resources,
+                &self.resource,
+            )),
+            Err(e) => {
+                self.count("list", "error");
+                tracing::warn!(socket = %self.pod_resources_socket.display(), error = %e,
+                    "cannot ask the kubelet which pods hold the stick");
+                None
+            }
+        }
+    }
+
+    async fn client(&self, client: &mut Option<Client>) -> Option<Client> {
+        if client.is_none() {
+            match Client::try_default().await {
+                Ok(c) => *client = Some(c),
+                Err(e) => {
+                    self.count("connect", "error");
+                    tracing::warn!(error = %e, "no Kubernetes API access for replug recovery");
+                }
+            }
+        }
+        client.clone()
+    }
+
+    async fn event(&self, client: &mut Option<Client>, holder: &Holder, message: &str) {
+        let Some(api) = self.client(client).await else {
+            return;
+        };
+        let now = Time(jiff_now());
+        let event = Event {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{}.", holder.pod)),
+                namespace: Some(holder.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            involved_object: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(holder.pod.clone()),
+                namespace: Some(holder.namespace.clone()),
+                ..ObjectReference::default()
+            },
+            reason: Some(EVENT_REASON.into()),
+            message: Some(message.to_owned()),
+            type_: Some("Warning".into()),
+            source: Some(EventSource {
+                component: Some(COMPONENT.into()),
+                host: self.node_name.clone(),
+            }),
+            reporting_component: Some(COMPONENT.into()),
+            reporting_instance: self.node_name.clone(),
+            first_timestamp: Some(now.clone()),
+            last_timestamp: Some(now),
+            count: Some(1),
+            ..Event::default()
+        };
+        let events: Api<Event> = Api::namespaced(api, &holder.namespace);
+        match events.create(&PostParams::default(), &event).await {
+            Ok(_) => {
+                self.count("event", "ok");
+                tracing::info!(namespace = %holder.namespace, pod = %holder.pod, message,
+                    "event created on a pod holding the re-plugged stick");
+            }
+            Err(e) => {
+                self.count("event", "error");
+                tracing::warn!(namespace = %holder.namespace, pod = %holder.pod, error = %e,
+                    "cannot create the event");
+            }
+        }
+    }
+
+    fn count(&self, action: &'static str, result: &'static str) {
+        self.metrics
+            .replug_actions
+            .get_or_create(&ActionLabel { action, result })
+            .inc();
+    }
+}
+
+/// Now, in the time type of the Kubernetes API types.
+fn jiff_now() -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::now()
+}

@@ -1,0 +1,597 @@
+//! A second, independent PKCS#11 token: a software TPM (`swtpm`) behind the TPM2 PKCS#11
+//! module (`libtpm2_pkcs11.so`), both from Debian packages, set up like the seed's stick
+//! (token `bank-vaults`, the same user PIN as [`crate::softhsm`], RSA-2048 key pair
+//! `bank-vaults`).
+//!
+//! SoftHSM2 is forgiving in ways a real stick is not; this token is not, and it shares several
+//! of the Nitrokey HSM's traits under OpenSC: it decrypts RSA-OAEP with SHA-256, a failed
+//! `C_Decrypt` leaves the operation active, every serial number is `0000000000000000`, an
+//! extra blank slot is listed, data objects must be private, only three objects can be loaded
+//! at a time without a resource manager, and after the TPM restarts the slot stays listed
+//! while `C_Login` fails with `CKR_GENERAL_ERROR` until the module is initialised again.
+//!
+//! Each [`Tpm`] runs its own `swtpm` on unix sockets in a temporary directory (no ports, no
+//! shared state) and is gone, process and files, when dropped. [`Token`] is the part of the
+//! API this harness shares with [`SoftHsm`], so a test can be written once for both.
+
+use crate::softhsm::{KEY_LABEL, SO_PIN, SoftHsm, TOKEN_LABEL, USER_PIN};
+use anyhow::{Context, bail};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// The serial number the TPM2 PKCS#11 module reports for every token.
+pub const TPM_SERIAL: &str = "0000000000000000";
+
+/// RSA decryption schemes a test may ask a token to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// RSA-OAEP with SHA-256 and MGF1-SHA256 (what this program prefers when the token can).
+    OaepSha256,
+    /// RSA-OAEP with SHA-1 and MGF1-SHA1 (Bank-Vaults ≥ v1.33).
+    OaepSha1,
+    /// RSA PKCS#1 v1.5 (Bank-Vaults before v1.33).
+    Pkcs1v15,
+}
+
+impl Scheme {
+    fn pkcs11_tool_args(self) -> &'static [&'static str] {
+        match self {
+            Scheme::OaepSha256 => &[
+                "-m",
+                "RSA-PKCS-OAEP",
+                "--hash-algorithm",
+                "SHA256",
+                "--mgf",
+                "MGF1-SHA256",
+            ],
+            Scheme::OaepSha1 => &[
+                "-m",
+                "RSA-PKCS-OAEP",
+                "--hash-algorithm",
+                "SHA-1",
+                "--mgf",
+                "MGF1-SHA1",
+            ],
+            Scheme::Pkcs1v15 => &["-m", "RSA-PKCS"],
+        }
+    }
+
+    fn openssl_args(self) -> &'static [&'static str] {
+        match self {
+            Scheme::OaepSha256 => &[
+                "-pkeyopt",
+                "rsa_padding_mode:oaep",
+                "-pkeyopt",
+                "rsa_oaep_md:sha256",
+                "-pkeyopt",
+                "rsa_mgf1_md:sha256",
+            ],
+            Scheme::OaepSha1 => &[
+                "-pkeyopt",
+                "rsa_padding_mode:oaep",
+                "-pkeyopt",
+                "rsa_oaep_md:sha1",
+                "-pkeyopt",
+                "rsa_mgf1_md:sha1",
+            ],
+            Scheme::Pkcs1v15 => &["-pkeyopt", "rsa_padding_mode:pkcs1"],
+        }
+    }
+}
+
+fn check(what: &str, out: Output) -> anyhow::Result<String> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A unique file name in `dir` for one helper call (tests may share a token across threads).
+fn scratch(dir: &Path, what: &str) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    dir.join(format!(
+        "{what}-{}.bin",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// A PKCS#11 token a test can point the program at and inspect with independent tools
+/// (OpenSC's `pkcs11-tool`, `openssl`).
+pub trait Token {
+    /// The PKCS#11 module the program under test loads.
+    fn module(&self) -> &Path;
+    /// The token's slot id, looked up after set-up.
+    fn slot_id(&self) -> u64;
+    /// Environment every process using this token needs.
+    fn env(&self) -> Vec<(String, String)>;
+    /// A temporary directory owned by the token, removed with it.
+    fn dir(&self) -> &Path;
+    /// A `pkcs11-tool` command bound to the token itself (not through any wrapper module).
+    fn pkcs11_tool(&self) -> Command;
+
+    /// Extra `pkcs11-tool --write-object` flags the token needs for a data object.
+    fn data_object_flags(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Runs `pkcs11-tool` with `args` (logged in with the user PIN when `login`), returning
+    /// stdout; fails on a non-zero exit.
+    fn run_pkcs11_tool(&self, login: bool, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = self.pkcs11_tool();
+        if login {
+            cmd.args(["--login", "--pin", USER_PIN]);
+        }
+        let out = cmd
+            .args(args)
+            .output()
+            .context("running pkcs11-tool (install opensc)")?;
+        check(&format!("pkcs11-tool {}", args.join(" ")), out)
+    }
+
+    /// `pkcs11-tool --list-objects --type data` as printed (labels, applications, flags).
+    fn data_listing(&self) -> anyhow::Result<String> {
+        self.run_pkcs11_tool(true, &["--list-objects", "--type", "data"])
+    }
+
+    /// Labels of the data objects, one entry per object (duplicates show twice).
+    fn data_labels(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .data_listing()?
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("label:"))
+            .map(|l| l.trim().trim_matches('\'').to_owned())
+            .collect())
+    }
+
+    /// The raw CKA_VALUE of the data object labelled `label`.
+    fn read_data(&self, label: &str) -> anyhow::Result<Vec<u8>> {
+        let out = scratch(self.dir(), "read");
+        let path = out.display().to_string();
+        let args = [
+            "--read-object",
+            "--type",
+            "data",
+            "--label",
+            label,
+            "-o",
+            &path,
+        ];
+        self.run_pkcs11_tool(true, &args)?;
+        let bytes = std::fs::read(&out)?;
+        std::fs::remove_file(&out)?;
+        Ok(bytes)
+    }
+
+    /// Writes a data object as Bank-Vaults did: CKA_LABEL only, no header on the value.
+    fn write_data(&self, label: &str, value: &[u8]) -> anyhow::Result<()> {
+        let file = scratch(self.dir(), "write");
+        std::fs::write(&file, value)?;
+        let path = file.display().to_string();
+        let mut args = vec!["--write-object", &path, "--type", "data", "--label", label];
+        args.extend(self.data_object_flags());
+        let result = self.run_pkcs11_tool(true, &args);
+        std::fs::remove_file(&file)?;
+        result.map(|_| ())
+    }
+
+    /// Decrypts `ciphertext` on the token with `pkcs11-tool --decrypt`.
+    fn decrypt(&self, ciphertext: &[u8], scheme: Scheme) -> anyhow::Result<Vec<u8>> {
+        let input = scratch(self.dir(), "decrypt-in");
+        let output = scratch(self.dir(), "decrypt-out");
+        std::fs::write(&input, ciphertext)?;
+        let (i, o) = (input.display().to_string(), output.display().to_string());
+        let mut args = vec!["--decrypt", "--label", KEY_LABEL, "-i", &i, "-o", &o];
+        args.extend(scheme.pkcs11_tool_args());
+        let result = self.run_pkcs11_tool(true, &args);
+        let _ = std::fs::remove_file(&input);
+        result?;
+        let plain = std::fs::read(&output)?;
+        std::fs::remove_file(&output)?;
+        Ok(plain)
+    }
+
+    /// The key pair's public key as DER SubjectPublicKeyInfo, exported by `pkcs11-tool`.
+    fn public_key_der(&self) -> anyhow::Result<Vec<u8>> {
+        let out = scratch(self.dir(), "pub");
+        let path = out.display().to_string();
+        let args = [
+            "--read-object",
+            "--type",
+            "pubkey",
+            "--label",
+            KEY_LABEL,
+            "-o",
+            &path,
+        ];
+        self.run_pkcs11_tool(false, &args)?;
+        let der = std::fs::read(&out)?;
+        std::fs::remove_file(&out)?;
+        Ok(der)
+    }
+
+    /// Encrypts `plaintext` with the exported public key using `openssl pkeyutl`, giving the
+    /// bare ciphertext Bank-Vaults stored (no header).
+    fn encrypt_with_public_key(&self, plaintext: &[u8], scheme: Scheme) -> anyhow::Result<Vec<u8>> {
+        let der = scratch(self.dir(), "pub-der");
+        std::fs::write(&der, self.public_key_der()?)?;
+        let input = scratch(self.dir(), "enc-in");
+        let output = scratch(self.dir(), "enc-out");
+        std::fs::write(&input, plaintext)?;
+        let out = Command::new("openssl")
+            .args(["pkeyutl", "-encrypt", "-pubin", "-keyform", "DER", "-inkey"])
+            .arg(&der)
+            .arg("-in")
+            .arg(&input)
+            .arg("-out")
+            .arg(&output)
+            .args(scheme.openssl_args())
+            .output()
+            .context("running openssl");
+        let _ = std::fs::remove_file(&input);
+        let _ = std::fs::remove_file(&der);
+        check("openssl pkeyutl -encrypt", out?)?;
+        let ct = std::fs::read(&output)?;
+        std::fs::remove_file(&output)?;
+        Ok(ct)
+    }
+}
+
+impl Token for SoftHsm {
+    fn module(&self) -> &Path {
+        SoftHsm::module(self)
+    }
+    fn slot_id(&self) -> u64 {
+        SoftHsm::slot_id(self)
+    }
+    fn env(&self) -> Vec<(String, String)> {
+        SoftHsm::env(self)
+    }
+    fn dir(&self) -> &Path {
+        SoftHsm::dir(self)
+    }
+    fn pkcs11_tool(&self) -> Command {
+        SoftHsm::pkcs11_tool(self)
+    }
+}
+
+/// Finds the TPM2 PKCS#11 module: `TPM2_PKCS11_MODULE`, else the file Debian's
+/// `libtpm2-pkcs11-1` package installed (any architecture), else the usual multiarch paths.
+pub fn module_path() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("TPM2_PKCS11_MODULE") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Ok(out) = Command::new("dpkg")
+        .args(["-L", "libtpm2-pkcs11-1"])
+        .output()
+        && let Some(found) = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.ends_with("/libtpm2_pkcs11.so"))
+            .map(PathBuf::from)
+            .filter(|p| p.exists())
+    {
+        return Ok(found);
+    }
+    [
+        "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so",
+        "/usr/lib/aarch64-linux-gnu/pkcs11/libtpm2_pkcs11.so",
+        "/usr/lib/pkcs11/libtpm2_pkcs11.so",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .context("libtpm2_pkcs11.so not found (install libtpm2-pkcs11-1 or set TPM2_PKCS11_MODULE)")
+}
+
+/// One slot as `pkcs11-tool --list-slots` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotListing {
+    /// Slot id.
+    pub id: u64,
+    /// Token label, empty for a blank token.
+    pub label: String,
+    /// Serial number, when printed (OpenSC prints none for an uninitialised token).
+    pub serial: Option<String>,
+}
+
+/// Parses `pkcs11-tool --list-slots` output.
+pub fn parse_slot_listing(text: &str) -> Vec<SlotListing> {
+    let mut slots: Vec<SlotListing> = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("Slot ") {
+            let id = rest
+                .split_once("(0x")
+                .and_then(|(_, r)| r.split_once(')'))
+                .and_then(|(hex, _)| u64::from_str_radix(hex, 16).ok());
+            if let Some(id) = id {
+                slots.push(SlotListing {
+                    id,
+                    label: String::new(),
+                    serial: None,
+                });
+            }
+        } else if let Some(slot) = slots.last_mut()
+            && let Some((key, value)) = line.split_once(':')
+        {
+            match key.trim() {
+                "token label" => slot.label = value.trim().to_owned(),
+                "serial num" => slot.serial = Some(value.trim().to_owned()),
+                _ => {}
+            }
+        }
+    }
+    slots
+}
+
+/// A software TPM with the TPM2 PKCS#11 module, in a temporary directory; killed and removed
+/// on drop.
+pub struct Tpm {
+    dir: TempDir,
+    module: PathBuf,
+    slot: u64,
+    swtpm: Option<Child>,
+}
+
+impl Tpm {
+    /// A TPM token set up like the seed's stick, with its RSA-2048 key pair.
+    pub fn new() -> anyhow::Result<Self> {
+        let module = module_path()?;
+        let dir = tempfile::Builder::new().prefix("swtpm-").tempdir()?;
+        std::fs::create_dir_all(dir.path().join("state"))?;
+        std::fs::create_dir_all(dir.path().join("store"))?;
+        let mut tpm = Self {
+            dir,
+            module,
+            slot: 0,
+            swtpm: None,
+        };
+        tpm.start_swtpm()?;
+        // Without this, three wrong PINs lock the whole TPM for 1000 s and the token flags
+        // never say so.
+        let out = Command::new("tpm2_dictionarylockout")
+            .envs(tpm.env())
+            .args([
+                "--setup-parameters",
+                "--max-tries=4294967295",
+                "--recovery-time=0",
+                "--lockout-recovery-time=0",
+            ])
+            .output()
+            .context("running tpm2_dictionarylockout (install tpm2-tools)")?;
+        check("tpm2_dictionarylockout", out)?;
+        tpm.init_token(0, TOKEN_LABEL)?;
+        tpm.slot = tpm.slot_of(TOKEN_LABEL)?;
+        tpm.run_pkcs11_tool(
+            true,
+            &[
+                "--keypairgen",
+                "--key-type",
+                "rsa:2048",
+                "--label",
+                KEY_LABEL,
+            ],
+        )?;
+        Ok(tpm)
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("swtpm.sock")
+    }
+
+    fn start_swtpm(&mut self) -> anyhow::Result<()> {
+        // The swtpm TCTI finds the control channel at the data socket's path + `.ctrl`.
+        let ctrl = self.dir.path().join("swtpm.sock.ctrl");
+        let _ = std::fs::remove_file(self.socket());
+        let _ = std::fs::remove_file(&ctrl);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("swtpm.log"))?;
+        let child = Command::new("swtpm")
+            .args(["socket", "--tpm2", "--tpmstate"])
+            .arg(format!("dir={}", self.dir.path().join("state").display()))
+            .arg("--server")
+            .arg(format!("type=unixio,path={}", self.socket().display()))
+            .arg("--ctrl")
+            .arg(format!("type=unixio,path={}", ctrl.display()))
+            .args(["--flags", "not-need-init,startup-clear"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting swtpm (install swtpm)")?;
+        self.swtpm = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The control channel answering means the server socket is listening too (swtpm sets
+        // both up before serving either).
+        while UnixStream::connect(&ctrl).is_err() {
+            if let Some(status) = self
+                .swtpm
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "swtpm exited ({status}): {}",
+                    std::fs::read_to_string(self.dir.path().join("swtpm.log")).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("swtpm did not open {} within 10 s", ctrl.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn stop_swtpm(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.swtpm.take() {
+            // SIGTERM lets swtpm write its state; SIGKILL only if it hangs.
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    child.kill()?;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops swtpm and starts it again on the same state, as a TPM reset does. Processes that
+    /// had the module loaded still see the slot, but `C_Login` fails with
+    /// `CKR_GENERAL_ERROR` until they finalise and initialise the module again; a new
+    /// process works at once.
+    pub fn restart_tpm(&mut self) -> anyhow::Result<()> {
+        self.stop_swtpm()?;
+        self.start_swtpm()
+    }
+
+    /// Initialises the blank token in the slot at `index` (0-based, as `--slot-index` counts)
+    /// with `label`, the SO PIN and the user PIN of [`crate::softhsm`].
+    pub fn init_token(&self, index: usize, label: &str) -> anyhow::Result<()> {
+        let index = index.to_string();
+        self.raw_pkcs11_tool(&[
+            "--slot-index",
+            &index,
+            "--init-token",
+            "--label",
+            label,
+            "--so-pin",
+            SO_PIN,
+        ])?;
+        self.raw_pkcs11_tool(&[
+            "--token-label",
+            label,
+            "--login",
+            "--login-type",
+            "so",
+            "--so-pin",
+            SO_PIN,
+            "--init-pin",
+            "--new-pin",
+            USER_PIN,
+        ])
+        .map(|_| ())
+    }
+
+    /// Every slot the module lists, as `pkcs11-tool --list-slots` prints it.
+    pub fn slots(&self) -> anyhow::Result<Vec<SlotListing>> {
+        Ok(parse_slot_listing(
+            &self.raw_pkcs11_tool(&["--list-slots"])?,
+        ))
+    }
+
+    /// The slot id of the token labelled `label`.
+    pub fn slot_of(&self, label: &str) -> anyhow::Result<u64> {
+        let slots = self.slots()?;
+        slots
+            .iter()
+            .find(|s| s.label == label)
+            .map(|s| s.id)
+            .with_context(|| format!("token {label} not listed: {slots:?}"))
+    }
+
+    /// `pkcs11-tool` on this module without a slot chosen.
+    fn raw_pkcs11_tool(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("pkcs11-tool")
+            .envs(self.env())
+            .arg("--module")
+            .arg(&self.module)
+            .args(args)
+            .output()
+            .context("running pkcs11-tool (install opensc)")?;
+        check(&format!("pkcs11-tool {}", args.join(" ")), out)
+    }
+
+    /// The swtpm process id while it runs.
+    pub fn swtpm_pid(&self) -> Option<u32> {
+        self.swtpm.as_ref().map(Child::id)
+    }
+}
+
+impl Token for Tpm {
+    fn module(&self) -> &Path {
+        &self.module
+    }
+
+    fn slot_id(&self) -> u64 {
+        self.slot
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        let tcti = format!("swtpm:path={}", self.socket().display());
+        vec![
+            ("TPM2_PKCS11_TCTI".to_owned(), tcti.clone()),
+            ("TPM2TOOLS_TCTI".to_owned(), tcti),
+            (
+                "TPM2_PKCS11_STORE".to_owned(),
+                self.dir.path().join("store").display().to_string(),
+            ),
+            // The module logs every TSS warning to stderr otherwise.
+            ("TSS2_LOG".to_owned(), "all+none".to_owned()),
+        ]
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn pkcs11_tool(&self) -> Command {
+        let mut cmd = Command::new("pkcs11-tool");
+        cmd.envs(self.env())
+            .arg("--module")
+            .arg(&self.module)
+            .arg("--slot")
+            .arg(self.slot.to_string());
+        cmd
+    }
+
+    fn data_object_flags(&self) -> &'static [&'static str] {
+        // The TPM2 module refuses public data objects (CKA_PRIVATE false).
+        &["--private"]
+    }
+}
+
+impl Drop for Tpm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.swtpm.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_listing_is_parsed_with_ids_labels_and_serials() {
+        let text = "Available slots:\nSlot 0 (0x1): bank-vaults\n  token label        : bank-vaults\n  serial num         : 0000000000000000\nSlot 1 (0x2): \n  token state:   uninitialized\n";
+        assert_eq!(
+            parse_slot_listing(text),
+            vec![
+                SlotListing {
+                    id: 1,
+                    label: "bank-vaults".into(),
+                    serial: Some(TPM_SERIAL.into())
+                },
+                SlotListing {
+                    id: 2,
+                    label: String::new(),
+                    serial: None
+                },
+            ]
+        );
+    }
+}
