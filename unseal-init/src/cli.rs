@@ -208,3 +208,58 @@ pub enum HsmCommand {
     /// Re-write values stored by Bank-Vaults (no header) in the current format.
     Migrate,
 }
+
+impl Cli {
+    /// Parses the process's arguments. An invalid value that came from an environment variable
+    /// is reported under the variable's name, which is what has to be fixed (clap names the
+    /// flag, which the user may never have typed).
+    pub fn parse_env_aware() -> Self {
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        match Self::try_parse_from(&args) {
+            Ok(cli) => cli,
+            Err(e) => match env_source(&e, &args) {
+                Some(var) => {
+                    let first = e.to_string();
+                    let first = first.lines().next().unwrap_or_default();
+                    let reason = first.trim_start_matches("error: ");
+                    clap::Error::raw(e.kind(), format!("environment variable {var}: {reason}\n"))
+                        .exit()
+                }
+                None => e.exit(),
+            },
+        }
+    }
+}
+
+/// The environment variable an invalid value came from, when it did not come from `args`.
+fn env_source(e: &clap::Error, args: &[std::ffi::OsString]) -> Option<String> {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        e.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return None;
+    }
+    let ContextValue::String(arg) = e.get(ContextKind::InvalidArg)? else {
+        return None;
+    };
+    let flag = arg.split_whitespace().next()?;
+    let typed = args.iter().skip(1).any(|a| {
+        let a = a.to_string_lossy();
+        a == flag || a.starts_with(&format!("{flag}="))
+    });
+    if typed {
+        return None;
+    }
+    let cmd = Cli::command();
+    let mut all = cmd.get_arguments().collect::<Vec<_>>();
+    for sub in cmd.get_subcommands() {
+        all.extend(sub.get_arguments());
+    }
+    let var = all
+        .into_iter()
+        .find(|a| a.get_long().is_some_and(|l| format!("--{l}") == flag))?
+        .get_env()?;
+    std::env::var_os(var).map(|_| var.to_string_lossy().into_owned())
+}

@@ -14,7 +14,6 @@
 //! already worked.
 
 use crate::config::{HsmConfig, SlotSelector};
-use crate::pin::PinFailure;
 use crate::secret::Secret;
 use crate::telemetry::{OpTimer, Telemetry};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -26,6 +25,28 @@ use cryptoki::types::AuthPin;
 use std::path::PathBuf;
 use std::sync::Arc;
 use thiserror::Error;
+
+/// Why no login is possible with the PIN in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinFailure {
+    /// `C_Login` answered `CKR_PIN_INCORRECT`: this value is wrong for the token.
+    Rejected,
+    /// The PIN is blocked, or one more failure would block it; no login is attempted.
+    Locked,
+    /// No PIN is configured.
+    Missing,
+}
+
+impl PinFailure {
+    /// Short reason for `/readyz`; never contains the PIN.
+    pub fn reason(self) -> &'static str {
+        match self {
+            PinFailure::Rejected => "HSM user PIN rejected",
+            PinFailure::Locked => "HSM user PIN blocked or on its final try",
+            PinFailure::Missing => "no HSM user PIN configured",
+        }
+    }
+}
 
 /// Failures talking to the token.
 #[derive(Debug, Error)]

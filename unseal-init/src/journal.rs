@@ -158,6 +158,15 @@ pub fn entry_action(stored: Option<&[u8]>, entry: &[u8]) -> EntryAction {
     }
 }
 
+/// True when the error says there is no journal there (the directory itself may be missing,
+/// or not a directory).
+fn absent(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+    )
+}
+
 /// The journal file in `dir`.
 pub fn path(dir: &Path) -> PathBuf {
     dir.join(FILE_NAME)
@@ -221,7 +230,7 @@ pub fn read(dir: &Path) -> Result<Option<Journal>, JournalError> {
     let target = path(dir);
     let bytes = match fs::read(&target) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if absent(&e) => return Ok(None),
         Err(e) => return Err(io(&target, "reading")(e)),
     };
     Journal::from_bytes(&bytes)
@@ -237,7 +246,7 @@ pub fn remove(dir: &Path) -> Result<(), JournalError> {
     let target = path(dir);
     match fs::remove_file(&target) {
         Ok(()) => sync_dir(dir),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if absent(&e) => Ok(()),
         Err(e) => Err(io(&target, "removing")(e)),
     }
 }

@@ -8,9 +8,9 @@
 use crate::crypto::HostKey;
 use crate::envelope::{self, Scheme};
 use crate::hsm::HsmError;
+use crate::hsm::PinFailure;
 use crate::hsm_actor::HsmHandle;
 use crate::keypair;
-use crate::pin::PinFailure;
 use crate::secret::Secret;
 use crate::storage::{Storage, StorageError};
 use futures::FutureExt;

@@ -4,7 +4,6 @@
 //! blocked (`--once` and subcommands; the sidecar stays up and waits for a different PIN
 //! instead).
 
-use clap::Parser;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -115,7 +114,7 @@ async fn unseal(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_env_aware();
     init_logging(&cli.overrides.log_format);
     let cfg = match load_config(&cli) {
         Ok(cfg) => cfg,
@@ -156,7 +155,10 @@ fn main() -> ExitCode {
                 None if e.downcast_ref::<ConfirmationRequired>().is_some() => exit::CONFIG,
                 None => exit::FAILURE,
             };
-            tracing::error!("{e:#}");
+            // The whole cause chain once, each cause once (several errors here carry their
+            // cause in their own message too).
+            let text = unseal_init::vault::error_chain(e.as_ref());
+            tracing::error!("{text}");
             ExitCode::from(code as u8)
         }
     }

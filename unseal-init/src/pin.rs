@@ -24,27 +24,7 @@ use std::time::Duration;
 /// refreshes mounted Secrets only every minute or so, so a few seconds adds little.
 pub const PIN_FILE_POLL: Duration = Duration::from_secs(2);
 
-/// Why no login is possible with the PIN in use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PinFailure {
-    /// `C_Login` answered `CKR_PIN_INCORRECT`: this value is wrong for the token.
-    Rejected,
-    /// The PIN is blocked, or one more failure would block it; no login is attempted.
-    Locked,
-    /// No PIN is configured.
-    Missing,
-}
-
-impl PinFailure {
-    /// Short reason for `/readyz`; never contains the PIN.
-    pub fn reason(self) -> &'static str {
-        match self {
-            PinFailure::Rejected => "HSM user PIN rejected",
-            PinFailure::Locked => "HSM user PIN blocked or on its final try",
-            PinFailure::Missing => "no HSM user PIN configured",
-        }
-    }
-}
+pub use crate::hsm::PinFailure;
 
 /// The PIN problem behind `err`, if any, wherever in the chain the token's error sits.
 pub fn pin_failure(err: &anyhow::Error) -> Option<PinFailure> {

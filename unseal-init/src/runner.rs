@@ -10,11 +10,11 @@
 
 use crate::config::{Config, Mode};
 use crate::hsm::HsmError;
+use crate::hsm::PinFailure;
 use crate::hsm_actor::HsmHandle;
 use crate::journal::{self, EntryAction, Journal, JournalError};
 use crate::keypair;
 use crate::keyring::{Keyring, KeyringError, PreflightOutcome, ROOT_KEY, TEST_KEY};
-use crate::pin::PinFailure;
 use crate::secret::Secret;
 use crate::secret_store::SecretStore;
 use crate::shutdown::Shutdown;
@@ -497,8 +497,7 @@ impl Runner {
             entries,
         };
         if !j.entries.is_empty() {
-            let path = journal::write(self.journal_dir(), &j)?;
-            tracing::info!(path = %path.display(), entries = j.entries.len(), "init journal written");
+            self.write_journal_or_store(&j).await?;
         }
         if !problems.is_empty() || !unsealable.is_empty() {
             let all: Vec<String> = problems.into_iter().chain(unsealable).collect();
@@ -537,6 +536,41 @@ impl Runner {
             }
         }
         Ok(())
+    }
+
+    /// Writes the journal. Should that fail although the directory took a write moments ago
+    /// (disk full, volume gone), this process holds the only copy of the keys: it then stores
+    /// them directly and retries — both the journal and the store — until one of them holds
+    /// them, never giving up and never returning with the keys only in memory.
+    async fn write_journal_or_store(&self, j: &Journal) -> Result<(), PassError> {
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match journal::write(self.journal_dir(), j) {
+                Ok(path) => {
+                    tracing::info!(path = %path.display(), entries = j.entries.len(), "init journal written");
+                    return Ok(());
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "cannot write the init journal; storing the keys directly and retrying until the journal or the store holds them"
+                ),
+            }
+            let mut all_stored = true;
+            for entry in &j.entries {
+                self.telemetry.heartbeat();
+                if let Err(e) = self.store_entry(&entry.name, &entry.sealed).await {
+                    tracing::error!(key = entry.name.as_str(), error = %e, "storing a key without a journal failed; retrying");
+                    all_stored = false;
+                    break;
+                }
+            }
+            if all_stored {
+                tracing::info!("every key stored without the journal");
+                return Ok(());
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
     }
 
     async fn join(&self) -> Result<(), PassError> {

@@ -333,6 +333,31 @@ fn invalid_configuration_exits_2_naming_the_field() {
     let r = run(cmd, Duration::from_secs(10));
     assert_eq!(r.code, Some(2), "{}", r.text);
     assert!(r.text.contains("absent.yaml"), "{}", r.text);
+    // A bad value from the environment is reported under the variable's name.
+    let mut cmd = command(&hsm);
+    cmd.env("BANK_VAULTS_HSM_SLOT_ID", "slot-one")
+        .args(["hsm", "info"]);
+    let r = run(cmd, Duration::from_secs(10));
+    assert_eq!(r.code, Some(2), "{}", r.text);
+    assert!(
+        r.text
+            .contains("environment variable BANK_VAULTS_HSM_SLOT_ID"),
+        "{}",
+        r.text
+    );
+    // Absurd durations are configuration errors, never a panic.
+    for period in [
+        "100000000000000000000h",
+        "18446744073709551616s",
+        "0.0000000001ms",
+    ] {
+        let mut cmd = command(&hsm);
+        cmd.args(["--once", "--unseal-period", period]);
+        let r = run(cmd, Duration::from_secs(10));
+        assert_eq!(r.code, Some(2), "{period}: {}", r.text);
+        assert!(r.text.contains("unsealPeriod"), "{period}: {}", r.text);
+        assert!(!r.text.contains("panicked"), "{period}: {}", r.text);
+    }
 }
 
 #[test]
@@ -550,4 +575,38 @@ fn an_endless_vault_answer_is_cut_off_and_a_deadline_ends_the_run() {
     assert!(r.text.contains("within the deadline"), "{}", r.text);
     assert!(r.text.contains("Connect"), "the cause is named: {}", r.text);
     assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn a_journal_that_cannot_be_written_after_init_still_loses_no_key() {
+    let (hsm, bao, dir) = peers();
+    let journal = journal_dir(dir.path());
+    let broken = journal.clone();
+    // The directory took its probe write before sys/init; by the time the answer arrives it
+    // is gone and a file stands in its place (a volume lost, a disk full: nothing writable).
+    let proxy = proxy::start(
+        &bao.address(),
+        "PUT /v1/sys/init",
+        Action::HookAfterResponse,
+        move || {
+            let _ = std::fs::remove_dir_all(&broken);
+            std::fs::write(&broken, b"not a directory").expect("replace the journal directory");
+        },
+    );
+    let config = write_config(dir.path(), &hsm, &proxy.address, "");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config").arg(&config).arg("--once");
+    let r = run(cmd, Duration::from_secs(120));
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    assert!(
+        r.text.contains("cannot write the init journal"),
+        "{}",
+        r.text
+    );
+    let mut labels = hsm.data_labels().expect("labels");
+    labels.sort();
+    assert_eq!(labels, default_names());
+    let status = bao.seal_status().expect("status");
+    assert!(status.initialized && !status.sealed, "{status:?}");
+    assert!(journal.is_file(), "the stand-in file is left as it was");
 }
