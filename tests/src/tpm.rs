@@ -1,5 +1,5 @@
 //! A second, independent PKCS#11 token: a software TPM (`swtpm`) behind the TPM2 PKCS#11
-//! module (`libtpm2_pkcs11.so`), both from Debian packages, set up like the seed's stick
+//! module (`libtpm2_pkcs11.so`), both from Debian packages, set up like a freshly initialised stick
 //! (token `bank-vaults`, the same user PIN as [`crate::softhsm`], RSA-2048 key pair
 //! `bank-vaults`).
 //!
@@ -341,7 +341,7 @@ pub struct Tpm {
 }
 
 impl Tpm {
-    /// A TPM token set up like the seed's stick, with its RSA-2048 key pair.
+    /// A TPM token set up like a freshly initialised stick, with its RSA-2048 key pair.
     pub fn new() -> anyhow::Result<Self> {
         let module = module_path()?;
         let dir = tempfile::Builder::new().prefix("swtpm-").tempdir()?;

@@ -1,4 +1,4 @@
-//! End to end against real peers: a SoftHSM2 token set up like the seed's stick and a real
+//! End to end against real peers: a SoftHSM2 token set up like a freshly initialised stick and a real
 //! OpenBao server. The program runs as a child process exactly as an operator runs it; results
 //! are cross-checked with independent clients (pkcs11-tool, OpenBao's API).
 

@@ -1,4 +1,4 @@
-//! Shared setup for the end-to-end tests: a SoftHSM2 token set up like the seed's stick, a
+//! Shared setup for the end-to-end tests: a SoftHSM2 token set up like a freshly initialised stick, a
 //! real OpenBao server, a configuration file pointing at both, and a runner for the real
 //! `unseal-init` binary with a timeout.
 

@@ -22,7 +22,7 @@ pub struct ShimToken {
 }
 
 impl ShimToken {
-    /// A fresh seed-like SoftHSM2 token behind the shim with `settings` (`NKSHIM_*` pairs).
+    /// A fresh SoftHSM2 token, set up like a freshly initialised stick, behind the shim with `settings` (`NKSHIM_*` pairs).
     pub fn new(settings: &[(&str, &str)]) -> Self {
         let shim = nitrokey_e2e::bins::pkcs11_shim().expect("PKCS#11 shim module");
         Self {
