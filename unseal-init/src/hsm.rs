@@ -504,7 +504,15 @@ impl Hsm {
     pub fn login(&mut self) -> Result<(), HsmError> {
         let pin = self.pin.clone().ok_or(HsmError::NoPin)?;
         let slot = self.selected()?;
-        let info = call("C_GetTokenInfo", self.ctx()?.get_token_info(slot))?;
+        // Nothing was presented yet, so any failure here is the token's, never the PIN's: a
+        // busy or restarting token is worth another try.
+        let info = self
+            .ctx()?
+            .get_token_info(slot)
+            .map_err(|source| HsmError::Lost {
+                op: "C_GetTokenInfo",
+                source,
+            })?;
         if info.user_pin_locked() {
             return Err(HsmError::PinLocked("locked"));
         }

@@ -270,10 +270,24 @@ impl Keyring {
         let verify_err = || KeyringError::Verify {
             name: name.to_owned(),
         };
+        let mut bytes = bytes;
+        let concurrent;
         if self.storage.get(name).await?.as_deref() != Some(bytes) {
             self.storage.put(name, bytes).await?;
-            if self.storage.get(name).await?.as_deref() != Some(bytes) {
-                return Err(verify_err());
+            concurrent = self.storage.get(name).await?;
+            if concurrent.as_deref() != Some(bytes) {
+                // Another writer (a pod starting at the same moment) replaced it. That is
+                // fine only if its value opens to the very same text; it is then the one kept.
+                match (expected, concurrent.as_deref()) {
+                    (Some(_), Some(theirs)) => {
+                        tracing::info!(
+                            key = name,
+                            "another writer stored this value at the same time; verifying theirs"
+                        );
+                        bytes = theirs;
+                    }
+                    _ => return Err(verify_err()),
+                }
             }
         }
         let opened = self.open(name, bytes).await?;

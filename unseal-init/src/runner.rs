@@ -136,8 +136,22 @@ pub async fn open_keyring(
     let t = Arc::clone(&telemetry);
     hsm.wait_for_token(token_wait, shutdown, move |reason| t.token_problem(reason))
         .await?;
-    // One attempt: a refused PIN must never be presented twice.
-    hsm.with(|h| h.login()).await??;
+    // A refused PIN must never be presented twice: only a token that was busy or away (no
+    // verdict on the PIN) is tried again.
+    let mut attempt = 1;
+    loop {
+        match hsm.with(|h| h.login()).await? {
+            Ok(()) => break,
+            Err(e @ HsmError::Lost { .. }) if attempt < 5 && !shutdown.requested() => {
+                tracing::warn!(error = %e, attempt, "HSM token busy or unavailable at login; trying again");
+                shutdown
+                    .sleep_or_stop(Duration::from_millis(250) * attempt)
+                    .await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     let generate = cfg.hsm.generate_key;
     let (key, info) = hsm
         .call("find_key", move |h| keypair::ensure(h, generate))

@@ -335,3 +335,65 @@ fn hsm_k8s_mode_keeps_only_ciphertext_in_the_secret() {
     assert_no_secrets(&first.text, &secrets);
     assert_no_secrets(&second.text, &secrets);
 }
+
+#[test]
+fn pods_starting_at_once_in_hsm_k8s_mode_all_create_or_patch_the_secret() {
+    // Three pods of an HA StatefulSet (podManagementPolicy: Parallel) start with no Secret yet:
+    // each one's first write finds nothing to patch and creates it; the API server lets one
+    // create win and answers the others 409 AlreadyExists, which must mean "patch again".
+    let hsm = nitrokey_e2e::softhsm::SoftHsm::new().expect("token");
+    let api = common::kube_api::start_with_create_barrier("vault", "vault-unseal-keys", 3);
+    let closed = format!(
+        "http://127.0.0.1:{}",
+        nitrokey_e2e::openbao::free_port().expect("port")
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let children: Vec<std::process::Child> = dirs
+        .iter()
+        .map(|dir| {
+            let kubeconfig = api.kubeconfig(dir.path(), "vault");
+            let config = write_config(
+                dir.path(),
+                &hsm,
+                &closed,
+                "kubernetes:\n  secretName: vault-unseal-keys\n",
+            );
+            let mut cmd = command(&hsm);
+            cmd.arg("--config")
+                .arg(&config)
+                .args(["--once", "--mode", "hsm-k8s", "--deadline", "3s"])
+                .env("KUBECONFIG", &kubeconfig)
+                .env_remove("KUBERNETES_SERVICE_HOST");
+            cmd.spawn().expect("spawn")
+        })
+        .collect();
+    let runs: Vec<Run> = children
+        .into_iter()
+        .map(|c| wait(c, Duration::from_secs(90)))
+        .collect();
+    let requests = api.requests.lock().expect("lock").clone();
+    let creates = requests.iter().filter(|r| r.starts_with("POST")).count();
+    let logs: Vec<&str> = runs.iter().map(|r| r.text.as_str()).collect();
+    assert_eq!(
+        creates,
+        3,
+        "every pod tried to create it: {requests:?}\n{}",
+        logs.join("\n----\n")
+    );
+    for r in &runs {
+        // The pre-flight write went through for every pod; only Vault (never reachable here)
+        // ends the run, at the deadline.
+        assert!(r.text.contains("pre-flight check passed"), "{}", r.text);
+        assert!(!r.text.contains("already exists"), "{}", r.text);
+        assert!(r.text.contains("within the deadline"), "{}", r.text);
+    }
+    let data = api
+        .data
+        .lock()
+        .expect("lock")
+        .clone()
+        .expect("secret created");
+    assert_eq!(data.keys().cloned().collect::<Vec<_>>(), ["vault-test"]);
+}

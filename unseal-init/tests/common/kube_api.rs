@@ -147,6 +147,14 @@ fn handle(
 
 /// Serves one Secret `ns/name`.
 pub fn start(ns: &str, name: &str) -> KubeApi {
+    start_with_create_barrier(ns, name, 0)
+}
+
+/// Like [`start`], but holds every create (POST) until `creates` of them have arrived (or 20 s
+/// passed), then answers them in turn: the first creates the Secret, the others get 409
+/// AlreadyExists — what pods starting at once see from a real API server.
+pub fn start_with_create_barrier(ns: &str, name: &str, creates: usize) -> KubeApi {
+    let barrier = Arc::new((Mutex::new(0usize), std::sync::Condvar::new()));
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let address = format!("http://{}", listener.local_addr().expect("addr"));
     let data: SecretData = Arc::new(Mutex::new(None));
@@ -157,9 +165,24 @@ pub fn start(ns: &str, name: &str) -> KubeApi {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
             let (d, r, ns, name) = (d.clone(), r.clone(), ns.clone(), name.clone());
+            let barrier = Arc::clone(&barrier);
             std::thread::spawn(move || {
                 while let Some((method, path, body)) = read_request(&mut stream) {
                     r.lock().expect("lock").push(format!("{method} {path}"));
+                    if method == "POST" && creates > 0 {
+                        let (count, arrived) = &*barrier;
+                        let mut n = count.lock().expect("lock");
+                        *n += 1;
+                        arrived.notify_all();
+                        let deadline =
+                            std::time::Instant::now() + std::time::Duration::from_secs(20);
+                        while *n < creates && std::time::Instant::now() < deadline {
+                            n = arrived
+                                .wait_timeout(n, std::time::Duration::from_millis(100))
+                                .expect("wait")
+                                .0;
+                        }
+                    }
                     let (status, out) = handle(&method, &path, &body, &ns, &name, &d);
                     let reply = format!(
                         "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{out}",
