@@ -374,8 +374,9 @@ fn deserialize_usb_id<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> 
     d.deserialize_any(UsbId)
 }
 
-/// Parses a human duration: `0`, `90s`, `5m`, `1h30m`, `250ms`, `2d`. A bare number is seconds.
-/// Anything longer than [`MAX_DURATION`] is refused (no arithmetic on it can overflow).
+/// Parses a human duration in humantime's grammar, the same as unseal-init's: `0`, `90s`, `5m`,
+/// `1h30m`, `250ms`, `2d`; a bare number is seconds. Anything longer than [`MAX_DURATION`] is
+/// refused (no arithmetic on it can overflow).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let text = s.trim();
     if text.is_empty() {
@@ -383,51 +384,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     let shown = shorten(text, 40);
     let too_long = || format!("`{shown}` is longer than the longest accepted duration, 366d");
-    if text.bytes().all(|b| b.is_ascii_digit()) {
-        let secs: u64 = text.parse().map_err(|_| too_long())?;
-        return Some(Duration::from_secs(secs))
-            .filter(|d| *d <= MAX_DURATION)
-            .ok_or_else(too_long);
+    let d = if text.bytes().all(|b| b.is_ascii_digit()) {
+        Duration::from_secs(text.parse().map_err(|_| too_long())?)
+    } else {
+        humantime::parse_duration(text).map_err(|e| match e {
+            humantime::DurationError::NumberOverflow => too_long(),
+            e => format!("`{shown}` is not a duration like 30s, 5m or 1h30m ({e})"),
+        })?
+    };
+    if d > MAX_DURATION {
+        return Err(too_long());
     }
-    let mut total = Duration::ZERO;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(rest.len());
-        let (number, tail) = rest.split_at(digits);
-        let unit_len = tail
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_len);
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("`{shown}` is not a duration like 30s, 5m or 1h30m"))?;
-        let unit_secs = match unit.trim() {
-            "ms" => 0.001,
-            "s" | "sec" | "secs" => 1.0,
-            "m" | "min" | "mins" => 60.0,
-            "h" | "hr" | "hrs" => 3600.0,
-            "d" => 86400.0,
-            other => {
-                return Err(format!(
-                    "`{shown}`: unknown unit `{}` (use ms, s, m, h or d)",
-                    shorten(other, 20)
-                ));
-            }
-        };
-        let part = value * unit_secs;
-        if !part.is_finite() || part > MAX_DURATION.as_secs_f64() {
-            return Err(too_long());
-        }
-        total = Duration::try_from_secs_f64(part)
-            .ok()
-            .and_then(|part| total.checked_add(part))
-            .filter(|t| *t <= MAX_DURATION)
-            .ok_or_else(too_long)?;
-        rest = tail;
-    }
-    Ok(total)
+    Ok(d)
 }
 
 /// `text` cut to at most `max` characters, with a note of the full length when cut: for
@@ -952,7 +920,10 @@ mod tests {
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(
+            parse_duration("1s 500ms").unwrap(),
+            Duration::from_millis(1500)
+        );
         assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
         for bad in ["", "m", "5x", "-5s", "five"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
