@@ -46,13 +46,12 @@ pub fn write_config(dir: &Path, hsm: &SoftHsm, vault: &str, extra: &str) -> Path
     path
 }
 
-/// The program under test with the token's environment.
-pub fn command(hsm: &SoftHsm) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_unseal-init"));
-    for (k, v) in hsm.env() {
-        cmd.env(k, v);
-    }
-    cmd.env("RUST_LOG", "info")
+/// The program under test with the token's environment (SoftHSM2, the TPM token or the shim),
+/// output captured.
+pub fn command(token: &dyn nitrokey_e2e::tpm::Token) -> Command {
+    let mut cmd = Command::new(stick::program());
+    cmd.envs(token.env())
+        .env("RUST_LOG", "info")
         .env_remove("VAULT_ADDR")
         .env_remove("BANK_VAULTS_HSM_PIN")
         .stdin(Stdio::null())

@@ -8,7 +8,7 @@ use nitrokey_e2e::openbao::OpenBao;
 use nitrokey_e2e::softhsm::{SoftHsm, USER_PIN};
 use nitrokey_e2e::tpm::{Scheme, Token};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -128,22 +128,9 @@ pub fn write_token_config(
     path
 }
 
-/// The program with the token's environment, output captured.
-pub fn token_command(token: &dyn Token) -> Command {
-    let mut cmd = Command::new(program());
-    cmd.envs(token.env())
-        .env("RUST_LOG", "info")
-        .env_remove("VAULT_ADDR")
-        .env_remove("BANK_VAULTS_HSM_PIN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
-
 /// Runs the program with `args` to completion (killed after `timeout`).
 pub fn run_args(token: &dyn Token, args: &[&str], timeout: Duration) -> Run {
-    let mut cmd = token_command(token);
+    let mut cmd = super::command(token);
     cmd.args(args);
     wait(cmd.spawn().expect("spawn unseal-init"), timeout)
 }
@@ -179,7 +166,7 @@ impl Sidecar {
             hsm_extra,
             &format!("unsealPeriod: 300ms\nmetricsAddress: 127.0.0.1:{port}\n"),
         );
-        let mut cmd = token_command(token);
+        let mut cmd = super::command(token);
         cmd.arg("--config").arg(&config);
         Self {
             child: Some(cmd.spawn().expect("spawn sidecar")),
