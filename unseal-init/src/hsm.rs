@@ -567,14 +567,6 @@ impl Hsm {
         self.cache = HandleCache::default();
     }
 
-    /// Opens a session without logging in (listing public objects and mechanisms).
-    pub fn open_public_session(&mut self) -> Result<(), HsmError> {
-        let slot = self.selected()?;
-        let session = call("C_OpenSession", self.ctx()?.open_ro_session(slot))?;
-        self.session = Some(session);
-        Ok(())
-    }
-
     /// Swaps the session for a fresh one, ending whatever operation a failed call left
     /// active in it. The new session is opened before the old one closes, so the login
     /// (shared by every session of this process) survives.

@@ -98,11 +98,6 @@ impl HsmHandle {
         })
     }
 
-    /// Sets how patiently a lost token is waited for.
-    pub fn set_retry(&mut self, retry: RetryPolicy) {
-        self.retry = retry;
-    }
-
     /// Runs `f` on the HSM thread, once, and returns what it returns.
     pub async fn with<T: Send + 'static>(
         &self,

@@ -58,13 +58,6 @@ pub fn get(hsm: &mut Hsm, name: &str) -> Result<Option<Vec<u8>>, HsmError> {
     Ok(newest(&values).map(|i| values[i].clone()))
 }
 
-/// Number of objects stored under `name`.
-pub fn count(hsm: &mut Hsm, name: &str) -> Result<usize, HsmError> {
-    hsm.run("find_objects", |s, _, _| {
-        Ok(s.find_objects(&by_name(name))?.len())
-    })
-}
-
 /// Writes a new object under `name`; older objects stay until [`prune`]. The caller reads it
 /// back to verify.
 pub fn put(hsm: &mut Hsm, name: &str, value: &[u8]) -> Result<(), HsmError> {
