@@ -15,13 +15,15 @@ use nitrokey_e2e::usb::{Testbed, UsbDeviceSpec};
 
 const RESOURCE: &str = "nitrokey.com/hsm";
 
+/// Fields drop in this order: the plugin stops before the peers it talks to, and the directory
+/// holding their sockets goes last, when nothing can create anything in it any more.
 struct Scene {
-    testbed: Testbed,
-    _dir: tempfile::TempDir,
+    plugin: Plugin,
     kubelet: FakeKubelet,
     pods: FakePodResources,
     api: KubeApi,
-    plugin: Plugin,
+    testbed: Testbed,
+    _dir: tempfile::TempDir,
 }
 
 /// One stick held by `vault/vault-0` (unit 0) and `vault/configurer` (unit 1), another stick's
@@ -65,12 +67,12 @@ async fn scene(mode: &str) -> Scene {
         .await
         .unwrap();
     Scene {
-        testbed,
-        _dir: dir,
+        plugin,
         kubelet,
         pods,
         api,
-        plugin,
+        testbed,
+        _dir: dir,
     }
 }
 
