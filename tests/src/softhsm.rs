@@ -57,7 +57,8 @@ pub struct SoftHsm {
     slot: u64,
 }
 
-fn check(what: &str, out: Output) -> anyhow::Result<String> {
+/// The stdout of a finished helper command, or an error with its status and output.
+pub(crate) fn check(what: &str, out: Output) -> anyhow::Result<String> {
     if !out.status.success() {
         bail!(
             "{what} failed ({}): {}{}",

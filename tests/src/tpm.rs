@@ -14,11 +14,11 @@
 //! shared state) and is gone, process and files, when dropped. [`Token`] is the part of the
 //! API this harness shares with [`SoftHsm`], so a test can be written once for both.
 
-use crate::softhsm::{KEY_LABEL, SO_PIN, SoftHsm, TOKEN_LABEL, USER_PIN};
+use crate::softhsm::{KEY_LABEL, SO_PIN, SoftHsm, TOKEN_LABEL, USER_PIN, check};
 use anyhow::{Context, bail};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
@@ -81,18 +81,6 @@ impl Scheme {
             Scheme::Pkcs1v15 => &["-pkeyopt", "rsa_padding_mode:pkcs1"],
         }
     }
-}
-
-fn check(what: &str, out: Output) -> anyhow::Result<String> {
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A unique file name in `dir` for one helper call (tests may share a token across threads).
