@@ -113,6 +113,9 @@ pub struct SupervisorState {
     pub failures: u32,
     /// A retry is scheduled; no attempt before it is due (or a new `kubelet.sock` appears).
     pub retry_pending: bool,
+    /// Kubelet restarts seen: a new `kubelet.sock` after a registration, whether or not the
+    /// plugin managed to register with each (a kubelet may restart again before it answers).
+    pub kubelet_restarts: u64,
 }
 
 /// Something the supervisor learned.
@@ -173,6 +176,9 @@ pub fn next_action(state: &mut SupervisorState, event: Event) -> Action {
                 state.registered = None;
             }
             if kubelet != state.kubelet {
+                if kubelet.is_some() && state.last_registered.is_some_and(|l| Some(l) != kubelet) {
+                    state.kubelet_restarts += 1;
+                }
                 // Another kubelet (or none): earlier failures and waits were about the old one.
                 state.kubelet = kubelet;
                 state.failures = 0;
@@ -394,7 +400,11 @@ impl Supervisor {
         };
         let mut event = observe(&serving);
         let result = loop {
+            let restarts_before = state.kubelet_restarts;
             let action = next_action(&mut state, event);
+            self.metrics
+                .kubelet_restarts
+                .inc_by(state.kubelet_restarts - restarts_before);
             self.metrics.set_registered(state.registered.is_some());
             if !state.retry_pending {
                 retry_at = None;
@@ -495,7 +505,6 @@ impl Supervisor {
             Ok(()) => {
                 Metrics::count(&self.metrics.registrations, "ok");
                 if after_restart {
-                    self.metrics.kubelet_restarts.inc();
                     tracing::info!(resource = %self.config.resource_name, endpoint = SOCKET_NAME,
                         "the kubelet restarted; registered again");
                 } else {
@@ -635,6 +644,35 @@ mod tests {
         assert_eq!(next_action(&mut s, Event::Registered), Action::Wait);
         assert_eq!(s.registered, Some(NEW));
         assert_eq!(s.last_registered, Some(NEW));
+        assert_eq!(s.kubelet_restarts, 1);
+    }
+
+    #[test]
+    fn every_new_kubelet_counts_as_a_restart_even_one_gone_before_it_answered() {
+        const NEWER: FileId = FileId::from_parts(1, 12, 300, 0);
+        let mut s = registered();
+        assert_eq!(s.kubelet_restarts, 0, "the first kubelet is no restart");
+        assert_eq!(next_action(&mut s, seen(false, Some(NEW))), Action::Serve);
+        assert_eq!(
+            next_action(&mut s, Event::Served),
+            Action::Register {
+                after_restart: true
+            }
+        );
+        // NEW restarts again while our Register is in flight: the call is abandoned.
+        assert_eq!(next_action(&mut s, seen(false, Some(NEWER))), Action::Serve);
+        assert_eq!(
+            next_action(&mut s, Event::Served),
+            Action::Register {
+                after_restart: true
+            }
+        );
+        assert_eq!(next_action(&mut s, Event::Registered), Action::Wait);
+        assert_eq!(s.kubelet_restarts, 2);
+        // Seeing the same kubelet again, or it vanishing, is no restart.
+        assert_eq!(next_action(&mut s, seen(true, Some(NEWER))), Action::Wait);
+        assert_eq!(next_action(&mut s, seen(true, None)), Action::Wait);
+        assert_eq!(s.kubelet_restarts, 2);
     }
 
     #[test]

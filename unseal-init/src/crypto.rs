@@ -57,6 +57,17 @@ impl HostKey {
         self.modulus_len * 8
     }
 
+    /// The longest plaintext one ciphertext of `scheme` holds (RFC 8017: OAEP takes two hash
+    /// lengths and two bytes, PKCS#1 v1.5 eleven bytes).
+    pub fn capacity(&self, scheme: Scheme) -> usize {
+        let overhead = match scheme {
+            Scheme::OaepSha256 => 2 * 32 + 2,
+            Scheme::OaepSha1 => 2 * 20 + 2,
+            Scheme::Pkcs1v15 => 11,
+        };
+        self.modulus_len.saturating_sub(overhead)
+    }
+
     /// Encrypts `plaintext` with `scheme`.
     pub fn encrypt(&self, scheme: Scheme, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let result = match scheme {

@@ -233,6 +233,16 @@ impl Keyring {
         self.scheme
     }
 
+    /// The longest value the key and scheme can encrypt, in bytes.
+    pub fn capacity(&self) -> usize {
+        self.key.capacity(self.scheme)
+    }
+
+    /// The key's size in bits.
+    pub fn key_bits(&self) -> usize {
+        self.key.bits()
+    }
+
     /// The storage backend.
     pub fn storage(&self) -> &dyn Storage {
         self.storage.as_ref()

@@ -17,6 +17,7 @@
 //! - [`vault`]: the HTTP client; [`unseal`]: pure decisions (what to do next given Vault's
 //!   status and the store); [`runner`]: the passes that act on those decisions;
 //!   [`sidecar`]: the long-running mode around them, which outlives a refused PIN.
+//! - `memory_vault` (tests only): an in-memory Vault behind [`vault::VaultApi`].
 //! - [`telemetry`]: Prometheus metrics, `/healthz`, `/readyz`; [`commands`]: `hsm ...`
 //!   subcommands; [`secret`]: the zeroizing, redacted type every secret lives in.
 //!
@@ -33,6 +34,8 @@ pub mod hsm_actor;
 pub mod journal;
 pub mod keypair;
 pub mod keyring;
+#[cfg(test)]
+pub mod memory_vault;
 pub mod pcscd;
 pub mod pin;
 pub mod runner;

@@ -95,7 +95,7 @@ async fn unseal(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             .with_telemetry(Arc::clone(&telemetry));
         let runner = Runner::new(
             cfg,
-            vault,
+            Arc::new(vault),
             opened.keyring,
             Some(opened.hsm),
             telemetry,

@@ -22,7 +22,7 @@ use crate::storage::Storage;
 use crate::telemetry::Telemetry;
 use crate::token_store::TokenStore;
 use crate::unseal::{Observation, Step, VaultView, init_storage_plan, next_step, store_needed};
-use crate::vault::{VaultClient, VaultError};
+use crate::vault::{VaultApi, VaultError};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -79,12 +79,29 @@ pub enum PassError {
         cause: KeyringError,
     },
     /// `sys/init` answered with something that cannot be kept whole.
-    #[error("Vault's sys/init answer is not what was asked for: {0}")]
+    #[error("not all of Vault's sys/init answer could be kept: {0}")]
     InitAnswer(String),
+    /// The key pair cannot encrypt an unseal key: initialising would lose them.
+    #[error(
+        "refusing to initialise Vault: the {bits}-bit HSM key with {scheme} encrypts at most {capacity} bytes, but Vault's unseal keys are up to {UNSEAL_KEY_MAX_LEN} characters; use an RSA key of 2048 bits or more"
+    )]
+    KeyTooSmall {
+        /// Key size.
+        bits: usize,
+        /// Scheme for new values.
+        scheme: &'static str,
+        /// Longest value it encrypts.
+        capacity: usize,
+    },
     /// Raft join did not succeed.
     #[error("raft join to {0} did not complete")]
     JoinFailed(String),
 }
+
+/// Longest unseal key Vault hands out: a 32-byte key plus the Shamir share's byte, in hex.
+const UNSEAL_KEY_MAX_LEN: usize = 66;
+/// Room a root token may need: Vault 1.10+ tokens (`hvs.…`) run to about 100 characters.
+const ROOT_TOKEN_ROOM: usize = 128;
 
 fn unreadable_note(names: &[String]) -> String {
     if names.is_empty() {
@@ -185,7 +202,7 @@ pub async fn open_keyring(
 /// One Vault, one key store.
 pub struct Runner {
     cfg: Config,
-    vault: VaultClient,
+    vault: Arc<dyn VaultApi>,
     keyring: Keyring,
     hsm: Option<HsmHandle>,
     telemetry: Arc<Telemetry>,
@@ -209,7 +226,7 @@ impl Runner {
     /// failures.
     pub fn new(
         cfg: Config,
-        vault: VaultClient,
+        vault: Arc<dyn VaultApi>,
         keyring: Keyring,
         hsm: Option<HsmHandle>,
         telemetry: Arc<Telemetry>,
@@ -468,7 +485,22 @@ impl Runner {
 
     async fn initialize(&self) -> Result<(), PassError> {
         let o = self.cfg.options;
-        // Before Vault hands out keys, make sure they will have somewhere durable to go.
+        // Before Vault hands out keys, make sure they can be encrypted and will have somewhere
+        // durable to go: afterwards there is no way back.
+        let capacity = self.keyring.capacity();
+        if capacity < UNSEAL_KEY_MAX_LEN {
+            return Err(PassError::KeyTooSmall {
+                bits: self.keyring.key_bits(),
+                scheme: self.keyring.scheme().name(),
+                capacity,
+            });
+        }
+        if o.store_root_token && capacity < ROOT_TOKEN_ROOM {
+            tracing::warn!(
+                capacity,
+                "the HSM key may be too small for Vault's root token; the unseal keys fit, and a root token that does not is reported (a new one can be made with the unseal keys)"
+            );
+        }
         journal::check_writable(self.journal_dir())?;
         tracing::info!(
             shares = o.secret_shares,
@@ -721,5 +753,359 @@ impl Runner {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Overrides;
+    use crate::config::{self, Env, FileConfig};
+    use crate::envelope::Scheme;
+    use crate::keyring::soft::{self, SoftDecrypter};
+    use crate::keyring::unseal_key_name;
+    use crate::memory_vault::MemoryVault;
+    use crate::storage::memory::MemoryStore;
+    use std::path::Path;
+    use std::sync::atomic::Ordering;
+
+    /// The defaults an operator gets (5 shares, threshold 3, root token stored), with the
+    /// journal in `dir`.
+    fn config(dir: &Path) -> Config {
+        let mut cfg = config::resolve(
+            FileConfig::default(),
+            &Overrides::default(),
+            &Env::default(),
+        )
+        .expect("the defaults are valid");
+        cfg.journal_dir = dir.to_owned();
+        cfg
+    }
+
+    fn keyring() -> (Keyring, Arc<MemoryStore>, Arc<SoftDecrypter>) {
+        let (dec, host) = soft::pair();
+        let store = Arc::new(MemoryStore::new());
+        // The software key is 1024 bits to keep key generation fast; OAEP-SHA256 then holds
+        // at most 62 bytes, too few for a 64-character unseal key, while OAEP-SHA1 holds 86.
+        let ring = Keyring::new(dec.clone(), host, Scheme::OaepSha1, store.clone());
+        (ring, store, dec)
+    }
+
+    fn runner(cfg: Config, vault: &Arc<MemoryVault>, ring: &Keyring) -> Runner {
+        Runner::new(
+            cfg,
+            vault.clone(),
+            ring.clone(),
+            None,
+            Telemetry::new(),
+            Shutdown::new(),
+        )
+    }
+
+    async fn load(ring: &Keyring, name: &str) -> String {
+        ring.load(name)
+            .await
+            .expect("load")
+            .unwrap_or_else(|| panic!("`{name}` is not in the store"))
+            .expose()
+            .to_owned()
+    }
+
+    async fn names(store: &MemoryStore) -> Vec<String> {
+        store.names().await.expect("names")
+    }
+
+    fn store_ops(store: &MemoryStore) -> Vec<usize> {
+        ["get", "put", "names", "prune", "delete"]
+            .iter()
+            .map(|op| store.count(op))
+            .collect()
+    }
+
+    fn default_names() -> Vec<String> {
+        let mut all: Vec<String> = (0..5).map(unseal_key_name).collect();
+        all.push(ROOT_KEY.to_owned());
+        all.sort();
+        all
+    }
+
+    /// Every issued key (and the root token) is in the store, one value per name, and opens
+    /// to exactly what Vault handed out.
+    async fn assert_store_holds(ring: &Keyring, store: &MemoryStore, vault: &MemoryVault) {
+        for (i, key) in vault.issued_keys().iter().enumerate() {
+            let name = unseal_key_name(i);
+            assert_eq!(&load(ring, &name).await, key, "{name}");
+            assert_eq!(store.raw(&name).len(), 1, "{name}: one value per name");
+        }
+        assert_eq!(load(ring, ROOT_KEY).await, vault.root_token());
+        assert_eq!(store.raw(ROOT_KEY).len(), 1);
+    }
+
+    /// RSA-1024 with OAEP-SHA256 holds 62 bytes and an unseal key is up to 66 characters:
+    /// initialising would hand out keys that cannot be stored.
+    #[tokio::test]
+    async fn a_key_too_small_for_unseal_keys_is_refused_before_init() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (dec, host) = soft::pair();
+        let store = Arc::new(MemoryStore::new());
+        let ring = Keyring::new(dec, host, Scheme::OaepSha256, store.clone());
+        let vault = Arc::new(MemoryVault::new());
+        let err = runner(config(dir.path()), &vault, &ring)
+            .pass(false)
+            .await
+            .expect_err("must refuse");
+        let text = err.to_string();
+        assert!(
+            matches!(err, PassError::KeyTooSmall { capacity: 62, .. }),
+            "{text}"
+        );
+        assert!(text.contains("1024-bit") && text.contains("2048"), "{text}");
+        assert_eq!(vault.calls("init"), 0, "Vault was not initialised");
+        assert_eq!(store.count("put"), 0);
+        dir.close().expect("remove the temporary directory");
+    }
+
+    #[tokio::test]
+    async fn a_fresh_vault_is_initialised_stored_and_unsealed_in_one_pass() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ring, store, _) = keyring();
+        let vault = Arc::new(MemoryVault::new());
+        let r = runner(config(dir.path()), &vault, &ring);
+
+        assert_eq!(r.pass(false).await.expect("pass"), PassOutcome::Unsealed);
+
+        assert!(vault.is_unsealed());
+        assert_eq!(vault.calls("init"), 1);
+        assert_eq!(vault.issued_keys().len(), 5);
+        assert_eq!(names(&store).await, default_names());
+        assert_store_holds(&ring, &store, &vault).await;
+        assert!(
+            !journal::path(dir.path()).exists(),
+            "the journal is removed once every key is stored"
+        );
+        dir.close().expect("remove the temp dir");
+    }
+
+    #[tokio::test]
+    async fn a_store_failing_after_init_keeps_the_keys_in_the_journal_until_the_next_pass() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ring, store, _) = keyring();
+        let vault = Arc::new(MemoryVault::new());
+        let mut cfg = config(dir.path());
+        cfg.hsm.token_wait_timeout = Duration::from_millis(1);
+        let r = runner(cfg, &vault, &ring);
+        // Two keys go in, then the store goes away.
+        store.fail_puts_after(2, 1);
+
+        let err = r.pass(false).await.expect_err("the store failed");
+        let PassError::InitPending {
+            remaining, journal, ..
+        } = &err
+        else {
+            panic!("expected InitPending, got {err:?}");
+        };
+        assert_eq!(
+            remaining,
+            &[
+                "vault-unseal-2",
+                "vault-unseal-3",
+                "vault-unseal-4",
+                "vault-root"
+            ]
+        );
+        assert_eq!(journal, &journal::path(dir.path()));
+        assert_eq!(
+            vault.calls("unseal"),
+            0,
+            "nothing unsealed before every key is stored"
+        );
+
+        let bytes = std::fs::read(journal).expect("the journal is kept");
+        let mut secrets = vault.issued_keys();
+        secrets.push(vault.root_token());
+        for secret in &secrets {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "the journal holds a clear key"
+            );
+        }
+        let message = err.to_string();
+        assert!(
+            secrets.iter().all(|s| !message.contains(s.as_str())),
+            "{message}"
+        );
+
+        assert_eq!(
+            r.pass(false).await.expect("second pass"),
+            PassOutcome::Unsealed
+        );
+        assert!(vault.is_unsealed());
+        assert_eq!(vault.calls("init"), 1, "no second init");
+        assert!(!journal::path(dir.path()).exists());
+        assert_eq!(names(&store).await, default_names());
+        assert_store_holds(&ring, &store, &vault).await;
+        dir.close().expect("remove the temp dir");
+    }
+
+    #[tokio::test]
+    async fn one_corrupted_key_does_not_stop_the_others_from_unsealing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ring, store, _) = keyring();
+        let vault = Arc::new(MemoryVault::new());
+        let r = runner(config(dir.path()), &vault, &ring);
+        assert_eq!(r.pass(false).await.expect("init"), PassOutcome::Unsealed);
+
+        vault.seal();
+        store.insert("vault-unseal-0", vec![7u8; 128]);
+        let submitted = vault.calls("unseal");
+
+        assert_eq!(r.pass(false).await.expect("unseal"), PassOutcome::Unsealed);
+        assert!(vault.is_unsealed());
+        assert_eq!(
+            vault.calls("unseal") - submitted,
+            3,
+            "only the three readable keys are submitted"
+        );
+        dir.close().expect("remove the temp dir");
+    }
+
+    #[tokio::test]
+    async fn an_unsealed_vault_costs_the_store_and_the_token_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ring, store, dec) = keyring();
+        let vault = Arc::new(MemoryVault::new());
+        let r = runner(config(dir.path()), &vault, &ring);
+        assert_eq!(r.pass(false).await.expect("init"), PassOutcome::Unsealed);
+
+        let ops = store_ops(&store);
+        let decrypts = dec.calls.load(Ordering::SeqCst);
+        assert_eq!(r.pass(false).await.expect("pass"), PassOutcome::Unsealed);
+        assert_eq!(store_ops(&store), ops, "store operations during the pass");
+        assert_eq!(dec.calls.load(Ordering::SeqCst), decrypts, "decrypts");
+        dir.close().expect("remove the temp dir");
+    }
+
+    #[tokio::test]
+    async fn stale_keys_block_init_unless_overwriting_is_allowed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ring, store, _) = keyring();
+        let old = Arc::new(MemoryVault::new());
+        let r = runner(config(dir.path()), &old, &ring);
+        assert_eq!(r.pass(false).await.expect("init"), PassOutcome::Unsealed);
+
+        let fresh = Arc::new(MemoryVault::new());
+        let err = runner(config(dir.path()), &fresh, &ring)
+            .pass(false)
+            .await
+            .expect_err("stale keys");
+        assert!(matches!(err, PassError::StaleKeys(5)), "{err:?}");
+        assert_eq!(
+            fresh.calls("init"),
+            0,
+            "Vault was never asked to initialise"
+        );
+        assert_store_holds(&ring, &store, &old).await;
+
+        let mut cfg = config(dir.path());
+        cfg.options.overwrite_existing_keys = true;
+        cfg.options.secret_shares = 3;
+        cfg.options.secret_threshold = 2;
+        let r = runner(cfg, &fresh, &ring);
+        assert_eq!(
+            r.pass(false).await.expect("overwrite"),
+            PassOutcome::Unsealed
+        );
+        assert!(fresh.is_unsealed());
+        assert_eq!(
+            names(&store).await,
+            [
+                "vault-root",
+                "vault-unseal-0",
+                "vault-unseal-1",
+                "vault-unseal-2"
+            ],
+            "the earlier Vault's surplus keys are removed"
+        );
+        assert_store_holds(&ring, &store, &fresh).await;
+        dir.close().expect("remove the temp dir");
+    }
+
+    #[tokio::test]
+    async fn a_short_init_answer_is_an_error_but_every_returned_key_is_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ring, store, _) = keyring();
+        let vault = Arc::new(MemoryVault::new());
+        vault.answer_init_with(3);
+        let r = runner(config(dir.path()), &vault, &ring);
+
+        let err = r.pass(false).await.expect_err("short answer");
+        let PassError::InitAnswer(problem) = &err else {
+            panic!("expected InitAnswer, got {err:?}");
+        };
+        assert!(
+            problem.contains("asked for 5 unseal keys, Vault returned 3"),
+            "{problem}"
+        );
+        assert_eq!(
+            names(&store).await,
+            [
+                "vault-root",
+                "vault-unseal-0",
+                "vault-unseal-1",
+                "vault-unseal-2"
+            ]
+        );
+        let issued = vault.issued_keys();
+        for (i, key) in issued.iter().take(3).enumerate() {
+            assert_eq!(&load(&ring, &unseal_key_name(i)).await, key);
+        }
+        assert_eq!(load(&ring, ROOT_KEY).await, vault.root_token());
+        assert!(!journal::path(dir.path()).exists());
+        assert_eq!(vault.calls("unseal"), 0);
+        dir.close().expect("remove the temp dir");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_vault_ends_the_pass_without_touching_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ring, store, dec) = keyring();
+        let vault = Arc::new(MemoryVault::new());
+        vault.set_unreachable(true);
+        let r = runner(config(dir.path()), &vault, &ring);
+
+        assert_eq!(
+            r.pass(false).await.expect("pass"),
+            PassOutcome::VaultUnreachable
+        );
+        assert_eq!(store_ops(&store), [0, 0, 0, 0, 0]);
+        assert_eq!(dec.calls.load(Ordering::SeqCst), 0);
+        assert_eq!(vault.calls("init"), 0);
+        dir.close().expect("remove the temp dir");
+    }
+
+    #[tokio::test]
+    async fn keys_of_another_vault_are_reported_as_wrong_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ring, _, _) = keyring();
+        let first = Arc::new(MemoryVault::new());
+        let r = runner(config(dir.path()), &first, &ring);
+        assert_eq!(r.pass(false).await.expect("init"), PassOutcome::Unsealed);
+
+        let other = Arc::new(MemoryVault::new());
+        other.init(5, 3).await.expect("init the other Vault");
+        let err = runner(config(dir.path()), &other, &ring)
+            .pass(false)
+            .await
+            .expect_err("wrong keys");
+        let PassError::WrongKeys { submitted, detail } = &err else {
+            panic!("expected WrongKeys, got {err:?}");
+        };
+        assert!(
+            (1..=3).contains(submitted),
+            "never more keys than the threshold: {submitted}"
+        );
+        assert!(detail.contains("HTTP 400"), "{detail}");
+        assert!(!other.is_unsealed());
+        dir.close().expect("remove the temp dir");
     }
 }

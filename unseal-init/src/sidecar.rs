@@ -94,7 +94,7 @@ async fn session(
         .with_telemetry(Arc::clone(telemetry));
     let runner = Runner::new(
         cfg.clone(),
-        vault,
+        Arc::new(vault),
         opened.keyring,
         Some(opened.hsm),
         Arc::clone(telemetry),

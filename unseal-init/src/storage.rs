@@ -63,6 +63,7 @@ pub trait Storage: Send + Sync {
 /// An in-memory store for unit tests of the key ring and the Vault flow.
 pub mod memory {
     use super::{Storage, StorageError};
+    use crate::hsm::HsmError;
     use futures::FutureExt;
     use futures::future::BoxFuture;
     use std::collections::BTreeMap;
@@ -73,6 +74,8 @@ pub mod memory {
     pub struct MemoryStore {
         values: Mutex<BTreeMap<String, Vec<Vec<u8>>>>,
         ops: Mutex<BTreeMap<&'static str, usize>>,
+        /// Puts still to succeed, then puts to fail: a store that goes away mid-way.
+        put_faults: Mutex<(usize, usize)>,
     }
 
     impl MemoryStore {
@@ -101,6 +104,32 @@ pub mod memory {
         pub fn insert(&self, name: &str, value: Vec<u8>) {
             if let Ok(mut v) = self.values.lock() {
                 v.entry(name.to_owned()).or_default().push(value);
+            }
+        }
+
+        /// Lets the next `ok` puts succeed, then fails `fail` puts, as a stick pulled or an
+        /// API server gone in the middle of storing would.
+        pub fn fail_puts_after(&self, ok: usize, fail: usize) {
+            if let Ok(mut f) = self.put_faults.lock() {
+                *f = (ok, fail);
+            }
+        }
+
+        /// Whether this put is one of the injected failures.
+        fn put_fails(&self) -> bool {
+            let Ok(mut f) = self.put_faults.lock() else {
+                return false;
+            };
+            match *f {
+                (_, 0) => false,
+                (0, fail) => {
+                    f.1 = fail - 1;
+                    true
+                }
+                (ok, _) => {
+                    f.0 = ok - 1;
+                    false
+                }
             }
         }
 
@@ -135,6 +164,12 @@ pub mod memory {
             value: &'a [u8],
         ) -> BoxFuture<'a, Result<(), StorageError>> {
             self.note("put");
+            if self.put_fails() {
+                let err = StorageError::Hsm(HsmError::Other(format!(
+                    "injected failure writing `{name}`"
+                )));
+                return async move { Err(err) }.boxed();
+            }
             self.insert(name, value.to_vec());
             async { Ok(()) }.boxed()
         }

@@ -2,6 +2,8 @@
 //! unseal, and raft join. Works against Vault and OpenBao alike.
 
 use crate::secret::Secret;
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use serde::Deserialize;
 use std::path::Path;
 use std::time::Duration;
@@ -359,6 +361,61 @@ impl VaultClient {
             reason: e.to_string(),
         })?;
         Ok(parsed.joined)
+    }
+}
+
+/// What the Vault flow needs of Vault, so it can run against an in-memory model in tests.
+pub trait VaultApi: Send + Sync {
+    /// The address of this Vault, for logs and the init journal.
+    fn address(&self) -> &str;
+
+    /// `GET sys/seal-status`.
+    fn seal_status(&self) -> BoxFuture<'_, Result<SealStatus, VaultError>>;
+
+    /// `PUT sys/init`; never abandoned, since its answer is the only copy of the keys.
+    fn init(&self, shares: u8, threshold: u8) -> BoxFuture<'_, Result<InitResult, VaultError>>;
+
+    /// `PUT sys/unseal` with `{"reset": true}`.
+    fn unseal_reset(&self) -> BoxFuture<'_, Result<SealStatus, VaultError>>;
+
+    /// `PUT sys/unseal` with one key share.
+    fn unseal<'a>(&'a self, key: &'a Secret) -> BoxFuture<'a, Result<SealStatus, VaultError>>;
+
+    /// `PUT sys/storage/raft/join` towards `leader`; true when Vault reports joined.
+    fn raft_join<'a>(
+        &'a self,
+        leader: &'a str,
+        leader_ca: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<bool, VaultError>>;
+}
+
+impl VaultApi for VaultClient {
+    fn address(&self) -> &str {
+        VaultClient::address(self)
+    }
+
+    fn seal_status(&self) -> BoxFuture<'_, Result<SealStatus, VaultError>> {
+        VaultClient::seal_status(self).boxed()
+    }
+
+    fn init(&self, shares: u8, threshold: u8) -> BoxFuture<'_, Result<InitResult, VaultError>> {
+        VaultClient::init(self, shares, threshold).boxed()
+    }
+
+    fn unseal_reset(&self) -> BoxFuture<'_, Result<SealStatus, VaultError>> {
+        VaultClient::unseal_reset(self).boxed()
+    }
+
+    fn unseal<'a>(&'a self, key: &'a Secret) -> BoxFuture<'a, Result<SealStatus, VaultError>> {
+        VaultClient::unseal(self, key).boxed()
+    }
+
+    fn raft_join<'a>(
+        &'a self,
+        leader: &'a str,
+        leader_ca: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<bool, VaultError>> {
+        VaultClient::raft_join(self, leader, leader_ca).boxed()
     }
 }
 

@@ -1,0 +1,260 @@
+//! An in-memory Vault, so the Vault flow in [`crate::runner`] is unit-tested without a server
+//! process, with faults no real server produces on demand.
+
+use crate::secret::Secret;
+use crate::vault::{InitResult, SealStatus, VaultApi, VaultError};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use rand::RngExt;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// Address every `MemoryVault` reports, as a local server's would look.
+pub const ADDRESS: &str = "http://127.0.0.1:8200";
+
+/// An in-memory model of Vault/OpenBao's seal API. The behaviour follows Vault/OpenBao's
+/// `sys/seal-status`, `sys/init` and `sys/unseal` as observed against OpenBao 2.x in the
+/// integration tests (`unseal-init/tests/vault_flow.rs`), with one simplification: a key it
+/// never issued is refused (HTTP 400, "invalid key") when submitted, where Vault only notices
+/// once the threshold is reached.
+pub struct MemoryVault {
+    state: Mutex<State>,
+    calls: Mutex<BTreeMap<&'static str, usize>>,
+}
+
+#[derive(Default)]
+struct State {
+    initialized: bool,
+    sealed: bool,
+    threshold: u32,
+    /// Every key `sys/init` issued, whether or not the answer carried it.
+    keys: Vec<String>,
+    root_token: String,
+    /// Distinct valid keys submitted since the last reset or unseal.
+    progress: Vec<String>,
+    unreachable: bool,
+    /// How many keys `sys/init` answers with, when fewer than it issued.
+    init_answers: Option<usize>,
+}
+
+impl State {
+    fn status(&self) -> SealStatus {
+        SealStatus {
+            initialized: self.initialized,
+            // Vault reports an uninitialised server as sealed.
+            sealed: self.sealed || !self.initialized,
+            threshold: self.threshold,
+            shares: u32::try_from(self.keys.len()).unwrap_or(u32::MAX),
+            progress: u32::try_from(self.progress.len()).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+impl Default for MemoryVault {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A 32-byte key in hex, as Vault's `keys` carry them.
+fn random_key() -> String {
+    let mut bytes = [0u8; 32];
+    rand::fill(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// A root token in the `s.` form OpenBao hands out.
+fn random_token() -> String {
+    let tail: String = rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect();
+    format!("s.{tail}")
+}
+
+fn status_error(endpoint: &'static str, message: &str) -> VaultError {
+    VaultError::Status {
+        endpoint,
+        status: 400,
+        message: message.to_owned(),
+    }
+}
+
+impl MemoryVault {
+    /// An uninitialised Vault, answering.
+    pub fn new() -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            calls: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Makes every call fail as a server that is down or not listening yet does.
+    pub fn set_unreachable(&self, unreachable: bool) {
+        self.with(|s| s.unreachable = unreachable);
+    }
+
+    /// Makes `sys/init` answer with only the first `keys` of the keys it issues.
+    pub fn answer_init_with(&self, keys: usize) {
+        self.with(|s| s.init_answers = Some(keys));
+    }
+
+    /// Seals again, as a restarted server comes up.
+    pub fn seal(&self) {
+        self.with(|s| {
+            s.sealed = true;
+            s.progress.clear();
+        });
+    }
+
+    /// How many times the [`VaultApi`] method `method` was called (`"init"`, `"unseal"`...).
+    pub fn calls(&self, method: &'static str) -> usize {
+        self.calls
+            .lock()
+            .map(|c| c.get(method).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Every unseal key `sys/init` issued, in order.
+    pub fn issued_keys(&self) -> Vec<String> {
+        self.with(|s| s.keys.clone())
+    }
+
+    /// The root token `sys/init` issued (empty before).
+    pub fn root_token(&self) -> String {
+        self.with(|s| s.root_token.clone())
+    }
+
+    /// True once initialised and unsealed.
+    pub fn is_unsealed(&self) -> bool {
+        self.with(|s| s.initialized && !s.sealed)
+    }
+
+    /// Runs `f` on the state; a poisoned lock means a test already panicked, so the panic
+    /// there is the one worth reading.
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut state)
+    }
+
+    /// Counts the call and, when unreachable, fails it as the HTTP client would.
+    fn enter(&self, method: &'static str) -> Result<(), VaultError> {
+        if let Ok(mut c) = self.calls.lock() {
+            *c.entry(method).or_default() += 1;
+        }
+        if self.with(|s| s.unreachable) {
+            return Err(VaultError::Unreachable {
+                address: ADDRESS.to_owned(),
+                reason: "error sending request: connection refused".to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn do_init(&self, shares: u8, threshold: u8) -> Result<InitResult, VaultError> {
+        self.enter("init")?;
+        self.with(|s| {
+            if s.initialized {
+                return Err(status_error("sys/init", "Vault is already initialized"));
+            }
+            if shares == 0 || threshold == 0 || threshold > shares {
+                return Err(status_error(
+                    "sys/init",
+                    "invalid seal configuration: threshold must be between 1 and shares",
+                ));
+            }
+            let mut keys: Vec<String> = Vec::with_capacity(usize::from(shares));
+            while keys.len() < usize::from(shares) {
+                let key = random_key();
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+            s.keys = keys;
+            s.root_token = random_token();
+            s.threshold = u32::from(threshold);
+            s.initialized = true;
+            s.sealed = true;
+            s.progress.clear();
+            let answered = s.init_answers.unwrap_or(s.keys.len()).min(s.keys.len());
+            Ok(InitResult {
+                keys: s.keys[..answered]
+                    .iter()
+                    .map(|k| Secret::from(k.as_str()))
+                    .collect(),
+                root_token: Secret::from(s.root_token.as_str()),
+            })
+        })
+    }
+
+    fn do_unseal(&self, key: &Secret) -> Result<SealStatus, VaultError> {
+        self.enter("unseal")?;
+        self.with(|s| {
+            if !s.initialized {
+                return Err(status_error("sys/unseal", "Vault is not initialized"));
+            }
+            if !s.sealed {
+                return Ok(s.status());
+            }
+            let key = key.expose();
+            if !s.keys.iter().any(|k| k == key) {
+                s.progress.clear();
+                return Err(status_error("sys/unseal", "Unseal failed, invalid key"));
+            }
+            if !s.progress.iter().any(|k| k == key) {
+                s.progress.push(key.to_owned());
+            }
+            if s.progress.len() >= s.threshold as usize {
+                s.sealed = false;
+                s.progress.clear();
+            }
+            Ok(s.status())
+        })
+    }
+}
+
+impl VaultApi for MemoryVault {
+    fn address(&self) -> &str {
+        ADDRESS
+    }
+
+    fn seal_status(&self) -> BoxFuture<'_, Result<SealStatus, VaultError>> {
+        let result = self
+            .enter("seal_status")
+            .map(|()| self.with(|s| s.status()));
+        async move { result }.boxed()
+    }
+
+    fn init(&self, shares: u8, threshold: u8) -> BoxFuture<'_, Result<InitResult, VaultError>> {
+        let result = self.do_init(shares, threshold);
+        async move { result }.boxed()
+    }
+
+    fn unseal_reset(&self) -> BoxFuture<'_, Result<SealStatus, VaultError>> {
+        let result = self.enter("unseal_reset").map(|()| {
+            self.with(|s| {
+                s.progress.clear();
+                s.status()
+            })
+        });
+        async move { result }.boxed()
+    }
+
+    fn unseal<'a>(&'a self, key: &'a Secret) -> BoxFuture<'a, Result<SealStatus, VaultError>> {
+        let result = self.do_unseal(key);
+        async move { result }.boxed()
+    }
+
+    fn raft_join<'a>(
+        &'a self,
+        _leader: &'a str,
+        _leader_ca: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<bool, VaultError>> {
+        let result = self.enter("raft_join").map(|()| false);
+        async move { result }.boxed()
+    }
+}
