@@ -17,9 +17,10 @@
 //!    kubelet's `listen`. Such a refusal is the normal course of a restart: it is retried
 //!    within milliseconds, at once when a new `kubelet.sock` appears, and is neither logged
 //!    above debug level nor counted as a failed registration.
-//! 3. A kubelet that accepted the connection but failed the call is retried with backoff and
-//!    counted as `unreachable`; one that answered with an error rejected the plugin, which
-//!    ends the process, as the device-plugin API asks.
+//! 3. A kubelet that accepted the connection but failed the call, and still accepts
+//!    connections, is retried with backoff and counted as `unreachable` (one that stopped
+//!    listening died during the call: rule 2); one that answered with an error rejected the
+//!    plugin, which ends the process, as the device-plugin API asks.
 //!
 //! The server always runs before `Register` is sent: the kubelet dials the plugin back and
 //! calls `GetDevicePluginOptions` before it answers.
@@ -274,11 +275,17 @@ pub async fn register(
             | Code::DeadlineExceeded
             | Code::Cancelled
             | Code::Aborted
-            | Code::ResourceExhausted => Err(RegisterError::Unreachable(format!(
-                "{:?}: {}",
-                status.code(),
-                status.message()
-            ))),
+            | Code::ResourceExhausted => {
+                let reason = format!("{:?}: {}", status.code(), status.message());
+                // A kubelet that died during the call (a restart) no longer listens: that is
+                // the normal course of a restart, not a failed registration.
+                match UnixStream::connect(kubelet_socket).await {
+                    Ok(_) => Err(RegisterError::Unreachable(reason)),
+                    Err(e) => Err(RegisterError::NotListening(format!(
+                        "{reason}; the kubelet went away during the call: {e}"
+                    ))),
+                }
+            }
             _ if DIAL_BACK_ERRORS
                 .iter()
                 .any(|p| status.message().contains(p)) =>

@@ -271,7 +271,10 @@ pub fn summarize_ids(ids: &[String]) -> String {
     format!("[{}]", text.join(", "))
 }
 
-/// Identity of a file: device, inode and change time (inode numbers alone are reused).
+/// Identity of a file: device, inode and change time (inode numbers alone are reused). Change
+/// times have the resolution of the kernel's timer tick (4–10 ms), so a file deleted and
+/// created again within one tick on the recycled inode looks the same; a kubelet, a new
+/// process each time, does not restart that fast.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileId {
     dev: u64,

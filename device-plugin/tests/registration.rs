@@ -126,6 +126,10 @@ async fn kubelet_restart_leads_to_reregistration() {
         .unwrap();
 
     for round in 2..=4 {
+        // A real kubelet, a new process, takes far longer than the kernel's timer tick to
+        // restart; without a pause this one could re-create kubelet.sock within one tick on
+        // the recycled inode, indistinguishable from the old socket (see `FileId`).
+        tokio::time::sleep(Duration::from_millis(25)).await;
         let before = kubelet.device_list().unwrap().updates;
         let restarted_at = kubelet.restart().await.unwrap();
         let registration = kubelet
@@ -174,11 +178,21 @@ async fn kubelet_restart_leads_to_reregistration() {
         .filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("cannot see"))
         .collect();
     assert!(loud.is_empty(), "routine restarts logged {loud:#?}");
-    assert_eq!(
-        logs.matches("the kubelet restarted; registered again")
-            .count(),
-        3,
+    // A kubelet may restart again before the plugin reads its answer, so not every restart
+    // ends in this line (the restart counter above counts them all), but the last one does.
+    let registrations: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("registered with the kubelet") || l.contains("registered again"))
+        .collect();
+    assert!(
+        registrations
+            .last()
+            .is_some_and(|l| l.contains("the kubelet restarted; registered again")),
         "{logs}"
+    );
+    assert_eq!(
+        registrations.len() - 1,
+        logs.matches("registered again").count()
     );
 }
 
