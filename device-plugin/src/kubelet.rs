@@ -240,13 +240,38 @@ pub fn next_action(state: &mut SupervisorState, event: Event) -> Action {
     }
 }
 
+/// Connection attempts made at once when `kubelet.sock` refuses, before the timer's backoff
+/// takes over.
+const QUICK_CONNECT_ATTEMPTS: u32 = 64;
+
+/// Connects to `path`. A socket seen the moment it was bound may refuse for the microseconds
+/// until its owner calls `listen`; the timer's 1 ms resolution would make that a millisecond
+/// or two, so a refusal is retried at once a few times, yielding the CPU in between (the
+/// kubelet may be waiting for this core). A socket left by a dead kubelet still refuses, at a
+/// cost of well under a millisecond.
+async fn connect_listening(path: &Path) -> std::io::Result<UnixStream> {
+    let mut attempt = 1;
+    loop {
+        match UnixStream::connect(path).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && attempt < QUICK_CONNECT_ATTEMPTS =>
+            {
+                attempt += 1;
+                std::thread::yield_now();
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Calls `Register` on the kubelet socket at `kubelet_socket`. The connection is made first,
 /// on its own, so that a socket nobody listens on is told apart from a failed call.
 pub async fn register(
     kubelet_socket: &Path,
     request: RegisterRequest,
 ) -> Result<(), RegisterError> {
-    let stream = UnixStream::connect(kubelet_socket)
+    let stream = connect_listening(kubelet_socket)
         .await
         .map_err(|e| RegisterError::NotListening(e.to_string()))?;
     let path = kubelet_socket.to_owned();
