@@ -766,136 +766,171 @@ mod tests {
     use crate::keyring::unseal_key_name;
     use crate::memory_vault::MemoryVault;
     use crate::storage::memory::MemoryStore;
-    use std::path::Path;
     use std::sync::atomic::Ordering;
 
-    /// The defaults an operator gets (5 shares, threshold 3, root token stored), with the
-    /// journal in `dir`.
-    fn config(dir: &Path) -> Config {
-        let mut cfg = config::resolve(
-            FileConfig::default(),
-            &Overrides::default(),
-            &Env::default(),
-        )
-        .expect("the defaults are valid");
-        cfg.journal_dir = dir.to_owned();
-        cfg
+    /// One Vault, one key store on a software key, and the journal's directory.
+    struct Scene {
+        dir: tempfile::TempDir,
+        ring: Keyring,
+        store: Arc<MemoryStore>,
+        dec: Arc<SoftDecrypter>,
+        vault: Arc<MemoryVault>,
     }
 
-    fn keyring() -> (Keyring, Arc<MemoryStore>, Arc<SoftDecrypter>) {
-        let (dec, host) = soft::pair();
-        let store = Arc::new(MemoryStore::new());
-        // The software key is 1024 bits to keep key generation fast; OAEP-SHA256 then holds
-        // at most 62 bytes, too few for a 64-character unseal key, while OAEP-SHA1 holds 86.
-        let ring = Keyring::new(dec.clone(), host, Scheme::OaepSha1, store.clone());
-        (ring, store, dec)
+    impl Scene {
+        /// A fresh Vault and an empty store. The software key is 1024 bits to keep key
+        /// generation fast; OAEP-SHA256 then holds only 62 bytes, too few for an unseal key,
+        /// so new values use OAEP-SHA1 (86 bytes).
+        fn new() -> Self {
+            Self::with_scheme(Scheme::OaepSha1)
+        }
+
+        fn with_scheme(scheme: Scheme) -> Self {
+            let (dec, host) = soft::pair();
+            let store = Arc::new(MemoryStore::new());
+            let ring = Keyring::new(dec.clone(), host, scheme, store.clone());
+            Self {
+                dir: tempfile::tempdir().expect("tempdir"),
+                ring,
+                store,
+                dec,
+                vault: Arc::new(MemoryVault::new()),
+            }
+        }
+
+        /// A Vault initialised by a first pass, its keys in the store.
+        async fn initialised() -> Self {
+            let scene = Self::new();
+            assert_eq!(scene.pass().await.expect("init"), PassOutcome::Unsealed);
+            scene
+        }
+
+        /// The defaults an operator gets (5 shares, threshold 3, root token stored), with the
+        /// journal in the scene's directory.
+        fn config(&self) -> Config {
+            let mut cfg = config::resolve(
+                FileConfig::default(),
+                &Overrides::default(),
+                &Env::default(),
+            )
+            .expect("the defaults are valid");
+            cfg.journal_dir = self.dir.path().to_owned();
+            cfg
+        }
+
+        fn runner_for(&self, cfg: Config, vault: &Arc<MemoryVault>) -> Runner {
+            Runner::new(
+                cfg,
+                vault.clone(),
+                self.ring.clone(),
+                None,
+                Telemetry::new(),
+                Shutdown::new(),
+            )
+        }
+
+        fn runner(&self) -> Runner {
+            self.runner_for(self.config(), &self.vault)
+        }
+
+        async fn pass(&self) -> Result<PassOutcome, PassError> {
+            self.runner().pass(false).await
+        }
+
+        async fn load(&self, name: &str) -> String {
+            self.ring
+                .load(name)
+                .await
+                .expect("load")
+                .unwrap_or_else(|| panic!("`{name}` is not in the store"))
+                .expose()
+                .to_owned()
+        }
+
+        async fn names(&self) -> Vec<String> {
+            self.store.names().await.expect("names")
+        }
+
+        fn store_ops(&self) -> Vec<usize> {
+            ["get", "put", "names", "prune", "delete"]
+                .iter()
+                .map(|op| self.store.count(op))
+                .collect()
+        }
+
+        fn decrypts(&self) -> usize {
+            self.dec.calls.load(Ordering::SeqCst)
+        }
+
+        fn journal(&self) -> PathBuf {
+            journal::path(self.dir.path())
+        }
+
+        /// Every key `vault` issued (and its root token) is in the store, one value per name,
+        /// and opens to exactly what it handed out.
+        async fn assert_store_holds(&self, vault: &MemoryVault) {
+            for (i, key) in vault.issued_keys().iter().enumerate() {
+                let name = unseal_key_name(i);
+                assert_eq!(&self.load(&name).await, key, "{name}");
+                assert_eq!(self.store.raw(&name).len(), 1, "{name}: one value per name");
+            }
+            assert_eq!(self.load(ROOT_KEY).await, vault.root_token());
+            assert_eq!(self.store.raw(ROOT_KEY).len(), 1);
+        }
+
+        fn close(self) {
+            self.dir.close().expect("remove the temporary directory");
+        }
     }
 
-    fn runner(cfg: Config, vault: &Arc<MemoryVault>, ring: &Keyring) -> Runner {
-        Runner::new(
-            cfg,
-            vault.clone(),
-            ring.clone(),
-            None,
-            Telemetry::new(),
-            Shutdown::new(),
-        )
-    }
-
-    async fn load(ring: &Keyring, name: &str) -> String {
-        ring.load(name)
-            .await
-            .expect("load")
-            .unwrap_or_else(|| panic!("`{name}` is not in the store"))
-            .expose()
-            .to_owned()
-    }
-
-    async fn names(store: &MemoryStore) -> Vec<String> {
-        store.names().await.expect("names")
-    }
-
-    fn store_ops(store: &MemoryStore) -> Vec<usize> {
-        ["get", "put", "names", "prune", "delete"]
-            .iter()
-            .map(|op| store.count(op))
-            .collect()
-    }
-
-    fn default_names() -> Vec<String> {
-        let mut all: Vec<String> = (0..5).map(unseal_key_name).collect();
+    /// The names a store holds for `shares` unseal keys and the root token, sorted.
+    fn names_for(shares: usize) -> Vec<String> {
+        let mut all: Vec<String> = (0..shares).map(unseal_key_name).collect();
         all.push(ROOT_KEY.to_owned());
         all.sort();
         all
-    }
-
-    /// Every issued key (and the root token) is in the store, one value per name, and opens
-    /// to exactly what Vault handed out.
-    async fn assert_store_holds(ring: &Keyring, store: &MemoryStore, vault: &MemoryVault) {
-        for (i, key) in vault.issued_keys().iter().enumerate() {
-            let name = unseal_key_name(i);
-            assert_eq!(&load(ring, &name).await, key, "{name}");
-            assert_eq!(store.raw(&name).len(), 1, "{name}: one value per name");
-        }
-        assert_eq!(load(ring, ROOT_KEY).await, vault.root_token());
-        assert_eq!(store.raw(ROOT_KEY).len(), 1);
     }
 
     /// RSA-1024 with OAEP-SHA256 holds 62 bytes and an unseal key is up to 66 characters:
     /// initialising would hand out keys that cannot be stored.
     #[tokio::test]
     async fn a_key_too_small_for_unseal_keys_is_refused_before_init() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (dec, host) = soft::pair();
-        let store = Arc::new(MemoryStore::new());
-        let ring = Keyring::new(dec, host, Scheme::OaepSha256, store.clone());
-        let vault = Arc::new(MemoryVault::new());
-        let err = runner(config(dir.path()), &vault, &ring)
-            .pass(false)
-            .await
-            .expect_err("must refuse");
+        let scene = Scene::with_scheme(Scheme::OaepSha256);
+        let err = scene.pass().await.expect_err("must refuse");
         let text = err.to_string();
         assert!(
             matches!(err, PassError::KeyTooSmall { capacity: 62, .. }),
             "{text}"
         );
         assert!(text.contains("1024-bit") && text.contains("2048"), "{text}");
-        assert_eq!(vault.calls("init"), 0, "Vault was not initialised");
-        assert_eq!(store.count("put"), 0);
-        dir.close().expect("remove the temporary directory");
+        assert_eq!(scene.vault.calls("init"), 0, "Vault was not initialised");
+        assert_eq!(scene.store.count("put"), 0);
+        scene.close();
     }
 
     #[tokio::test]
     async fn a_fresh_vault_is_initialised_stored_and_unsealed_in_one_pass() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (ring, store, _) = keyring();
-        let vault = Arc::new(MemoryVault::new());
-        let r = runner(config(dir.path()), &vault, &ring);
-
-        assert_eq!(r.pass(false).await.expect("pass"), PassOutcome::Unsealed);
-
-        assert!(vault.is_unsealed());
-        assert_eq!(vault.calls("init"), 1);
-        assert_eq!(vault.issued_keys().len(), 5);
-        assert_eq!(names(&store).await, default_names());
-        assert_store_holds(&ring, &store, &vault).await;
+        let scene = Scene::initialised().await;
+        assert!(scene.vault.is_unsealed());
+        assert_eq!(scene.vault.calls("init"), 1);
+        assert_eq!(scene.vault.issued_keys().len(), 5);
+        assert_eq!(scene.names().await, names_for(5));
+        scene.assert_store_holds(&scene.vault).await;
         assert!(
-            !journal::path(dir.path()).exists(),
+            !scene.journal().exists(),
             "the journal is removed once every key is stored"
         );
-        dir.close().expect("remove the temp dir");
+        scene.close();
     }
 
     #[tokio::test]
     async fn a_store_failing_after_init_keeps_the_keys_in_the_journal_until_the_next_pass() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (ring, store, _) = keyring();
-        let vault = Arc::new(MemoryVault::new());
-        let mut cfg = config(dir.path());
+        let scene = Scene::new();
+        let mut cfg = scene.config();
         cfg.hsm.token_wait_timeout = Duration::from_millis(1);
-        let r = runner(cfg, &vault, &ring);
+        let r = scene.runner_for(cfg, &scene.vault);
         // Two keys go in, then the store goes away.
-        store.fail_puts_after(2, 1);
+        scene.store.fail_puts_after(2, 1);
 
         let err = r.pass(false).await.expect_err("the store failed");
         let PassError::InitPending {
@@ -913,16 +948,16 @@ mod tests {
                 "vault-root"
             ]
         );
-        assert_eq!(journal, &journal::path(dir.path()));
+        assert_eq!(journal, &scene.journal());
         assert_eq!(
-            vault.calls("unseal"),
+            scene.vault.calls("unseal"),
             0,
             "nothing unsealed before every key is stored"
         );
 
         let bytes = std::fs::read(journal).expect("the journal is kept");
-        let mut secrets = vault.issued_keys();
-        secrets.push(vault.root_token());
+        let mut secrets = scene.vault.issued_keys();
+        secrets.push(scene.vault.root_token());
         for secret in &secrets {
             assert!(
                 !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
@@ -939,62 +974,47 @@ mod tests {
             r.pass(false).await.expect("second pass"),
             PassOutcome::Unsealed
         );
-        assert!(vault.is_unsealed());
-        assert_eq!(vault.calls("init"), 1, "no second init");
-        assert!(!journal::path(dir.path()).exists());
-        assert_eq!(names(&store).await, default_names());
-        assert_store_holds(&ring, &store, &vault).await;
-        dir.close().expect("remove the temp dir");
+        assert!(scene.vault.is_unsealed());
+        assert_eq!(scene.vault.calls("init"), 1, "no second init");
+        assert!(!scene.journal().exists());
+        assert_eq!(scene.names().await, names_for(5));
+        scene.assert_store_holds(&scene.vault).await;
+        scene.close();
     }
 
     #[tokio::test]
     async fn one_corrupted_key_does_not_stop_the_others_from_unsealing() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (ring, store, _) = keyring();
-        let vault = Arc::new(MemoryVault::new());
-        let r = runner(config(dir.path()), &vault, &ring);
-        assert_eq!(r.pass(false).await.expect("init"), PassOutcome::Unsealed);
+        let scene = Scene::initialised().await;
+        scene.vault.seal();
+        scene.store.insert("vault-unseal-0", vec![7u8; 128]);
+        let submitted = scene.vault.calls("unseal");
 
-        vault.seal();
-        store.insert("vault-unseal-0", vec![7u8; 128]);
-        let submitted = vault.calls("unseal");
-
-        assert_eq!(r.pass(false).await.expect("unseal"), PassOutcome::Unsealed);
-        assert!(vault.is_unsealed());
+        assert_eq!(scene.pass().await.expect("unseal"), PassOutcome::Unsealed);
+        assert!(scene.vault.is_unsealed());
         assert_eq!(
-            vault.calls("unseal") - submitted,
+            scene.vault.calls("unseal") - submitted,
             3,
             "only the three readable keys are submitted"
         );
-        dir.close().expect("remove the temp dir");
+        scene.close();
     }
 
     #[tokio::test]
     async fn an_unsealed_vault_costs_the_store_and_the_token_nothing() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (ring, store, dec) = keyring();
-        let vault = Arc::new(MemoryVault::new());
-        let r = runner(config(dir.path()), &vault, &ring);
-        assert_eq!(r.pass(false).await.expect("init"), PassOutcome::Unsealed);
-
-        let ops = store_ops(&store);
-        let decrypts = dec.calls.load(Ordering::SeqCst);
-        assert_eq!(r.pass(false).await.expect("pass"), PassOutcome::Unsealed);
-        assert_eq!(store_ops(&store), ops, "store operations during the pass");
-        assert_eq!(dec.calls.load(Ordering::SeqCst), decrypts, "decrypts");
-        dir.close().expect("remove the temp dir");
+        let scene = Scene::initialised().await;
+        let (ops, decrypts) = (scene.store_ops(), scene.decrypts());
+        assert_eq!(scene.pass().await.expect("pass"), PassOutcome::Unsealed);
+        assert_eq!(scene.store_ops(), ops, "store operations during the pass");
+        assert_eq!(scene.decrypts(), decrypts, "decrypts");
+        scene.close();
     }
 
     #[tokio::test]
     async fn stale_keys_block_init_unless_overwriting_is_allowed() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (ring, store, _) = keyring();
-        let old = Arc::new(MemoryVault::new());
-        let r = runner(config(dir.path()), &old, &ring);
-        assert_eq!(r.pass(false).await.expect("init"), PassOutcome::Unsealed);
-
+        let scene = Scene::initialised().await;
         let fresh = Arc::new(MemoryVault::new());
-        let err = runner(config(dir.path()), &fresh, &ring)
+        let err = scene
+            .runner_for(scene.config(), &fresh)
             .pass(false)
             .await
             .expect_err("stale keys");
@@ -1004,41 +1024,36 @@ mod tests {
             0,
             "Vault was never asked to initialise"
         );
-        assert_store_holds(&ring, &store, &old).await;
+        scene.assert_store_holds(&scene.vault).await;
 
-        let mut cfg = config(dir.path());
+        let mut cfg = scene.config();
         cfg.options.overwrite_existing_keys = true;
         cfg.options.secret_shares = 3;
         cfg.options.secret_threshold = 2;
-        let r = runner(cfg, &fresh, &ring);
         assert_eq!(
-            r.pass(false).await.expect("overwrite"),
+            scene
+                .runner_for(cfg, &fresh)
+                .pass(false)
+                .await
+                .expect("overwrite"),
             PassOutcome::Unsealed
         );
         assert!(fresh.is_unsealed());
         assert_eq!(
-            names(&store).await,
-            [
-                "vault-root",
-                "vault-unseal-0",
-                "vault-unseal-1",
-                "vault-unseal-2"
-            ],
+            scene.names().await,
+            names_for(3),
             "the earlier Vault's surplus keys are removed"
         );
-        assert_store_holds(&ring, &store, &fresh).await;
-        dir.close().expect("remove the temp dir");
+        scene.assert_store_holds(&fresh).await;
+        scene.close();
     }
 
     #[tokio::test]
     async fn a_short_init_answer_is_an_error_but_every_returned_key_is_stored() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (ring, store, _) = keyring();
-        let vault = Arc::new(MemoryVault::new());
-        vault.answer_init_with(3);
-        let r = runner(config(dir.path()), &vault, &ring);
+        let scene = Scene::new();
+        scene.vault.answer_init_with(3);
 
-        let err = r.pass(false).await.expect_err("short answer");
+        let err = scene.pass().await.expect_err("short answer");
         let PassError::InitAnswer(problem) = &err else {
             panic!("expected InitAnswer, got {err:?}");
         };
@@ -1046,54 +1061,37 @@ mod tests {
             problem.contains("asked for 5 unseal keys, Vault returned 3"),
             "{problem}"
         );
-        assert_eq!(
-            names(&store).await,
-            [
-                "vault-root",
-                "vault-unseal-0",
-                "vault-unseal-1",
-                "vault-unseal-2"
-            ]
-        );
-        let issued = vault.issued_keys();
-        for (i, key) in issued.iter().take(3).enumerate() {
-            assert_eq!(&load(&ring, &unseal_key_name(i)).await, key);
+        assert_eq!(scene.names().await, names_for(3));
+        for (i, key) in scene.vault.issued_keys().iter().take(3).enumerate() {
+            assert_eq!(&scene.load(&unseal_key_name(i)).await, key);
         }
-        assert_eq!(load(&ring, ROOT_KEY).await, vault.root_token());
-        assert!(!journal::path(dir.path()).exists());
-        assert_eq!(vault.calls("unseal"), 0);
-        dir.close().expect("remove the temp dir");
+        assert_eq!(scene.load(ROOT_KEY).await, scene.vault.root_token());
+        assert!(!scene.journal().exists());
+        assert_eq!(scene.vault.calls("unseal"), 0);
+        scene.close();
     }
 
     #[tokio::test]
     async fn an_unreachable_vault_ends_the_pass_without_touching_the_store() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (ring, store, dec) = keyring();
-        let vault = Arc::new(MemoryVault::new());
-        vault.set_unreachable(true);
-        let r = runner(config(dir.path()), &vault, &ring);
-
+        let scene = Scene::new();
+        scene.vault.set_unreachable(true);
         assert_eq!(
-            r.pass(false).await.expect("pass"),
+            scene.pass().await.expect("pass"),
             PassOutcome::VaultUnreachable
         );
-        assert_eq!(store_ops(&store), [0, 0, 0, 0, 0]);
-        assert_eq!(dec.calls.load(Ordering::SeqCst), 0);
-        assert_eq!(vault.calls("init"), 0);
-        dir.close().expect("remove the temp dir");
+        assert_eq!(scene.store_ops(), [0, 0, 0, 0, 0]);
+        assert_eq!(scene.decrypts(), 0);
+        assert_eq!(scene.vault.calls("init"), 0);
+        scene.close();
     }
 
     #[tokio::test]
     async fn keys_of_another_vault_are_reported_as_wrong_keys() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (ring, _, _) = keyring();
-        let first = Arc::new(MemoryVault::new());
-        let r = runner(config(dir.path()), &first, &ring);
-        assert_eq!(r.pass(false).await.expect("init"), PassOutcome::Unsealed);
-
+        let scene = Scene::initialised().await;
         let other = Arc::new(MemoryVault::new());
         other.init(5, 3).await.expect("init the other Vault");
-        let err = runner(config(dir.path()), &other, &ring)
+        let err = scene
+            .runner_for(scene.config(), &other)
             .pass(false)
             .await
             .expect_err("wrong keys");
@@ -1106,6 +1104,6 @@ mod tests {
         );
         assert!(detail.contains("HTTP 400"), "{detail}");
         assert!(!other.is_unsealed());
-        dir.close().expect("remove the temp dir");
+        scene.close();
     }
 }
