@@ -462,13 +462,30 @@ pub struct FileConfig {
     pub cdi_spec_dir: Option<PathBuf>,
 }
 
+/// Parses YAML into `T`. Errors name the field (`devices[0].product`), line and column, and
+/// never quote the text, which may hold a secret.
+fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    let options = serde_saphyr::options! { with_snippet: false };
+    let mut field = None;
+    serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            field = Some(e.path().to_string());
+            e.into_inner()
+        })
+    })
+    .map_err(|e| match field {
+        Some(f) if f != "." => format!("{f}: {e}"),
+        _ => e.to_string(),
+    })
+}
+
 impl FileConfig {
     /// Parses the YAML text of a configuration file. An empty file is all defaults.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml(e.to_string()))
+        parse_yaml(text).map_err(ConfigError::Yaml)
     }
 
     /// Reads and parses a configuration file.

@@ -18,8 +18,8 @@ use std::process::Command;
 use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Service, Volume};
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 const DEVICE_PLUGIN_IMAGE: &str = "ghcr.io/nitrokey-vault/device-plugin";
@@ -63,10 +63,9 @@ fn release_version() -> String {
 
 /// Parses a multi-document YAML stream into JSON values, skipping empty documents.
 fn parse_stream(yaml: &str, origin: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|doc| {
-            Value::deserialize(doc).unwrap_or_else(|e| panic!("{origin}: YAML does not parse: {e}"))
-        })
+    serde_saphyr::from_multiple::<Value>(yaml)
+        .unwrap_or_else(|e| panic!("{origin}: YAML does not parse: {e}"))
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -83,7 +82,7 @@ fn kustomizations() -> Vec<PathBuf> {
                 stack.push(path);
             } else if path.file_name().is_some_and(|n| n == "kustomization.yaml") {
                 let text = std::fs::read_to_string(&path).expect("read kustomization");
-                let doc: Value = serde_yaml::from_str(&text).expect("kustomization parses");
+                let doc: Value = serde_saphyr::from_str(&text).expect("kustomization parses");
                 if doc["kind"] != "Component" {
                     out.push(dir.clone());
                 }
@@ -984,7 +983,7 @@ fn check_vault(origin: &str, objects: &[Value]) {
         for (pod, file) in files {
             let at = format!("{at} {file}");
             let text = config_text(cm, &file);
-            let raw: Value = serde_yaml::from_str(text).expect("config is YAML");
+            let raw: Value = serde_saphyr::from_str(text).expect("config is YAML");
             assert!(
                 raw["hsm"].get("pin").is_none(),
                 "{at}: the PIN belongs in a Secret, not in a ConfigMap"
@@ -1253,7 +1252,7 @@ fn every_example_runs_on_the_oldest_supported_kubernetes_except_the_native_sidec
 #[test]
 fn an_older_api_server_would_reject_what_the_newest_types_accept() {
     // The 1.26 check is what catches fields that only newer clusters know; prove it does.
-    let mount: Value = serde_yaml::from_str(
+    let mount: Value = serde_saphyr::from_str(
         "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: x}\nspec:\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec:\n      containers:\n        - name: c\n          image: i:1\n          volumeMounts: [{name: sys, mountPath: /sys, readOnly: true, recursiveReadOnly: IfPossible}]\n      volumes: [{name: sys, hostPath: {path: /sys}}]\n",
     )
     .expect("yaml");
@@ -1261,7 +1260,7 @@ fn an_older_api_server_would_reject_what_the_newest_types_accept() {
     let err = check_typed_oldest(&mount, MIN_KUBERNETES).expect_err("1.30 field on 1.26");
     assert!(err.contains("recursiveReadOnly"), "{err}");
 
-    let sidecar: Value = serde_yaml::from_str(
+    let sidecar: Value = serde_saphyr::from_str(
         "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: x}\nspec:\n  serviceName: x\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec:\n      initContainers: [{name: s, image: i:1, restartPolicy: Always}]\n      containers: [{name: c, image: i:1}]\n",
     )
     .expect("yaml");
@@ -1415,7 +1414,7 @@ fn one_pin_secret_name_and_no_pin_on_a_command_line() {
 
 #[test]
 fn supported_kubernetes_versions_are_stated_and_agree() {
-    let chart: Value = serde_yaml::from_str(
+    let chart: Value = serde_saphyr::from_str(
         &std::fs::read_to_string(repo().join(CHART).join("Chart.yaml")).expect("Chart.yaml"),
     )
     .expect("Chart.yaml parses");
@@ -1492,7 +1491,7 @@ fn nothing_patches_node_status() {
 #[test]
 fn round_trip_detects_misspelt_fields() {
     // The typed check is what catches typos; prove it does on a known-bad object.
-    let good: Value = serde_yaml::from_str(
+    let good: Value = serde_saphyr::from_str(
         "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {clusterIP: None, ports: [{port: 1}]}\n",
     )
     .expect("yaml");
@@ -1703,7 +1702,7 @@ fn helm_chart_renders_into_the_same_valid_objects() {
     let objects = helm_render(&custom, "kube-system");
     let cm: Vec<ConfigMap> = of_kind(&objects, "ConfigMap");
     let config: Value =
-        serde_yaml::from_str(&cm[0].data.as_ref().expect("data")["config.yaml"]).expect("config");
+        serde_saphyr::from_str(&cm[0].data.as_ref().expect("data")["config.yaml"]).expect("config");
     assert_eq!(config["resourceName"], "example.com/hsm");
     assert_eq!(config["sharesPerDevice"], 3);
     assert_eq!(config["devices"][0]["serial"], "DENK01234567");
@@ -1711,7 +1710,7 @@ fn helm_chart_renders_into_the_same_valid_objects() {
 
 #[test]
 fn helm_chart_lints_clean_and_versions_with_the_release() {
-    let chart: Value = serde_yaml::from_str(
+    let chart: Value = serde_saphyr::from_str(
         &std::fs::read_to_string(repo().join(CHART).join("Chart.yaml")).expect("Chart.yaml"),
     )
     .expect("Chart.yaml parses");
@@ -1720,7 +1719,7 @@ fn helm_chart_lints_clean_and_versions_with_the_release() {
         release_version().as_str(),
         "appVersion is the image tag"
     );
-    let values: Value = serde_yaml::from_str(
+    let values: Value = serde_saphyr::from_str(
         &std::fs::read_to_string(repo().join(CHART).join("values.yaml")).expect("values.yaml"),
     )
     .expect("values.yaml parses");

@@ -29,7 +29,7 @@ pub enum ConfigError {
     Parse {
         /// File path.
         path: PathBuf,
-        /// serde_yaml's message, which names the field and position.
+        /// The YAML parser's message, which names the field and position.
         message: String,
     },
     /// A field has a value that cannot work.
@@ -276,7 +276,24 @@ pub fn parse_file(text: &str) -> Result<FileConfig, String> {
     if text.trim().is_empty() {
         return Ok(FileConfig::default());
     }
-    serde_yaml::from_str(text).map_err(|e| e.to_string())
+    parse_yaml(text)
+}
+
+/// Parses YAML into `T`. Errors name the field (`devices[0].product`), line and column, and
+/// never quote the text, which may hold a secret.
+fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    let options = serde_saphyr::options! { with_snippet: false };
+    let mut field = None;
+    serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            field = Some(e.path().to_string());
+            e.into_inner()
+        })
+    })
+    .map_err(|e| match field {
+        Some(f) if f != "." => format!("{f}: {e}"),
+        _ => e.to_string(),
+    })
 }
 
 /// Environment the configuration may fall back to (passed in so tests stay pure).
@@ -667,6 +684,25 @@ mod tests {
         let err =
             resolve_text("hsm:\n  pinFile: /nonexistent/pin\n", &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("hsm.pinFile"));
+    }
+
+    /// A parse error names the field, line and column, and quotes nothing of the file: a
+    /// neighbouring line may hold the PIN.
+    #[test]
+    fn parse_errors_name_the_field_and_never_quote_the_file() {
+        for (text, field) in [
+            ("hsm:\n  pin: s3cret-PIN-1\n  slotId: nope\n", "hsm.slotId"),
+            (
+                "hsm:\n  pin: s3cret-PIN-1\n  slotid: 1\n",
+                "unknown field `slotid`",
+            ),
+            ("hsm:\n  pin: s3cret-PIN-1\n   oops: [\n", "line 3"),
+        ] {
+            let err = parse_file(text).expect_err(text);
+            assert!(err.contains(field), "{err}");
+            assert!(err.contains("line "), "{err}");
+            assert!(!err.contains("s3cret-PIN-1"), "{err}");
+        }
     }
 
     #[test]
