@@ -28,6 +28,7 @@ WORKDIR /src
 # test-only crates that are not built here.
 COPY Cargo.toml Cargo.lock ./
 COPY proto/ proto/
+COPY common/ common/
 COPY device-plugin/ device-plugin/
 COPY unseal-init/ unseal-init/
 COPY tests/ tests/

@@ -18,6 +18,9 @@ use serde::de::{self, Deserializer, Visitor};
 use crate::labels::NodeLabels;
 use crate::replug::OnReplug;
 
+// Shared with unseal-init, so both programs' log lines look alike.
+pub use nitrokey_common::logging::LogFormat;
+
 /// Default extended resource name.
 pub const DEFAULT_RESOURCE_NAME: &str = "nitrokey.com/hsm";
 /// Nitrokey's USB vendor ID.
@@ -230,17 +233,6 @@ impl Cli {
             ),
         ))
     }
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// How the plugin notices sticks being plugged in and out.
@@ -462,30 +454,13 @@ pub struct FileConfig {
     pub cdi_spec_dir: Option<PathBuf>,
 }
 
-/// Parses YAML into `T`. Errors name the field (`devices[0].product`), line and column, and
-/// never quote the text, which may hold a secret.
-fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
-    let options = serde_saphyr::options! { with_snippet: false };
-    let mut field = None;
-    serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            field = Some(e.path().to_string());
-            e.into_inner()
-        })
-    })
-    .map_err(|e| match field {
-        Some(f) if f != "." => format!("{f}: {e}"),
-        _ => e.to_string(),
-    })
-}
-
 impl FileConfig {
     /// Parses the YAML text of a configuration file. An empty file is all defaults.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        parse_yaml(text).map_err(ConfigError::Yaml)
+        nitrokey_common::yaml::parse(text).map_err(ConfigError::Yaml)
     }
 
     /// Reads and parses a configuration file.

@@ -4,7 +4,8 @@
 //!
 //! One concern per module, pure logic apart from I/O:
 //!
-//! - [`config`]: YAML file, flags and environment, validated into a [`config::Config`].
+//! - [`config`]: YAML file, flags and environment, validated into a [`config::Config`]; the
+//!   file is parsed by [`nitrokey_common::yaml`], as unseal-init's is.
 //! - [`usb`]: discovery with libusb: hotplug callbacks (or a rescan fallback), stick identity.
 //! - [`inventory`]: pure state: sticks → units `<id>-0..N-1`, health, grace period.
 //! - [`allocation`]: pure choice of units for `GetPreferredAllocation`.
@@ -17,7 +18,8 @@
 //! - [`cdi`]: the optional CDI spec matching what `Allocate` hands out.
 //! - [`labels`]: node labels (`nitrokey.com/hsm.present`, `.count`) through the API or an NFD
 //!   feature file.
-//! - [`metrics`], [`http`], [`telemetry`]: Prometheus metrics, health endpoints, logging.
+//! - [`metrics`], [`http`], [`telemetry`]: Prometheus metrics, health endpoints, logging
+//!   ([`nitrokey_common::logging`] plus the layer that names a too-old kubelet).
 //! - [`daemon`]: wires everything together; `main.rs` only parses flags and sets exit codes.
 
 pub mod allocation;

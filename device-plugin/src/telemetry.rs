@@ -1,4 +1,5 @@
-//! Logging: `tracing` to stderr, as text or JSON lines, filtered by `RUST_LOG` (default `info`).
+//! Logging: `tracing` to stderr, as text or JSON lines, filtered by `RUST_LOG` (default `info`),
+//! set up the way unseal-init's is ([`nitrokey_common::logging`]).
 //!
 //! One more thing is watched here: kubelets before 1.26 dial plugins with the socket path as
 //! HTTP/2 `:authority`, which the HTTP/2 server under tonic refuses (RST_STREAM
@@ -7,14 +8,12 @@
 //! that says what to do.
 
 use std::fmt;
-use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing::field::{Field, Visit};
+use tracing_subscriber::Layer;
 use tracing_subscriber::filter::Targets;
-use tracing_subscriber::layer::{Context, SubscriberExt};
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::layer::Context;
 
 use crate::config::LogFormat;
 
@@ -33,34 +32,12 @@ pub fn authority_refusals() -> u64 {
     AUTHORITY_REFUSALS.load(Ordering::Relaxed)
 }
 
-/// Installs the global subscriber. Safe to call once per process.
+/// Installs the global subscriber (see [`nitrokey_common::logging::init`]), with the layer
+/// that explains refusals of old kubelets. Call once per process.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let old_kubelet = OldKubeletLayer
         .with_filter(Targets::new().with_target("h2::server", tracing::Level::DEBUG));
-    let registry = tracing_subscriber::registry().with(old_kubelet);
-    match format {
-        LogFormat::Text => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_target(false)
-                    .with_ansi(std::io::stderr().is_terminal())
-                    .with_filter(filter),
-            )
-            .init(),
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_writer(std::io::stderr)
-                    .with_ansi(false)
-                    .with_filter(filter),
-            )
-            .init(),
-    }
+    nitrokey_common::logging::init(format, &[], Some(Box::new(old_kubelet)));
 }
 
 /// Turns h2's refusal of a path-like `:authority` into an error naming the kubelet version.

@@ -3,10 +3,11 @@
 //! Two images come from one Dockerfile: targets `device-plugin` and `unseal-init`. What can go
 //! wrong with the recipe is checked here: hadolint's rules (plus the OCI labels the images
 //! promise), every `COPY` source present in the repository and not dropped by `.dockerignore`,
-//! each image carrying exactly its own program as the workspace builds it, pinned base images, a
-//! non-root default user, each image installing its packages from its list in `deploy/image/`
-//! (the list the root-filesystem test builds from) and only unseal-init's carrying the smart-card
-//! stack. `image_rootfs.rs` builds and runs the same root filesystems.
+//! every workspace member copied into the build stage, each image carrying exactly its own
+//! program as the workspace builds it, pinned base images, a non-root default user, each image
+//! installing its packages from its list in `deploy/image/` (the list the root-filesystem test
+//! builds from) and only unseal-init's carrying the smart-card stack. `image_rootfs.rs` builds
+//! and runs the same root filesystems.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -328,6 +329,41 @@ fn every_copied_path_exists_and_reaches_the_build_context() {
         assert!(
             !ignore.includes(unwanted),
             ".dockerignore lets `{unwanted}` into the build context"
+        );
+    }
+}
+
+/// Cargo refuses to load a workspace with a member missing, so a crate added to the workspace
+/// but not copied into the build stage breaks the image build and nothing else.
+#[test]
+fn the_build_stage_copies_every_workspace_member() {
+    let root = repo();
+    let ins = dockerfile();
+    let build = ins
+        .iter()
+        .find(|i| i.keyword == "RUN" && i.args.contains("cargo build"))
+        .expect("a RUN step runs cargo build")
+        .stage;
+    let copied: Vec<String> = ins
+        .iter()
+        .filter(|i| i.stage == build && i.keyword == "COPY")
+        .flat_map(|i| copy_parts(&i.args).1)
+        .map(|s| s.trim_start_matches("./").trim_end_matches('/').to_string())
+        .collect();
+    let metadata = workspace_metadata();
+    let members = metadata["packages"].as_array().expect("packages");
+    assert!(members.len() >= 3, "expected the workspace's members");
+    for member in members {
+        let manifest = Path::new(member["manifest_path"].as_str().expect("manifest_path"));
+        let dir = manifest
+            .parent()
+            .and_then(|d| d.strip_prefix(&root).ok())
+            .expect("members live inside the repository");
+        assert!(
+            copied.iter().any(|c| dir.starts_with(c)),
+            "the build stage does not copy workspace member `{}` ({})",
+            member["name"].as_str().unwrap_or_default(),
+            dir.display()
         );
     }
 }

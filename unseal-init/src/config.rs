@@ -276,24 +276,7 @@ pub fn parse_file(text: &str) -> Result<FileConfig, String> {
     if text.trim().is_empty() {
         return Ok(FileConfig::default());
     }
-    parse_yaml(text)
-}
-
-/// Parses YAML into `T`. Errors name the field (`devices[0].product`), line and column, and
-/// never quote the text, which may hold a secret.
-fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
-    let options = serde_saphyr::options! { with_snippet: false };
-    let mut field = None;
-    serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            field = Some(e.path().to_string());
-            e.into_inner()
-        })
-    })
-    .map_err(|e| match field {
-        Some(f) if f != "." => format!("{f}: {e}"),
-        _ => e.to_string(),
-    })
+    nitrokey_common::yaml::parse(text)
 }
 
 /// Environment the configuration may fall back to (passed in so tests stay pure).

@@ -10,6 +10,7 @@ use crate::config::HsmConfig;
 use crate::hsm::{Hsm, HsmError};
 use crate::shutdown::Shutdown;
 use crate::telemetry::Telemetry;
+use nitrokey_common::backoff::Backoff;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -120,7 +121,7 @@ impl HsmHandle {
         f: impl Fn(&mut Hsm) -> Result<T, HsmError> + Send + Sync + 'static,
     ) -> Result<T, HsmError> {
         let f = Arc::new(f);
-        let mut delay = self.retry.first_delay;
+        let mut delays = Backoff::new(self.retry.first_delay, self.retry.max_delay);
         let mut attempt = 1;
         loop {
             let job = Arc::clone(&f);
@@ -139,8 +140,7 @@ impl HsmHandle {
                     } else {
                         tracing::debug!(op, attempt, error = %e, "HSM token still unavailable");
                     }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(self.retry.max_delay);
+                    tokio::time::sleep(delays.next()).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e),

@@ -4,7 +4,9 @@
 //! # Layout
 //!
 //! - [`cli`] and [`config`]: flags/env with Bank-Vaults' names and the YAML file, merged and
-//!   validated into one [`config::Config`].
+//!   validated into one [`config::Config`]; the file is parsed by [`nitrokey_common::yaml`],
+//!   and `main.rs` sets up logging with [`nitrokey_common::logging`], as the device plugin
+//!   does.
 //! - [`pcscd`]: the supervised PC/SC daemon OpenSC needs for a USB stick (`hsm.daemon`).
 //! - [`hsm`]: module loading, slot selection, the one-shot login and session recovery;
 //!   [`pin`]: what a refused PIN leads to (remembered, never re-presented, a changed PIN
@@ -16,7 +18,8 @@
 //!   behind [`storage::Storage`]; [`keyring`] ties encryption, storage and verification.
 //! - [`vault`]: the HTTP client; [`unseal`]: pure decisions (what to do next given Vault's
 //!   status and the store); [`runner`]: the passes that act on those decisions;
-//!   [`sidecar`]: the long-running mode around them, which outlives a refused PIN.
+//!   [`sidecar`]: the long-running mode around them, which outlives a refused PIN. Their
+//!   retries (and [`hsm_actor`]'s, [`pcscd`]'s) wait with [`nitrokey_common::backoff`].
 //! - `memory_vault` (tests only): an in-memory Vault behind [`vault::VaultApi`].
 //! - [`telemetry`]: Prometheus metrics, `/healthz`, `/readyz`; [`commands`]: `hsm ...`
 //!   subcommands; [`secret`]: the zeroizing, redacted type every secret lives in.

@@ -4,7 +4,7 @@
 //! blocked (`--once` and subcommands; the sidecar stays up and waits for a different PIN
 //! instead).
 
-use std::io::IsTerminal;
+use nitrokey_common::logging::{self, LogFormat};
 use std::process::ExitCode;
 use std::sync::Arc;
 use unseal_init::cli::{Cli, Command};
@@ -16,21 +16,14 @@ use unseal_init::vault::VaultClient;
 use unseal_init::{ConfirmationRequired, exit, pcscd, pin, sidecar};
 
 fn init_logging(format: &str) {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // cryptoki logs every vendor-defined mechanism a token lists as an ERROR; they are normal.
-    if let Ok(quiet) = "cryptoki::mechanism=off".parse() {
-        filter = filter.add_directive(quiet);
-    }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
+    // `--log-format` is free text: anything but `json` means text.
+    let format = if format == "json" {
+        LogFormat::Json
     } else {
-        builder.init();
-    }
+        LogFormat::Text
+    };
+    // cryptoki logs every vendor-defined mechanism a token lists as an ERROR; they are normal.
+    logging::init(format, &["cryptoki::mechanism"], None);
 }
 
 fn load_config(cli: &Cli) -> Result<Config, config::ConfigError> {

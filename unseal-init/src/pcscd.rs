@@ -7,6 +7,7 @@
 //! for. A crashed pcscd is restarted with backoff. pcscd gets none of this program's secrets
 //! in its environment.
 
+use nitrokey_common::backoff::Backoff;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
@@ -97,18 +98,18 @@ pub async fn start() -> Result<(), PcscdError> {
 }
 
 async fn supervise(mut child: Child, socket: PathBuf) {
-    let mut delay = Duration::from_millis(500);
+    let mut delays = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let status = child.wait().await;
+        let delay = delays.next();
         tracing::warn!(?status, retry_in = ?delay, "pcscd exited; restarting");
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(30));
         let _ = std::fs::remove_file(&socket);
         match spawn(&socket) {
             Ok(mut c) => match wait_ready(&mut c, &socket, Duration::from_secs(15)).await {
                 Ok(()) => {
                     tracing::info!("pcscd restarted");
-                    delay = Duration::from_millis(500);
+                    delays.reset();
                     child = c;
                 }
                 Err(e) => {
@@ -118,7 +119,7 @@ async fn supervise(mut child: Child, socket: PathBuf) {
             },
             Err(e) => {
                 tracing::error!(error = %e, "pcscd restart failed");
-                tokio::time::sleep(delay).await;
+                tokio::time::sleep(delays.peek()).await;
             }
         }
     }

@@ -23,6 +23,7 @@ use crate::telemetry::Telemetry;
 use crate::token_store::TokenStore;
 use crate::unseal::{Observation, Step, VaultView, init_storage_plan, next_step, store_needed};
 use crate::vault::{VaultApi, VaultError};
+use nitrokey_common::backoff::Backoff;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -338,7 +339,7 @@ impl Runner {
     /// Vault is polled with backoff instead of ending the pass. Ends early (`Stopped`) when a
     /// stop was requested, but never between `sys/init` and the journal.
     pub async fn pass(&self, wait: bool) -> Result<PassOutcome, PassError> {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut joined = false;
         self.finish_journal().await?;
         loop {
@@ -351,10 +352,9 @@ impl Runner {
             match step {
                 Step::WaitForVault if wait => {
                     self.telemetry.heartbeat();
-                    if self.shutdown.sleep_or_stop(backoff).await.is_stop() {
+                    if self.shutdown.sleep_or_stop(backoff.next()).await.is_stop() {
                         return Ok(PassOutcome::Stopped);
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
                 Step::WaitForVault => return Ok(PassOutcome::VaultUnreachable),
                 Step::Done => return Ok(PassOutcome::Unsealed),
@@ -417,7 +417,7 @@ impl Runner {
     async fn complete(&self, j: &Journal) -> Result<(), PassError> {
         let give_up = Instant::now() + self.cfg.hsm.token_wait_timeout;
         for (i, entry) in j.entries.iter().enumerate() {
-            let mut delay = Duration::from_millis(500);
+            let mut delays = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
             let mut attempt = 1;
             loop {
                 self.telemetry.heartbeat();
@@ -427,6 +427,7 @@ impl Runner {
                 };
                 let remaining: Vec<String> =
                     j.entries[i..].iter().map(|e| e.name.clone()).collect();
+                let delay = delays.next();
                 let retry = cause.pin_failure().is_none()
                     && !self.shutdown.requested()
                     && Instant::now() + delay < give_up;
@@ -453,7 +454,6 @@ impl Runner {
                 if self.shutdown.sleep_or_stop(delay).await.is_stop() {
                     continue;
                 }
-                delay = (delay * 2).min(Duration::from_secs(10));
                 attempt += 1;
             }
             if entry.name == ROOT_KEY {
@@ -589,7 +589,7 @@ impl Runner {
     /// them directly and retries — both the journal and the store — until one of them holds
     /// them, never giving up and never returning with the keys only in memory.
     async fn write_journal_or_store(&self, j: &Journal) -> Result<(), PassError> {
-        let mut delay = Duration::from_millis(500);
+        let mut delays = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         loop {
             match journal::write(self.journal_dir(), j) {
                 Ok(path) => {
@@ -614,8 +614,7 @@ impl Runner {
                 tracing::info!("every key stored without the journal");
                 return Ok(());
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(10));
+            tokio::time::sleep(delays.next()).await;
         }
     }
 

@@ -13,6 +13,7 @@ use crate::runner::{self, Runner};
 use crate::shutdown::Shutdown;
 use crate::telemetry::Telemetry;
 use crate::vault::VaultClient;
+use nitrokey_common::backoff::Backoff;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut pins = PinMemory::new(cfg.hsm.pin.take());
     let pin_file = cfg.hsm.pin_file.clone();
-    let mut pause = Duration::from_secs(1);
+    let mut pauses = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
         cfg.hsm.pin = pins.in_use().cloned();
         let result = session(&cfg, &telemetry, &shutdown).await;
@@ -38,12 +39,12 @@ pub async fn run(
         };
         let Some(failure) = pin::pin_failure(&err) else {
             if transient(&err) {
+                let pause = pauses.next();
                 tracing::warn!(error = %format!("{err:#}"), retry_in = ?pause, "the HSM token is unavailable; opening it again");
                 telemetry.token_problem(Some("HSM token unavailable"));
                 if shutdown.sleep_or_stop(pause).await.is_stop() {
                     return Ok(());
                 }
-                pause = (pause * 2).min(Duration::from_secs(30));
                 continue;
             }
             return Err(err);

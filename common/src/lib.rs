@@ -1,0 +1,15 @@
+//! What the device plugin and unseal-init share, so both read their configuration and log
+//! the same way.
+//!
+//! # Layout
+//!
+//! - [`yaml`]: parses a configuration file; errors name the field path, line and column, and
+//!   never quote the file. Both programs' `config` modules use it.
+//! - [`logging`]: the `tracing` subscriber both `main`s install: stderr, `RUST_LOG`, text or
+//!   JSON lines. The device plugin adds its own layer that spots kubelets too old to talk to.
+//! - [`backoff`]: doubling retry delays with a cap, for unseal-init's retry loops (the device
+//!   plugin's kubelet state machine computes its own, as a pure function of a failure count).
+
+pub mod backoff;
+pub mod logging;
+pub mod yaml;
