@@ -7,9 +7,12 @@
 //!   never quote the file. Both programs' `config` modules use it.
 //! - [`logging`]: the `tracing` subscriber both `main`s install: stderr, `RUST_LOG`, text or
 //!   JSON lines. The device plugin adds its own layer that spots kubelets too old to talk to.
+//! - [`health`]: the HTTP endpoint both serve on their metrics address (`/metrics`,
+//!   `/healthz`, `/readyz`), answering from each program's own state through `Probes`.
 //! - [`backoff`]: doubling retry delays with a cap, for unseal-init's retry loops (the device
 //!   plugin's kubelet state machine computes its own, as a pure function of a failure count).
 
 pub mod backoff;
+pub mod health;
 pub mod logging;
 pub mod yaml;

@@ -52,16 +52,17 @@ pub fn unseal_key_names(names: &[String]) -> Vec<String> {
     keys.into_iter().map(|(_, n)| n.clone()).collect()
 }
 
-/// Shortest unseal key Vault hands out, in hex characters: a 16-byte key. Vault's and
-/// OpenBao's keys are 32 bytes (64 characters), Shamir shares one byte more.
+/// Fewest hex characters accepted as an unseal key (16 bytes), well under what Vault and
+/// OpenBao hand out: 32-byte keys (64 characters), Shamir shares one byte more.
 const MIN_UNSEAL_HEX: usize = 32;
 /// Shortest root token Vault or OpenBao hands out: `s.` and 24 characters; Vault 1.10+ tokens
 /// (`hvs.…`) are longer.
 const MIN_ROOT_TOKEN: usize = 26;
 
 /// Checks that decrypted bytes look like a value Bank-Vaults stores under `name`; on a
-/// mismatch, says what such a value looks like. Unseal keys are hex, `vault-test` holds its own name, and the
-/// root token and anything else are printable ASCII without spaces.
+/// mismatch, says what such a value looks like. Unseal keys are hex, `vault-test` holds its
+/// own name, the root token is at least 26 printable characters, and anything else is
+/// printable ASCII; none holds spaces.
 pub fn plaintext_shape(name: &str, pt: &[u8]) -> Result<(), &'static str> {
     let graphic = |b: &u8| b.is_ascii_graphic();
     if unseal_key_index(name).is_some() {

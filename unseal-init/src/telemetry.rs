@@ -1,13 +1,10 @@
 //! Metrics, health and readiness: the Prometheus registry, the numbers the program updates,
-//! and the HTTP server that exposes them (`/metrics`, `/healthz`, `/readyz`).
+//! and the answers of the HTTP endpoint that exposes them (`/metrics`, `/healthz`,
+//! `/readyz`; the server is the one both programs share, [`nitrokey_common::health`]).
 //!
 //! Metric values never carry secrets: labels are operation names and results only.
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use nitrokey_common::health::{self, Probes};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -331,49 +328,30 @@ impl Drop for OpTimer<'_> {
     }
 }
 
-async fn metrics(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        t.encode(),
-    )
-}
-
-async fn healthz(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
-    if t.alive() {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "main loop stalled\n")
+impl Probes for Telemetry {
+    fn metrics(&self) -> String {
+        self.encode()
     }
-}
 
-async fn readyz(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
-    match t.not_ready_reason() {
-        None => (
-            StatusCode::OK,
-            "vault initialised and unsealed\n".to_owned(),
-        ),
-        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+    fn live(&self) -> Result<String, String> {
+        if self.alive() {
+            Ok("ok".to_owned())
+        } else {
+            Err("main loop stalled".to_owned())
+        }
+    }
+
+    fn ready(&self) -> Result<String, String> {
+        match self.not_ready_reason() {
+            None => Ok("vault initialised and unsealed".to_owned()),
+            Some(reason) => Err(reason.to_owned()),
+        }
     }
 }
 
 /// Binds `addr` and serves `/metrics`, `/healthz` and `/readyz` until the runtime stops.
 pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(telemetry);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics server stopped");
-        }
-    });
-    Ok(local)
+    health::serve(addr, telemetry, std::future::pending()).await
 }
 
 #[cfg(test)]
