@@ -1,21 +1,31 @@
-//! A stand-in for the Kubernetes API server, for the device plugin's replug recovery and node
-//! labels: it accepts Events (`POST /api/v1/namespaces/{ns}/events`), evictions (`POST
-//! /api/v1/namespaces/{ns}/pods/{pod}/eviction`) and JSON merge patches of a Node's labels
-//! (`PATCH /api/v1/nodes/{name}`) over plain HTTP/1.1 on 127.0.0.1 and records them, answering in the API server's wire format so that the real `kube` client
-//! inside the plugin is exercised. An eviction can be refused with 429, as the API server
-//! does while a PodDisruptionBudget does not allow it. No kube-apiserver runs on a build
-//! machine, which is why this exists.
+//! A stand-in for the Kubernetes API server. No kube-apiserver runs on a build machine, so the
+//! tests talk to this instead: it answers over plain HTTP/1.1 on 127.0.0.1 in the API server's
+//! wire format (JSON objects, `Status` errors), so that the real `kube` client inside the
+//! programs under test is exercised, and it records every request for the tests to check.
+//!
+//! It serves what the two programs use:
+//!
+//! - for the device plugin's replug recovery and node labels: Events
+//!   (`POST /api/v1/namespaces/{ns}/events`), evictions
+//!   (`POST /api/v1/namespaces/{ns}/pods/{pod}/eviction`) and JSON merge patches of a Node's
+//!   labels (`PATCH /api/v1/nodes/{name}`). An eviction can be refused with 429, as the API
+//!   server does while a PodDisruptionBudget does not allow it;
+//! - for unseal-init's Secret store: Secrets of any namespace and name (`GET` and JSON merge
+//!   `PATCH` of `/api/v1/namespaces/{ns}/secrets/{name}`, `POST /api/v1/namespaces/{ns}/secrets`
+//!   with 409 AlreadyExists when it exists). Creates can be held until several have arrived, so
+//!   that pods starting at once race for one Secret as they do against a real API server.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use base64::Engine as _;
 
 /// One request the stand-in served.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +42,12 @@ pub struct ApiRequest {
     pub at: Instant,
 }
 
+/// The decoded data of a Secret, by key.
+pub type SecretData = BTreeMap<String, Vec<u8>>;
+
+/// How long a held create waits for the others at most.
+const CREATE_HOLD: Duration = Duration::from_secs(20);
+
 #[derive(Default)]
 struct Shared {
     requests: Mutex<Vec<ApiRequest>>,
@@ -39,6 +55,14 @@ struct Shared {
     blocked: Mutex<BTreeSet<String>>,
     /// Labels of each node patched so far.
     node_labels: Mutex<BTreeMap<String, BTreeMap<String, String>>>,
+    /// Data of each Secret, by (namespace, name).
+    secrets: Mutex<BTreeMap<(String, String), SecretData>>,
+    /// Secret creates to hold until this many have arrived (0: none is held).
+    hold_creates: usize,
+    /// Secret creates arrived so far.
+    creates: Mutex<usize>,
+    /// Signalled at each create's arrival.
+    create_arrived: Condvar,
 }
 
 /// The running stand-in; stops when dropped.
@@ -60,10 +84,24 @@ impl std::fmt::Debug for KubeApi {
 impl KubeApi {
     /// Starts serving on an ephemeral port of 127.0.0.1.
     pub fn start() -> anyhow::Result<Self> {
+        Self::serve(Shared::default())
+    }
+
+    /// Like [`KubeApi::start`], but holds every Secret create until `creates` of them have
+    /// arrived (or 20 s passed), then answers them in turn: the first creates the Secret, the
+    /// others get 409 AlreadyExists, as pods starting at once see from a real API server.
+    pub fn start_holding_creates(creates: usize) -> anyhow::Result<Self> {
+        Self::serve(Shared {
+            hold_creates: creates,
+            ..Shared::default()
+        })
+    }
+
+    fn serve(shared: Shared) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").context("binding the API stand-in")?;
         listener.set_nonblocking(true)?;
         let address = format!("http://{}", listener.local_addr()?);
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(shared);
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st) = (shared.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
@@ -151,6 +189,16 @@ impl KubeApi {
             .unwrap_or_default()
     }
 
+    /// The decoded data of Secret `namespace/name` (`None` until it is created).
+    pub fn secret(&self, namespace: &str, name: &str) -> Option<SecretData> {
+        self.shared
+            .secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
     /// Polls until `check` holds on the requests, up to `timeout`.
     pub fn wait_for<T>(
         &self,
@@ -171,14 +219,26 @@ impl KubeApi {
 
     /// Writes a kubeconfig for this server into `dir` and returns its path.
     pub fn kubeconfig(&self, dir: &Path) -> anyhow::Result<PathBuf> {
+        self.write_kubeconfig(dir, None)
+    }
+
+    /// Like [`KubeApi::kubeconfig`], with `namespace` as the context's namespace.
+    pub fn kubeconfig_in(&self, dir: &Path, namespace: &str) -> anyhow::Result<PathBuf> {
+        self.write_kubeconfig(dir, Some(namespace))
+    }
+
+    fn write_kubeconfig(&self, dir: &Path, namespace: Option<&str>) -> anyhow::Result<PathBuf> {
         let path = dir.join("kubeconfig");
+        let namespace = namespace
+            .map(|ns| format!("    namespace: {ns}\n"))
+            .unwrap_or_default();
         std::fs::write(
             &path,
             format!(
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    \
                  server: {}\nusers:\n- name: plugin\n  user:\n    token: stand-in-token\n\
                  contexts:\n- name: c\n  context:\n    cluster: stand-in\n    user: plugin\n\
-                 current-context: c\n",
+                 {namespace}current-context: c\n",
                 self.address
             ),
         )
@@ -204,6 +264,18 @@ fn pod_of(path: &str) -> Option<String> {
     Some(format!("{ns}/{pod}"))
 }
 
+/// The namespace, and the name unless it is the collection, from
+/// `/api/v1/namespaces/{ns}/secrets[/{name}]`.
+fn secret_of(path: &str) -> Option<(&str, Option<&str>)> {
+    let rest = path.strip_prefix("/api/v1/namespaces/")?;
+    let (ns, rest) = rest.split_once('/')?;
+    if rest == "secrets" {
+        return Some((ns, None));
+    }
+    let name = rest.strip_prefix("secrets/")?;
+    (!name.is_empty() && !name.contains('/')).then_some((ns, Some(name)))
+}
+
 fn serve(mut stream: TcpStream, shared: &Shared, stop: &AtomicBool) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
@@ -222,7 +294,8 @@ fn serve(mut stream: TcpStream, shared: &Shared, stop: &AtomicBool) {
         }
         while let Some((method, path, body, used)) = parse(&buf) {
             buf.drain(..used);
-            let (status, reply) = answer(&method, &path, &body, shared);
+            let at = Instant::now();
+            let (status, reply) = answer(&method, &path, &body, shared, stop);
             shared
                 .requests
                 .lock()
@@ -232,7 +305,7 @@ fn serve(mut stream: TcpStream, shared: &Shared, stop: &AtomicBool) {
                     path,
                     body,
                     status,
-                    at: Instant::now(),
+                    at,
                 });
             let text = format!(
                 "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
@@ -277,7 +350,16 @@ fn status(code: u16, reason: &str, message: &str) -> String {
     .to_string()
 }
 
-fn answer(method: &str, path: &str, body: &serde_json::Value, shared: &Shared) -> (u16, String) {
+fn answer(
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+    shared: &Shared,
+    stop: &AtomicBool,
+) -> (u16, String) {
+    if let Some((ns, name)) = secret_of(path) {
+        return answer_secret(method, ns, name, body, shared, stop);
+    }
     if method == "POST" && path.starts_with("/api/v1/namespaces/") && path.ends_with("/events") {
         let mut event = body.clone();
         let name = format!(
@@ -335,7 +417,137 @@ fn answer(method: &str, path: &str, body: &serde_json::Value, shared: &Shared) -
             (201, status(201, "", ""))
         };
     }
+    not_served()
+}
+
+fn not_served() -> (u16, String) {
     (404, status(404, "NotFound", "not served by the stand-in"))
+}
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+fn secret_json(ns: &str, name: &str, data: &SecretData) -> String {
+    let data: serde_json::Map<String, serde_json::Value> = data
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(b64().encode(v))))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": name, "namespace": ns, "resourceVersion": "1"},
+        "data": data,
+    })
+    .to_string()
+}
+
+fn secret_not_found(name: &str) -> (u16, String) {
+    (
+        404,
+        serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("secrets \"{name}\" not found"), "reason": "NotFound",
+            "details": {"name": name, "kind": "secrets"}, "code": 404
+        })
+        .to_string(),
+    )
+}
+
+fn bad_base64(key: &str) -> (u16, String) {
+    let message = format!("data[{key}] is not base64");
+    (400, status(400, "BadRequest", &message))
+}
+
+/// GET, merge PATCH and POST of Secrets; `name` is `None` for the collection.
+fn answer_secret(
+    method: &str,
+    ns: &str,
+    name: Option<&str>,
+    body: &serde_json::Value,
+    shared: &Shared,
+    stop: &AtomicBool,
+) -> (u16, String) {
+    match (method, name) {
+        ("GET", Some(name)) => {
+            let secrets = shared.secrets.lock().unwrap_or_else(|e| e.into_inner());
+            match secrets.get(&(ns.to_owned(), name.to_owned())) {
+                Some(data) => (200, secret_json(ns, name, data)),
+                None => secret_not_found(name),
+            }
+        }
+        ("PATCH", Some(name)) => {
+            let mut secrets = shared.secrets.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(data) = secrets.get_mut(&(ns.to_owned(), name.to_owned())) else {
+                return secret_not_found(name);
+            };
+            // JSON merge patch of data: a base64 string sets, null removes.
+            let mut patched = data.clone();
+            for (key, value) in body["data"].as_object().into_iter().flatten() {
+                match value.as_str() {
+                    Some(text) => match b64().decode(text) {
+                        Ok(bytes) => {
+                            patched.insert(key.clone(), bytes);
+                        }
+                        Err(_) => return bad_base64(key),
+                    },
+                    None => {
+                        patched.remove(key);
+                    }
+                }
+            }
+            *data = patched;
+            (200, secret_json(ns, name, data))
+        }
+        ("POST", None) => {
+            hold_create(shared, stop);
+            let Some(name) = body["metadata"]["name"].as_str() else {
+                return (422, status(422, "Invalid", "metadata.name: Required value"));
+            };
+            let mut data = SecretData::new();
+            for (key, value) in body["data"].as_object().into_iter().flatten() {
+                match b64().decode(value.as_str().unwrap_or_default()) {
+                    Ok(bytes) => {
+                        data.insert(key.clone(), bytes);
+                    }
+                    Err(_) => return bad_base64(key),
+                }
+            }
+            let mut secrets = shared.secrets.lock().unwrap_or_else(|e| e.into_inner());
+            let key = (ns.to_owned(), name.to_owned());
+            if secrets.contains_key(&key) {
+                return (
+                    409,
+                    "{\"kind\":\"Status\",\"code\":409,\"reason\":\"AlreadyExists\"}".into(),
+                );
+            }
+            let reply = secret_json(ns, name, &data);
+            secrets.insert(key, data);
+            (201, reply)
+        }
+        _ => not_served(),
+    }
+}
+
+/// With creates held, counts this one and waits until the number held have arrived, 20 s have
+/// passed or the stand-in stops.
+fn hold_create(shared: &Shared, stop: &AtomicBool) {
+    if shared.hold_creates == 0 {
+        return;
+    }
+    let mut arrived = shared.creates.lock().unwrap_or_else(|e| e.into_inner());
+    *arrived += 1;
+    shared.create_arrived.notify_all();
+    let deadline = Instant::now() + CREATE_HOLD;
+    while *arrived < shared.hold_creates
+        && Instant::now() < deadline
+        && !stop.load(Ordering::SeqCst)
+    {
+        arrived = shared
+            .create_arrived
+            .wait_timeout(arrived, Duration::from_millis(100))
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
 }
 
 #[cfg(test)]
@@ -349,5 +561,110 @@ mod tests {
             Some("vault/vault-0")
         );
         assert_eq!(pod_of("/api/v1/namespaces/vault/events"), None);
+    }
+
+    #[test]
+    fn secret_paths() {
+        assert_eq!(
+            secret_of("/api/v1/namespaces/vault/secrets"),
+            Some(("vault", None))
+        );
+        assert_eq!(
+            secret_of("/api/v1/namespaces/vault/secrets/keys"),
+            Some(("vault", Some("keys")))
+        );
+        assert_eq!(secret_of("/api/v1/namespaces/vault/secrets/"), None);
+        assert_eq!(secret_of("/api/v1/namespaces/vault/events"), None);
+        assert_eq!(secret_of("/api/v1/namespaces/vault/pods/p/eviction"), None);
+    }
+
+    fn call(api: &KubeApi, method: &str, path: &str, body: serde_json::Value) -> (u16, String) {
+        let body = (!body.is_null()).then_some(&body);
+        crate::openbao::http(api.address(), method, path, body).unwrap()
+    }
+
+    #[test]
+    fn secrets_are_created_read_and_merge_patched() {
+        let api = KubeApi::start().unwrap();
+        let item = "/api/v1/namespaces/vault/secrets/keys";
+        let (code, text) = call(&api, "GET", item, serde_json::Value::Null);
+        assert_eq!(code, 404);
+        let reply: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(reply["reason"], "NotFound");
+        assert_eq!(reply["details"]["name"], "keys");
+        assert_eq!(call(&api, "PATCH", item, serde_json::json!({})).0, 404);
+
+        let create = serde_json::json!({
+            "metadata": {"name": "keys"}, "data": {"a": "YQ==", "b": "Yg=="},
+        });
+        let collection = "/api/v1/namespaces/vault/secrets";
+        let (code, text) = call(&api, "POST", collection, create.clone());
+        assert_eq!(code, 201);
+        let reply: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(reply["type"], "Opaque");
+        assert_eq!(reply["metadata"]["resourceVersion"], "1");
+        let (code, text) = call(&api, "POST", collection, create);
+        assert_eq!(code, 409);
+        assert!(text.contains("AlreadyExists"), "{text}");
+
+        let patch = serde_json::json!({"data": {"a": null, "c": "Yw=="}});
+        let (code, text) = call(&api, "PATCH", item, patch);
+        assert_eq!(code, 200);
+        let reply: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(reply["data"], serde_json::json!({"b": "Yg==", "c": "Yw=="}));
+        let want = BTreeMap::from([
+            ("b".to_owned(), b"b".to_vec()),
+            ("c".to_owned(), b"c".to_vec()),
+        ]);
+        assert_eq!(api.secret("vault", "keys"), Some(want));
+        assert_eq!(api.secret("other", "keys"), None);
+        assert_eq!(call(&api, "GET", item, serde_json::Value::Null).0, 200);
+    }
+
+    #[test]
+    fn held_creates_are_answered_together_one_winning() {
+        let api = KubeApi::start_holding_creates(2).unwrap();
+        let create = |value: &str| {
+            let body = serde_json::json!({"metadata": {"name": "keys"}, "data": {"k": value}});
+            call(&api, "POST", "/api/v1/namespaces/vault/secrets", body).0
+        };
+        let sent = Instant::now();
+        let (mut codes, first_answered) = std::thread::scope(|scope| {
+            let one = scope.spawn(|| (create("MQ=="), Instant::now()));
+            std::thread::sleep(Duration::from_millis(300));
+            let two = scope.spawn(|| create("Mg=="));
+            let (code, answered) = one.join().unwrap();
+            ([code, two.join().unwrap()], answered)
+        });
+        assert!(
+            first_answered >= sent + Duration::from_millis(300),
+            "the first was not held"
+        );
+        codes.sort();
+        assert_eq!(codes, [201, 409]);
+    }
+
+    #[test]
+    fn a_held_create_does_not_outlast_the_stand_in() {
+        let api = KubeApi::start_holding_creates(2).unwrap();
+        let address = api.address().to_owned();
+        let client = std::thread::spawn(move || {
+            let body = serde_json::json!({"metadata": {"name": "keys"}});
+            crate::openbao::http(
+                &address,
+                "POST",
+                "/api/v1/namespaces/vault/secrets",
+                Some(&body),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let dropping = Instant::now();
+        drop(api);
+        assert!(
+            dropping.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            dropping.elapsed()
+        );
+        let _ = client.join();
     }
 }

@@ -13,7 +13,8 @@
 //! - [`pod_resources`]: a stand-in for the kubelet's pod-resources API (who holds which
 //!   device), gRPC on a unix socket.
 //! - [`kube_api`]: a stand-in for the Kubernetes API server accepting Events, evictions (with
-//!   429 for a PodDisruptionBudget) and Node label patches, talked to by the real `kube` client.
+//!   429 for a PodDisruptionBudget), Node label patches and Secrets (get, merge patch, create
+//!   with 409 when it exists), talked to by the real `kube` client.
 //! - [`softhsm`]: a SoftHSM2 token in a temporary directory, set up like a freshly initialised stick
 //!   (label `bank-vaults`, RSA-2048 key pair `bank-vaults`).
 //! - [`tpm`]: a second real token, a software TPM behind the TPM2 PKCS#11 module, with the

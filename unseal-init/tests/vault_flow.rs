@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use nitrokey_e2e::kube_api::KubeApi;
 use nitrokey_e2e::openbao::OpenBao;
 use nitrokey_e2e::softhsm::{Padding, USER_PIN};
 use std::time::Duration;
@@ -259,8 +260,8 @@ fn bank_vaults_values_unseal_and_migrate_to_the_current_format() {
 #[test]
 fn hsm_k8s_mode_keeps_only_ciphertext_in_the_secret() {
     let (hsm, mut bao, dir) = peers();
-    let api = common::kube_api::start("vault", "vault-unseal-keys");
-    let kubeconfig = api.kubeconfig(dir.path(), "vault");
+    let api = KubeApi::start().expect("kube api");
+    let kubeconfig = api.kubeconfig_in(dir.path(), "vault").expect("kubeconfig");
     let config = write_config(
         dir.path(),
         &hsm,
@@ -285,10 +286,7 @@ fn hsm_k8s_mode_keeps_only_ciphertext_in_the_secret() {
 
     // The Secret holds every name; the token holds no data object.
     let data = api
-        .data
-        .lock()
-        .expect("lock")
-        .clone()
+        .secret("vault", "vault-unseal-keys")
         .expect("secret created");
     let mut names: Vec<String> = data.keys().cloned().collect();
     names.sort();
@@ -342,7 +340,7 @@ fn pods_starting_at_once_in_hsm_k8s_mode_all_create_or_patch_the_secret() {
     // each one's first write finds nothing to patch and creates it; the API server lets one
     // create win and answers the others 409 AlreadyExists, which must mean "patch again".
     let hsm = nitrokey_e2e::softhsm::SoftHsm::new().expect("token");
-    let api = common::kube_api::start_with_create_barrier("vault", "vault-unseal-keys", 3);
+    let api = KubeApi::start_holding_creates(3).expect("kube api");
     let closed = format!(
         "http://127.0.0.1:{}",
         nitrokey_e2e::openbao::free_port().expect("port")
@@ -353,7 +351,7 @@ fn pods_starting_at_once_in_hsm_k8s_mode_all_create_or_patch_the_secret() {
     let children: Vec<std::process::Child> = dirs
         .iter()
         .map(|dir| {
-            let kubeconfig = api.kubeconfig(dir.path(), "vault");
+            let kubeconfig = api.kubeconfig_in(dir.path(), "vault").expect("kubeconfig");
             let config = write_config(
                 dir.path(),
                 &hsm,
@@ -373,13 +371,20 @@ fn pods_starting_at_once_in_hsm_k8s_mode_all_create_or_patch_the_secret() {
         .into_iter()
         .map(|c| wait(c, Duration::from_secs(90)))
         .collect();
-    let requests = api.requests.lock().expect("lock").clone();
-    let creates = requests.iter().filter(|r| r.starts_with("POST")).count();
+    let requests = api.requests();
+    let creates = requests
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == "/api/v1/namespaces/vault/secrets")
+        .count();
+    let served: Vec<String> = requests
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
     let logs: Vec<&str> = runs.iter().map(|r| r.text.as_str()).collect();
     assert_eq!(
         creates,
         3,
-        "every pod tried to create it: {requests:?}\n{}",
+        "every pod tried to create it: {served:?}\n{}",
         logs.join("\n----\n")
     );
     for r in &runs {
@@ -390,10 +395,7 @@ fn pods_starting_at_once_in_hsm_k8s_mode_all_create_or_patch_the_secret() {
         assert!(r.text.contains("within the deadline"), "{}", r.text);
     }
     let data = api
-        .data
-        .lock()
-        .expect("lock")
-        .clone()
+        .secret("vault", "vault-unseal-keys")
         .expect("secret created");
     assert_eq!(data.keys().cloned().collect::<Vec<_>>(), ["vault-test"]);
 }

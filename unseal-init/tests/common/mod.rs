@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 pub mod faults;
-pub mod kube_api;
 pub mod proxy;
 pub mod stick;
 
