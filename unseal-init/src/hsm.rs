@@ -124,7 +124,7 @@ pub enum HsmError {
         source: CkError,
     },
     /// The session, login or token was lost; worth retrying after a pause.
-    #[error("HSM token unavailable during {op}: {source}")]
+    #[error("HSM token unavailable during {op}: {source}{}", lost_hint(op, source))]
     Lost {
         /// Operation name.
         op: &'static str,
@@ -167,6 +167,19 @@ impl HsmError {
             self,
             HsmError::Lost { .. } | HsmError::Unavailable { .. } | HsmError::NoSlot { .. }
         )
+    }
+}
+
+/// What a failed login that never judged the PIN usually means. tpm2-pkcs11 answers
+/// `CKR_GENERAL_ERROR` both after its TPM restarted and, without a resource manager, while
+/// another process's session holds the TPM's few object slots (the sidecar's does for as long
+/// as it runs).
+fn lost_hint(op: &str, source: &CkError) -> &'static str {
+    match (op, source) {
+        ("C_Login", CkError::Pkcs11(RvError::GeneralError, _)) => {
+            " (the token failed before judging the PIN: it may be held by another process, as a TPM without a resource manager such as tpm2-abrmd is while the sidecar runs, or it restarted)"
+        }
+        _ => "",
     }
 }
 
@@ -662,6 +675,26 @@ impl Hsm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_login_failing_before_the_pin_is_judged_says_what_it_may_mean() {
+        let general = || CkError::Pkcs11(RvError::GeneralError, cryptoki::context::Function::Login);
+        let text = HsmError::Lost {
+            op: "C_Login",
+            source: general(),
+        }
+        .to_string();
+        assert!(
+            text.contains("another process") && text.contains("restarted"),
+            "{text}"
+        );
+        let other = HsmError::Lost {
+            op: "C_Decrypt",
+            source: general(),
+        }
+        .to_string();
+        assert!(!other.contains("another process"), "{other}");
+    }
 
     fn views() -> Vec<SlotView> {
         vec![

@@ -22,6 +22,18 @@ fn config_path(config: &std::path::Path) -> String {
     config.display().to_string()
 }
 
+/// A configuration selecting `token` by its label, `bank-vaults`, as users do.
+fn by_label(dir: &std::path::Path, token: &dyn Token, bao: &OpenBao) -> std::path::PathBuf {
+    write_token_config(
+        dir,
+        token,
+        &bao.address(),
+        Select::Label("bank-vaults"),
+        "",
+        "",
+    )
+}
+
 /// Bank-Vaults values with a PKCS#1 v1.5 `vault-unseal-0` (written before v1.33) unseal,
 /// `hsm migrate` rewrites them, and a share that cannot be decrypted at all is named and
 /// skipped while the other shares still unseal. `current` is the scheme the program is
@@ -131,14 +143,7 @@ fn once_waits_for_a_token_that_appears_after_start() {
     let bao = start_bao();
     let dir = tempfile::tempdir().expect("tempdir");
     // Selected by label, as users do: OpenSC decorates it with " (UserPIN)".
-    let config = write_token_config(
-        dir.path(),
-        &token,
-        &bao.address(),
-        Select::Label("bank-vaults"),
-        "",
-        "",
-    );
+    let config = by_label(dir.path(), &token, &bao);
     let started = Instant::now();
     let run = once_ok(&token, &config);
     assert!(
@@ -389,4 +394,72 @@ fn sidecar_through_opensc_unseals_after_the_card_is_pulled_and_put_back() {
         "sidecar did not unseal after the card came back:\n{}",
         run.text
     );
+}
+
+/// An operator runs `hsm list` while the sidecar holds its session on the TPM. Without a
+/// resource manager the TPM has room for three loaded objects, and the sidecar's logged-in
+/// session keeps them: the second process's login fails with `CKR_GENERAL_ERROR` before the
+/// PIN is judged. The command must then fail saying so (or succeed, should the module one day
+/// share the TPM), and leave the sidecar unsealing as before.
+#[test]
+fn an_operator_command_beside_the_tpm_sidecar_fails_clearly_and_leaves_it_working() {
+    let tpm = Tpm::new().expect("tpm token");
+    let mut bao = start_bao();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sidecar = Sidecar::start(&tpm, dir.path(), &bao.address(), "");
+    bao.wait_for(Duration::from_secs(60), |s| s.initialized && !s.sealed)
+        .expect("sidecar initialised and unsealed");
+
+    let cfg = config_path(&dir.path().join("unseal-init.yaml"));
+    let list = run_args(
+        &tpm,
+        &["--config", &cfg, "hsm", "list"],
+        Duration::from_secs(60),
+    );
+    if list.code != Some(0) {
+        assert_eq!(list.code, Some(1), "{}", list.text);
+        assert!(
+            list.text.contains("held by another process") && list.text.contains("tpm2-abrmd"),
+            "the failure does not say why:\n{}",
+            list.text
+        );
+        assert!(!list.text.contains("panicked"), "{}", list.text);
+    }
+
+    // The sidecar carries on: a sealed Vault is unsealed again.
+    bao.restart().expect("restart openbao");
+    let unsealed = bao.wait_for(Duration::from_secs(30), |s| !s.sealed);
+    let run = sidecar.stop();
+    assert!(unsealed.is_ok(), "sidecar did not unseal:\n{}", run.text);
+    assert_no_secrets(&list.text, &[USER_PIN.to_owned()]);
+    // Nothing is left broken on the token: once the sidecar is gone, the command works.
+    let after = run_args(
+        &tpm,
+        &["--config", &cfg, "hsm", "list"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(after.code, Some(0), "{}", after.text);
+    for name in default_names() {
+        assert!(after.stdout.contains(&name), "{name}:\n{}", after.stdout);
+    }
+}
+
+/// The TPM pads its token label with spaces to 32 bytes, and its model string with NULs;
+/// `tokenLabel` selects the token all the same.
+#[test]
+fn tpm_token_is_selected_by_its_space_padded_label() {
+    let tpm = Tpm::new().expect("tpm token");
+    let bao = start_bao();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = by_label(dir.path(), &tpm, &bao);
+    let cfg = config_path(&config);
+    let info = run_args(
+        &tpm,
+        &["--config", &cfg, "hsm", "info"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(info.code, Some(0), "{}", info.text);
+    assert!(!info.stdout.contains('\0'), "NUL in: {:?}", info.stdout);
+    once_ok(&tpm, &config);
+    assert!(!bao.seal_status().expect("status").sealed);
 }
