@@ -25,9 +25,8 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{Plugin, TIMEOUT};
-use nitrokey_e2e::kubelet::FakeKubelet;
-use nitrokey_e2e::usb::{Testbed, UsbDeviceSpec};
+use common::{Node, TIMEOUT};
+use nitrokey_e2e::usb::UsbDeviceSpec;
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -83,30 +82,23 @@ fn print_footprint(label: &str, before: (usize, u64, u64), after: (usize, u64, u
 }
 
 async fn soak(cycles: u64) {
-    let testbed = Testbed::new().expect("umockdev testbed");
-    testbed.add_nitrokey_hsm("DENKSTAY0001", 1, 2).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let plugin = Plugin::start(
-        &testbed,
-        dir.path(),
+    let mut node = Node::start(
+        &["DENKSTAY0001"],
         &["--grace-period", "1h", "--on-replug", "none"],
-    );
-    kubelet
-        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
-        .await
-        .unwrap();
-    let pid = plugin.pid();
+    )
+    .await;
+    let pid = node.plugin.pid();
 
     let before = footprint(pid);
     let mut restarts = Vec::new();
     for _ in 0..cycles {
-        let created = kubelet.restart().await.unwrap();
-        kubelet
+        let created = node.kubelet.restart().await.unwrap();
+        node.kubelet
             .wait_for_registration_since(created, TIMEOUT)
             .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", plugin.logs()));
-        let list = kubelet
+            .unwrap_or_else(|e| panic!("{e}\n{}", node.plugin.logs()));
+        let list = node
+            .kubelet
             .wait_for_list(
                 |l| l.connected && l.received_at > Some(created) && l.healthy_ids().len() == 2,
                 TIMEOUT,
@@ -126,16 +118,16 @@ async fn soak(cycles: u64) {
             .at(1, 3 + (cycle % 120) as u8)
             .port(2 + (cycle % 2) as u8);
         let start = Instant::now();
-        let stick = testbed.add(&spec).unwrap();
-        kubelet
+        let stick = node.testbed.add(&spec).unwrap();
+        node.kubelet
             .wait_for_devices(
                 |d| d.len() == 4 && d.iter().all(|d| d.health == "Healthy"),
                 TIMEOUT,
             )
             .await
             .unwrap();
-        testbed.remove(&stick).unwrap();
-        kubelet
+        node.testbed.remove(&stick).unwrap();
+        node.kubelet
             .wait_for_devices(
                 |d| d.iter().filter(|d| d.health == "Unhealthy").count() == 2,
                 TIMEOUT,
@@ -149,7 +141,7 @@ async fn soak(cycles: u64) {
     print_footprint("soak: after the replugs", before, footprint(pid));
 
     let before = footprint(pid);
-    let socket = dir.path().join("nitrokey-hsm.sock");
+    let socket = node.dir.path().join("nitrokey-hsm.sock");
     let mut open = Vec::new();
     for _ in 0..200 {
         let channel = nitrokey_e2e::kubelet::connect_unix(&socket, TIMEOUT)
@@ -173,15 +165,7 @@ async fn soak(cycles: u64) {
 }
 
 async fn usb_latency(rounds: u64) {
-    let testbed = Testbed::new().expect("umockdev testbed");
-    let dir = tempfile::tempdir().unwrap();
-    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    testbed.add_nitrokey_hsm("DENKSTAY0001", 1, 2).unwrap();
-    let plugin = Plugin::start(&testbed, dir.path(), &["--grace-period", "1h"]);
-    kubelet
-        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
-        .await
-        .unwrap();
+    let node = Node::start(&["DENKSTAY0001"], &["--grace-period", "1h"]).await;
 
     let (mut add, mut remove) = (Vec::new(), Vec::new());
     let (mut helper_add, mut helper_remove) = (Vec::new(), Vec::new());
@@ -191,11 +175,12 @@ async fn usb_latency(rounds: u64) {
         let spec = UsbDeviceSpec::nitrokey_hsm("DENKBENCH001")
             .at(1, devnum)
             .port(2 + (round % 2) as u8);
-        let before = kubelet.device_list().unwrap().updates;
+        let before = node.kubelet.device_list().unwrap().updates;
         let start = Instant::now();
-        let stick = testbed.add(&spec).unwrap();
+        let stick = node.testbed.add(&spec).unwrap();
         helper_add.push(start.elapsed());
-        let list = kubelet
+        let list = node
+            .kubelet
             .wait_for_list(
                 |l| {
                     l.updates > before
@@ -208,20 +193,21 @@ async fn usb_latency(rounds: u64) {
                 TIMEOUT,
             )
             .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", plugin.logs()));
+            .unwrap_or_else(|e| panic!("{e}\n{}", node.plugin.logs()));
         add.push(list.received_at.unwrap() - start);
 
         let before = list.updates;
         let start = Instant::now();
-        testbed.remove(&stick).unwrap();
+        node.testbed.remove(&stick).unwrap();
         helper_remove.push(start.elapsed());
-        let list = kubelet
+        let list = node
+            .kubelet
             .wait_for_list(
                 |l| l.updates > before && l.unhealthy_ids().len() == 2,
                 TIMEOUT,
             )
             .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", plugin.logs()));
+            .unwrap_or_else(|e| panic!("{e}\n{}", node.plugin.logs()));
         remove.push(list.received_at.unwrap() - start);
     }
     summary("USB add -> ListAndWatch update (Healthy)", &mut add);
@@ -234,27 +220,21 @@ async fn usb_latency(rounds: u64) {
 }
 
 async fn restart_latency(rounds: u64) {
-    let testbed = Testbed::new().expect("umockdev testbed");
-    testbed.add_nitrokey_hsm("DENKSTAY0001", 1, 2).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let plugin = Plugin::start(&testbed, dir.path(), &[]);
-    kubelet.wait_for_registration(TIMEOUT).await.unwrap();
-    kubelet
-        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
-        .await
-        .unwrap();
+    let mut node = Node::start(&["DENKSTAY0001"], &[]).await;
+    node.kubelet.wait_for_registration(TIMEOUT).await.unwrap();
 
     let (mut register, mut listed) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        let before = kubelet.device_list().map_or(0, |l| l.updates);
-        let created = kubelet.restart().await.unwrap();
-        let registration = kubelet
+        let before = node.kubelet.device_list().map_or(0, |l| l.updates);
+        let created = node.kubelet.restart().await.unwrap();
+        let registration = node
+            .kubelet
             .wait_for_registration_since(created, TIMEOUT)
             .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", plugin.logs()));
+            .unwrap_or_else(|e| panic!("{e}\n{}", node.plugin.logs()));
         register.push(registration.received_at - created);
-        let list = kubelet
+        let list = node
+            .kubelet
             .wait_for_list(
                 |l| l.connected && l.updates > before && l.devices.len() == 2,
                 TIMEOUT,
@@ -325,20 +305,11 @@ fn proc_usage(pid: u32) -> (Duration, u64, u64) {
 }
 
 async fn idle_cost(seconds: u64) {
-    let testbed = Testbed::new().expect("umockdev testbed");
-    testbed.add_nitrokey_hsm("DENK0000001", 1, 2).unwrap();
-    testbed.add_nitrokey_hsm("DENK0000002", 1, 3).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let plugin = Plugin::start(&testbed, dir.path(), &[]);
-    kubelet
-        .wait_for_devices(|d| d.len() == 4, TIMEOUT)
-        .await
-        .unwrap();
-    plugin.wait_http("/readyz", 200).await;
+    let node = Node::start(&["DENK0000001", "DENK0000002"], &[]).await;
+    node.plugin.wait_http("/readyz", 200).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let pid = plugin.pid();
+    let pid = node.plugin.pid();
     let (cpu_before, rss_before, _) = proc_usage(pid);
     let fine_before = schedstat_by_thread(pid);
     let started = Instant::now();
@@ -399,7 +370,6 @@ async fn idle_cost(seconds: u64) {
         kib(&rollup, "Pss:"),
         kib(&status, "Threads:") * 1024.0,
     );
-    drop(kubelet);
 }
 
 fn main() {

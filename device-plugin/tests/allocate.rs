@@ -2,27 +2,16 @@
 
 mod common;
 
-use common::{Plugin, TIMEOUT};
-use nitrokey_e2e::kubelet::FakeKubelet;
-use nitrokey_e2e::usb::Testbed;
+use common::{Node, TIMEOUT};
 use nitrokey_proto::v1beta1::{AllocateRequest, ContainerAllocateRequest};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allocate_valid_unknown_and_unhealthy_ids() {
-    let testbed = Testbed::new().unwrap();
-    testbed.add_nitrokey_hsm("DENK0000001", 1, 2).unwrap();
-    let second = testbed.add_nitrokey_hsm("DENK0000002", 1, 3).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let plugin = Plugin::start(&testbed, dir.path(), &["--grace-period", "1m"]);
-    kubelet
-        .wait_for_devices(|d| d.len() == 4, TIMEOUT)
-        .await
-        .unwrap();
+    let node = Node::start(&["DENK0000001", "DENK0000002"], &["--grace-period", "1m"]).await;
 
     // One unit.
-    let response = kubelet.allocate(&["DENK0000001-0"]).await.unwrap();
+    let response = node.kubelet.allocate(&["DENK0000001-0"]).await.unwrap();
     assert_eq!(response.devices.len(), 1);
     let device = &response.devices[0];
     assert_eq!(device.host_path, "/dev/bus/usb/001/002");
@@ -35,7 +24,8 @@ async fn allocate_valid_unknown_and_unhealthy_ids() {
     );
 
     // Both units of one stick: one device node, one serial.
-    let response = kubelet
+    let response = node
+        .kubelet
         .allocate(&["DENK0000001-1", "DENK0000001-0"])
         .await
         .unwrap();
@@ -43,7 +33,8 @@ async fn allocate_valid_unknown_and_unhealthy_ids() {
     assert_eq!(response.envs["NITROKEY_HSM_SERIALS"], "DENK0000001");
 
     // Units of two sticks.
-    let response = kubelet
+    let response = node
+        .kubelet
         .allocate(&["DENK0000001-1", "DENK0000002-0"])
         .await
         .unwrap();
@@ -64,7 +55,8 @@ async fn allocate_valid_unknown_and_unhealthy_ids() {
     );
 
     // Several containers in one request.
-    let response = kubelet
+    let response = node
+        .kubelet
         .allocate_request(AllocateRequest {
             container_requests: vec![
                 ContainerAllocateRequest {
@@ -85,51 +77,53 @@ async fn allocate_valid_unknown_and_unhealthy_ids() {
 
     // Unknown IDs: a gRPC error, and the plugin keeps serving.
     for unknown in ["NOPE-0", "DENK0000001-2", "DENK0000001", ""] {
-        let status = kubelet.allocate(&[unknown]).await.expect_err(unknown);
+        let status = node.kubelet.allocate(&[unknown]).await.expect_err(unknown);
         assert_eq!(status.code(), Code::NotFound, "{unknown}: {status:?}");
         assert!(status.message().contains("unknown device"), "{status:?}");
     }
-    let status = kubelet.allocate(&[]).await.expect_err("empty request");
+    let status = node.kubelet.allocate(&[]).await.expect_err("empty request");
     assert_eq!(status.code(), Code::InvalidArgument);
 
     // Unhealthy: unplugged stick within its grace period.
-    testbed.remove(&second).unwrap();
-    kubelet
+    node.testbed.remove(&node.sticks[1]).unwrap();
+    node.kubelet
         .wait_for_devices(
             |d| d.iter().filter(|d| d.health == "Unhealthy").count() == 2,
             TIMEOUT,
         )
         .await
         .unwrap();
-    let status = kubelet
+    let status = node
+        .kubelet
         .allocate(&["DENK0000002-0"])
         .await
         .expect_err("unhealthy");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("unhealthy"), "{status:?}");
-    let status = kubelet
+    let status = node
+        .kubelet
         .allocate(&["DENK0000001-0", "DENK0000002-1"])
         .await
         .expect_err("mixed");
     assert_eq!(status.code(), Code::FailedPrecondition);
 
     // Still alive and serving.
-    kubelet.allocate(&["DENK0000001-0"]).await.unwrap();
-    assert_eq!(plugin.http_get("/healthz").await.0, 200);
+    node.kubelet.allocate(&["DENK0000001-0"]).await.unwrap();
+    assert_eq!(node.plugin.http_get("/healthz").await.0, 200);
     assert_eq!(
-        plugin
+        node.plugin
             .metric("nitrokey_device_plugin_allocations_total{result=\"ok\"}")
             .await,
         Some(6.0)
     );
     assert_eq!(
-        plugin
+        node.plugin
             .metric("nitrokey_device_plugin_allocations_total{result=\"unknown\"}")
             .await,
         Some(4.0)
     );
     assert_eq!(
-        plugin
+        node.plugin
             .metric("nitrokey_device_plugin_allocations_total{result=\"unhealthy\"}")
             .await,
         Some(2.0)
@@ -138,48 +132,45 @@ async fn allocate_valid_unknown_and_unhealthy_ids() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preferred_allocation_packs_units_onto_few_sticks() {
-    let testbed = Testbed::new().unwrap();
-    testbed.add_nitrokey_hsm("A", 1, 2).unwrap();
-    testbed.add_nitrokey_hsm("B", 1, 3).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let _plugin = Plugin::start(&testbed, dir.path(), &[]);
-    kubelet
-        .wait_for_devices(|d| d.len() == 4, TIMEOUT)
-        .await
-        .unwrap();
+    let node = Node::start(&["A", "B"], &[]).await;
 
     // Two units: both of one stick.
-    let got = kubelet
+    let got = node
+        .kubelet
         .preferred_allocation(&["A-0", "B-0", "A-1", "B-1"], &[], 2)
         .await
         .unwrap();
     assert_eq!(got, ["A-0", "A-1"]);
     // One unit when A is half used: take B's... no: A's last unit keeps B whole.
-    let got = kubelet
+    let got = node
+        .kubelet
         .preferred_allocation(&["A-1", "B-0", "B-1"], &[], 1)
         .await
         .unwrap();
     assert_eq!(got, ["A-1"]);
     // must_include is honoured and its stick filled first.
-    let got = kubelet
+    let got = node
+        .kubelet
         .preferred_allocation(&["A-0", "A-1", "B-0", "B-1"], &["B-1"], 2)
         .await
         .unwrap();
     assert_eq!(got, ["B-1", "B-0"]);
     // Exactly allocation_size.
-    let got = kubelet
+    let got = node
+        .kubelet
         .preferred_allocation(&["A-0", "A-1", "B-0", "B-1"], &[], 3)
         .await
         .unwrap();
     assert_eq!(got.len(), 3);
     // Impossible requests are errors, not panics.
-    let status = kubelet
+    let status = node
+        .kubelet
         .preferred_allocation(&["A-0"], &[], 2)
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    let status = kubelet
+    let status = node
+        .kubelet
         .preferred_allocation(&["A-0"], &[], -1)
         .await
         .unwrap_err();

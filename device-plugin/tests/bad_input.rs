@@ -9,9 +9,8 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::{Plugin, TIMEOUT};
+use common::{Node, Plugin, TIMEOUT};
 use nitrokey_e2e::kubelet::{FakeKubelet, connect_unix};
-use nitrokey_e2e::usb::Testbed;
 use nitrokey_proto::v1beta1::device_plugin_client::DevicePluginClient;
 use nitrokey_proto::v1beta1::{
     AllocateRequest, ContainerAllocateRequest, ContainerPreferredAllocationRequest, Empty,
@@ -20,20 +19,6 @@ use nitrokey_proto::v1beta1::{
 use tonic::Code;
 
 const SOCKET: &str = "nitrokey-hsm.sock";
-
-/// A plugin with one stick, registered with a kubelet stand-in.
-async fn running() -> (Testbed, tempfile::TempDir, FakeKubelet, Plugin) {
-    let testbed = Testbed::new().unwrap();
-    testbed.add_nitrokey_hsm("DENK01234567", 1, 2).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let plugin = Plugin::start(&testbed, dir.path(), &[]);
-    kubelet
-        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
-        .await
-        .unwrap();
-    (testbed, dir, kubelet, plugin)
-}
 
 /// The plugin still answers the kubelet.
 async fn still_serving(kubelet: &FakeKubelet, plugin: &Plugin) {
@@ -149,8 +134,8 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_http1_get_the_connection_closed() {
-    let (_testbed, dir, kubelet, plugin) = running().await;
-    let socket = dir.path().join(SOCKET);
+    let node = Node::start(&["DENK01234567"], &[]).await;
+    let socket = node.dir.path().join(SOCKET);
     let garbage: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7919 % 251) as u8).collect();
     let answer = tokio::task::spawn_blocking({
         let socket = socket.clone();
@@ -173,13 +158,13 @@ async fn garbage_and_http1_get_the_connection_closed() {
         !String::from_utf8_lossy(&answer).contains("200 OK"),
         "HTTP/1.1 is not served"
     );
-    still_serving(&kubelet, &plugin).await;
+    still_serving(&node.kubelet, &node.plugin).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_as_authority_is_refused_and_explained() {
-    let (_testbed, dir, kubelet, plugin) = running().await;
-    let socket = dir.path().join(SOCKET);
+    let node = Node::start(&["DENK01234567"], &[]).await;
+    let socket = node.dir.path().join(SOCKET);
     let path_authority = socket.to_string_lossy().into_owned();
     let (refused, accepted) = tokio::task::spawn_blocking(move || {
         (
@@ -195,21 +180,25 @@ async fn path_as_authority_is_refused_and_explained() {
         "localhost, as kubelets since 1.26 send, is served"
     );
     let deadline = Instant::now() + TIMEOUT;
-    while !plugin.logs().contains("the kubelet must be 1.26 or newer") {
+    while !node
+        .plugin
+        .logs()
+        .contains("the kubelet must be 1.26 or newer")
+    {
         assert!(
             Instant::now() < deadline,
             "not explained:\n{}",
-            plugin.logs()
+            node.plugin.logs()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    still_serving(&kubelet, &plugin).await;
+    still_serving(&node.kubelet, &node.plugin).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_methods_and_huge_ids_get_short_grpc_errors() {
-    let (_testbed, dir, kubelet, plugin) = running().await;
-    let channel = connect_unix(&dir.path().join(SOCKET), TIMEOUT)
+    let node = Node::start(&["DENK01234567"], &[]).await;
+    let channel = connect_unix(&node.dir.path().join(SOCKET), TIMEOUT)
         .await
         .unwrap();
 
@@ -267,18 +256,18 @@ async fn unknown_methods_and_huge_ids_get_short_grpc_errors() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().len() < 300);
 
-    let longest = plugin.logs().lines().map(str::len).max().unwrap_or(0);
+    let longest = node.plugin.logs().lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 2_000, "a log line of {longest} bytes");
-    still_serving(&kubelet, &plugin).await;
+    still_serving(&node.kubelet, &node.plugin).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_and_watch_streams_opened_and_dropped_leave_no_growth() {
-    let (_testbed, dir, kubelet, plugin) = running().await;
-    let socket = dir.path().join(SOCKET);
+    let node = Node::start(&["DENK01234567"], &[]).await;
+    let socket = node.dir.path().join(SOCKET);
     let streams = "nitrokey_device_plugin_list_and_watch_streams";
     let mut after_round = Vec::new();
-    let before = rss_kib(plugin.pid());
+    let before = rss_kib(node.plugin.pid());
     for _ in 0..3 {
         let mut open = Vec::new();
         for _ in 0..200 {
@@ -289,19 +278,19 @@ async fn list_and_watch_streams_opened_and_dropped_leave_no_growth() {
             assert_eq!(first.devices.len(), 2);
             open.push((client, stream));
         }
-        assert_eq!(plugin.metric(streams).await, Some(201.0));
+        assert_eq!(node.plugin.metric(streams).await, Some(201.0));
         drop(open);
         let deadline = Instant::now() + TIMEOUT;
-        while plugin.metric(streams).await != Some(1.0) {
+        while node.plugin.metric(streams).await != Some(1.0) {
             assert!(Instant::now() < deadline, "streams never closed");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Memory is handed back shortly after the burst; poll for it.
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut rss = rss_kib(plugin.pid());
+        let mut rss = rss_kib(node.plugin.pid());
         while rss > before + 2048 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            rss = rss_kib(plugin.pid());
+            rss = rss_kib(node.plugin.pid());
         }
         after_round.push(rss);
     }
@@ -316,5 +305,5 @@ async fn list_and_watch_streams_opened_and_dropped_leave_no_growth() {
         "RSS grew from {before} KiB to {last} KiB"
     );
     eprintln!("RSS {before} KiB, after each round of 200 streams: {after_round:?} KiB");
-    still_serving(&kubelet, &plugin).await;
+    still_serving(&node.kubelet, &node.plugin).await;
 }

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Plugin, TIMEOUT};
+use common::{Node, Plugin, TIMEOUT};
 use nitrokey_e2e::kubelet::FakeKubelet;
 use nitrokey_e2e::usb::{Testbed, UsbDeviceSpec};
 
@@ -111,15 +111,7 @@ async fn allocate_names_cdi_devices_and_the_spec_follows_hotplug() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_cdi_allocate_names_no_cdi_device() {
-    let testbed = Testbed::new().unwrap();
-    testbed.add_nitrokey_hsm("DENK01234567", 1, 2).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let _plugin = Plugin::start(&testbed, dir.path(), &[]);
-    kubelet
-        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
-        .await
-        .unwrap();
-    let response = kubelet.allocate(&["DENK01234567-0"]).await.unwrap();
+    let node = Node::start(&["DENK01234567"], &[]).await;
+    let response = node.kubelet.allocate(&["DENK01234567-0"]).await.unwrap();
     assert!(response.cdi_devices.is_empty());
 }

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Plugin, TIMEOUT, unit_ids};
+use common::{Node, Plugin, TIMEOUT, unit_ids};
 use nitrokey_e2e::kubelet::FakeKubelet;
 use nitrokey_e2e::usb::{Testbed, UsbDeviceSpec};
 
@@ -88,31 +88,27 @@ async fn add_and_remove_at_runtime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replug_keeps_ids_changes_path_and_heals() {
-    let testbed = Testbed::new().unwrap();
-    let stick = testbed.add_nitrokey_hsm("DENK01234567", 1, 2).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let _plugin = Plugin::start(&testbed, dir.path(), &["--grace-period", "1m"]);
-    let list = kubelet
-        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
-        .await
-        .unwrap();
+    let node = Node::start(&["DENK01234567"], &["--grace-period", "1m"]).await;
+    let list = node.kubelet.device_list().unwrap();
     let ids = list.ids();
-    let before = kubelet.allocate(&["DENK01234567-0"]).await.unwrap();
+    let before = node.kubelet.allocate(&["DENK01234567-0"]).await.unwrap();
     assert_eq!(before.envs["NITROKEY_HSM_DEVICES"], "/dev/bus/usb/001/002");
 
-    testbed.remove(&stick).unwrap();
-    let list = kubelet
+    node.testbed.remove(&node.sticks[0]).unwrap();
+    let list = node
+        .kubelet
         .wait_for_devices(|d| d.iter().all(|d| d.health == "Unhealthy"), TIMEOUT)
         .await
         .unwrap();
     assert_eq!(list.ids(), ids, "kept, unhealthy, within the grace period");
 
     // Plugged into another port: new bus address, same serial.
-    let replugged = testbed
+    let replugged = node
+        .testbed
         .add(&UsbDeviceSpec::nitrokey_hsm("DENK01234567").at(1, 5).port(3))
         .unwrap();
-    let list = kubelet
+    let list = node
+        .kubelet
         .wait_for_devices(
             |d| d.iter().all(|d| d.health == "Healthy") && d.len() == 2,
             TIMEOUT,
@@ -120,20 +116,15 @@ async fn replug_keeps_ids_changes_path_and_heals() {
         .await
         .unwrap();
     assert_eq!(list.ids(), ids, "same IDs after replug");
-    let after = kubelet.allocate(&["DENK01234567-0"]).await.unwrap();
+    let after = node.kubelet.allocate(&["DENK01234567-0"]).await.unwrap();
     assert_eq!(after.envs["NITROKEY_HSM_DEVICES"], replugged.dev_path());
     assert_eq!(after.devices[0].host_path, "/dev/bus/usb/001/005");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rescan_fallback_notices_changes() {
-    let testbed = Testbed::new().unwrap();
-    let first = testbed.add_nitrokey_hsm("DENK0000001", 1, 2).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let plugin = Plugin::start(
-        &testbed,
-        dir.path(),
+    let node = Node::start(
+        &["DENK0000001"],
         &[
             "--discovery",
             "rescan",
@@ -142,23 +133,21 @@ async fn rescan_fallback_notices_changes() {
             "--grace-period",
             "1m",
         ],
-    );
-    kubelet
-        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
-        .await
-        .unwrap();
+    )
+    .await;
     assert!(
-        plugin.logs().contains("periodic rescan"),
+        node.plugin.logs().contains("periodic rescan"),
         "{}",
-        plugin.logs()
+        node.plugin.logs()
     );
-    testbed.add_nitrokey_hsm("DENK0000002", 1, 3).unwrap();
-    kubelet
+    node.testbed.add_nitrokey_hsm("DENK0000002", 1, 3).unwrap();
+    node.kubelet
         .wait_for_devices(|d| d.len() == 4, TIMEOUT)
         .await
         .unwrap();
-    testbed.remove(&first).unwrap();
-    let list = kubelet
+    node.testbed.remove(&node.sticks[0]).unwrap();
+    let list = node
+        .kubelet
         .wait_for_devices(
             |d| d.iter().filter(|d| d.health == "Unhealthy").count() == 2,
             TIMEOUT,

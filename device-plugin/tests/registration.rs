@@ -6,20 +6,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Plugin, TIMEOUT, unit_ids};
+use common::{Node, Plugin, TIMEOUT, unit_ids};
 use nitrokey_e2e::kubelet::FakeKubelet;
 use nitrokey_e2e::usb::Testbed;
 use nitrokey_proto::v1beta1::DevicePluginOptions;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registers_and_lists_two_units_per_stick() {
-    let testbed = Testbed::new().unwrap();
-    testbed.add_nitrokey_hsm("DENK01234567", 1, 2).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let plugin = Plugin::start(&testbed, dir.path(), &[]);
+    let node = Node::start(&["DENK01234567"], &[]).await;
 
-    let registration = kubelet.wait_for_registration(TIMEOUT).await.unwrap();
+    let registration = node.kubelet.wait_for_registration(TIMEOUT).await.unwrap();
     assert_eq!(registration.request.version, "v1beta1");
     assert_eq!(registration.request.endpoint, "nitrokey-hsm.sock");
     assert_eq!(registration.request.resource_name, "nitrokey.com/hsm");
@@ -38,17 +34,14 @@ async fn registers_and_lists_two_units_per_stick() {
         })
     );
 
-    let list = kubelet
-        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
-        .await
-        .unwrap();
+    let list = node.kubelet.device_list().unwrap();
     assert_eq!(list.ids(), unit_ids(&["DENK01234567"], 2));
     assert_eq!(list.healthy_ids().len(), 2);
-    assert!(dir.path().join("nitrokey-hsm.sock").exists());
+    assert!(node.dir.path().join("nitrokey-hsm.sock").exists());
 
-    plugin.wait_http("/readyz", 200).await;
-    assert_eq!(plugin.http_get("/healthz").await.0, 200);
-    let (status, metrics) = plugin.http_get("/metrics").await;
+    node.plugin.wait_http("/readyz", 200).await;
+    assert_eq!(node.plugin.http_get("/healthz").await.0, 200);
+    let (status, metrics) = node.plugin.http_get("/metrics").await;
     assert_eq!(status, 200);
     for series in [
         "nitrokey_device_plugin_sticks{health=\"healthy\"} 1",
@@ -59,53 +52,42 @@ async fn registers_and_lists_two_units_per_stick() {
     ] {
         assert!(metrics.contains(series), "missing {series} in\n{metrics}");
     }
-    assert_eq!(kubelet.registration_count(), 1, "registered exactly once");
+    assert_eq!(
+        node.kubelet.registration_count(),
+        1,
+        "registered exactly once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sticks_and_custom_resource_and_shares() {
-    let testbed = Testbed::new().unwrap();
-    testbed.add_nitrokey_hsm("DENK0000001", 1, 2).unwrap();
-    testbed.add_nitrokey_hsm("DENK0000002", 1, 3).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let _plugin = Plugin::start(
-        &testbed,
-        dir.path(),
+    let node = Node::start_with_shares(
+        &["DENK0000001", "DENK0000002"],
+        3,
         &[
             "--resource-name",
             "example.com/stick",
             "--shares-per-device",
             "3",
         ],
-    );
-    let registration = kubelet.wait_for_registration(TIMEOUT).await.unwrap();
+    )
+    .await;
+    let registration = node.kubelet.wait_for_registration(TIMEOUT).await.unwrap();
     assert_eq!(registration.request.resource_name, "example.com/stick");
-    let list = kubelet
-        .wait_for_devices(|d| d.len() == 6, TIMEOUT)
-        .await
-        .unwrap();
+    let list = node.kubelet.device_list().unwrap();
     assert_eq!(list.ids(), unit_ids(&["DENK0000001", "DENK0000002"], 3));
     assert_eq!(list.healthy_ids().len(), 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sticks_default_shares() {
-    let testbed = Testbed::new().unwrap();
-    testbed.add_nitrokey_hsm("DENK0000001", 1, 2).unwrap();
-    testbed.add_nitrokey_hsm("DENK0000002", 1, 3).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let plugin = Plugin::start(&testbed, dir.path(), &[]);
-    let list = kubelet
-        .wait_for_devices(|d| d.len() == 4, TIMEOUT)
-        .await
-        .unwrap();
+    let node = Node::start(&["DENK0000001", "DENK0000002"], &[]).await;
+    let list = node.kubelet.device_list().unwrap();
     assert_eq!(list.ids(), unit_ids(&["DENK0000001", "DENK0000002"], 2));
     assert_eq!(list.healthy_ids().len(), 4);
-    plugin.wait_http("/readyz", 200).await;
+    node.plugin.wait_http("/readyz", 200).await;
     assert_eq!(
-        plugin
+        node.plugin
             .metric("nitrokey_device_plugin_sticks{health=\"healthy\"}")
             .await,
         Some(2.0)
@@ -114,30 +96,24 @@ async fn two_sticks_default_shares() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubelet_restart_leads_to_reregistration() {
-    let testbed = Testbed::new().unwrap();
-    testbed.add_nitrokey_hsm("DENK01234567", 1, 2).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let plugin = Plugin::start(&testbed, dir.path(), &[]);
-    kubelet.wait_for_registration(TIMEOUT).await.unwrap();
-    kubelet
-        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
-        .await
-        .unwrap();
+    let mut node = Node::start(&["DENK01234567"], &[]).await;
+    node.kubelet.wait_for_registration(TIMEOUT).await.unwrap();
 
     for round in 2..=4 {
         // A real kubelet, a new process, takes far longer than the kernel's timer tick to
         // restart; without a pause this one could re-create kubelet.sock within one tick on
         // the recycled inode, indistinguishable from the old socket (see `FileId`).
         tokio::time::sleep(Duration::from_millis(25)).await;
-        let before = kubelet.device_list().unwrap().updates;
-        let restarted_at = kubelet.restart().await.unwrap();
-        let registration = kubelet
+        let before = node.kubelet.device_list().unwrap().updates;
+        let restarted_at = node.kubelet.restart().await.unwrap();
+        let registration = node
+            .kubelet
             .wait_for_registrations(round, TIMEOUT)
             .await
             .unwrap();
         assert!(registration.received_at >= restarted_at);
-        let list = kubelet
+        let list = node
+            .kubelet
             .wait_for_list(
                 |l| l.connected && l.updates > before && l.devices.len() == 2,
                 TIMEOUT,
@@ -146,33 +122,33 @@ async fn kubelet_restart_leads_to_reregistration() {
             .unwrap();
         assert_eq!(list.healthy_ids(), unit_ids(&["DENK01234567"], 2));
         assert!(
-            dir.path().join("nitrokey-hsm.sock").exists(),
+            node.dir.path().join("nitrokey-hsm.sock").exists(),
             "socket served again"
         );
     }
-    plugin.wait_http("/readyz", 200).await;
+    node.plugin.wait_http("/readyz", 200).await;
     // Settle: no duplicate registrations trail behind.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        kubelet.registration_count(),
+        node.kubelet.registration_count(),
         4,
         "one registration per kubelet start"
     );
     assert_eq!(
-        plugin
+        node.plugin
             .metric("nitrokey_device_plugin_kubelet_restarts_total")
             .await,
         Some(3.0)
     );
     // Routine restarts are no failures: nothing counted, nothing above INFO logged.
     assert_eq!(
-        plugin
+        node.plugin
             .metric("nitrokey_device_plugin_registrations_total{result=\"unreachable\"}")
             .await
             .unwrap_or(0.0),
         0.0
     );
-    let logs = plugin.logs();
+    let logs = node.plugin.logs();
     let loud: Vec<&str> = logs
         .lines()
         .filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("cannot see"))
@@ -351,27 +327,19 @@ async fn rejected_registration_ends_the_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_serving_and_removes_the_socket() {
-    let testbed = Testbed::new().unwrap();
-    testbed.add_nitrokey_hsm("DENK01234567", 1, 2).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let mut plugin = Plugin::start(&testbed, dir.path(), &[]);
-    kubelet
-        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
-        .await
-        .unwrap();
-    let status = plugin.terminate();
+    let mut node = Node::start(&["DENK01234567"], &[]).await;
+    let status = node.plugin.terminate();
     assert!(
         status.success(),
         "clean exit on SIGTERM: {status:?}\n{}",
-        plugin.logs()
+        node.plugin.logs()
     );
-    assert!(!dir.path().join("nitrokey-hsm.sock").exists());
+    assert!(!node.dir.path().join("nitrokey-hsm.sock").exists());
     assert!(
-        dir.path().join("kubelet.sock").exists(),
+        node.dir.path().join("kubelet.sock").exists(),
         "the kubelet's socket is left alone"
     );
-    kubelet
+    node.kubelet
         .wait_for_list(|l| !l.connected, TIMEOUT)
         .await
         .unwrap();

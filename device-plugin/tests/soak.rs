@@ -10,9 +10,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Plugin, TIMEOUT, unit_ids};
-use nitrokey_e2e::kubelet::FakeKubelet;
-use nitrokey_e2e::usb::{Testbed, UsbDeviceSpec};
+use common::{Node, TIMEOUT, unit_ids};
+use nitrokey_e2e::usb::UsbDeviceSpec;
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -89,26 +88,19 @@ fn assert_no_growth(what: &str, before: Footprint, after: Footprint, cycles: u64
 async fn kubelet_restarts_keep_the_right_list_and_no_growth() {
     let cycles = env_number("NITROKEY_SOAK_CYCLES", 1000);
     let budget = Duration::from_secs(env_number("NITROKEY_SOAK_SECS", 25));
-    let testbed = Testbed::new().unwrap();
-    testbed.add_nitrokey_hsm("DENK0000001", 1, 2).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let plugin = Plugin::start(&testbed, dir.path(), &["--log-format", "json"]);
-    kubelet
-        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
-        .await
-        .unwrap();
+    let mut node = Node::start(&["DENK0000001"], &["--log-format", "json"]).await;
     let want = unit_ids(&["DENK0000001"], 2);
     let mut baseline = None;
     let started = Instant::now();
     let mut ran = 0;
     while ran < cycles && started.elapsed() < budget {
-        let restarted_at = kubelet.restart().await.unwrap();
-        kubelet
+        let restarted_at = node.kubelet.restart().await.unwrap();
+        node.kubelet
             .wait_for_registration_since(restarted_at, TIMEOUT)
             .await
-            .unwrap_or_else(|e| panic!("cycle {ran}: {e}\n{}", plugin.logs()));
-        let list = kubelet
+            .unwrap_or_else(|e| panic!("cycle {ran}: {e}\n{}", node.plugin.logs()));
+        let list = node
+            .kubelet
             .wait_for_list(
                 |l| l.connected && l.received_at > Some(restarted_at),
                 TIMEOUT,
@@ -120,7 +112,7 @@ async fn kubelet_restarts_keep_the_right_list_and_no_growth() {
         ran += 1;
         // Measure after a warm-up: first-use allocations are no growth.
         if ran == 20 {
-            baseline = Some(footprint(plugin.pid()));
+            baseline = Some(footprint(node.plugin.pid()));
         }
     }
     println!(
@@ -129,10 +121,10 @@ async fn kubelet_restarts_keep_the_right_list_and_no_growth() {
     );
     assert!(ran >= 50, "only {ran} restarts fit the budget");
     let before = baseline.expect("warm-up done");
-    let after = settled(plugin.pid(), before).await;
+    let after = settled(node.plugin.pid(), before).await;
     assert_no_growth("kubelet restarts", before, after, ran);
     assert_eq!(
-        plugin
+        node.plugin
             .metric("nitrokey_device_plugin_registrations_total{result=\"unreachable\"}")
             .await
             .unwrap_or(0.0),
@@ -141,13 +133,13 @@ async fn kubelet_restarts_keep_the_right_list_and_no_growth() {
     );
     // A kubelet deletes sockets by name after listing them; when that catches the plugin's
     // fresh socket, the plugin must serve and register once more. Rare, never a failure.
-    let registrations = kubelet.registration_count();
+    let registrations = node.kubelet.registration_count();
     println!(
         "registrations: {registrations} for {} kubelet starts",
         ran + 1
     );
     assert!(
-        kubelet.registrations().iter().all(|r| r.accepted),
+        node.kubelet.registrations().iter().all(|r| r.accepted),
         "every Register call was accepted"
     );
     assert!(registrations <= 2 * (ran as usize + 1));
@@ -157,13 +149,8 @@ async fn kubelet_restarts_keep_the_right_list_and_no_growth() {
 async fn replugs_keep_the_right_list_and_no_growth() {
     let cycles = env_number("NITROKEY_SOAK_CYCLES", 1000);
     let budget = Duration::from_secs(env_number("NITROKEY_SOAK_SECS", 25));
-    let testbed = Testbed::new().unwrap();
-    testbed.add_nitrokey_hsm("DENKSTAY0001", 1, 2).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let plugin = Plugin::start(
-        &testbed,
-        dir.path(),
+    let node = Node::start(
+        &["DENKSTAY0001"],
         &[
             "--grace-period",
             "1h",
@@ -172,11 +159,8 @@ async fn replugs_keep_the_right_list_and_no_growth() {
             "--on-replug",
             "none",
         ],
-    );
-    kubelet
-        .wait_for_devices(|d| d.len() == 2, TIMEOUT)
-        .await
-        .unwrap();
+    )
+    .await;
     let want = unit_ids(&["DENKSTAY0001", "DENKSWAP0001"], 2);
     let mut baseline = None;
     let started = Instant::now();
@@ -187,23 +171,25 @@ async fn replugs_keep_the_right_list_and_no_growth() {
         let spec = UsbDeviceSpec::nitrokey_hsm("DENKSWAP0001")
             .at(1, devnum)
             .port(2 + (ran % 2) as u8);
-        let stick = testbed.add(&spec).unwrap();
-        let list = kubelet
+        let stick = node.testbed.add(&spec).unwrap();
+        let list = node
+            .kubelet
             .wait_for_devices(
                 |d| d.len() == 4 && d.iter().all(|d| d.health == "Healthy"),
                 TIMEOUT,
             )
             .await
-            .unwrap_or_else(|e| panic!("cycle {ran}: {e}\n{}", plugin.logs()));
+            .unwrap_or_else(|e| panic!("cycle {ran}: {e}\n{}", node.plugin.logs()));
         assert_eq!(list.ids(), want, "cycle {ran}");
-        let allocated = kubelet.allocate(&["DENKSWAP0001-0"]).await.unwrap();
+        let allocated = node.kubelet.allocate(&["DENKSWAP0001-0"]).await.unwrap();
         assert_eq!(
             allocated.devices[0].host_path,
             spec.dev_path(),
             "cycle {ran}: Allocate hands out the current node"
         );
-        testbed.remove(&stick).unwrap();
-        let list = kubelet
+        node.testbed.remove(&stick).unwrap();
+        let list = node
+            .kubelet
             .wait_for_devices(
                 |d| d.iter().filter(|d| d.health == "Unhealthy").count() == 2,
                 TIMEOUT,
@@ -217,7 +203,7 @@ async fn replugs_keep_the_right_list_and_no_growth() {
         );
         ran += 1;
         if ran == 20 {
-            baseline = Some(footprint(plugin.pid()));
+            baseline = Some(footprint(node.plugin.pid()));
         }
     }
     println!(
@@ -226,6 +212,6 @@ async fn replugs_keep_the_right_list_and_no_growth() {
     );
     assert!(ran >= 50, "only {ran} cycles fit the budget");
     let before = baseline.expect("warm-up done");
-    let after = settled(plugin.pid(), before).await;
+    let after = settled(node.plugin.pid(), before).await;
     assert_no_growth("unplug/replug", before, after, ran);
 }

@@ -15,11 +15,13 @@
 //! - [`kube_api`]: a stand-in for the Kubernetes API server accepting Events, evictions (with
 //!   429 for a PodDisruptionBudget), Node label patches and Secrets (get, merge patch, create
 //!   with 409 when it exists), talked to by the real `kube` client.
-//! - [`softhsm`]: a SoftHSM2 token in a temporary directory, set up like a freshly initialised stick
-//!   (label `bank-vaults`, RSA-2048 key pair `bank-vaults`).
+//! - [`token`]: what every PKCS#11 token harness offers tests ([`token::Token`]): the module
+//!   and slot to point the program at, and set-up and inspection from outside it with OpenSC's
+//!   `pkcs11-tool` and `openssl`, so a test can run on either token below.
+//! - [`softhsm`]: a SoftHSM2 token in a temporary directory, set up like a freshly initialised
+//!   stick (label `bank-vaults`, RSA-2048 key pair `bank-vaults`).
 //! - [`tpm`]: a second real token, a software TPM behind the TPM2 PKCS#11 module, with the
-//!   traits SoftHSM2 lacks (sticky failed decrypts, OAEP-SHA256, shared serials, TPM restarts);
-//!   [`tpm::Token`] lets a test run on either token.
+//!   traits SoftHSM2 lacks (sticky failed decrypts, OAEP-SHA256, shared serials, TPM restarts).
 //! - [`openbao`]: a real OpenBao server (Vault's API) on 127.0.0.1, started sealed.
 //! - [`bins`]: where the workspace's own binaries were built.
 //!
@@ -32,5 +34,6 @@ pub mod kubelet;
 pub mod openbao;
 pub mod pod_resources;
 pub mod softhsm;
+pub mod token;
 pub mod tpm;
 pub mod usb;

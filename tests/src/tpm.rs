@@ -1,6 +1,6 @@
 //! A second, independent PKCS#11 token: a software TPM (`swtpm`) behind the TPM2 PKCS#11
-//! module (`libtpm2_pkcs11.so`), both from Debian packages, set up like a freshly initialised stick
-//! (token `bank-vaults`, the same user PIN as [`crate::softhsm`], RSA-2048 key pair
+//! module (`libtpm2_pkcs11.so`), both from Debian packages, set up like a freshly initialised
+//! stick (token `bank-vaults`, the same user PIN as [`crate::softhsm`], RSA-2048 key pair
 //! `bank-vaults`).
 //!
 //! SoftHSM2 is forgiving in ways a real stick is not; this token is not, and it shares several
@@ -11,245 +11,21 @@
 //! while `C_Login` fails with `CKR_GENERAL_ERROR` until the module is initialised again.
 //!
 //! Each [`Tpm`] runs its own `swtpm` on unix sockets in a temporary directory (no ports, no
-//! shared state) and is gone, process and files, when dropped. [`Token`] is the part of the
-//! API this harness shares with [`SoftHsm`], so a test can be written once for both.
+//! shared state) and is gone, process and files, when dropped. [`Tpm`] is a [`Token`], like
+//! [`crate::softhsm::SoftHsm`], so a test can be written once for both; this module adds only
+//! what a TPM alone has (extra slots, restarts, the swtpm process).
 
-use crate::softhsm::{KEY_LABEL, SO_PIN, SoftHsm, TOKEN_LABEL, USER_PIN, check};
+use crate::softhsm::{KEY_LABEL, SO_PIN, TOKEN_LABEL, USER_PIN, check};
+use crate::token::Token;
 use anyhow::{Context, bail};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 /// The serial number the TPM2 PKCS#11 module reports for every token.
 pub const TPM_SERIAL: &str = "0000000000000000";
-
-/// RSA decryption schemes a test may ask a token to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scheme {
-    /// RSA-OAEP with SHA-256 and MGF1-SHA256 (what this program prefers when the token can).
-    OaepSha256,
-    /// RSA-OAEP with SHA-1 and MGF1-SHA1 (Bank-Vaults ≥ v1.33).
-    OaepSha1,
-    /// RSA PKCS#1 v1.5 (Bank-Vaults before v1.33).
-    Pkcs1v15,
-}
-
-impl Scheme {
-    fn pkcs11_tool_args(self) -> &'static [&'static str] {
-        match self {
-            Scheme::OaepSha256 => &[
-                "-m",
-                "RSA-PKCS-OAEP",
-                "--hash-algorithm",
-                "SHA256",
-                "--mgf",
-                "MGF1-SHA256",
-            ],
-            Scheme::OaepSha1 => &[
-                "-m",
-                "RSA-PKCS-OAEP",
-                "--hash-algorithm",
-                "SHA-1",
-                "--mgf",
-                "MGF1-SHA1",
-            ],
-            Scheme::Pkcs1v15 => &["-m", "RSA-PKCS"],
-        }
-    }
-
-    fn openssl_args(self) -> &'static [&'static str] {
-        match self {
-            Scheme::OaepSha256 => &[
-                "-pkeyopt",
-                "rsa_padding_mode:oaep",
-                "-pkeyopt",
-                "rsa_oaep_md:sha256",
-                "-pkeyopt",
-                "rsa_mgf1_md:sha256",
-            ],
-            Scheme::OaepSha1 => &[
-                "-pkeyopt",
-                "rsa_padding_mode:oaep",
-                "-pkeyopt",
-                "rsa_oaep_md:sha1",
-                "-pkeyopt",
-                "rsa_mgf1_md:sha1",
-            ],
-            Scheme::Pkcs1v15 => &["-pkeyopt", "rsa_padding_mode:pkcs1"],
-        }
-    }
-}
-
-/// A unique file name in `dir` for one helper call (tests may share a token across threads).
-fn scratch(dir: &Path, what: &str) -> PathBuf {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    dir.join(format!(
-        "{what}-{}.bin",
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ))
-}
-
-/// A PKCS#11 token a test can point the program at and inspect with independent tools
-/// (OpenSC's `pkcs11-tool`, `openssl`).
-pub trait Token {
-    /// The PKCS#11 module the program under test loads.
-    fn module(&self) -> &Path;
-    /// The token's slot id, looked up after set-up.
-    fn slot_id(&self) -> u64;
-    /// Environment every process using this token needs.
-    fn env(&self) -> Vec<(String, String)>;
-    /// A temporary directory owned by the token, removed with it.
-    fn dir(&self) -> &Path;
-    /// A `pkcs11-tool` command bound to the token itself (not through any wrapper module).
-    fn pkcs11_tool(&self) -> Command;
-
-    /// Extra `pkcs11-tool --write-object` flags the token needs for a data object.
-    fn data_object_flags(&self) -> &'static [&'static str] {
-        &[]
-    }
-
-    /// Runs `pkcs11-tool` with `args` (logged in with the user PIN when `login`), returning
-    /// stdout; fails on a non-zero exit.
-    fn run_pkcs11_tool(&self, login: bool, args: &[&str]) -> anyhow::Result<String> {
-        let mut cmd = self.pkcs11_tool();
-        if login {
-            cmd.args(["--login", "--pin", USER_PIN]);
-        }
-        let out = cmd
-            .args(args)
-            .output()
-            .context("running pkcs11-tool (install opensc)")?;
-        check(&format!("pkcs11-tool {}", args.join(" ")), out)
-    }
-
-    /// `pkcs11-tool --list-objects --type data` as printed (labels, applications, flags).
-    fn data_listing(&self) -> anyhow::Result<String> {
-        self.run_pkcs11_tool(true, &["--list-objects", "--type", "data"])
-    }
-
-    /// Labels of the data objects, one entry per object (duplicates show twice).
-    fn data_labels(&self) -> anyhow::Result<Vec<String>> {
-        Ok(self
-            .data_listing()?
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("label:"))
-            .map(|l| l.trim().trim_matches('\'').to_owned())
-            .collect())
-    }
-
-    /// The raw CKA_VALUE of the data object labelled `label`.
-    fn read_data(&self, label: &str) -> anyhow::Result<Vec<u8>> {
-        let out = scratch(self.dir(), "read");
-        let path = out.display().to_string();
-        let args = [
-            "--read-object",
-            "--type",
-            "data",
-            "--label",
-            label,
-            "-o",
-            &path,
-        ];
-        self.run_pkcs11_tool(true, &args)?;
-        let bytes = std::fs::read(&out)?;
-        std::fs::remove_file(&out)?;
-        Ok(bytes)
-    }
-
-    /// Writes a data object as Bank-Vaults did: CKA_LABEL only, no header on the value.
-    fn write_data(&self, label: &str, value: &[u8]) -> anyhow::Result<()> {
-        let file = scratch(self.dir(), "write");
-        std::fs::write(&file, value)?;
-        let path = file.display().to_string();
-        let mut args = vec!["--write-object", &path, "--type", "data", "--label", label];
-        args.extend(self.data_object_flags());
-        let result = self.run_pkcs11_tool(true, &args);
-        std::fs::remove_file(&file)?;
-        result.map(|_| ())
-    }
-
-    /// Decrypts `ciphertext` on the token with `pkcs11-tool --decrypt`.
-    fn decrypt(&self, ciphertext: &[u8], scheme: Scheme) -> anyhow::Result<Vec<u8>> {
-        let input = scratch(self.dir(), "decrypt-in");
-        let output = scratch(self.dir(), "decrypt-out");
-        std::fs::write(&input, ciphertext)?;
-        let (i, o) = (input.display().to_string(), output.display().to_string());
-        let mut args = vec!["--decrypt", "--label", KEY_LABEL, "-i", &i, "-o", &o];
-        args.extend(scheme.pkcs11_tool_args());
-        let result = self.run_pkcs11_tool(true, &args);
-        let _ = std::fs::remove_file(&input);
-        result?;
-        let plain = std::fs::read(&output)?;
-        std::fs::remove_file(&output)?;
-        Ok(plain)
-    }
-
-    /// The key pair's public key as DER SubjectPublicKeyInfo, exported by `pkcs11-tool`.
-    fn public_key_der(&self) -> anyhow::Result<Vec<u8>> {
-        let out = scratch(self.dir(), "pub");
-        let path = out.display().to_string();
-        let args = [
-            "--read-object",
-            "--type",
-            "pubkey",
-            "--label",
-            KEY_LABEL,
-            "-o",
-            &path,
-        ];
-        self.run_pkcs11_tool(false, &args)?;
-        let der = std::fs::read(&out)?;
-        std::fs::remove_file(&out)?;
-        Ok(der)
-    }
-
-    /// Encrypts `plaintext` with the exported public key using `openssl pkeyutl`, giving the
-    /// bare ciphertext Bank-Vaults stored (no header).
-    fn encrypt_with_public_key(&self, plaintext: &[u8], scheme: Scheme) -> anyhow::Result<Vec<u8>> {
-        let der = scratch(self.dir(), "pub-der");
-        std::fs::write(&der, self.public_key_der()?)?;
-        let input = scratch(self.dir(), "enc-in");
-        let output = scratch(self.dir(), "enc-out");
-        std::fs::write(&input, plaintext)?;
-        let out = Command::new("openssl")
-            .args(["pkeyutl", "-encrypt", "-pubin", "-keyform", "DER", "-inkey"])
-            .arg(&der)
-            .arg("-in")
-            .arg(&input)
-            .arg("-out")
-            .arg(&output)
-            .args(scheme.openssl_args())
-            .output()
-            .context("running openssl");
-        let _ = std::fs::remove_file(&input);
-        let _ = std::fs::remove_file(&der);
-        check("openssl pkeyutl -encrypt", out?)?;
-        let ct = std::fs::read(&output)?;
-        std::fs::remove_file(&output)?;
-        Ok(ct)
-    }
-}
-
-impl Token for SoftHsm {
-    fn module(&self) -> &Path {
-        SoftHsm::module(self)
-    }
-    fn slot_id(&self) -> u64 {
-        SoftHsm::slot_id(self)
-    }
-    fn env(&self) -> Vec<(String, String)> {
-        SoftHsm::env(self)
-    }
-    fn dir(&self) -> &Path {
-        SoftHsm::dir(self)
-    }
-    fn pkcs11_tool(&self) -> Command {
-        SoftHsm::pkcs11_tool(self)
-    }
-}
 
 /// Finds the TPM2 PKCS#11 module: `TPM2_PKCS11_MODULE`, else the file Debian's
 /// `libtpm2-pkcs11-1` package installed (any architecture), else the usual multiarch paths.

@@ -21,6 +21,7 @@ use common::faults::{self, Trigger, Watched, is_event, poll};
 use common::proxy::{self, Seen, Tap};
 use nitrokey_e2e::openbao::{OpenBao, free_port, http};
 use nitrokey_e2e::softhsm::SoftHsm;
+use nitrokey_e2e::token::Token;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

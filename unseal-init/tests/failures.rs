@@ -9,6 +9,7 @@ use common::proxy::{self, Action};
 use common::*;
 use nitrokey_e2e::openbao::OpenBao;
 use nitrokey_e2e::softhsm::{SoftHsm, USER_PIN};
+use nitrokey_e2e::token::Token;
 use std::time::Duration;
 
 #[test]

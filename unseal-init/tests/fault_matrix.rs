@@ -22,6 +22,7 @@ use common::proxy;
 use common::write_config;
 use nitrokey_e2e::openbao::{OpenBao, free_port};
 use nitrokey_e2e::softhsm::SoftHsm;
+use nitrokey_e2e::token::Token;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::{Arc, Mutex};

@@ -5,7 +5,8 @@ mod common;
 
 use common::*;
 use nitrokey_e2e::openbao::OpenBao;
-use nitrokey_e2e::softhsm::{Padding, SoftHsm};
+use nitrokey_e2e::softhsm::SoftHsm;
+use nitrokey_e2e::token::{Scheme, Token};
 use std::time::Duration;
 
 fn hsm_cmd(hsm: &SoftHsm, config: &std::path::Path, args: &[&str]) -> Run {
@@ -59,7 +60,7 @@ fn info_keygen_list_and_delete_replace_the_pkcs11_tool_steps() {
 
     // A Bank-Vaults style duplicate (it never de-duplicated) plus a current value.
     let ct = hsm
-        .encrypt_with_public_key(b"vault-test", Padding::OaepSha1)
+        .encrypt_with_public_key(b"vault-test", Scheme::OaepSha1)
         .expect("enc");
     hsm.write_data("vault-test", &ct).expect("write");
     hsm.write_data("vault-test", &ct).expect("write");

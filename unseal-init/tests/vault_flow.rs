@@ -7,7 +7,8 @@ mod common;
 use common::*;
 use nitrokey_e2e::kube_api::KubeApi;
 use nitrokey_e2e::openbao::OpenBao;
-use nitrokey_e2e::softhsm::{Padding, USER_PIN};
+use nitrokey_e2e::softhsm::USER_PIN;
+use nitrokey_e2e::token::{Scheme, Token};
 use std::time::Duration;
 
 #[test]
@@ -205,20 +206,20 @@ fn bank_vaults_values_unseal_and_migrate_to_the_current_format() {
     // What Bank-Vaults left on a stick: bare ciphertext, OAEP-SHA1 (≥ v1.33) for some values
     // and PKCS#1 v1.5 (older) for others.
     for (i, key) in keys.iter().enumerate() {
-        let padding = if i % 2 == 0 {
-            Padding::OaepSha1
+        let scheme = if i % 2 == 0 {
+            Scheme::OaepSha1
         } else {
-            Padding::Pkcs1v15
+            Scheme::Pkcs1v15
         };
         let ct = hsm
-            .encrypt_with_public_key(key.as_bytes(), padding)
+            .encrypt_with_public_key(key.as_bytes(), scheme)
             .expect("encrypt");
         assert_eq!(ct.len(), 256);
         hsm.write_data(&format!("vault-unseal-{i}"), &ct)
             .expect("write");
     }
     let ct = hsm
-        .encrypt_with_public_key(root.as_bytes(), Padding::OaepSha1)
+        .encrypt_with_public_key(root.as_bytes(), Scheme::OaepSha1)
         .expect("encrypt");
     hsm.write_data("vault-root", &ct).expect("write");
 
@@ -298,7 +299,7 @@ fn hsm_k8s_mode_keeps_only_ciphertext_in_the_secret() {
     let root_ct = &data["vault-root"];
     assert_eq!(&root_ct[..3], b"NKV");
     let root = String::from_utf8(
-        hsm.decrypt(&root_ct[HEADER_LEN..], Padding::OaepSha1)
+        hsm.decrypt(&root_ct[HEADER_LEN..], Scheme::OaepSha1)
             .expect("decrypt"),
     )
     .expect("utf-8");
@@ -308,7 +309,7 @@ fn hsm_k8s_mode_keeps_only_ciphertext_in_the_secret() {
         .map(|i| {
             let ct = &data[&format!("vault-unseal-{i}")];
             String::from_utf8(
-                hsm.decrypt(&ct[HEADER_LEN..], Padding::OaepSha1)
+                hsm.decrypt(&ct[HEADER_LEN..], Scheme::OaepSha1)
                     .expect("dec"),
             )
             .expect("utf-8")

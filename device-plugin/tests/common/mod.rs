@@ -1,5 +1,10 @@
 //! Runs the real `device-plugin` binary as a child process inside a umockdev testbed, for the
 //! integration tests and the benchmark.
+//!
+//! [`Node`] is the usual scene (sticks, kubelet stand-in, plugin) in one value, so that its
+//! parts always go in the right order: the plugin and the kubelet stand-in stop before the
+//! directory holding their sockets is removed (or files are left behind in it), and the
+//! testbed goes last.
 
 #![allow(dead_code)]
 
@@ -9,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use nitrokey_e2e::usb::Testbed;
+use nitrokey_e2e::kubelet::FakeKubelet;
+use nitrokey_e2e::usb::{Testbed, UsbDevice};
 
 /// Patience for anything that should take milliseconds; generous for slow CI machines.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
@@ -198,4 +204,57 @@ pub fn unit_ids(sticks: &[&str], shares: u32) -> Vec<String> {
         .collect();
     ids.sort();
     ids
+}
+
+/// Units the plugin advertises per stick unless told otherwise (`--shares-per-device`).
+pub const DEFAULT_SHARES: u32 = 2;
+
+/// A node with sticks plugged in and the plugin registered with a kubelet stand-in.
+///
+/// Fields drop in declaration order: the plugin, then the kubelet stand-in, then the directory
+/// holding their sockets, then the testbed.
+pub struct Node {
+    /// The running plugin, serving in [`dir`](Self::dir).
+    pub plugin: Plugin,
+    /// The kubelet stand-in the plugin registered with.
+    pub kubelet: FakeKubelet,
+    /// The device-plugin directory (kubelet.sock and the plugin's socket).
+    pub dir: tempfile::TempDir,
+    /// The sticks plugged in at the start, in the order given (for [`Testbed::remove`]).
+    pub sticks: Vec<UsbDevice>,
+    /// The umockdev testbed the plugin runs in.
+    pub testbed: Testbed,
+}
+
+impl Node {
+    /// Plugs in `sticks` (serials) on bus 1 at device numbers 2, 3, ..., starts the kubelet
+    /// stand-in and the plugin with the extra `args`, and waits until the kubelet lists
+    /// [`DEFAULT_SHARES`] units per stick.
+    pub async fn start(sticks: &[&str], args: &[&str]) -> Node {
+        Self::start_with_shares(sticks, DEFAULT_SHARES, args).await
+    }
+
+    /// [`start`](Self::start) for a plugin advertising `shares` units per stick (as `args` ask).
+    pub async fn start_with_shares(sticks: &[&str], shares: u32, args: &[&str]) -> Node {
+        let testbed = Testbed::new().expect("umockdev testbed");
+        let sticks: Vec<UsbDevice> = (2..)
+            .zip(sticks)
+            .map(|(devnum, serial)| testbed.add_nitrokey_hsm(serial, 1, devnum).unwrap())
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+        let plugin = Plugin::start(&testbed, dir.path(), args);
+        let units = sticks.len() * shares as usize;
+        kubelet
+            .wait_for_devices(|d| d.len() == units, TIMEOUT)
+            .await
+            .unwrap();
+        Node {
+            plugin,
+            kubelet,
+            dir,
+            sticks,
+            testbed,
+        }
+    }
 }

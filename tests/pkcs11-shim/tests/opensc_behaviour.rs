@@ -3,6 +3,7 @@
 //! so every scenario is its own `pkcs11-tool` run.
 
 use nitrokey_e2e::softhsm::{SoftHsm, USER_PIN};
+use nitrokey_e2e::token::Token;
 use std::process::{Command, Output};
 
 fn pkcs11_tool(hsm: &SoftHsm, settings: &[(&str, &str)], args: &[&str]) -> Output {

@@ -10,6 +10,7 @@ use cryptoki::object::{Attribute, ObjectClass};
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 use nitrokey_e2e::softhsm::{KEY_LABEL, SoftHsm, USER_PIN};
+use nitrokey_e2e::token::Token;
 
 fn is_rv(result: &Result<Vec<u8>, Error>, rv: RvError) -> bool {
     matches!(result, Err(Error::Pkcs11(got, _)) if *got == rv)

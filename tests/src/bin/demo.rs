@@ -20,6 +20,7 @@ use nitrokey_e2e::bins;
 use nitrokey_e2e::kubelet::FakeKubelet;
 use nitrokey_e2e::openbao::{self, OpenBao};
 use nitrokey_e2e::softhsm::{self, SoftHsm};
+use nitrokey_e2e::token::Token;
 use nitrokey_e2e::usb::Testbed;
 use nitrokey_proto::v1beta1::Device;
 use tokio::io::{AsyncBufReadExt as _, BufReader};

@@ -7,7 +7,8 @@
 use super::proxy::{Seen, Tap};
 use super::{HEADER_LEN, command, journal_dir};
 use nitrokey_e2e::openbao::OpenBao;
-use nitrokey_e2e::softhsm::{Padding, SoftHsm};
+use nitrokey_e2e::softhsm::SoftHsm;
+use nitrokey_e2e::token::{Scheme, Token};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -513,7 +514,7 @@ pub fn decrypt_sealed(hsm: &SoftHsm, sealed: &[u8]) -> Result<String, String> {
         return Err(format!("unexpected format ({} bytes)", sealed.len()));
     }
     let plain = hsm
-        .decrypt(&sealed[HEADER_LEN..], Padding::OaepSha1)
+        .decrypt(&sealed[HEADER_LEN..], Scheme::OaepSha1)
         .map_err(|e| format!("decrypt: {e:#}"))?;
     String::from_utf8(plain).map_err(|_| "not UTF-8".to_owned())
 }

@@ -9,7 +9,8 @@ pub mod proxy;
 pub mod stick;
 
 use nitrokey_e2e::openbao::OpenBao;
-use nitrokey_e2e::softhsm::{Padding, SoftHsm, USER_PIN};
+use nitrokey_e2e::softhsm::{SoftHsm, USER_PIN};
+use nitrokey_e2e::token::{Scheme, Token};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -47,7 +48,7 @@ pub fn write_config(dir: &Path, hsm: &SoftHsm, vault: &str, extra: &str) -> Path
 
 /// The program under test with the token's environment (SoftHSM2, the TPM token or the shim),
 /// output captured.
-pub fn command(token: &dyn nitrokey_e2e::tpm::Token) -> Command {
+pub fn command(token: &dyn Token) -> Command {
     let mut cmd = Command::new(stick::program());
     cmd.envs(token.env())
         .env("RUST_LOG", "info")
@@ -122,7 +123,7 @@ pub fn decrypt_stored(hsm: &SoftHsm, label: &str) -> String {
         "{label} has an unexpected length"
     );
     let plain = hsm
-        .decrypt(&raw[HEADER_LEN..], Padding::OaepSha1)
+        .decrypt(&raw[HEADER_LEN..], Scheme::OaepSha1)
         .expect("pkcs11-tool decrypt");
     String::from_utf8(plain).expect("utf-8")
 }

@@ -6,7 +6,7 @@
 use super::{HEADER_LEN, Run, wait};
 use nitrokey_e2e::openbao::OpenBao;
 use nitrokey_e2e::softhsm::{SoftHsm, USER_PIN};
-use nitrokey_e2e::tpm::{Scheme, Token};
+use nitrokey_e2e::token::{Scheme, Token};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::OnceLock;
