@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The project's test command: installs what it needs, then checks formatting, lints, and runs
-# every test (unit tests, the device plugin against emulated USB and a kubelet stand-in,
-# unseal-init against SoftHSM2, a software TPM and a real OpenBao server, the manifests, the
-# image's root filesystems). Ends with one line, `tests: N passed, N failed`, and exits non-zero
-# if anything failed, a lint or a test left files behind included.
+# The project's test command: installs what it needs, then checks formatting, lints and the API
+# docs, and runs every test (unit tests, the device plugin against emulated USB and a kubelet
+# stand-in, unseal-init against SoftHSM2, a software TPM and a real OpenBao server, the
+# manifests, the image's root filesystems). Ends with one line, `tests: N passed, N failed`,
+# and exits non-zero if anything failed, a lint or a test left files behind included.
 set -euo pipefail
 # shellcheck source=scripts/env.sh
 source "$(dirname "$0")/env.sh"
@@ -25,6 +25,8 @@ step "cargo fmt --check"
 cargo fmt --all -- --check || failed_checks=$((failed_checks + 1))
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings || failed_checks=$((failed_checks + 1))
+step "cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet || failed_checks=$((failed_checks + 1))
 step "cargo test"
 status=0
 host="$(rustc -vV | sed -n 's/^host: //p' | tr 'a-z-' 'A-Z_')"

@@ -74,8 +74,8 @@ pub struct Cli {
     )]
     pub resource_name: Option<String>,
 
-    /// USB device to advertise, VENDOR:PRODUCT[:SERIAL] in hex (repeatable; in the environment,
-    /// comma-separated). Replaces the file's `devices` [default: 20a0:4230].
+    /// USB device to advertise, VENDOR:PRODUCT or VENDOR:PRODUCT:SERIAL in hex (repeatable;
+    /// in the environment, comma-separated). Replaces the file's `devices` [default: 20a0:4230].
     #[arg(
         long = "device",
         value_name = "VENDOR:PRODUCT[:SERIAL]",
@@ -147,7 +147,7 @@ pub struct Cli {
     )]
     pub nfd_features_dir: Option<PathBuf>,
 
-    /// Also name each allocated stick as a CDI device (nitrokey.com/hsm=<stick>) and keep the
+    /// Also name each allocated stick as a CDI device (nitrokey.com/hsm=STICK) and keep the
     /// matching CDI spec in cdiSpecDir [default: false].
     #[arg(long, value_name = "BOOL", env = "NITROKEY_DEVICE_PLUGIN_CDI",
           num_args = 0..=1, default_missing_value = "true")]

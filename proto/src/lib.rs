@@ -3,18 +3,29 @@
 //! # Layout
 //!
 //! `deviceplugin/v1beta1/api.proto` and `podresources/v1/api.proto` are the wire contracts,
-//! field for field the published kubelet APIs. `build.rs` turns it into Rust at build time; this crate only re-exports the result and
-//! the constants both sides of the protocol agree on, so the device plugin and the kubelet
-//! stand-in used by the tests share one definition.
+//! field for field the published kubelet APIs. `build.rs` turns them into Rust at build time;
+//! this crate only re-exports the result and the constants both sides of the protocol agree
+//! on, so the device plugin and the kubelet stand-in used by the tests share one definition.
 
 /// Generated messages, clients (`*_client`) and servers (`*_server`) of package `v1beta1`.
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
+/// (The upstream comments write paths as `<dir>/kubelet.sock`, which rustdoc takes for HTML.)
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    rustdoc::invalid_html_tags
+)]
 pub mod v1beta1 {
     tonic::include_proto!("v1beta1");
 }
 
 /// Generated messages, client and server of the pod-resources API, package `v1`.
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    rustdoc::invalid_html_tags
+)]
 pub mod podresources_v1 {
     tonic::include_proto!("v1");
 }

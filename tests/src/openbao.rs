@@ -144,8 +144,8 @@ impl OpenBao {
         Self::start_raft("node1")
     }
 
-    /// Starts a raft node (`node_id`); initialise one as leader, [`OpenBao::raft_join`]
-    /// or let the program under test join the others.
+    /// Starts a raft node (`node_id`); initialise one as leader and let the program under test
+    /// join the others to it.
     pub fn start_raft(node_id: &str) -> anyhow::Result<Self> {
         Self::start_with(Storage::Raft {
             node_id: node_id.to_owned(),
