@@ -127,13 +127,7 @@ async fn soak(cycles: u64) {
             .await
             .unwrap();
         node.testbed.remove(&stick).unwrap();
-        node.kubelet
-            .wait_for_devices(
-                |d| d.iter().filter(|d| d.health == "Unhealthy").count() == 2,
-                TIMEOUT,
-            )
-            .await
-            .unwrap();
+        node.kubelet.wait_for_unhealthy(2, TIMEOUT).await.unwrap();
         replugs.push(start.elapsed());
     }
     summary("soak: plug + unplug cycle -> right lists", &mut replugs);

@@ -86,13 +86,7 @@ async fn allocate_valid_unknown_and_unhealthy_ids() {
 
     // Unhealthy: unplugged stick within its grace period.
     node.testbed.remove(&node.sticks[1]).unwrap();
-    node.kubelet
-        .wait_for_devices(
-            |d| d.iter().filter(|d| d.health == "Unhealthy").count() == 2,
-            TIMEOUT,
-        )
-        .await
-        .unwrap();
+    node.kubelet.wait_for_unhealthy(2, TIMEOUT).await.unwrap();
     let status = node
         .kubelet
         .allocate(&["DENK0000002-0"])

@@ -45,13 +45,7 @@ async fn add_and_remove_at_runtime() {
 
     testbed.remove(&first).unwrap();
     let removed_at = Instant::now();
-    let list = kubelet
-        .wait_for_devices(
-            |d| d.iter().filter(|d| d.health == "Unhealthy").count() == 2,
-            TIMEOUT,
-        )
-        .await
-        .unwrap();
+    let list = kubelet.wait_for_unhealthy(2, TIMEOUT).await.unwrap();
     assert_eq!(list.unhealthy_ids(), unit_ids(&["DENK0000001"], 2));
     assert_eq!(list.healthy_ids(), unit_ids(&["DENK0000002"], 2));
     assert_eq!(
@@ -146,14 +140,7 @@ async fn rescan_fallback_notices_changes() {
         .await
         .unwrap();
     node.testbed.remove(&node.sticks[0]).unwrap();
-    let list = node
-        .kubelet
-        .wait_for_devices(
-            |d| d.iter().filter(|d| d.health == "Unhealthy").count() == 2,
-            TIMEOUT,
-        )
-        .await
-        .unwrap();
+    let list = node.kubelet.wait_for_unhealthy(2, TIMEOUT).await.unwrap();
     assert_eq!(list.unhealthy_ids(), unit_ids(&["DENK0000001"], 2));
 }
 

@@ -82,13 +82,7 @@ async fn replug(s: &Scene) {
     s.testbed
         .remove(&nitrokey_e2e::usb::UsbDevice { spec: stick })
         .unwrap();
-    s.kubelet
-        .wait_for_devices(
-            |d| d.iter().filter(|d| d.health == "Unhealthy").count() == 2,
-            TIMEOUT,
-        )
-        .await
-        .unwrap();
+    s.kubelet.wait_for_unhealthy(2, TIMEOUT).await.unwrap();
     s.testbed
         .add(&UsbDeviceSpec::nitrokey_hsm("DENK01234567").at(1, 7).port(1))
         .unwrap();

@@ -190,10 +190,7 @@ async fn replugs_keep_the_right_list_and_no_growth() {
         node.testbed.remove(&stick).unwrap();
         let list = node
             .kubelet
-            .wait_for_devices(
-                |d| d.iter().filter(|d| d.health == "Unhealthy").count() == 2,
-                TIMEOUT,
-            )
+            .wait_for_unhealthy(2, TIMEOUT)
             .await
             .unwrap_or_else(|e| panic!("cycle {ran}: {e}"));
         assert_eq!(

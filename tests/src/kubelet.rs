@@ -557,6 +557,20 @@ impl FakeKubelet {
             .await
     }
 
+    /// Waits until exactly `n` listed units are `Unhealthy` (an unplugged stick's units within
+    /// their grace period), and returns that list.
+    pub async fn wait_for_unhealthy(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<DeviceList> {
+        self.wait_for_devices(
+            |d| d.iter().filter(|d| d.health == "Unhealthy").count() == n,
+            timeout,
+        )
+        .await
+    }
+
     /// Waits until the device list (with its metadata) satisfies `predicate`.
     pub async fn wait_for_list<F>(
         &self,
