@@ -428,35 +428,23 @@ mod wrap {
         };
     }
 
-    /// Session calls that only need the card to be present.
-    macro_rules! session_calls {
-        ($($name:ident ( $($arg:ident : $ty:ty),* );)*) => {$(
-            pub(super) unsafe extern "C" fn $name(session: CK_SESSION_HANDLE $(, $arg: $ty)*) -> CK_RV {
+    /// Calls on a `$handle` (a session or a slot) that are forwarded once `$gate` lets them
+    /// through: `session_gate` needs only the card present, `token_gate` a token in the slot.
+    macro_rules! gated_calls {
+        ($handle:ident: $hty:ty, $gate:ident; $($name:ident ( $($arg:ident : $ty:ty),* );)*) => {$(
+            pub(super) unsafe extern "C" fn $name($handle: $hty $(, $arg: $ty)*) -> CK_RV {
                 guarded(|shim| {
-                    if let Some(rv) = shim.session_gate() {
+                    if let Some(rv) = shim.$gate() {
                         return rv;
                     }
-                    forward!(shim, $name(session $(, $arg)*))
+                    forward!(shim, $name($handle $(, $arg)*))
                 })
             }
         )*};
     }
 
-    /// Slot calls that need a token in the slot.
-    macro_rules! token_calls {
-        ($($name:ident ( $($arg:ident : $ty:ty),* );)*) => {$(
-            pub(super) unsafe extern "C" fn $name(slot: CK_SLOT_ID $(, $arg: $ty)*) -> CK_RV {
-                guarded(|shim| {
-                    if let Some(rv) = shim.token_gate() {
-                        return rv;
-                    }
-                    forward!(shim, $name(slot $(, $arg)*))
-                })
-            }
-        )*};
-    }
-
-    session_calls! {
+    gated_calls! {
+        session: CK_SESSION_HANDLE, session_gate;
         C_GetSessionInfo(info: *mut CK_SESSION_INFO);
         C_InitPIN(pin: *mut CK_UTF8CHAR, len: CK_ULONG);
         C_Login(user: CK_USER_TYPE, pin: *mut CK_UTF8CHAR, len: CK_ULONG);
@@ -472,7 +460,8 @@ mod wrap {
         C_GenerateRandom(out: *mut CK_BYTE, len: CK_ULONG);
     }
 
-    token_calls! {
+    gated_calls! {
+        slot: CK_SLOT_ID, token_gate;
         C_GetMechanismList(list: *mut CK_MECHANISM_TYPE, count: *mut CK_ULONG);
         C_GetMechanismInfo(mechanism: CK_MECHANISM_TYPE, info: *mut CK_MECHANISM_INFO);
         C_InitToken(pin: *mut CK_UTF8CHAR, len: CK_ULONG, label: *mut CK_UTF8CHAR);
