@@ -3,9 +3,12 @@
 
 use serde::de::DeserializeOwned;
 
-/// Parses YAML into `T`; errors name the field (`devices[0].product`), line and column, and
-/// never quote the text.
-pub fn parse<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+/// Parses YAML into `T`; an empty (or blank) file is `T`'s defaults. Errors name the field
+/// (`devices[0].product`), line and column, and never quote the text.
+pub fn parse<T: DeserializeOwned + Default>(text: &str) -> Result<T, String> {
+    if text.trim().is_empty() {
+        return Ok(T::default());
+    }
     // The parser's snippet would show the lines around the error: possibly the PIN.
     let options = serde_saphyr::options! { with_snippet: false };
     let mut field = None;
@@ -26,7 +29,7 @@ mod tests {
     use super::*;
     use serde::Deserialize;
 
-    #[derive(Debug, Deserialize, PartialEq)]
+    #[derive(Debug, Default, Deserialize, PartialEq)]
     #[serde(rename_all = "camelCase", deny_unknown_fields)]
     struct File {
         hsm: Hsm,
@@ -34,14 +37,14 @@ mod tests {
         devices: Vec<Device>,
     }
 
-    #[derive(Debug, Deserialize, PartialEq)]
+    #[derive(Debug, Default, Deserialize, PartialEq)]
     #[serde(rename_all = "camelCase", deny_unknown_fields)]
     struct Hsm {
         pin: String,
         slot_id: Option<u64>,
     }
 
-    #[derive(Debug, Deserialize, PartialEq)]
+    #[derive(Debug, Default, Deserialize, PartialEq)]
     #[serde(deny_unknown_fields)]
     struct Device {
         product: u16,
@@ -56,6 +59,13 @@ mod tests {
         assert_eq!(file.hsm.slot_id, Some(0));
         assert_eq!(file.hsm.pin, "1234");
         assert_eq!(file.devices, vec![Device { product: 7 }]);
+    }
+
+    #[test]
+    fn a_blank_file_is_all_defaults() {
+        for text in ["", "  \n\n"] {
+            assert_eq!(parse::<File>(text).expect("blank"), File::default());
+        }
     }
 
     #[test]

@@ -457,9 +457,6 @@ pub struct FileConfig {
 impl FileConfig {
     /// Parses the YAML text of a configuration file. An empty file is all defaults.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        if text.trim().is_empty() {
-            return Ok(Self::default());
-        }
         nitrokey_common::yaml::parse(text).map_err(ConfigError::Yaml)
     }
 

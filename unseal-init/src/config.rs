@@ -273,9 +273,6 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 
 /// Parses configuration text; the error names the field and position.
 pub fn parse_file(text: &str) -> Result<FileConfig, String> {
-    if text.trim().is_empty() {
-        return Ok(FileConfig::default());
-    }
     nitrokey_common::yaml::parse(text)
 }
 
