@@ -108,7 +108,7 @@ fi
 
 step "7. device plugin"
 "${kubectl[@]}" apply -k "$repo_root/deploy/base/device-plugin" >/dev/null
-"${kubectl[@]}" -n kube-system rollout status daemonset/nitrokey-device-plugin --timeout=180s
+"${kubectl[@]}" -n nitrokey-system rollout status daemonset/nitrokey-device-plugin --timeout=180s
 node="$("${kubectl[@]}" get nodes -o jsonpath='{.items[0].metadata.name}')"
 capacity=""
 for _ in $(seq 1 30); do
@@ -116,7 +116,7 @@ for _ in $(seq 1 30); do
   [ -n "$capacity" ] && [ "$capacity" != 0 ] && break
   sleep 2
 done
-{ [ -n "$capacity" ] && [ "$capacity" != 0 ]; } || die "node $node advertises no nitrokey.com/hsm; see: kubectl -n kube-system logs ds/nitrokey-device-plugin"
+{ [ -n "$capacity" ] && [ "$capacity" != 0 ]; } || die "node $node advertises no nitrokey.com/hsm; see: kubectl -n nitrokey-system logs ds/nitrokey-device-plugin"
 ok "node $node: nitrokey.com/hsm allocatable = $capacity"
 
 step "8. Vault example (namespace vault)"

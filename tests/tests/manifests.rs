@@ -31,6 +31,13 @@ const UNSEAL_INIT_PORT: i32 = 9091;
 const VAULT_PORT: i32 = 8200;
 const VAULT_CLUSTER_PORT: i32 = 8201;
 const PLUGIN_DIR: &str = "/var/lib/kubelet/device-plugins";
+/// Where kubelets keep their directory: the upstream default, and microk8s'.
+const KUBELET_ROOTS: [&str; 2] = [
+    "/var/lib/kubelet",
+    "/var/snap/microk8s/common/var/lib/kubelet",
+];
+/// The device plugin's own namespace, in kustomize and Helm alike.
+const PLUGIN_NAMESPACE: &str = "nitrokey-system";
 const OPENSC_MODULE: &str = "/usr/lib/opensc-pkcs11.so";
 /// The oldest Kubernetes every shipped manifest must be valid on.
 const MIN_KUBERNETES: &str = "1.26";
@@ -730,9 +737,13 @@ fn check_device_plugin(origin: &str, objects: &[Value]) {
             let config = device_plugin_config(config_text(cm, &file), &format!("{at} {file}"));
             assert_eq!(config.resource_name, RESOURCE, "{at}: resourceName");
             assert!(
-                host_path_of(&config.plugin_dir.display().to_string())
-                    .is_some_and(|(host, _)| host == PLUGIN_DIR),
-                "{at}: pluginDir {} is not the kubelet's {PLUGIN_DIR}",
+                host_path_of(&config.plugin_dir.display().to_string()).is_some_and(|(host, _)| {
+                    KUBELET_ROOTS
+                        .iter()
+                        .any(|root| host == format!("{root}/device-plugins"))
+                }),
+                "{at}: pluginDir {} is not mounted from a kubelet's device-plugins directory \
+                 ({KUBELET_ROOTS:?})",
                 config.plugin_dir.display()
             );
             // Probes reach the port the program serves them on.
@@ -1651,7 +1662,7 @@ fn helm_chart_renders_into_the_same_valid_objects() {
     let openbao = serde_json::json!({"vault": {"enabled": true, "flavor": "openbao",
         "image": {"repository": "quay.io/openbao/openbao", "tag": "2.7.2"}}});
     let cases = [
-        ("defaults", serde_json::json!({}), "kube-system", 1, 0),
+        ("defaults", serde_json::json!({}), "vault", 1, 0),
         (
             "native sidecar, cert-manager",
             serde_json::json!({"vault": {"enabled": true, "tls": {"certManager": {"enabled": true}}},
@@ -1683,29 +1694,99 @@ fn helm_chart_renders_into_the_same_valid_objects() {
         let count = |kind: &str| objects.iter().filter(|o| o["kind"] == kind).count();
         assert_eq!(count("DaemonSet"), daemonsets, "{origin}");
         assert_eq!(count("StatefulSet"), statefulsets, "{origin}");
-        // Cluster-scoped objects have no namespace; everything else lives in the release's.
+        // Cluster-scoped objects have no namespace; the device plugin's live in its own
+        // namespace (created by the chart, labelled for the Pod Security level it needs), the
+        // rest in the release's.
         let cluster_scoped = ["ClusterRole", "ClusterRoleBinding", "Namespace"];
         for o in objects
             .iter()
             .filter(|o| !cluster_scoped.iter().any(|k| o["kind"] == *k))
         {
+            let plugin = o["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with("-device-plugin"));
+            let expected = if plugin { PLUGIN_NAMESPACE } else { namespace };
             assert_eq!(
-                o["metadata"]["namespace"], namespace,
-                "{origin}: {} in the release namespace",
+                o["metadata"]["namespace"], expected,
+                "{origin}: {} in namespace {expected}",
                 o["metadata"]["name"]
+            );
+        }
+        let namespaces: Vec<&Value> = objects
+            .iter()
+            .filter(|o| o["kind"] == "Namespace")
+            .collect();
+        assert_eq!(
+            namespaces.len(),
+            daemonsets,
+            "{origin}: the plugin's namespace"
+        );
+        for ns in namespaces {
+            assert_eq!(ns["metadata"]["name"], PLUGIN_NAMESPACE, "{origin}");
+            assert_eq!(
+                ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged",
+                "{origin}: the plugin's namespace admits host network and host paths"
             );
         }
     }
     // Values reach the rendered configs.
     let custom = serde_json::json!({"devicePlugin": {"resourceName": "example.com/hsm", "sharesPerDevice": 3,
         "devices": [{"vendor": "0x20a0", "product": "0x4230", "serial": "DENK01234567"}]}});
-    let objects = helm_render(&custom, "kube-system");
+    let objects = helm_render(&custom, "vault");
     let cm: Vec<ConfigMap> = of_kind(&objects, "ConfigMap");
     let config: Value =
         serde_saphyr::from_str(&cm[0].data.as_ref().expect("data")["config.yaml"]).expect("config");
     assert_eq!(config["resourceName"], "example.com/hsm");
     assert_eq!(config["sharesPerDevice"], 3);
     assert_eq!(config["devices"][0]["serial"], "DENK01234567");
+}
+
+/// The host paths of the device plugin's DaemonSet that lie under the kubelet's directory.
+fn kubelet_host_paths(objects: &[Value]) -> Vec<String> {
+    objects
+        .iter()
+        .filter(|o| o["kind"] == "DaemonSet")
+        .flat_map(|d| {
+            d["spec"]["template"]["spec"]["volumes"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|v| v["hostPath"]["path"].as_str().map(str::to_owned))
+        .filter(|p| p.contains("/kubelet/"))
+        .collect()
+}
+
+/// microk8s keeps the kubelet's directory elsewhere: the overlay (kustomize) and
+/// `devicePlugin.kubeletRootDir` (Helm) move every host path under it, and only those.
+#[test]
+fn kubelet_directory_follows_the_distribution() {
+    const MICROK8S: &str = "/var/snap/microk8s/common/var/lib/kubelet";
+    let expected = |root: &str| {
+        vec![
+            format!("{root}/device-plugins"),
+            format!("{root}/pod-resources"),
+        ]
+    };
+    let mut base = kubelet_host_paths(&kustomize(&repo().join("deploy/base/device-plugin")));
+    base.sort();
+    assert_eq!(base, expected("/var/lib/kubelet"));
+    let mut micro = kubelet_host_paths(&kustomize(
+        &repo().join("deploy/overlays/device-plugin-microk8s"),
+    ));
+    micro.sort();
+    assert_eq!(micro, expected(MICROK8S));
+    for (root, values) in [
+        ("/var/lib/kubelet", serde_json::json!({})),
+        (
+            MICROK8S,
+            serde_json::json!({"devicePlugin": {"kubeletRootDir": format!("{MICROK8S}/")}}),
+        ),
+    ] {
+        let mut paths = kubelet_host_paths(&helm_render(&values, "vault"));
+        paths.sort();
+        assert_eq!(paths, expected(root), "Helm with {values}");
+    }
 }
 
 #[test]

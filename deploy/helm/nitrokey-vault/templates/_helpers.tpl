@@ -14,3 +14,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
+
+{{- /* The device plugin's namespace: its own, not the release's (see values.yaml). */ -}}
+{{- define "nitrokey-vault.devicePluginNamespace" -}}
+{{ .Values.devicePlugin.namespace.name | default .Release.Namespace }}
+{{- end -}}
