@@ -1741,6 +1741,37 @@ fn helm_chart_renders_into_the_same_valid_objects() {
     assert_eq!(config["devices"][0]["serial"], "DENK01234567");
 }
 
+/// The Secret holding the unseal keys' ciphertexts is never pruned or deleted by a GitOps
+/// tool or Helm: the annotations each tool reads for that (Argo CD's sync options, Flux's
+/// prune switch, Helm's resource policy) are on every rendering that ships it.
+#[test]
+fn the_unseal_key_secret_is_kept_by_gitops_tools() {
+    let mut seen = 0;
+    for (dir, objects) in rendered() {
+        for secret in objects
+            .iter()
+            .filter(|o| o["kind"] == "Secret" && o["metadata"]["name"] == "vault-unseal-keys")
+        {
+            seen += 1;
+            let annotations = &secret["metadata"]["annotations"];
+            for (key, value) in [
+                (
+                    "argocd.argoproj.io/sync-options",
+                    "Prune=false,Delete=false",
+                ),
+                ("kustomize.toolkit.fluxcd.io/prune", "disabled"),
+                ("helm.sh/resource-policy", "keep"),
+            ] {
+                assert_eq!(
+                    annotations[key], value,
+                    "{dir}: Secret vault-unseal-keys {key}"
+                );
+            }
+        }
+    }
+    assert!(seen > 0, "some overlay ships the Secret (vault-ha)");
+}
+
 /// The host paths of the device plugin's DaemonSet that lie under the kubelet's directory.
 fn kubelet_host_paths(objects: &[Value]) -> Vec<String> {
     objects
