@@ -20,6 +20,8 @@ pub const ADDRESS: &str = "http://127.0.0.1:8200";
 pub struct MemoryVault {
     state: Mutex<State>,
     calls: Mutex<BTreeMap<&'static str, usize>>,
+    /// Runs inside `sys/init`, before it answers: what a test checks while it is in flight.
+    during_init: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 #[derive(Default)]
@@ -35,6 +37,11 @@ struct State {
     unreachable: bool,
     /// How many keys `sys/init` answers with, when fewer than it issued.
     init_answers: Option<usize>,
+    /// How many keys `sys/init` issues whatever was asked (a misbehaving Vault).
+    init_issues: Option<usize>,
+    /// `sys/init` initialises, then its connection breaks before the answer (as a Vault
+    /// stopped mid-request does: OpenBao finishes initialising after dropping the request).
+    init_dropped: bool,
 }
 
 impl State {
@@ -87,6 +94,24 @@ impl MemoryVault {
         Self {
             state: Mutex::new(State::default()),
             calls: Mutex::new(BTreeMap::new()),
+            during_init: Mutex::new(None),
+        }
+    }
+
+    /// Makes `sys/init` issue `keys` keys whatever `secret_shares` asked for.
+    pub fn issue_keys_on_init(&self, keys: usize) {
+        self.with(|s| s.init_issues = Some(keys));
+    }
+
+    /// Makes `sys/init` initialise and then lose its answer with a broken connection.
+    pub fn drop_init_answer(&self) {
+        self.with(|s| s.init_dropped = true);
+    }
+
+    /// Runs `f` while `sys/init` is in flight (before Vault initialises).
+    pub fn during_init(&self, f: impl FnOnce() + Send + 'static) {
+        if let Ok(mut d) = self.during_init.lock() {
+            *d = Some(Box::new(f));
         }
     }
 
@@ -157,7 +182,10 @@ impl MemoryVault {
 
     fn do_init(&self, shares: u8, threshold: u8) -> Result<InitResult, VaultError> {
         self.enter("init")?;
-        self.with(|s| {
+        if let Some(f) = self.during_init.lock().ok().and_then(|mut d| d.take()) {
+            f();
+        }
+        let result = self.with(|s| {
             if s.initialized {
                 return Err(status_error("sys/init", "Vault is already initialized"));
             }
@@ -167,8 +195,9 @@ impl MemoryVault {
                     "invalid seal configuration: threshold must be between 1 and shares",
                 ));
             }
-            let mut keys: Vec<String> = Vec::with_capacity(usize::from(shares));
-            while keys.len() < usize::from(shares) {
+            let issued = s.init_issues.unwrap_or(usize::from(shares));
+            let mut keys: Vec<String> = Vec::with_capacity(issued);
+            while keys.len() < issued {
                 let key = random_key();
                 if !keys.contains(&key) {
                     keys.push(key);
@@ -188,7 +217,16 @@ impl MemoryVault {
                     .collect(),
                 root_token: Secret::from(s.root_token.as_str()),
             })
-        })
+        })?;
+        if self.with(|s| s.init_dropped) {
+            return Err(VaultError::Interrupted {
+                endpoint: "sys/init",
+                address: ADDRESS.to_owned(),
+                reason: "error sending request: connection closed before message completed"
+                    .to_owned(),
+            });
+        }
+        Ok(result)
     }
 
     fn do_unseal(&self, key: &Secret) -> Result<SealStatus, VaultError> {

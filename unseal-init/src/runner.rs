@@ -4,7 +4,12 @@
 //!
 //! - `sys/init`'s keys are sealed on the host and written to the [`journal`] before anything
 //!   else, stored and verified one by one, and the journal is removed only after the last;
-//!   every pass first finishes a journal it finds.
+//!   every pass first finishes a journal it finds — once Vault answers and shows it is the
+//!   journal's Vault, and never over a value the init did not find in the store.
+//! - From before `sys/init` is sent until its answer is journalled, the in-flight marker
+//!   holds Vault's container in its `preStop` hook, and `/healthz` counts the wait as alive.
+//! - A `sys/init` whose connection broke after it was sent is reported as lost keys, never
+//!   as success.
 //! - Nothing is unsealed before every key is stored.
 //! - A pass with Vault unsealed touches neither the token nor the Kubernetes API.
 
@@ -12,7 +17,7 @@ use crate::config::{Config, Mode};
 use crate::hsm::HsmError;
 use crate::hsm::PinFailure;
 use crate::hsm_actor::HsmHandle;
-use crate::journal::{self, EntryAction, Journal, JournalError};
+use crate::journal::{self, Belongs, EntryAction, Journal, JournalError};
 use crate::keypair;
 use crate::keyring::{Keyring, KeyringError, PreflightOutcome, ROOT_KEY, TEST_KEY};
 use crate::secret::Secret;
@@ -80,8 +85,38 @@ pub enum PassError {
         cause: KeyringError,
     },
     /// `sys/init` answered with something that cannot be kept whole.
-    #[error("not all of Vault's sys/init answer could be kept: {0}")]
+    #[error("Vault's sys/init answer does not match the request: {0}")]
     InitAnswer(String),
+    /// `sys/init` was sent and its connection broke before the answer arrived.
+    #[error(
+        "Vault may have initialised; its keys are lost: sys/init was sent but no answer arrived ({cause}). {now}. Vault hands its keys out only in that answer, so nothing can recover them. What to do: check `vault status` once Vault is back; if it reports Initialized true, nobody holds its keys and it can never be unsealed: stop it, delete its data (the raft directory on its volume) and start it again so that unseal-init initialises it afresh; if it reports Initialized false, start unseal-init again and it initialises Vault"
+    )]
+    InitLost {
+        /// The transport failure.
+        cause: String,
+        /// What Vault reported right after.
+        now: String,
+    },
+    /// The init journal was written for another Vault.
+    #[error(
+        "the init journal {journal} does not belong to this Vault: {why}. It is kept untouched and nothing was stored from it. If it is this Vault under another address, set vault.address back to the journal's; otherwise move the file away (it holds the other Vault's keys, encrypted)"
+    )]
+    JournalForeign {
+        /// The journal.
+        journal: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// Finishing the journal would overwrite a value someone stored after the init.
+    #[error(
+        "the store holds a different `{name}` than the one found when Vault was initialised; refusing to overwrite it with the init journal {journal}'s value (both are kept: compare them, e.g. with `unseal-init hsm list`, before removing either)"
+    )]
+    JournalConflict {
+        /// The name.
+        name: String,
+        /// The journal.
+        journal: PathBuf,
+    },
     /// The key pair cannot encrypt an unseal key: initialising would lose them.
     #[error(
         "refusing to initialise Vault: the {bits}-bit HSM key with {scheme} encrypts at most {capacity} bytes, but Vault's unseal keys are up to {UNSEAL_KEY_MAX_LEN} characters; use an RSA key of 2048 bits or more"
@@ -113,6 +148,12 @@ fn unreadable_note(names: &[String]) -> String {
 }
 
 impl PassError {
+    /// True for errors after which the program must exit non-zero even when a stop was
+    /// requested: keys were lost, and exiting 0 would hide it.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, PassError::InitLost { .. })
+    }
+
     /// The PIN problem behind this error, if any: the only kind no later pass can fix.
     pub fn pin_failure(&self) -> Option<PinFailure> {
         match self {
@@ -178,6 +219,7 @@ pub async fn open_keyring(
         label = info.label,
         id = info.id_hex,
         bits = info.bits,
+        fingerprint = info.fingerprint,
         "found RSA key pair in HSM"
     );
     tracing::info!("the HSM decrypts only; encrypting on the host with the extracted public key");
@@ -319,6 +361,14 @@ impl Runner {
     /// What a start does before anything else: finish an init journal, then the pre-flight
     /// check of the key store.
     pub async fn start(&self) -> Result<(), PassError> {
+        // Before anything is written: a store recording another key pair is refused here.
+        self.keyring.check_identity().await?;
+        if journal::clear_stale_in_flight(self.journal_dir())? {
+            tracing::info!(
+                path = %journal::in_flight_path(self.journal_dir()).display(),
+                "removed an in-flight marker left by a process stopped during sys/init"
+            );
+        }
         self.finish_journal().await?;
         if self.cfg.options.pre_flight_checks {
             match self.keyring.preflight().await? {
@@ -341,10 +391,21 @@ impl Runner {
     pub async fn pass(&self, wait: bool) -> Result<PassOutcome, PassError> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut joined = false;
-        self.finish_journal().await?;
         loop {
             if self.shutdown.requested() {
                 return Ok(PassOutcome::Stopped);
+            }
+            // A journal waits for Vault to show it is the journal's Vault; until then no
+            // decision is taken on a store that lacks its keys.
+            if !self.finish_journal().await? {
+                if !wait {
+                    return Ok(PassOutcome::VaultUnreachable);
+                }
+                self.telemetry.heartbeat();
+                if self.shutdown.sleep_or_stop(backoff.next()).await.is_stop() {
+                    return Ok(PassOutcome::Stopped);
+                }
+                continue;
             }
             let (obs, names) = self.observe().await?;
             let step = next_step(&obs);
@@ -396,18 +457,42 @@ impl Runner {
         &self.cfg.journal_dir
     }
 
-    /// Stores whatever an earlier run left in the init journal, then removes it.
-    pub async fn finish_journal(&self) -> Result<(), PassError> {
+    /// Stores whatever an earlier run left in the init journal, then removes it. True when
+    /// there is no journal (any more); false while Vault does not answer, so that nobody can
+    /// tell whether the journal is this Vault's (it waits, durable).
+    pub async fn finish_journal(&self) -> Result<bool, PassError> {
         let Some(j) = journal::read(self.journal_dir())? else {
-            return Ok(());
+            return Ok(true);
         };
+        let seen = match self.vault.seal_status().await {
+            Ok(s) => Some(journal::VaultSeen {
+                initialized: s.initialized,
+                shares: s.shares,
+                threshold: s.threshold,
+            }),
+            Err(VaultError::Unreachable { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let path = journal::path(self.journal_dir());
+        match journal::belongs(&j, self.vault.address(), seen) {
+            Belongs::Yes => {}
+            Belongs::WaitForVault => {
+                tracing::info!(path = %path.display(), "an init journal waits for Vault to answer before it is finished");
+                return Ok(false);
+            }
+            Belongs::No(why) => {
+                return Err(PassError::JournalForeign { journal: path, why });
+            }
+        }
+        let _critical = self.telemetry.critical();
         tracing::info!(
-            path = %journal::path(self.journal_dir()).display(),
+            path = %path.display(),
             entries = j.entries.len(),
             vault = j.vault.as_str(),
             "resuming init journal"
         );
-        self.complete(&j).await
+        self.complete(&j).await?;
+        Ok(true)
     }
 
     /// Stores every journal entry, verifying each, and removes the journal after the last.
@@ -416,17 +501,26 @@ impl Runner {
     /// stays for the next pass or start.
     async fn complete(&self, j: &Journal) -> Result<(), PassError> {
         let give_up = Instant::now() + self.cfg.hsm.token_wait_timeout;
-        for (i, entry) in j.entries.iter().enumerate() {
+        for (i, entry) in j.to_store() {
             let mut delays = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
             let mut attempt = 1;
             loop {
                 self.telemetry.heartbeat();
-                let cause = match self.store_entry(&entry.name, &entry.sealed).await {
-                    Ok(()) => break,
+                let cause = match self.store_entry(j, entry).await {
+                    Ok(true) => break,
+                    Ok(false) => {
+                        return Err(PassError::JournalConflict {
+                            name: entry.name.clone(),
+                            journal: journal::path(self.journal_dir()),
+                        });
+                    }
                     Err(cause) => cause,
                 };
-                let remaining: Vec<String> =
-                    j.entries[i..].iter().map(|e| e.name.clone()).collect();
+                let remaining: Vec<String> = j.entries[i..]
+                    .iter()
+                    .filter(|e| !e.journal_only)
+                    .map(|e| e.name.clone())
+                    .collect();
                 let delay = delays.next();
                 let retry = cause.pin_failure().is_none()
                     && !self.shutdown.requested()
@@ -462,24 +556,84 @@ impl Runner {
                 tracing::info!(key = entry.name.as_str(), "unseal key stored in key store");
             }
         }
-        journal::remove(self.journal_dir())?;
-        tracing::info!("init journal complete; removed");
+        if j.journal_only() > 0 {
+            let kept = journal::retire(self.journal_dir(), j)?;
+            tracing::warn!(
+                path = %kept.display(),
+                unstored = j.journal_only(),
+                "init journal complete; the keys beyond those asked for stay in it, encrypted, and are not stored"
+            );
+        } else {
+            journal::remove(self.journal_dir())?;
+            tracing::info!("init journal complete; removed");
+        }
         Ok(())
     }
 
-    async fn store_entry(&self, name: &str, sealed: &[u8]) -> Result<(), KeyringError> {
+    /// Stores one journal entry; false (nothing written) when the store holds a value under
+    /// its name that the init did not find there.
+    async fn store_entry(&self, j: &Journal, entry: &journal::Entry) -> Result<bool, KeyringError> {
+        let name = entry.name.as_str();
         let stored = self.keyring.storage().get(name).await?;
-        match journal::entry_action(stored.as_deref(), sealed) {
+        match journal::entry_action(j, name, stored.as_deref(), &entry.sealed) {
             EntryAction::KeepNewer => {
                 tracing::warn!(
                     key = name,
                     "the store holds a value written after the init journal; keeping it"
                 );
-                Ok(())
+                Ok(true)
             }
-            EntryAction::AlreadyStored | EntryAction::Write => {
-                self.keyring.store_sealed(name, sealed, None).await
+            EntryAction::Conflict => Ok(false),
+            EntryAction::AlreadyStored | EntryAction::Write => self
+                .keyring
+                .store_sealed(name, &entry.sealed, None)
+                .await
+                .map(|()| true),
+        }
+    }
+
+    /// What the store holds, before `sys/init`, under the names an init may write: the
+    /// values the journal is allowed to replace. One listing; values are read only for names
+    /// present (none in a fresh store).
+    async fn replaceable(&self) -> Result<std::collections::BTreeMap<String, String>, PassError> {
+        let mut out = std::collections::BTreeMap::new();
+        let names = self
+            .keyring
+            .storage()
+            .names()
+            .await
+            .map_err(KeyringError::from)?;
+        for name in names {
+            if name != ROOT_KEY && crate::keyring::unseal_key_index(&name).is_none() {
+                continue;
             }
+            let stored = self
+                .keyring
+                .storage()
+                .get(&name)
+                .await
+                .map_err(KeyringError::from)?;
+            if let Some(bytes) = stored {
+                out.insert(name, journal::digest(&bytes));
+            }
+        }
+        Ok(out)
+    }
+
+    /// After a `sys/init` whose answer never arrived: what Vault says now, for the report.
+    async fn init_lost(&self, cause: VaultError) -> PassError {
+        let now = match self.vault.seal_status().await {
+            Ok(s) if s.initialized => {
+                "Vault reports it is initialised now, so the keys are gone".to_owned()
+            }
+            Ok(_) => {
+                "Vault reports it is not initialised now, but it may still be finishing".to_owned()
+            }
+            Err(e) => format!("Vault could not be asked whether it initialised ({e})"),
+        };
+        PassError::InitLost {
+            cause: cause.to_string(),
+            now,
         }
     }
 
@@ -502,6 +656,10 @@ impl Runner {
             );
         }
         journal::check_writable(self.journal_dir())?;
+        let replaces = self.replaceable().await?;
+        // From here until the keys are stored, silence is Vault's or the store's, not a hang.
+        let _critical = self.telemetry.critical();
+        let in_flight = journal::InFlight::hold(self.journal_dir())?;
         tracing::info!(
             shares = o.secret_shares,
             threshold = o.secret_threshold,
@@ -509,7 +667,14 @@ impl Runner {
         );
         // Never raced against a stop request or a timeout: dropping this request would not
         // stop Vault from initialising, and its answer is the only copy of the keys.
-        let result = self.vault.init(o.secret_shares, o.secret_threshold).await?;
+        let result = match self.vault.init(o.secret_shares, o.secret_threshold).await {
+            Ok(r) => r,
+            Err(e @ VaultError::Interrupted { .. }) => {
+                drop(in_flight);
+                return Err(self.init_lost(e).await);
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.telemetry.vault_init();
         tracing::info!(
             keys = result.keys.len(),
@@ -521,6 +686,7 @@ impl Runner {
             values.push(&result.root_token);
         }
         let plan = init_storage_plan(result.keys.len(), o.store_root_token);
+        let asked = usize::from(o.secret_shares);
         let mut entries = Vec::with_capacity(values.len());
         let mut unsealable = Vec::new();
         for (name, value) in plan.iter().zip(values) {
@@ -528,10 +694,15 @@ impl Runner {
                 Ok(sealed) => entries.push(journal::Entry {
                     name: name.clone(),
                     sealed,
+                    // A misbehaving Vault's keys beyond those asked for are journalled, not
+                    // written to a token that fills up long before.
+                    journal_only: crate::keyring::unseal_key_index(name)
+                        .is_some_and(|i| i >= asked),
                 }),
                 Err(e) => unsealable.push(e.to_string()),
             }
         }
+        let keys_returned = u32::try_from(result.keys.len()).unwrap_or(u32::MAX);
         // The clear values are not needed any more; dropping zeroes them.
         drop(result);
         let j = Journal {
@@ -540,16 +711,31 @@ impl Runner {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                 .unwrap_or(0),
+            owner: Some(journal::Owner {
+                shares_asked: u32::from(o.secret_shares),
+                keys_returned,
+                threshold: u32::from(o.secret_threshold),
+                replaces,
+            }),
             entries,
         };
         if !j.entries.is_empty() {
             self.write_journal_or_store(&j).await?;
         }
+        // The answer is on disk: Vault's container may stop now.
+        drop(in_flight);
         if !problems.is_empty() || !unsealable.is_empty() {
-            let all: Vec<String> = problems.into_iter().chain(unsealable).collect();
+            let mut all: Vec<String> = problems.into_iter().chain(unsealable).collect();
+            let unstored = j.journal_only();
+            if unstored > 0 {
+                all.push(format!(
+                    "only the {asked} asked for are stored; the other {unstored} are kept, encrypted, in {}",
+                    journal::kept_path(self.journal_dir(), j.created_ms).display()
+                ));
+            }
             tracing::error!(
                 problems = all.join("; ").as_str(),
-                "Vault's sys/init answer does not match the request; every key it returned that could be encrypted is being stored"
+                "Vault's sys/init answer does not match the request; every key it returned that could be encrypted is being stored or kept"
             );
             if !j.entries.is_empty() {
                 self.complete(&j).await?;
@@ -602,12 +788,23 @@ impl Runner {
                 ),
             }
             let mut all_stored = true;
-            for entry in &j.entries {
+            for (_, entry) in j.to_store() {
                 self.telemetry.heartbeat();
-                if let Err(e) = self.store_entry(&entry.name, &entry.sealed).await {
-                    tracing::error!(key = entry.name.as_str(), error = %e, "storing a key without a journal failed; retrying");
-                    all_stored = false;
-                    break;
+                match self.store_entry(j, entry).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::error!(
+                            key = entry.name.as_str(),
+                            "the store holds a value under this name written since the init; not overwriting it; retrying the journal"
+                        );
+                        all_stored = false;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(key = entry.name.as_str(), error = %e, "storing a key without a journal failed; retrying");
+                        all_stored = false;
+                        break;
+                    }
                 }
             }
             if all_stored {
@@ -731,7 +928,7 @@ impl Runner {
                         tracing::info!("unseal pass succeeded again");
                     }
                 }
-                Err(e) if e.pin_failure().is_some() => return Err(e),
+                Err(e) if e.pin_failure().is_some() || e.is_fatal() => return Err(e),
                 Err(e) => {
                     if e.suspects_token()
                         && let Some(hsm) = &self.hsm
@@ -1103,6 +1300,171 @@ mod tests {
         );
         assert!(detail.contains("HTTP 400"), "{detail}");
         assert!(!other.is_unsealed());
+        scene.close();
+    }
+
+    /// A Vault whose first init left its keys in the journal (the store failed after two).
+    async fn journal_left_behind(scene: &Scene) {
+        let mut cfg = scene.config();
+        cfg.hsm.token_wait_timeout = Duration::from_millis(1);
+        scene.store.fail_puts_after(2, 1);
+        let err = scene
+            .runner_for(cfg, &scene.vault)
+            .pass(false)
+            .await
+            .expect_err("the store failed");
+        assert!(matches!(err, PassError::InitPending { .. }), "{err:?}");
+        assert!(scene.journal().exists());
+    }
+
+    #[tokio::test]
+    async fn a_sys_init_in_flight_holds_the_marker_and_counts_as_alive() {
+        let scene = Scene::new();
+        let r = scene.runner();
+        // Any silence is too long here, except during the init.
+        r.telemetry.set_liveness_window(Duration::ZERO);
+        let (t, marker) = (
+            Arc::clone(&r.telemetry),
+            journal::in_flight_path(scene.dir.path()),
+        );
+        let seen = Arc::new(Mutex::new(None));
+        let seen_in = Arc::clone(&seen);
+        scene.vault.during_init(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            *seen_in.lock().expect("seen") = Some((t.alive(), marker.exists()));
+        });
+        assert_eq!(r.pass(false).await.expect("init"), PassOutcome::Unsealed);
+        assert_eq!(
+            *seen.lock().expect("seen"),
+            Some((true, true)),
+            "(alive, marker present) while sys/init was in flight"
+        );
+        assert!(!journal::in_flight_path(scene.dir.path()).exists());
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(
+            !r.telemetry.alive(),
+            "the window applies again after the init"
+        );
+        scene.close();
+    }
+
+    #[tokio::test]
+    async fn a_dropped_init_answer_is_reported_as_lost_keys_never_as_success() {
+        let scene = Scene::new();
+        scene.vault.drop_init_answer();
+        let err = scene.pass().await.expect_err("keys lost");
+        let text = err.to_string();
+        assert!(matches!(err, PassError::InitLost { .. }), "{err:?}");
+        assert!(err.is_fatal());
+        assert!(
+            text.contains("Vault may have initialised; its keys are lost")
+                && text.contains("reports it is initialised now")
+                && text.contains("delete its data"),
+            "{text}"
+        );
+        assert_eq!(scene.store.count("put"), 0);
+        assert!(!journal::in_flight_path(scene.dir.path()).exists());
+        assert!(!scene.journal().exists());
+        scene.close();
+    }
+
+    #[tokio::test]
+    async fn a_journal_of_another_vault_is_refused_and_kept() {
+        let scene = Scene::new();
+        journal_left_behind(&scene).await;
+        let before = std::fs::read(scene.journal()).expect("journal");
+        let names = scene.names().await;
+
+        // A fresh Vault (its storage wiped, or another one) at the same address.
+        let fresh = Arc::new(MemoryVault::new());
+        let err = scene
+            .runner_for(scene.config(), &fresh)
+            .pass(false)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(&err, PassError::JournalForeign { why, .. } if why.contains("not initialised")),
+            "{err:?}"
+        );
+        // One initialised with another seal configuration.
+        let other = Arc::new(MemoryVault::new());
+        other.init(3, 2).await.expect("init the other Vault");
+        let err = scene
+            .runner_for(scene.config(), &other)
+            .pass(false)
+            .await
+            .expect_err("refused");
+        let text = err.to_string();
+        assert!(text.contains("3 key shares with threshold 2"), "{text}");
+        assert!(text.contains("kept untouched"), "{text}");
+        assert_eq!(fresh.calls("init"), 0, "nobody initialised the fresh Vault");
+        assert_eq!(std::fs::read(scene.journal()).expect("kept"), before);
+        assert_eq!(scene.names().await, names, "nothing stored from it");
+
+        // Its own Vault takes it.
+        assert_eq!(scene.pass().await.expect("finish"), PassOutcome::Unsealed);
+        scene.assert_store_holds(&scene.vault).await;
+        scene.close();
+    }
+
+    #[tokio::test]
+    async fn finishing_a_journal_never_overwrites_a_value_stored_since() {
+        let scene = Scene::new();
+        journal_left_behind(&scene).await;
+        let theirs = vec![9u8; 128];
+        scene.store.insert("vault-unseal-3", theirs.clone());
+        let err = scene.pass().await.expect_err("refused");
+        assert!(
+            matches!(&err, PassError::JournalConflict { name, .. } if name == "vault-unseal-3"),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("refusing to overwrite"), "{err}");
+        assert_eq!(scene.store.raw("vault-unseal-3"), [theirs]);
+        assert!(scene.journal().exists(), "the journal is kept");
+        assert_eq!(scene.vault.calls("unseal"), 0);
+        scene.close();
+    }
+
+    #[tokio::test]
+    async fn a_vault_answering_more_keys_than_asked_gets_only_those_stored() {
+        let scene = Scene::new();
+        scene.vault.issue_keys_on_init(500);
+        let err = scene.pass().await.expect_err("mismatch reported");
+        let text = err.to_string();
+        assert!(matches!(err, PassError::InitAnswer(_)), "{err:?}");
+        assert!(
+            text.contains("asked for 5 unseal keys, Vault returned 500")
+                && text.contains("the other 495 are kept"),
+            "{text}"
+        );
+        assert_eq!(scene.names().await, names_for(5), "at most what was asked");
+        let issued = scene.vault.issued_keys();
+        for (i, key) in issued.iter().take(5).enumerate() {
+            assert_eq!(&scene.load(&unseal_key_name(i)).await, key);
+        }
+        assert_eq!(scene.load(ROOT_KEY).await, scene.vault.root_token());
+        // Everything Vault handed out is kept, encrypted, where no start resumes it.
+        assert!(!scene.journal().exists());
+        let kept: Vec<_> = std::fs::read_dir(scene.dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.to_string_lossy().contains("unstored-keys"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        let j = Journal::from_bytes(&std::fs::read(&kept[0]).expect("read")).expect("parse");
+        assert_eq!(j.entries.len(), 501);
+        assert_eq!(j.journal_only(), 495);
+        for (i, entry) in j.entries.iter().enumerate().skip(5).take(495) {
+            assert_eq!(entry.name, unseal_key_name(i));
+            let opened = scene
+                .ring
+                .open(&entry.name, &entry.sealed)
+                .await
+                .expect("open");
+            assert_eq!(opened.expose(), issued[i]);
+        }
+        // The keys asked for unseal it.
+        assert_eq!(scene.pass().await.expect("unseal"), PassOutcome::Unsealed);
         scene.close();
     }
 }

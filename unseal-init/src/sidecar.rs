@@ -34,6 +34,9 @@ pub async fn run(
         cfg.hsm.pin = None;
         let err = match result {
             Ok(()) => return Ok(()),
+            // Lost keys end the program with an error even during a stop: exiting 0 would
+            // report success.
+            Err(e) if fatal(&e) => return Err(e),
             Err(_) if shutdown.requested() => return Ok(()),
             Err(e) => e,
         };
@@ -70,6 +73,14 @@ pub async fn run(
         }
         telemetry.pin_problem(None);
     }
+}
+
+/// True for failures no restart or wait can undo (keys lost).
+fn fatal(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<runner::PassError>()
+            .is_some_and(runner::PassError::is_fatal)
+    })
 }
 
 /// True when the token was there and went away (or its module needs re-opening): worth

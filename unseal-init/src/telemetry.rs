@@ -69,6 +69,8 @@ pub struct Telemetry {
     heartbeat_ms: AtomicU64,
     born: Instant,
     liveness_window: Mutex<Duration>,
+    /// Work in progress that must not be interrupted (see [`Telemetry::critical`]).
+    critical: AtomicU64,
 }
 
 impl Telemetry {
@@ -150,6 +152,7 @@ impl Telemetry {
             heartbeat_ms: AtomicU64::new(0),
             born: Instant::now(),
             liveness_window: Mutex::new(Duration::from_secs(60)),
+            critical: AtomicU64::new(0),
         })
     }
 
@@ -258,8 +261,26 @@ impl Telemetry {
         }
     }
 
-    /// True while the loop has reported recently.
+    /// Marks work that must run to its end as alive for `/healthz` until the guard is dropped:
+    /// a `sys/init` in flight and the storing of its keys. Its length is Vault's and the
+    /// store's, not this program's, and a restart in the middle would lose the keys Vault hands
+    /// out, so no silence during it counts as a hang.
+    pub fn critical(&self) -> CriticalWork<'_> {
+        self.critical.fetch_add(1, Ordering::SeqCst);
+        self.heartbeat();
+        CriticalWork { telemetry: self }
+    }
+
+    /// True while work marked with [`Telemetry::critical`] runs.
+    pub fn in_critical_work(&self) -> bool {
+        self.critical.load(Ordering::SeqCst) > 0
+    }
+
+    /// True while the loop has reported recently, or critical work is in progress.
     pub fn alive(&self) -> bool {
+        if self.in_critical_work() {
+            return true;
+        }
         let window = self
             .liveness_window
             .lock()
@@ -304,6 +325,19 @@ impl Telemetry {
     }
 }
 
+/// Work that must not be interrupted; `/healthz` answers alive while it exists.
+pub struct CriticalWork<'a> {
+    telemetry: &'a Telemetry,
+}
+
+impl Drop for CriticalWork<'_> {
+    fn drop(&mut self) {
+        // The heartbeat first, so that the window restarts from the end of the work.
+        self.telemetry.heartbeat();
+        self.telemetry.critical.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A timer for one HSM operation.
 pub struct OpTimer<'a> {
     telemetry: &'a Telemetry,
@@ -334,7 +368,9 @@ impl Probes for Telemetry {
     }
 
     fn live(&self) -> Result<String, String> {
-        if self.alive() {
+        if self.in_critical_work() {
+            Ok("ok: Vault's sys/init or the storing of its keys in progress".to_owned())
+        } else if self.alive() {
             Ok("ok".to_owned())
         } else {
             Err("main loop stalled".to_owned())
@@ -401,5 +437,18 @@ mod tests {
         // The heartbeat is on a monotonic clock: any time after it is "too late" here.
         std::thread::sleep(Duration::from_millis(2));
         assert!(!t.alive());
+    }
+
+    #[test]
+    fn critical_work_is_alive_however_long_it_is_silent() {
+        let t = Telemetry::new();
+        t.set_liveness_window(Duration::ZERO);
+        let work = t.critical();
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(t.alive(), "silent during sys/init, and alive");
+        assert!(t.live().is_ok_and(|m| m.contains("sys/init")));
+        drop(work);
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(!t.alive(), "the window applies again once the work ended");
     }
 }

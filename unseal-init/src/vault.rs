@@ -28,6 +28,17 @@ pub enum VaultError {
         /// Why.
         reason: String,
     },
+    /// The connection broke after the request may have reached Vault (not a refused
+    /// connection): Vault may have acted on it without anyone receiving its answer.
+    #[error("the connection to Vault at {address} broke before {endpoint} answered: {reason}")]
+    Interrupted {
+        /// Endpoint.
+        endpoint: &'static str,
+        /// Address.
+        address: String,
+        /// Why.
+        reason: String,
+    },
     /// Vault answered with an error status.
     #[error("Vault {endpoint} returned HTTP {status}: {message}")]
     Status {
@@ -214,6 +225,19 @@ impl VaultClient {
         }
     }
 
+    /// A transport failure of `endpoint`. For `sys/init`, anything but a refused connection
+    /// may have reached Vault, which then initialises whether or not its answer arrives.
+    fn transport_error(&self, endpoint: &'static str, e: reqwest::Error) -> VaultError {
+        if endpoint == "sys/init" && !e.is_connect() {
+            return VaultError::Interrupted {
+                endpoint,
+                address: self.address.clone(),
+                reason: error_chain(&e),
+            };
+        }
+        self.unreachable(e)
+    }
+
     async fn send(
         &self,
         endpoint: &'static str,
@@ -237,7 +261,7 @@ impl VaultClient {
         if let Some(t) = &self.telemetry {
             t.vault_request(endpoint, start.elapsed());
         }
-        let (status, body) = match result.map_err(|e| self.unreachable(e))? {
+        let (status, body) = match result.map_err(|e| self.transport_error(endpoint, e))? {
             Ok(answer) => answer,
             Err(status) => {
                 return Err(VaultError::Body {
