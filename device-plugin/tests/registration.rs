@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Node, Plugin, TIMEOUT, unit_ids};
 use nitrokey_e2e::kubelet::FakeKubelet;
@@ -207,8 +207,19 @@ async fn dead_kubelet_socket_is_never_registered_with_then_a_new_one_is() {
     assert!(kubelet.socket_path().exists());
     let plugin = Plugin::start(&testbed, dir.path(), &[]);
     plugin.wait_http("/healthz", 200).await;
-    // The plugin keeps probing in the background; give it time to (wrongly) count or warn.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The plugin keeps probing in the background: once it has probed twice (each probe says
+    // so), nothing may have been counted or registered. Counting its probes rather than
+    // waiting a fixed time keeps this meaningful on a loaded machine.
+    let deadline = Instant::now() + TIMEOUT;
+    while plugin
+        .logs()
+        .matches("kubelet.sock is not accepting connections yet")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "{}", plugin.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(plugin.http_get("/readyz").await.0, 503);
     assert_eq!(
         plugin
@@ -217,13 +228,6 @@ async fn dead_kubelet_socket_is_never_registered_with_then_a_new_one_is() {
             .unwrap_or(0.0),
         0.0,
         "a socket nobody listens on is no failed registration:\n{}",
-        plugin.logs()
-    );
-    assert!(
-        plugin
-            .logs()
-            .contains("kubelet.sock is not accepting connections yet"),
-        "{}",
         plugin.logs()
     );
 

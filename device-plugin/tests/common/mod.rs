@@ -12,7 +12,7 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nitrokey_e2e::kubelet::FakeKubelet;
 use nitrokey_e2e::usb::{Testbed, UsbDevice};
@@ -110,6 +110,24 @@ impl Plugin {
             let _ = f.read_to_string(&mut text);
         }
         text
+    }
+
+    /// When the plugin logged each line containing every one of `needles`, by the timestamp it
+    /// wrote itself (text format: the line's first word, RFC 3339), in log order.
+    ///
+    /// Timing checks use these rather than clocks read around the test's own calls: on a
+    /// loaded machine a call such as `Testbed::remove` may return long after the plugin saw
+    /// the event, and only the plugin's own times say when it acted.
+    pub fn logged_at(&self, needles: &[&str]) -> Vec<(SystemTime, String)> {
+        self.logs()
+            .lines()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .filter_map(|l| {
+                let stamp = l.split_whitespace().next()?;
+                let at = humantime::parse_rfc3339_weak(stamp).ok()?;
+                Some((at, l.to_owned()))
+            })
+            .collect()
     }
 
     /// Sends a signal to the plugin.
