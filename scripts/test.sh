@@ -4,7 +4,17 @@
 # stand-in, unseal-init against SoftHSM2, a software TPM and a real OpenBao server, the
 # manifests, the image's root filesystems). Ends with one line, `tests: N passed, N failed`,
 # and exits non-zero if anything failed, a lint or a test left files behind included.
+#
+# `scripts/test.sh --loaded ROUNDS CARGO-TEST-ARGS...` (e.g. `--loaded 5 -p nitrokey-device-plugin
+# --test hotplug`) runs only the tests selected, ROUNDS times, with every core kept busy by one
+# spinning process each (normal priority; all stopped at the end): tests judge timing from
+# events, and this shows they still pass on a loaded machine.
 set -euo pipefail
+rounds=0
+if [ "${1:-}" = "--loaded" ]; then
+  rounds="${2:?--loaded needs a number of rounds}"
+  shift 2
+fi
 # shellcheck source=scripts/env.sh
 source "$(dirname "$0")/env.sh"
 cd "$repo_root"
@@ -18,20 +28,39 @@ fi
 log="$(mktemp)"
 # Every temporary file the tests make lands here; whatever is left at the end was leaked.
 scratch="$(mktemp -d)"
-trap 'rm -rf "$log" "$scratch"' EXIT
+load=()
+stop_load() {
+  [ "${#load[@]}" -eq 0 ] || { kill "${load[@]}" 2>/dev/null || true; wait "${load[@]}" 2>/dev/null || true; }
+  load=()
+}
+trap 'stop_load; rm -rf "$log" "$scratch"' EXIT
 failed_checks=0
-
-step "cargo fmt --check"
-cargo fmt --all -- --check || failed_checks=$((failed_checks + 1))
-step "cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings || failed_checks=$((failed_checks + 1))
-step "cargo doc"
-RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet || failed_checks=$((failed_checks + 1))
-step "cargo test"
 status=0
 host="$(rustc -vV | sed -n 's/^host: //p' | tr 'a-z-' 'A-Z_')"
 export "CARGO_TARGET_${host}_RUNNER=$repo_root/scripts/test-runner.sh" NITROKEY_TEST_SCRATCH="$scratch"
-TMPDIR="$scratch" cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+
+if [ "$rounds" -gt 0 ]; then
+  step "cargo test $*: building"
+  cargo test --locked --no-run "$@" || failed_checks=$((failed_checks + 1))
+  for _ in $(seq "$(nproc)"); do
+    sh -c 'while :; do :; done' &
+    load+=("$!")
+  done
+  for round in $(seq "$rounds"); do
+    step "cargo test $*: round $round of $rounds, ${#load[@]} busy processes beside it"
+    TMPDIR="$scratch" cargo test --locked --no-fail-fast "$@" 2>&1 | tee -a "$log" || status=$?
+  done
+  stop_load
+else
+  step "cargo fmt --check"
+  cargo fmt --all -- --check || failed_checks=$((failed_checks + 1))
+  step "cargo clippy"
+  cargo clippy --workspace --all-targets --locked -- -D warnings || failed_checks=$((failed_checks + 1))
+  step "cargo doc"
+  RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet || failed_checks=$((failed_checks + 1))
+  step "cargo test"
+  TMPDIR="$scratch" cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+fi
 if [ "$status" -ne 0 ] && ! grep -q '^test result: FAILED' "$log"; then
   # A test binary that did not build or crashed prints no result line: count it.
   failed_checks=$((failed_checks + 1))
