@@ -81,6 +81,9 @@ fn info(cfg: &Config) -> anyhow::Result<()> {
                 flags.push("user PIN locked");
             }
             println!("  flags:         {}", flags.join(", "));
+            if let Some(fp) = keypair::public_fingerprint(&ctx, slot, &cfg.hsm.key_label) {
+                println!("  key pair:      {} {fp}", cfg.hsm.key_label);
+            }
         }
         if let Ok(mechs) = ctx.get_mechanism_list(slot) {
             let names: Vec<String> = mechs.iter().map(|m| m.to_string()).collect();
@@ -142,8 +145,8 @@ async fn list(cfg: &Config, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
     let hsm = logged_in(cfg, telemetry).await?;
     match hsm.call("find_key", keypair::public_key).await {
         Ok((_, info)) => println!(
-            "Key pair: {} (RSA {} bits, id {})",
-            info.label, info.bits, info.id_hex
+            "Key pair: {} (RSA {} bits, id {}, fingerprint {})",
+            info.label, info.bits, info.id_hex, info.fingerprint
         ),
         Err(e) => println!("Key pair: {e}"),
     }
@@ -162,6 +165,9 @@ async fn list(cfg: &Config, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
             crate::secret_store::SecretStore::connect(k.namespace.as_deref(), &k.name).await?;
         let keys = store.keys().await?;
         println!("Kubernetes Secret {}: {}", k.name, keys.join(", "));
+        if let Some(id) = store.key_id().await? {
+            println!("  encrypted with key pair {id}");
+        }
     }
     Ok(())
 }

@@ -68,6 +68,20 @@ impl HostKey {
         self.modulus_len.saturating_sub(overhead)
     }
 
+    /// The key pair's identity: SHA-256 of the public key's DER SubjectPublicKeyInfo, in
+    /// lower-case hex. The same as `sha256sum` of the DER that `pkcs11-tool --read-object
+    /// --type pubkey` exports (or `openssl pkey -pubin -outform DER` writes), so an operator
+    /// can compare sticks with standard tools; the same on every stick holding this pair.
+    pub fn fingerprint(&self) -> Result<Fingerprint, CryptoError> {
+        use rsa::pkcs8::EncodePublicKey;
+        use sha2::Digest;
+        let der = self
+            .key
+            .to_public_key_der()
+            .map_err(|e| CryptoError::BadKey(e.to_string()))?;
+        Ok(Fingerprint(sha2::Sha256::digest(der.as_bytes()).into()))
+    }
+
     /// Encrypts `plaintext` with `scheme`.
     pub fn encrypt(&self, scheme: Scheme, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let result = match scheme {
@@ -81,6 +95,16 @@ impl HostKey {
             scheme: scheme.name(),
             reason: e.to_string(),
         })
+    }
+}
+
+/// SHA-256 of a public key's DER SubjectPublicKeyInfo (see [`HostKey::fingerprint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SHA256:{}", hex::encode(self.0))
     }
 }
 
@@ -129,6 +153,26 @@ mod tests {
         assert_eq!(host.modulus_len(), 128);
         assert_eq!(host.bits(), 1024);
         assert!(HostKey::from_components(&[0, 0], &[1, 0, 1]).is_err());
+    }
+
+    #[test]
+    fn the_fingerprint_is_sha256_of_the_der_public_key() {
+        use rsa::pkcs8::EncodePublicKey;
+        use sha2::Digest;
+        let (private, host) = pair();
+        let der = private.to_public_key().to_public_key_der().expect("der");
+        let want: [u8; 32] = sha2::Sha256::digest(der.as_bytes()).into();
+        assert_eq!(host.fingerprint().expect("fp").0, want);
+        let text = host.fingerprint().expect("fp").to_string();
+        assert!(
+            text.starts_with("SHA256:") && text.len() == 7 + 64,
+            "{text}"
+        );
+        let (_, other) = pair();
+        assert_ne!(
+            other.fingerprint().expect("fp"),
+            host.fingerprint().expect("fp")
+        );
     }
 
     #[test]

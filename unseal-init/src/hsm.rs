@@ -14,6 +14,7 @@
 //! already worked.
 
 use crate::config::{HsmConfig, SlotSelector};
+use crate::pkcs11_raw::RawCalls;
 use crate::secret::Secret;
 use crate::telemetry::{OpTimer, Telemetry};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -22,8 +23,10 @@ use cryptoki::object::ObjectHandle;
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
+use nitrokey_common::backoff::Backoff;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// Why no login is possible with the PIN in use.
@@ -307,7 +310,16 @@ pub fn text_attr(bytes: &[u8]) -> Vec<u8> {
 pub struct HandleCache {
     /// The private key of the configured pair.
     pub private_key: Option<ObjectHandle>,
+    /// Data object handles by label, from the last full listing and kept up to date by this
+    /// program's own writes, so that reading, verifying and pruning a value need no search
+    /// of their own. Refreshed by every listing; a handle that went invalid (another process
+    /// deleted the object) drops it and the caller searches again.
+    pub objects: Option<ObjectIndex>,
 }
+
+/// Data objects by label: each handle with its stored bytes once read (stored values are
+/// ciphertext, never a secret in clear).
+pub type ObjectIndex = std::collections::BTreeMap<String, Vec<(ObjectHandle, Option<Vec<u8>>)>>;
 
 /// The key pair's identity: label, and `CKA_ID` once the public half was read, so that the
 /// private half is paired by id and not by label alone.
@@ -322,11 +334,57 @@ pub struct KeyRef {
 /// Consecutive failed re-opens after which the module itself is re-initialised: some modules
 /// (tpm2-pkcs11 after its TPM restarted, SoftHSM2 after a token came back) recover only then.
 const REINIT_AFTER: u32 = 2;
+/// First pause between two re-initialisations while the token stays away; it doubles up to
+/// [`REINIT_MAX_PAUSE`]. `C_Initialize` costs OpenSC seconds of reader and card work, and a
+/// pulled stick may stay away for hours.
+const REINIT_FIRST_PAUSE: Duration = Duration::from_secs(2);
+/// Longest pause between two re-initialisations.
+const REINIT_MAX_PAUSE: Duration = Duration::from_secs(60);
+
+/// Whether a re-open may re-initialise the module now: only after [`REINIT_AFTER`] failed
+/// re-opens, and no earlier than the pause the last re-initialisation set.
+pub fn reinit_due(failed_reopens: u32, not_before: Option<Instant>, now: Instant) -> bool {
+    failed_reopens >= REINIT_AFTER && not_before.is_none_or(|t| now >= t)
+}
+
+/// An initialised PKCS#11 module, finalised when dropped: cryptoki's `Pkcs11` never calls
+/// `C_Finalize` by itself, and a module that stays loaded across `dlclose` (pkcs11-spy, any
+/// wrapper) answers the next `C_Initialize` of a reload with `CKR_CRYPTOKI_ALREADY_INITIALIZED`
+/// unless it was finalised; OpenSC would also keep its reader context for good.
+pub struct Module {
+    ctx: Pkcs11,
+    raw: RawCalls,
+}
+
+impl Module {
+    /// The calls made without cryptoki's length queries.
+    pub fn raw(&self) -> &RawCalls {
+        &self.raw
+    }
+}
+
+impl std::ops::Deref for Module {
+    type Target = Pkcs11;
+
+    fn deref(&self) -> &Pkcs11 {
+        &self.ctx
+    }
+}
+
+impl Drop for Module {
+    fn drop(&mut self) {
+        // Every session must be closed by now (sessions hold a clone of the context, and
+        // `Hsm` drops its session first).
+        if let Err(e) = self.ctx.clone().finalize() {
+            tracing::debug!(error = %e, "C_Finalize failed");
+        }
+    }
+}
 
 /// An open PKCS#11 module and, once selected and logged in, a session on the chosen token.
 pub struct Hsm {
     /// `None` only between a finalize and the next initialize.
-    ctx: Option<Pkcs11>,
+    ctx: Option<Module>,
     module: PathBuf,
     selector: SlotSelector,
     slot: Option<Slot>,
@@ -337,6 +395,10 @@ pub struct Hsm {
     telemetry: Arc<Telemetry>,
     failed_reopens: u32,
     general_errors: u32,
+    /// Pauses between re-initialisations while the token stays away.
+    reinit_pauses: Backoff,
+    /// No re-initialisation before this.
+    reinit_not_before: Option<Instant>,
 }
 
 fn call<T>(op: &'static str, r: cryptoki::error::Result<T>) -> Result<T, HsmError> {
@@ -351,8 +413,8 @@ fn classify(op: &'static str, source: CkError) -> HsmError {
     }
 }
 
-/// Loads and initialises a PKCS#11 module.
-pub fn load_module(path: &std::path::Path) -> Result<Pkcs11, HsmError> {
+/// Loads and initialises a PKCS#11 module; dropping the result finalises it.
+pub fn load_module(path: &std::path::Path) -> Result<Module, HsmError> {
     let module_err = |reason: String| HsmError::Module {
         path: path.to_owned(),
         reason,
@@ -361,9 +423,10 @@ pub fn load_module(path: &std::path::Path) -> Result<Pkcs11, HsmError> {
         return Err(module_err("file does not exist".to_owned()));
     }
     let ctx = Pkcs11::new(path).map_err(|e| module_err(e.to_string()))?;
+    let raw = RawCalls::load(path).map_err(module_err)?;
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
         .map_err(|e| module_err(e.to_string()))?;
-    Ok(ctx)
+    Ok(Module { ctx, raw })
 }
 
 /// Lists the slots that hold a token.
@@ -417,6 +480,8 @@ impl Hsm {
             telemetry,
             failed_reopens: 0,
             general_errors: 0,
+            reinit_pauses: Backoff::new(REINIT_FIRST_PAUSE, REINIT_MAX_PAUSE),
+            reinit_not_before: None,
         })
     }
 
@@ -455,9 +520,8 @@ impl Hsm {
         self.session = None;
         self.cache = HandleCache::default();
         self.slot = None;
-        if let Some(old) = self.ctx.take() {
-            let _ = old.finalize();
-        }
+        // Dropping the module finalises it.
+        self.ctx = None;
         let _t = OpTimer::start(&self.telemetry, "initialize");
         self.ctx = Some(load_module(&self.module)?);
         Ok(())
@@ -499,6 +563,11 @@ impl Hsm {
 
     /// The PKCS#11 context.
     pub fn ctx(&self) -> Result<&Pkcs11, HsmError> {
+        self.module().map(|m| &**m)
+    }
+
+    /// The loaded module, with the calls made without cryptoki.
+    pub fn module(&self) -> Result<&Module, HsmError> {
         self.ctx
             .as_ref()
             .ok_or_else(|| HsmError::Other("PKCS#11 module is not initialised".to_owned()))
@@ -570,6 +639,8 @@ impl Hsm {
         self.cache = HandleCache::default();
         self.failed_reopens = 0;
         self.general_errors = 0;
+        self.reinit_pauses.reset();
+        self.reinit_not_before = None;
         Ok(())
     }
 
@@ -602,9 +673,13 @@ impl Hsm {
     fn reopen(&mut self) -> Result<(), HsmError> {
         self.session = None;
         self.cache = HandleCache::default();
-        if self.failed_reopens >= REINIT_AFTER {
+        let now = Instant::now();
+        if reinit_due(self.failed_reopens, self.reinit_not_before, now) {
+            let pause = self.reinit_pauses.next();
+            self.reinit_not_before = Some(now + pause);
             tracing::debug!(
                 failures = self.failed_reopens,
+                next_no_sooner_than = ?pause,
                 "re-initialising the PKCS#11 module"
             );
             self.reinitialize()?;
@@ -628,6 +703,15 @@ impl Hsm {
         op: &'static str,
         f: impl FnOnce(&Session, &mut HandleCache, &KeyRef) -> cryptoki::error::Result<T>,
     ) -> Result<T, HsmError> {
+        self.run_raw(op, |s, _, cache, key| f(s, cache, key))
+    }
+
+    /// [`Hsm::run`], with the calls made without cryptoki's length queries at hand.
+    pub fn run_raw<T>(
+        &mut self,
+        op: &'static str,
+        f: impl FnOnce(&Session, &RawCalls, &mut HandleCache, &KeyRef) -> cryptoki::error::Result<T>,
+    ) -> Result<T, HsmError> {
         if self.session.is_none()
             && let Err(e) = self.reopen()
         {
@@ -636,12 +720,12 @@ impl Hsm {
             }
             return Err(e);
         }
-        let Some(session) = self.session.as_ref() else {
+        let (Some(session), Some(module)) = (self.session.as_ref(), self.ctx.as_ref()) else {
             return Err(HsmError::Other("no HSM session".to_owned()));
         };
         let result = {
             let _t = OpTimer::start(&self.telemetry, op);
-            f(session, &mut self.cache, &self.key)
+            f(session, module.raw(), &mut self.cache, &self.key)
         };
         match result {
             Ok(v) => Ok(v),
@@ -669,6 +753,14 @@ impl Hsm {
                 Err(HsmError::Call { op, source })
             }
         }
+    }
+}
+
+impl Drop for Hsm {
+    fn drop(&mut self) {
+        // Sessions first (each closes with C_CloseSession), then the module's C_Finalize.
+        self.session = None;
+        self.ctx = None;
     }
 }
 
@@ -709,6 +801,17 @@ mod tests {
                 token_serial: "DENK0200074".into(),
             },
         ]
+    }
+
+    #[test]
+    fn the_module_is_reinitialised_only_after_failures_and_a_pause() {
+        let t0 = Instant::now();
+        assert!(!reinit_due(0, None, t0));
+        assert!(!reinit_due(REINIT_AFTER - 1, None, t0));
+        assert!(reinit_due(REINIT_AFTER, None, t0));
+        let later = t0 + REINIT_FIRST_PAUSE;
+        assert!(!reinit_due(REINIT_AFTER + 5, Some(later), t0));
+        assert!(reinit_due(REINIT_AFTER + 5, Some(later), later));
     }
 
     #[test]

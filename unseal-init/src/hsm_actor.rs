@@ -83,10 +83,14 @@ impl HsmHandle {
                         return;
                     }
                 };
-                // Ends when every handle is dropped; dropping `hsm` then finalizes the module.
+                // Ends when every handle is dropped. `Hsm`'s Drop closes the session and calls
+                // C_Finalize (cryptoki never does), here on the thread that made every other
+                // call, before the last handle's join returns: a module reloaded next (a
+                // changed PIN file, a lost token) then initialises afresh.
                 while let Some(job) = rx.blocking_recv() {
                     job(&mut hsm);
                 }
+                drop(hsm);
             })
             .map_err(|e| HsmError::Other(format!("cannot start the HSM thread: {e}")))?;
         let joiner = Arc::new(Joiner(std::sync::Mutex::new(Some(thread))));

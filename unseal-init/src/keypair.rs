@@ -21,6 +21,9 @@ pub struct KeyPairInfo {
     pub id_hex: String,
     /// Modulus size in bits.
     pub bits: usize,
+    /// SHA-256 of the public key's DER SubjectPublicKeyInfo ([`HostKey::fingerprint`]): the
+    /// same on every stick holding this pair.
+    pub fingerprint: String,
 }
 
 fn find_one(
@@ -112,10 +115,15 @@ pub fn public_key(hsm: &mut Hsm) -> Result<(HostKey, KeyPairInfo), HsmError> {
             hsm.set_key_id(id.clone());
             let key = HostKey::from_components(&n, &e)
                 .map_err(|e| HsmError::Other(format!("key pair `{label}`: {e}")))?;
+            let fingerprint = key
+                .fingerprint()
+                .map_err(|e| HsmError::Other(format!("key pair `{label}`: {e}")))?
+                .to_string();
             let info = KeyPairInfo {
                 label,
                 id_hex: hex::encode(id),
                 bits: key.bits(),
+                fingerprint,
             };
             Ok((key, info))
         }
@@ -131,6 +139,37 @@ pub fn public_key(hsm: &mut Hsm) -> Result<(HostKey, KeyPairInfo), HsmError> {
         }),
         Presence::None => Err(HsmError::KeyMissing(label)),
     }
+}
+
+/// The fingerprint of the public key labelled `label` on `slot`, read without logging in
+/// (public keys are public objects), for listings of every slot: `None` when there is none.
+pub fn public_fingerprint(
+    ctx: &cryptoki::context::Pkcs11,
+    slot: cryptoki::slot::Slot,
+    label: &str,
+) -> Option<String> {
+    let session = ctx.open_ro_session(slot).ok()?;
+    let by_label = KeyRef {
+        label: label.to_owned(),
+        id: None,
+    };
+    let public = find_one(&session, ObjectClass::PUBLIC_KEY, &by_label).ok()??;
+    let attrs = session
+        .get_attributes(
+            public,
+            &[AttributeType::Modulus, AttributeType::PublicExponent],
+        )
+        .ok()?;
+    let (mut n, mut e) = (Vec::new(), Vec::new());
+    for a in attrs {
+        match a {
+            Attribute::Modulus(v) => n = v,
+            Attribute::PublicExponent(v) => e = v,
+            _ => {}
+        }
+    }
+    let key = HostKey::from_components(&n, &e).ok()?;
+    key.fingerprint().ok().map(|f| f.to_string())
 }
 
 /// Generates an RSA-2048 pair under the configured label: private key sensitive and
@@ -203,11 +242,14 @@ pub fn decrypt(
     ciphertext: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
     let mech = mechanism(scheme);
-    hsm.run("decrypt", |s, cache, key| {
+    // C_DecryptInit, then one C_Decrypt into a buffer as long as the ciphertext: cryptoki's
+    // `decrypt` would ask for the length first, a second card operation on a stick, and
+    // leave the plaintext in memory nobody zeroes.
+    hsm.run_raw("decrypt", |s, raw, cache, key| {
         let handle = private_key(s, cache, key)?;
-        s.decrypt(&mech, handle, ciphertext)
+        s.decrypt_init(&mech, handle)?;
+        raw.decrypt(s, ciphertext)
     })
-    .map(Zeroizing::new)
 }
 
 /// Picks the scheme for new values: OAEP-SHA256 if the token decrypts it, else OAEP-SHA1,

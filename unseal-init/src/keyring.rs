@@ -135,6 +135,34 @@ pub enum KeyringError {
         /// Why.
         reason: String,
     },
+    /// The store records another key pair than this token's.
+    #[error(
+        "the stored values are encrypted with HSM key pair {stored} (as recorded with them), but this token's key pair is {ours}; refusing to use this token with them and writing nothing (use a token holding the same key pair, e.g. one restored from the DKEK backup, or another store)"
+    )]
+    OtherKey {
+        /// Fingerprint the store records.
+        stored: String,
+        /// Fingerprint of this token's key pair.
+        ours: String,
+    },
+    /// The store holds values from before fingerprints were recorded that this key cannot
+    /// open, so they may belong to another key pair.
+    #[error(
+        "the store holds values but records no key fingerprint, and `{name}` cannot be read with this token's key pair {ours} ({reason}); it may have been written with another key pair, so nothing is written with this one (use the token that wrote them, or delete the unreadable value with `unseal-init hsm delete` if it is merely corrupted)"
+    )]
+    UnprovenKey {
+        /// The value tried.
+        name: String,
+        /// Fingerprint of this token's key pair.
+        ours: String,
+        /// Why it could not be read.
+        reason: String,
+    },
+    /// The fingerprint record is not one.
+    #[error(
+        "the key fingerprint recorded with the stored values is not one (`SHA256:` and 64 hex digits)"
+    )]
+    BadKeyId,
     /// The value decrypts, but not to what a value of its name looks like.
     #[error("`{name}` does not decrypt to {expected}")]
     NotText {
@@ -204,6 +232,32 @@ pub struct Keyring {
     key: HostKey,
     scheme: Scheme,
     storage: Arc<dyn Storage>,
+    /// Set once the store is known to belong to this key pair ([`Keyring::check_identity`]).
+    identity_checked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What the fingerprint record says, compared with this key pair's: `Ok(true)` when it
+/// matches, `Ok(false)` when there is no record.
+pub fn identity_matches(record: Option<&str>, ours: &str) -> Result<bool, KeyringError> {
+    let Some(text) = record.map(str::trim) else {
+        return Ok(false);
+    };
+    let well_formed = text.strip_prefix("SHA256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
+    if !well_formed {
+        return Err(KeyringError::BadKeyId);
+    }
+    if text == ours {
+        Ok(true)
+    } else {
+        Err(KeyringError::OtherKey {
+            stored: text.to_owned(),
+            ours: ours.to_owned(),
+        })
+    }
 }
 
 fn now_ms() -> u64 {
@@ -226,7 +280,67 @@ impl Keyring {
             key,
             scheme,
             storage,
+            identity_checked: Arc::default(),
         }
+    }
+
+    /// This key pair's fingerprint as recorded in the store.
+    pub fn fingerprint(&self) -> Result<String, KeyringError> {
+        self.key
+            .fingerprint()
+            .map(|f| f.to_string())
+            .map_err(|e| KeyringError::Encrypt {
+                name: "the key fingerprint".to_owned(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Makes sure the store belongs to this key pair before anything is written to it: the
+    /// recorded fingerprint must be this pair's. Without a record (an empty store, or values
+    /// written before records existed) one value must open with this key first, and then
+    /// this pair's fingerprint is recorded. A store shared by several sticks (a Secret) is
+    /// so never rewritten under another key pair. Checked once per keyring.
+    pub async fn check_identity(&self) -> Result<(), KeyringError> {
+        use std::sync::atomic::Ordering;
+        if self.identity_checked.load(Ordering::SeqCst) || !self.storage.shared() {
+            return Ok(());
+        }
+        let ours = self.fingerprint()?;
+        let record = self.storage.key_id().await?;
+        if !identity_matches(record.as_deref(), &ours)? {
+            let names = self.storage.names().await?;
+            let probe = if names.iter().any(|n| n == TEST_KEY) {
+                Some(TEST_KEY.to_owned())
+            } else {
+                unseal_key_names(&names)
+                    .into_iter()
+                    .next()
+                    .or_else(|| names.iter().find(|n| *n == ROOT_KEY).cloned())
+            };
+            if let Some(name) = probe {
+                match self.load(&name).await {
+                    Ok(_) => {}
+                    Err(e) if e.is_about_the_value() => {
+                        return Err(KeyringError::UnprovenKey {
+                            name,
+                            ours,
+                            reason: e.to_string(),
+                        });
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            self.storage.set_key_id(&ours).await?;
+            // Several pods may record at once: whichever record stands is the one that counts.
+            let stored = self.storage.key_id().await?;
+            identity_matches(stored.as_deref(), &ours)?;
+            tracing::info!(
+                fingerprint = ours,
+                "recorded the key pair's fingerprint with the stored values"
+            );
+        }
+        self.identity_checked.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Scheme used for new values.
@@ -340,6 +454,7 @@ impl Keyring {
         bytes: &[u8],
         expected: Option<&Secret>,
     ) -> Result<(), KeyringError> {
+        self.check_identity().await?;
         let verify_err = || KeyringError::Verify {
             name: name.to_owned(),
         };
@@ -398,6 +513,7 @@ impl Keyring {
     /// Pre-flight check: `vault-test` must decrypt to itself. It is written only when it is
     /// missing or unreadable, so a routine start costs the token no write.
     pub async fn preflight(&self) -> Result<PreflightOutcome, KeyringError> {
+        self.check_identity().await?;
         let value = Secret::from(TEST_KEY);
         match self.load(TEST_KEY).await {
             Ok(Some(v)) if v == value => return Ok(PreflightOutcome::Read),
@@ -542,6 +658,76 @@ mod tests {
         assert_eq!(
             ring.preflight().await.expect("repair"),
             PreflightOutcome::Written
+        );
+    }
+
+    #[test]
+    fn a_recorded_fingerprint_must_be_ours() {
+        let ours = format!("SHA256:{}", "ab".repeat(32));
+        let theirs = format!("SHA256:{}", "cd".repeat(32));
+        assert!(!identity_matches(None, &ours).expect("no record"));
+        assert!(identity_matches(Some(&ours), &ours).expect("same"));
+        let err = identity_matches(Some(&theirs), &ours).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains(&ours) && msg.contains(&theirs), "{msg}");
+        assert!(matches!(
+            identity_matches(Some("SHA256:xyz"), &ours),
+            Err(KeyringError::BadKeyId)
+        ));
+    }
+
+    /// Two sticks with different key pairs on one shared store: the second is refused before
+    /// it writes anything, naming both fingerprints; the first goes on as before.
+    #[tokio::test]
+    async fn a_token_with_another_key_pair_writes_nothing_to_a_shared_store() {
+        let (ring, store, _) = ring();
+        assert_eq!(
+            ring.preflight().await.expect("first"),
+            PreflightOutcome::Written
+        );
+        let ours = ring.fingerprint().expect("fingerprint");
+        assert_eq!(store.key_id().await.expect("key id"), Some(ours.clone()));
+        let (dec, host) = soft::pair();
+        let other = Keyring::new(dec, host, Scheme::OaepSha256, store.clone());
+        let theirs = other.fingerprint().expect("fingerprint");
+        let (puts, ids) = (store.count("put"), store.count("set_key_id"));
+        let err = other.preflight().await.expect_err("another key pair");
+        let msg = err.to_string();
+        assert!(msg.contains(&ours) && msg.contains(&theirs), "{msg}");
+        let err = other
+            .store(ROOT_KEY, &Secret::from("s.7xWq0v3UJcYk2Ph9Lr4aQ8Zm"))
+            .await
+            .expect_err("no write either");
+        assert!(matches!(err, KeyringError::OtherKey { .. }), "{err}");
+        assert_eq!((store.count("put"), store.count("set_key_id")), (puts, ids));
+        assert_eq!(
+            ring.preflight().await.expect("first again"),
+            PreflightOutcome::Read
+        );
+    }
+
+    /// Values from before fingerprints were recorded: a key pair that opens them records
+    /// itself; one that does not is refused, naming the value, and writes nothing.
+    #[tokio::test]
+    async fn an_unrecorded_store_is_adopted_only_by_a_key_that_opens_it() {
+        let (ring, store, _) = ring();
+        store.insert(
+            TEST_KEY,
+            ring.seal(TEST_KEY, &Secret::from(TEST_KEY)).expect("seal"),
+        );
+        let (dec, host) = soft::pair();
+        let other = Keyring::new(dec, host, Scheme::OaepSha256, store.clone());
+        let err = other.preflight().await.expect_err("not its values");
+        assert!(matches!(err, KeyringError::UnprovenKey { .. }), "{err}");
+        assert!(err.to_string().contains(TEST_KEY), "{err}");
+        assert_eq!((store.count("put"), store.count("set_key_id")), (0, 0));
+        assert_eq!(
+            ring.preflight().await.expect("adopted"),
+            PreflightOutcome::Read
+        );
+        assert_eq!(
+            store.key_id().await.expect("key id"),
+            Some(ring.fingerprint().expect("fingerprint"))
         );
     }
 

@@ -41,6 +41,7 @@ pub mod keyring;
 pub mod memory_vault;
 pub mod pcscd;
 pub mod pin;
+pub mod pkcs11_raw;
 pub mod runner;
 pub mod secret;
 pub mod secret_store;

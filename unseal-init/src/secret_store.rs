@@ -14,6 +14,10 @@ use crate::storage::{Storage, StorageError};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
+/// The Secret's annotation recording which key pair its values are encrypted with: beside the
+/// data rather than in it, so the data keys stay exactly Bank-Vaults' names.
+pub const KEY_ID_ANNOTATION: &str = "nitrokey.com/hsm-key-fingerprint";
+
 /// Kubernetes API failures, with the Secret named.
 #[derive(Debug, Error)]
 #[error("Kubernetes Secret {namespace}/{name}: {action} failed: {source}")]
@@ -26,6 +30,12 @@ pub struct SecretStoreError {
     pub action: &'static str,
     /// kube's error.
     pub source: kube::Error,
+}
+
+impl From<SecretStoreError> for StorageError {
+    fn from(e: SecretStoreError) -> Self {
+        StorageError::Kubernetes(Box::new(e))
+    }
 }
 
 /// One Secret holding the stored values.
@@ -90,19 +100,25 @@ impl SecretStore {
         let encoded = base64::engine::general_purpose::STANDARD.encode(value);
         let patch = serde_json::json!({ "data": { key: encoded } });
         for _ in 0..3 {
-            match self.try_put(key, value, &patch).await {
+            match self
+                .try_patch_or_create(&patch, Some((key, value)), None)
+                .await
+            {
                 Err(e) if matches!(&e.source, kube::Error::Api(s) if s.code == 409) => continue,
                 other => return other,
             }
         }
-        self.try_put(key, value, &patch).await
+        self.try_patch_or_create(&patch, Some((key, value)), None)
+            .await
     }
 
-    async fn try_put(
+    /// Applies `patch`; when the Secret does not exist yet, creates it holding `entry` and
+    /// the `key_id` annotation instead.
+    async fn try_patch_or_create(
         &self,
-        key: &str,
-        value: &[u8],
         patch: &serde_json::Value,
+        entry: Option<(&str, &[u8])>,
+        key_id: Option<&str>,
     ) -> Result<(), SecretStoreError> {
         match self
             .api
@@ -112,7 +128,11 @@ impl SecretStore {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(status)) if status.code == 404 => {
                 let mut data = BTreeMap::new();
-                data.insert(key.to_owned(), k8s_openapi::ByteString(value.to_vec()));
+                if let Some((key, value)) = entry {
+                    data.insert(key.to_owned(), k8s_openapi::ByteString(value.to_vec()));
+                }
+                let annotations = key_id
+                    .map(|id| BTreeMap::from([(KEY_ID_ANNOTATION.to_owned(), id.to_owned())]));
                 let secret = K8sSecret {
                     metadata: kube::api::ObjectMeta {
                         name: Some(self.name.clone()),
@@ -120,6 +140,7 @@ impl SecretStore {
                             "app.kubernetes.io/managed-by".to_owned(),
                             "unseal-init".to_owned(),
                         )])),
+                        annotations,
                         ..Default::default()
                     },
                     data: Some(data),
@@ -134,6 +155,30 @@ impl SecretStore {
             }
             Err(e) => Err(self.err("patch", e)),
         }
+    }
+
+    /// The recorded key pair fingerprint, if any.
+    pub async fn key_id(&self) -> Result<Option<String>, SecretStoreError> {
+        let secret = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| self.err("read", e))?;
+        Ok(secret
+            .and_then(|s| s.metadata.annotations)
+            .and_then(|mut a| a.remove(KEY_ID_ANNOTATION)))
+    }
+
+    /// Records the key pair fingerprint as an annotation, creating the Secret if needed.
+    pub async fn set_key_id(&self, id: &str) -> Result<(), SecretStoreError> {
+        let patch = serde_json::json!({ "metadata": { "annotations": { KEY_ID_ANNOTATION: id } } });
+        for _ in 0..3 {
+            match self.try_patch_or_create(&patch, None, Some(id)).await {
+                Err(e) if matches!(&e.source, kube::Error::Api(s) if s.code == 409) => continue,
+                other => return other,
+            }
+        }
+        self.try_patch_or_create(&patch, None, Some(id)).await
     }
 
     /// Removes `key`; true if it existed.
@@ -182,5 +227,13 @@ impl Storage for SecretStore {
 
     fn names(&self) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
         async move { Ok(self.keys().await?) }.boxed()
+    }
+
+    fn key_id(&self) -> BoxFuture<'_, Result<Option<String>, StorageError>> {
+        async move { Ok(SecretStore::key_id(self).await?) }.boxed()
+    }
+
+    fn set_key_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {
+        async move { Ok(SecretStore::set_key_id(self, id).await?) }.boxed()
     }
 }

@@ -3,7 +3,6 @@
 //! key ring and the Vault flow do not care, and can be tested against [`memory::MemoryStore`].
 
 use crate::hsm::HsmError;
-use crate::secret_store::SecretStoreError;
 use futures::future::BoxFuture;
 use thiserror::Error;
 
@@ -13,15 +12,10 @@ pub enum StorageError {
     /// Token failure.
     #[error(transparent)]
     Hsm(#[from] HsmError),
-    /// Kubernetes failure.
+    /// Kubernetes failure. Boxed as any error so that this trait, below every backend,
+    /// imports none of them (the Secret backend converts its own error into this).
     #[error(transparent)]
-    Kubernetes(Box<SecretStoreError>),
-}
-
-impl From<SecretStoreError> for StorageError {
-    fn from(e: SecretStoreError) -> Self {
-        StorageError::Kubernetes(Box::new(e))
-    }
+    Kubernetes(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl StorageError {
@@ -58,6 +52,21 @@ pub trait Storage: Send + Sync {
 
     /// Every stored name, sorted, duplicates collapsed. Reads no values.
     fn names(&self) -> BoxFuture<'_, Result<Vec<String>, StorageError>>;
+
+    /// The fingerprint of the key pair the stored values are encrypted with, as recorded
+    /// beside them (not among the names: Bank-Vaults reads its values by name, and a store
+    /// keeps exactly the names it always had). `None` when nothing is recorded, and always
+    /// for a store that cannot be shared between key pairs.
+    fn key_id(&self) -> BoxFuture<'_, Result<Option<String>, StorageError>>;
+
+    /// Records the key pair's fingerprint beside the values.
+    fn set_key_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), StorageError>>;
+
+    /// False for a store only one key pair can ever use (the data objects on the token that
+    /// holds the key): nothing to record, nothing to check.
+    fn shared(&self) -> bool {
+        true
+    }
 }
 
 /// An in-memory store for unit tests of the key ring and the Vault flow.
@@ -76,6 +85,7 @@ pub mod memory {
         ops: Mutex<BTreeMap<&'static str, usize>>,
         /// Puts still to succeed, then puts to fail: a store that goes away mid-way.
         put_faults: Mutex<(usize, usize)>,
+        key_id: Mutex<Option<String>>,
     }
 
     impl MemoryStore {
@@ -217,6 +227,20 @@ pub mod memory {
                 })
                 .unwrap_or_default();
             async move { Ok(names) }.boxed()
+        }
+
+        fn key_id(&self) -> BoxFuture<'_, Result<Option<String>, StorageError>> {
+            self.note("key_id");
+            let id = self.key_id.lock().ok().and_then(|k| k.clone());
+            async move { Ok(id) }.boxed()
+        }
+
+        fn set_key_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {
+            self.note("set_key_id");
+            if let Ok(mut k) = self.key_id.lock() {
+                *k = Some(id.to_owned());
+            }
+            async { Ok(()) }.boxed()
         }
     }
 }
