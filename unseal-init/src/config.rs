@@ -85,6 +85,8 @@ pub struct VaultFile {
     pub ca_cert: Option<PathBuf>,
     /// Raft leader to join when not initialised.
     pub raft_leader_address: Option<String>,
+    /// The other members of this Vault's raft cluster, asked before initialising.
+    pub raft_peers: Option<Vec<String>>,
 }
 
 /// `hsm:` section.
@@ -159,6 +161,9 @@ pub struct VaultConfig {
     pub ca_cert: Option<PathBuf>,
     /// Raft leader address.
     pub raft_leader_address: Option<String>,
+    /// API addresses of the other raft members: when one answers initialised, this Vault lost
+    /// its data and joins them instead of initialising a cluster of its own.
+    pub raft_peers: Vec<String>,
 }
 
 /// How the slot is chosen.
@@ -376,6 +381,23 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
             .clone()
             .or(file.vault.raft_leader_address)
             .filter(|s| !s.is_empty()),
+        raft_peers: file
+            .vault
+            .raft_peers
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, peer)| {
+                if peer.starts_with("http://") || peer.starts_with("https://") {
+                    Ok(peer.trim_end_matches('/').to_owned())
+                } else {
+                    Err(invalid(
+                        "vault.raftPeers",
+                        format!("entry {i}: `{peer}` is not a URL like https://vault-1:8200"),
+                    ))
+                }
+            })
+            .collect::<Result<_, _>>()?,
     };
 
     let (pin, pin_file) = match (

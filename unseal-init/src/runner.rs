@@ -48,7 +48,7 @@ pub enum PassError {
     Journal(#[from] JournalError),
     /// Vault is uninitialised but the store holds another Vault's keys.
     #[error(
-        "Vault is not initialised but the store already holds {0} unseal key(s), probably of an earlier Vault; refusing to initialise (remove them with `unseal-init hsm delete`, or set options.overwriteExistingKeys)"
+        "Vault is not initialised but the store already holds {0} unseal key(s), probably of an earlier Vault; refusing to initialise. If this is a member of a raft cluster that lost its data, list the other members in vault.raftPeers and it rejoins them once one answers (initialising here would start a second cluster and replace the first one's keys in a shared store); only if those keys belong to no running Vault, remove them with `unseal-init hsm delete`, or set options.overwriteExistingKeys"
     )]
     StaleKeys(usize),
     /// Not enough readable keys to unseal.
@@ -251,6 +251,8 @@ pub struct Runner {
     telemetry: Arc<Telemetry>,
     shutdown: Shutdown,
     vault_was_up: Mutex<Option<(bool, Instant)>>,
+    /// The other raft members (`vault.raftPeers`), asked before this Vault is initialised.
+    peers: Vec<Arc<dyn VaultApi>>,
 }
 
 /// Result of a pass that did not fail.
@@ -283,7 +285,44 @@ impl Runner {
             telemetry,
             shutdown,
             vault_was_up: Mutex::new(None),
+            peers: Vec::new(),
         }
+        .with_peer_addresses()
+    }
+
+    /// Clients for `vault.raftPeers`, trusting the same CA as Vault's own. A peer whose client
+    /// cannot be built (the CA file, already checked for Vault's own client) is left out with
+    /// a warning rather than stopping the unseal of this Vault.
+    fn with_peer_addresses(mut self) -> Self {
+        for address in &self.cfg.vault.raft_peers {
+            match crate::vault::VaultClient::new(address, self.cfg.vault.ca_cert.as_deref()) {
+                Ok(client) => self.peers.push(Arc::new(client)),
+                Err(e) => tracing::warn!(peer = address.as_str(), error = %e, "raft peer left out"),
+            }
+        }
+        self
+    }
+
+    /// Replaces the raft peers (tests use in-memory Vaults).
+    pub fn with_peers(mut self, peers: Vec<Arc<dyn VaultApi>>) -> Self {
+        self.peers = peers;
+        self
+    }
+
+    /// The first raft peer that answers initialised. Peers that do not answer are skipped: on
+    /// a cluster's first start the others are not up yet (a StatefulSet starts them after this
+    /// one), and only a peer that answers initialised proves a cluster exists.
+    async fn initialized_peer(&self) -> Option<String> {
+        for peer in &self.peers {
+            match peer.seal_status().await {
+                Ok(s) if s.initialized => return Some(peer.address().to_owned()),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(peer = peer.address(), reason = %e, "raft peer not answering")
+                }
+            }
+        }
+        None
     }
 
     /// The key store.
@@ -301,7 +340,7 @@ impl Runner {
 
     /// Vault's status and, when a decision needs it, the unseal key names in the store (kept
     /// for the unseal that may follow, so the token is listed once per pass).
-    async fn observe(&self) -> Result<(Observation, Vec<String>), PassError> {
+    async fn observe(&self) -> Result<(Observation, Vec<String>, Option<String>), PassError> {
         let vault = match self.vault.seal_status().await {
             Ok(s) => {
                 self.telemetry.vault_status(s.initialized, s.sealed);
@@ -320,6 +359,10 @@ impl Runner {
             Err(e) => return Err(e.into()),
         };
         let follower = self.raft_follower();
+        let peer = match vault {
+            Some(v) if !v.initialized && !follower => self.initialized_peer().await,
+            _ => None,
+        };
         let names = if store_needed(vault, follower) {
             Some(self.keyring.unseal_keys().await?)
         } else {
@@ -329,9 +372,10 @@ impl Runner {
             vault,
             stored_keys: names.as_ref().map(Vec::len),
             raft_follower: follower,
+            initialized_peer: peer.is_some(),
             overwrite_existing_keys: self.cfg.options.overwrite_existing_keys,
         };
-        Ok((obs, names.unwrap_or_default()))
+        Ok((obs, names.unwrap_or_default(), peer))
     }
 
     /// Logs reachability changes once (with the whole cause) instead of on every poll, and a
@@ -349,7 +393,9 @@ impl Runner {
                         tracing::debug!(reason = %e, "Vault still unreachable");
                         return;
                     }
-                    tracing::info!(reason = %e, "still waiting for Vault's API");
+                    // Waited for by policy (no connection, a timeout, a gateway error), yet
+                    // a minute of it is worth an operator's attention.
+                    tracing::warn!(reason = %e, "still waiting for Vault's API");
                 }
                 (_, false, Some(e)) => tracing::info!(reason = %e, "waiting for Vault's API"),
                 (_, false, None) => {}
@@ -407,7 +453,7 @@ impl Runner {
                 }
                 continue;
             }
-            let (obs, names) = self.observe().await?;
+            let (obs, names, peer) = self.observe().await?;
             let step = next_step(&obs);
             tracing::debug!(?step, "next step");
             match step {
@@ -431,6 +477,18 @@ impl Runner {
                         ));
                     }
                     self.join().await?;
+                    joined = true;
+                }
+                Step::JoinPeer => {
+                    let peer = peer.unwrap_or_default();
+                    if joined {
+                        return Err(PassError::JoinFailed(peer));
+                    }
+                    tracing::warn!(
+                        peer = peer.as_str(),
+                        "Vault is not initialised but its raft peer is: this member lost its data; rejoining the cluster instead of initialising"
+                    );
+                    self.join_to(&peer).await?;
                     joined = true;
                 }
                 Step::Unseal { threshold } => {
@@ -822,6 +880,12 @@ impl Runner {
             .raft_leader_address
             .clone()
             .unwrap_or_default();
+        self.join_to(&leader).await
+    }
+
+    /// Joins this Vault to the raft cluster `leader` belongs to.
+    async fn join_to(&self, leader: &str) -> Result<(), PassError> {
+        let leader = leader.to_owned();
         let ca = match &self.cfg.vault.ca_cert {
             Some(p) => std::fs::read_to_string(p).ok(),
             None => None,
@@ -1241,6 +1305,28 @@ mod tests {
             "the earlier Vault's surplus keys are removed"
         );
         scene.assert_store_holds(&fresh).await;
+        scene.close();
+    }
+
+    /// A member that lost its data, while a raft peer answers initialised, rejoins: it never
+    /// initialises, not even with `overwriteExistingKeys`, and the shared store is untouched.
+    #[tokio::test]
+    async fn a_member_that_lost_its_data_rejoins_its_peers_instead_of_initialising() {
+        let scene = Scene::initialised().await;
+        let lost = Arc::new(MemoryVault::new());
+        let mut cfg = scene.config();
+        cfg.options.overwrite_existing_keys = true;
+        let peers: Vec<Arc<dyn VaultApi>> = vec![Arc::new(MemoryVault::new()), scene.vault.clone()];
+        let err = scene
+            .runner_for(cfg, &lost)
+            .with_peers(peers)
+            .pass(false)
+            .await
+            .expect_err("the in-memory Vault cannot complete a raft join");
+        assert!(matches!(err, PassError::JoinFailed(_)), "{err:?}");
+        assert_eq!(lost.calls("raft_join"), 1, "it asked to join the cluster");
+        assert_eq!(lost.calls("init"), 0, "it never initialised");
+        scene.assert_store_holds(&scene.vault).await;
         scene.close();
     }
 

@@ -11,6 +11,9 @@ pub struct Observation {
     pub stored_keys: Option<usize>,
     /// A raft leader address is configured (this Vault is a follower).
     pub raft_follower: bool,
+    /// One of the configured raft peers answers initialised: the cluster exists, and this
+    /// uninitialised Vault is a member that lost its data.
+    pub initialized_peer: bool,
     /// Stale keys may be overwritten by a new init.
     pub overwrite_existing_keys: bool,
 }
@@ -35,6 +38,9 @@ pub enum Step {
     Initialize,
     /// Join the raft leader, then unseal with the stored keys.
     JoinRaft,
+    /// Join the raft peer that answered initialised, then unseal with the stored keys: a
+    /// member that lost its data rejoins its cluster instead of starting one of its own.
+    JoinPeer,
     /// Reset progress and submit `threshold` stored keys.
     Unseal {
         /// Keys to submit.
@@ -76,6 +82,9 @@ pub fn next_step(obs: &Observation) -> Step {
     match (v.initialized, v.sealed) {
         (true, false) => Step::Done,
         (false, _) if obs.raft_follower => Step::JoinRaft,
+        // Before any init and before anything is said about stale keys: initialising here
+        // would start a second cluster and, with a shared store, replace the first one's keys.
+        (false, _) if obs.initialized_peer => Step::JoinPeer,
         (false, _) if stored_keys > 0 && !obs.overwrite_existing_keys => {
             Step::RefuseStaleKeys { found: stored_keys }
         }
@@ -113,6 +122,7 @@ mod tests {
             }),
             stored_keys: Some(stored),
             raft_follower: false,
+            initialized_peer: false,
             overwrite_existing_keys: false,
         }
     }
@@ -188,6 +198,29 @@ mod tests {
         let mut o = obs(Some((true, true, 3)), 5);
         o.raft_follower = true;
         assert_eq!(next_step(&o), Step::Unseal { threshold: 3 });
+    }
+
+    #[test]
+    fn a_member_whose_peers_form_a_cluster_rejoins_and_never_initialises() {
+        for (stored, overwrite) in [(0, false), (5, false), (5, true)] {
+            let mut o = obs(Some((false, true, 0)), stored);
+            o.initialized_peer = true;
+            o.overwrite_existing_keys = overwrite;
+            assert_eq!(
+                next_step(&o),
+                Step::JoinPeer,
+                "{stored} stored keys, overwrite {overwrite}"
+            );
+        }
+        // Once joined it is initialised and sealed: the stored keys unseal it.
+        let mut o = obs(Some((true, true, 3)), 5);
+        o.initialized_peer = true;
+        assert_eq!(next_step(&o), Step::Unseal { threshold: 3 });
+        // No peer answering initialised: as before.
+        assert_eq!(
+            next_step(&obs(Some((false, true, 0)), 5)),
+            Step::RefuseStaleKeys { found: 5 }
+        );
     }
 
     #[test]
