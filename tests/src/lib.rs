@@ -24,11 +24,13 @@
 //!   traits SoftHSM2 lacks (sticky failed decrypts, OAEP-SHA256, shared serials, TPM restarts).
 //! - [`openbao`]: a real OpenBao server (Vault's API) on 127.0.0.1, started sealed.
 //! - [`bins`]: where the workspace's own binaries were built.
+//! - [`dockerfile`]: the Dockerfile's instructions, per stage.
 //!
 //! The programs under test are always run as child processes, exactly as an operator runs them;
 //! the harnesses only drive their peers.
 
 pub mod bins;
+pub mod dockerfile;
 pub mod kube_api;
 pub mod kubelet;
 pub mod openbao;

@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use nitrokey_e2e::dockerfile::{self, Instruction};
 use serde_json::Value;
 
 /// The repository root (the workspace that holds this test crate).
@@ -23,54 +24,9 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// One Dockerfile instruction with continuation lines joined and comments dropped.
-#[derive(Debug, Clone)]
-struct Instruction {
-    /// Upper-cased keyword (`FROM`, `RUN`, `COPY`, ...).
-    keyword: String,
-    /// Everything after the keyword, continuation lines joined with a space.
-    args: String,
-    /// Index of the build stage (0-based) the instruction belongs to.
-    stage: usize,
-}
-
-fn parse_dockerfile(text: &str) -> Vec<Instruction> {
-    let mut out = Vec::new();
-    let mut current = String::new();
-    let mut stage: Option<usize> = None;
-    for raw in text.lines() {
-        let line = raw.trim();
-        if line.starts_with('#') || (line.is_empty() && current.is_empty()) {
-            continue;
-        }
-        if let Some(body) = line.strip_suffix('\\') {
-            current.push_str(body.trim());
-            current.push(' ');
-            continue;
-        }
-        current.push_str(line);
-        let full = std::mem::take(&mut current);
-        let full = full.trim();
-        if full.is_empty() {
-            continue;
-        }
-        let (keyword, args) = full.split_once(char::is_whitespace).unwrap_or((full, ""));
-        let keyword = keyword.to_ascii_uppercase();
-        if keyword == "FROM" {
-            stage = Some(stage.map_or(0, |s| s + 1));
-        }
-        out.push(Instruction {
-            keyword,
-            args: args.trim().to_string(),
-            stage: stage.unwrap_or(0),
-        });
-    }
-    out
-}
-
 fn dockerfile() -> Vec<Instruction> {
     let text = std::fs::read_to_string(repo().join("Dockerfile")).expect("read Dockerfile");
-    parse_dockerfile(&text)
+    dockerfile::parse(&text)
 }
 
 /// Splits `COPY [--flag=x ...] SRC... DEST` into (flags, sources, destination).
@@ -386,29 +342,9 @@ fn dockerignore_matcher_follows_docker_rules() {
 /// The two runtime targets, each named after the one program it carries.
 const TARGETS: [&str; 2] = ["device-plugin", "unseal-init"];
 
-/// Stage index of each `FROM ... AS name`.
-fn stage_names(instructions: &[Instruction]) -> Vec<(usize, String)> {
-    instructions
-        .iter()
-        .filter(|i| i.keyword == "FROM")
-        .map(|i| {
-            let words: Vec<&str> = i.args.split_whitespace().collect();
-            let name = words
-                .windows(2)
-                .find(|w| w[0].eq_ignore_ascii_case("AS"))
-                .map(|w| w[1].to_string())
-                .unwrap_or_default();
-            (i.stage, name)
-        })
-        .collect()
-}
-
 fn stage_of(instructions: &[Instruction], name: &str) -> usize {
-    stage_names(instructions)
-        .into_iter()
-        .find(|(_, n)| n == name)
+    dockerfile::stage_of(instructions, name)
         .unwrap_or_else(|| panic!("the Dockerfile has no target `{name}`"))
-        .0
 }
 
 /// The packages a list file names, comments and blanks dropped (as the Dockerfile's `sed`).
@@ -519,7 +455,10 @@ fn each_image_carries_exactly_its_program_as_the_workspace_builds_it() {
 fn base_images_are_pinned_and_match_the_toolchain() {
     let ins = dockerfile();
     let froms: Vec<&Instruction> = ins.iter().filter(|i| i.keyword == "FROM").collect();
-    let names: BTreeSet<String> = stage_names(&ins).into_iter().map(|(_, n)| n).collect();
+    let names: BTreeSet<String> = dockerfile::stage_names(&ins)
+        .into_iter()
+        .map(|(_, n)| n)
+        .collect();
     let expected: BTreeSet<String> = ["build", "device-plugin", "unseal-init"]
         .map(String::from)
         .into();
