@@ -19,6 +19,7 @@ apt_packages=(
   openssl                               # writes Bank-Vaults-style ciphertext in the tests
   pcscd libccid                         # the stick's smart-card stack (unseal-init daemon mode)
   mmdebstrap                            # builds the image's root filesystems without an engine
+  buildah skopeo podman runc            # OCI images without a daemon (scripts/build-images.sh), run in the tests
   python3-venv                          # the venv below (Debian's Python refuses a global pip)
 )
 pip_packages=(
