@@ -2,18 +2,23 @@
 //!
 //! Wrapping them in one type makes leaks a type error instead of a review finding: it has no
 //! `Display`, its `Debug` prints a fixed placeholder, and its memory is zeroed on drop.
+//!
+//! Clones share one buffer, zeroed when the last clone goes: the PIN travels through the
+//! configuration, the PIN memory, the runner and the token session, and each clone would
+//! otherwise be one more copy in memory for as long as it lives.
 
 use std::fmt;
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 /// A secret string, zeroed on drop and redacted in `Debug`.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Zeroizing<String>);
+pub struct Secret(Arc<Zeroizing<String>>);
 
 impl Secret {
     /// Wraps `value`; the caller's copy moves in and is zeroed with this one.
     pub fn new(value: String) -> Self {
-        Self(Zeroizing::new(value))
+        Self(Arc::new(Zeroizing::new(value)))
     }
 
     /// The clear value, for the one call that needs it (login, unseal, encryption).
@@ -56,6 +61,14 @@ impl From<&str> for Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clones_share_one_buffer() {
+        let a = Secret::from("banzai");
+        let b = a.clone();
+        assert_eq!(a.expose().as_ptr(), b.expose().as_ptr());
+        assert_eq!(a, Secret::from("banzai"));
+    }
 
     #[test]
     fn debug_never_shows_the_value() {

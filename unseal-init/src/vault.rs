@@ -248,12 +248,21 @@ impl VaultClient {
         let result = async {
             let mut resp = req.send().await?;
             let status = resp.status();
-            let mut body = bytes_body::Body(Vec::new());
+            // Sized from Content-Length, and grown by hand otherwise: a Vec's own growth
+            // would free the old buffer, part of a `sys/init` answer, without zeroing it.
+            let expected = resp
+                .content_length()
+                .map_or(0, |n| usize::try_from(n).unwrap_or(MAX_BODY).min(MAX_BODY));
+            let mut body = bytes_body::Body(Vec::with_capacity(expected));
             while let Some(chunk) = resp.chunk().await? {
                 if body.0.len() + chunk.len() > MAX_BODY {
                     return Ok(Err(status));
                 }
-                body.0.extend_from_slice(&chunk);
+                bytes_body::append(&mut body.0, &chunk);
+                // The chunk is the HTTP stack's buffer: zeroed too when no one else holds it.
+                if let Ok(mut own) = chunk.try_into_mut() {
+                    zeroize::Zeroize::zeroize(&mut own[..]);
+                }
             }
             Ok::<_, reqwest::Error>(Ok((status, body)))
         }
@@ -343,20 +352,12 @@ impl VaultClient {
 
     /// `PUT sys/unseal` with one key share.
     pub async fn unseal(&self, key: &Secret) -> Result<SealStatus, VaultError> {
-        // Built by hand so that no intermediate JSON value keeps a copy of the key.
-        let quoted = zeroize::Zeroizing::new(serde_json::to_string(key.expose()).map_err(|e| {
-            VaultError::Body {
-                endpoint: "sys/unseal",
-                reason: e.to_string(),
-            }
-        })?);
-        let body = zeroize::Zeroizing::new(format!("{{\"key\":{}}}", quoted.as_str()));
         let req = self
             .http
             .put(self.url("sys/unseal"))
             .timeout(REQUEST_TIMEOUT)
             .header("content-type", "application/json")
-            .body(body.as_bytes().to_vec());
+            .body(unseal_body(key)?);
         let body = self.send("sys/unseal", req, false).await?;
         serde_json::from_slice(&body.0).map_err(|e| VaultError::Body {
             endpoint: "sys/unseal",
@@ -502,9 +503,35 @@ mod tests {
     }
 }
 
+/// The JSON body of one `sys/unseal` request, in a buffer that is zeroed when the HTTP stack
+/// drops its last reference to it (after the request was written). Written into room
+/// reserved for the longest escaping, so it never moves and leaves no copy behind.
+fn unseal_body(key: &Secret) -> Result<bytes::Bytes, VaultError> {
+    let value = key.expose();
+    let mut body = zeroize::Zeroizing::new(Vec::with_capacity(value.len() * 6 + 16));
+    body.extend_from_slice(b"{\"key\":");
+    serde_json::to_writer(&mut *body, value).map_err(|e| VaultError::Body {
+        endpoint: "sys/unseal",
+        reason: e.to_string(),
+    })?;
+    body.push(b'}');
+    Ok(bytes::Bytes::from_owner(body))
+}
+
 mod bytes_body {
     /// A response body that is dropped without being logged.
     pub struct Body(pub Vec<u8>);
+
+    /// Appends `more`, moving to a larger buffer by hand and zeroing the old one.
+    pub fn append(buf: &mut Vec<u8>, more: &[u8]) {
+        if buf.capacity() - buf.len() < more.len() {
+            let mut bigger = Vec::with_capacity((buf.len() + more.len()).max(2 * buf.capacity()));
+            bigger.extend_from_slice(buf);
+            zeroize::Zeroize::zeroize(buf);
+            *buf = bigger;
+        }
+        buf.extend_from_slice(more);
+    }
 
     impl Drop for Body {
         fn drop(&mut self) {
