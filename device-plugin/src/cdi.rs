@@ -12,13 +12,11 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::inventory::Stick;
-use crate::server::{ENV_DEVICES, ENV_SERIALS};
+use crate::names::{ENV_DEVICES, ENV_SERIALS};
 use crate::state::PluginState;
 
 /// CDI specification version written (the oldest that has everything used here).
 pub const CDI_VERSION: &str = "0.5.0";
-/// Default directory of CDI specs that runtimes read.
-pub const DEFAULT_SPEC_DIR: &str = "/var/run/cdi";
 
 /// The qualified CDI name of a stick: `<resource>=<stick id>`.
 pub fn device_name(resource: &str, stick: &str) -> String {

@@ -15,8 +15,8 @@ use clap::Parser;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
-use crate::labels::NodeLabels;
-use crate::replug::OnReplug;
+use crate::names::{DEFAULT_NFD_DIR, DEFAULT_SPEC_DIR, SOCKET_NAME};
+use crate::text::shorten;
 
 // Shared with unseal-init, so both programs' log lines look alike.
 pub use nitrokey_common::logging::LogFormat;
@@ -47,8 +47,6 @@ pub const MAX_RESCAN_INTERVAL: Duration = Duration::from_secs(3600);
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Default interval of the periodic rescan used where hotplug events cannot arrive.
 pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(5);
-/// File name of the plugin's socket inside the device-plugin directory.
-pub const SOCKET_NAME: &str = "nitrokey-hsm.sock";
 /// Most units one stick may be split into.
 pub const MAX_SHARES: u32 = 1000;
 
@@ -235,6 +233,32 @@ impl Cli {
     }
 }
 
+/// How node labels are published (see [`crate::labels`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeLabels {
+    /// No labels.
+    None,
+    /// A Node Feature Discovery local feature file.
+    #[default]
+    Nfd,
+    /// Patch the Node object through the API server.
+    Api,
+}
+
+/// What to do about pods holding a replugged stick (see [`crate::replug`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnReplug {
+    /// Nothing.
+    None,
+    /// A Kubernetes Event on each affected pod.
+    #[default]
+    Event,
+    /// Evict each affected pod (one per stick at a time, rate-limited).
+    Evict,
+}
+
 /// How the plugin notices sticks being plugged in and out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -388,15 +412,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(too_long());
     }
     Ok(d)
-}
-
-/// `text` cut to at most `max` characters, with a note of the full length when cut: for
-/// echoing untrusted input in messages without echoing all of it.
-pub fn shorten(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        None => text.to_owned(),
-        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
-    }
 }
 
 fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -590,13 +605,13 @@ impl Config {
                 .nfd_features_dir
                 .clone()
                 .or(file.nfd_features_dir)
-                .unwrap_or_else(|| PathBuf::from(crate::labels::DEFAULT_NFD_DIR)),
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_NFD_DIR)),
             cdi: cli.cdi.or(file.cdi).unwrap_or(false),
             cdi_spec_dir: cli
                 .cdi_spec_dir
                 .clone()
                 .or(file.cdi_spec_dir)
-                .unwrap_or_else(|| PathBuf::from(crate::cdi::DEFAULT_SPEC_DIR)),
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_SPEC_DIR)),
         };
         config.validate()?;
         Ok(config)
@@ -989,16 +1004,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("NODE_IP"), "{err}");
-    }
-
-    #[test]
-    fn shorten_cuts_long_text() {
-        assert_eq!(shorten("abc", 5), "abc");
-        let long = "x".repeat(1 << 20);
-        let short = shorten(&long, 10);
-        assert!(short.starts_with("xxxxxxxxxx…"));
-        assert!(short.contains("1048576 bytes"));
-        assert_eq!(shorten("äöüäöü", 3), "äöü… (12 bytes)");
     }
 
     #[test]

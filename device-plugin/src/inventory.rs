@@ -108,7 +108,7 @@ impl Stick {
 /// An ID as it may appear in an error or a log line: IDs come from outside (the kubelet, or
 /// anyone able to reach the socket), so at most a kubelet ID's length of it is echoed.
 pub fn shown_id(id: &str) -> String {
-    crate::config::shorten(id, MAX_DEVICE_ID_LEN)
+    crate::text::shorten(id, MAX_DEVICE_ID_LEN)
 }
 
 /// Why a unit ID cannot be handed out (the ID is shortened with [`shown_id`]).

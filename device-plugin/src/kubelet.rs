@@ -40,8 +40,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::{Endpoint, Uri};
 
-use crate::config::{Config, SOCKET_NAME};
+use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::names::SOCKET_NAME;
 use crate::server::{self, FileId, Serving};
 use crate::state::PluginState;
 

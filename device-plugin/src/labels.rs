@@ -18,9 +18,9 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::NodeLabels;
 use crate::inventory::Health;
 use crate::metrics::Metrics;
 use crate::state::PluginState;
@@ -31,21 +31,6 @@ pub const PRESENT_LABEL: &str = "nitrokey.com/hsm.present";
 pub const COUNT_LABEL: &str = "nitrokey.com/hsm.count";
 /// Name of the NFD feature file the plugin owns.
 pub const NFD_FILE_NAME: &str = "nitrokey-hsm";
-/// NFD's default local feature directory (as mounted into nfd-worker).
-pub const DEFAULT_NFD_DIR: &str = "/etc/kubernetes/node-feature-discovery/features.d";
-
-/// How node labels are published.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeLabels {
-    /// No labels.
-    None,
-    /// A Node Feature Discovery local feature file.
-    #[default]
-    Nfd,
-    /// Patch the Node object through the API server.
-    Api,
-}
 
 /// The labels for `count` plugged-in sticks: a value to set, or `None` to remove the label.
 pub fn labels_for(count: usize) -> BTreeMap<&'static str, Option<String>> {

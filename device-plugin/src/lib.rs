@@ -2,8 +2,13 @@
 //!
 //! # Layout
 //!
-//! One concern per module, pure logic apart from I/O:
+//! One concern per module, pure logic apart from I/O, in layers without import cycles
+//! (checked by the `import_graph` test of the `nitrokey-e2e` crate): configuration and names at
+//! the bottom, importing nothing but each other; the pure decisions ([`inventory`],
+//! [`allocation`], [`replug`]) above them and below every module doing I/O; [`daemon`] on top.
 //!
+//! - [`names`]: the socket, environment variable and default directory names the plugin shares
+//!   with the outside; [`text`]: how untrusted text is echoed (cut short).
 //! - [`config`]: YAML file, flags and environment, validated into a [`config::Config`]; the
 //!   file is parsed by [`nitrokey_common::yaml`], as unseal-init's is.
 //! - [`usb`]: discovery with libusb: hotplug callbacks (or a rescan fallback), stick identity.
@@ -31,9 +36,11 @@ pub mod inventory;
 pub mod kubelet;
 pub mod labels;
 pub mod metrics;
+pub mod names;
 pub mod recovery;
 pub mod replug;
 pub mod server;
 pub mod state;
 pub mod telemetry;
+pub mod text;
 pub mod usb;

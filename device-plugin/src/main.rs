@@ -66,7 +66,7 @@ fn install_panic_hook() {
             .map(|s| (*s).to_owned())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_default();
-        let message = nitrokey_device_plugin::config::shorten(&payload, 500);
+        let message = nitrokey_device_plugin::text::shorten(&payload, 500);
         tracing::error!(thread, location, message, "internal error (panic); exiting");
         eprintln!("device-plugin: panic in thread {thread} at {location}: {message}");
         std::process::exit(EXIT_PANIC);

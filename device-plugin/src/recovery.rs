@@ -16,8 +16,9 @@ use nitrokey_proto::podresources_v1::pod_resources_lister_client::PodResourcesLi
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::OnReplug;
 use crate::metrics::{ActionLabel, Metrics};
-use crate::replug::{Evictions, Holder, OnReplug, Replug, holders};
+use crate::replug::{Evictions, Holder, Replug, holders};
 use crate::state::PluginState;
 
 /// How often queued evictions are looked at again.

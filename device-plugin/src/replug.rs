@@ -15,23 +15,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-
 /// Least time between two evictions, whatever the sticks.
 pub const MIN_EVICTION_INTERVAL: Duration = Duration::from_secs(10);
-
-/// What to do about pods holding a replugged stick.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum OnReplug {
-    /// Nothing.
-    None,
-    /// A Kubernetes Event on each affected pod.
-    #[default]
-    Event,
-    /// Evict each affected pod (one per stick at a time, rate-limited).
-    Evict,
-}
 
 /// A stick that came back at another USB address.
 #[derive(Debug, Clone, PartialEq, Eq)]

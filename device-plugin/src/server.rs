@@ -22,12 +22,8 @@ use tonic::{Request, Response, Status};
 use crate::allocation;
 use crate::inventory::{LookupError, Unit, shown_id};
 use crate::metrics::Metrics;
+use crate::names::{ENV_DEVICES, ENV_SERIALS};
 use crate::state::PluginState;
-
-/// Environment variable listing the allocated sticks' serial numbers, comma-separated.
-pub const ENV_SERIALS: &str = "NITROKEY_HSM_SERIALS";
-/// Environment variable listing the allocated sticks' device nodes, comma-separated.
-pub const ENV_DEVICES: &str = "NITROKEY_HSM_DEVICES";
 
 /// The options this plugin announces at registration and in `GetDevicePluginOptions`.
 pub fn options() -> DevicePluginOptions {

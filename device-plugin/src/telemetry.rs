@@ -55,7 +55,7 @@ impl<S: tracing::Subscriber> Layer<S> for OldKubeletLayer {
         if n.is_power_of_two() {
             tracing::error!(
                 refusals = n,
-                detail = %crate::config::shorten(&message.0, 300),
+                detail = %crate::text::shorten(&message.0, 300),
                 "a client sent the socket path as HTTP/2 :authority, as kubelets before {} do; \
                  this plugin's gRPC server cannot accept that: the kubelet must be {} or newer",
                 MIN_KUBELET_VERSION,
