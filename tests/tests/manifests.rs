@@ -1045,6 +1045,7 @@ fn check_vault(origin: &str, objects: &[Value]) {
                 on_pvc,
                 "{at}: the init journal {journal} must be on the StatefulSet's persistent volume"
             );
+            check_init_in_flight_hook(&at, &spec, server, side, &journal);
             assert_eq!(
                 config.hsm.module_path,
                 Path::new(OPENSC_MODULE),
@@ -1087,6 +1088,80 @@ fn check_vault(origin: &str, objects: &[Value]) {
             );
         }
     }
+}
+
+/// While `sys/init` is unanswered, unseal-init holds a marker in its journal directory; a
+/// stopping Vault drops the answer (the only copy of the keys), so the server container's
+/// preStop hook must wait while the marker exists, through a path that names the same volume,
+/// with a shell the Vault and OpenBao images have, bounded so that the pod's grace period
+/// leaves Vault 30 s of its own shutdown.
+fn check_init_in_flight_hook(
+    at: &str,
+    spec: &PodSpec,
+    server: &Container,
+    side: &Container,
+    journal: &str,
+) {
+    let (side_mount, server_mount) = side
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| journal.starts_with(&m.mount_path))
+        .find_map(|m| {
+            let theirs = server
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|s| s.name == m.name && s.sub_path.is_none())?;
+            Some((m, theirs))
+        })
+        .unwrap_or_else(|| {
+            panic!("{at}: the server container must mount the volume of the init journal {journal}")
+        });
+    let mut seen = server_mount.mount_path.trim_end_matches('/').to_owned();
+    if let Some(sub) = &side_mount.sub_path {
+        seen = format!("{seen}/{sub}");
+    }
+    seen.push_str(&journal[side_mount.mount_path.trim_end_matches('/').len()..]);
+    let marker = format!(
+        "{}/{}",
+        seen.trim_end_matches('/'),
+        unseal_init::journal::IN_FLIGHT
+    );
+    let command = server
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .and_then(|h| h.exec.as_ref())
+        .and_then(|e| e.command.clone())
+        .unwrap_or_else(|| panic!("{at}: the server container needs a preStop exec hook"));
+    assert_eq!(
+        command.first().map(String::as_str),
+        Some("/bin/sh"),
+        "{at}: the preStop hook runs /bin/sh (the Vault and OpenBao images have no bash)"
+    );
+    let script = command.join(" ");
+    assert!(
+        script.contains(&format!("[ -e {marker} ]")),
+        "{at}: the preStop hook must wait while {marker} exists: {script}"
+    );
+    let bound: i64 = script
+        .split("-lt ")
+        .nth(1)
+        .and_then(|rest| {
+            rest.trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| {
+            panic!("{at}: the preStop wait needs a bound (`-lt SECONDS`): {script}")
+        });
+    let grace = spec.termination_grace_period_seconds.unwrap_or(30);
+    assert!(
+        bound >= 60 && grace >= bound + 30,
+        "{at}: terminationGracePeriodSeconds {grace} must cover the preStop wait ({bound} s, at least 60) plus 30 s for Vault's shutdown"
+    );
 }
 
 /// hsm-k8s mode needs a token and exactly what unseal-init calls on its one Secret (`get` to

@@ -39,6 +39,16 @@ pub enum VaultError {
         /// Why.
         reason: String,
     },
+    /// Vault's TLS certificate failed verification: waiting will not change it.
+    #[error(
+        "Vault at {address} presented a TLS certificate this program does not trust: {reason}; this will not fix itself: set vault.caCert (or VAULT_CACERT) to the CA that signed it, or fix the certificate"
+    )]
+    Certificate {
+        /// Address.
+        address: String,
+        /// Why.
+        reason: String,
+    },
     /// Vault answered with an error status.
     #[error("Vault {endpoint} returned HTTP {status}: {message}")]
     Status {
@@ -126,6 +136,30 @@ pub const MAX_BODY: usize = 1024 * 1024;
 
 /// Time allowed for every request except `sys/init`.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest part of an error body quoted in a message: Vault's own errors are short, and a
+/// proxy's HTML page is only worth its first words.
+pub const MAX_ERROR_TEXT: usize = 200;
+
+/// `text` on one line, control characters and runs of white space as one space, cut after
+/// [`MAX_ERROR_TEXT`] characters with the full length noted.
+pub fn error_excerpt(text: &str) -> String {
+    let flat: String = text
+        .split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    match flat.char_indices().nth(MAX_ERROR_TEXT) {
+        Some((cut, _)) => format!("{}… ({} bytes in all)", &flat[..cut], text.len()),
+        None => flat,
+    }
+}
+
+/// HTTP statuses a proxy or load balancer in front of Vault answers while Vault is away
+/// (restarting, not yet listening): worth waiting for, like a refused connection.
+pub fn is_gateway_status(status: u16) -> bool {
+    matches!(status, 502..=504)
+}
 
 /// The error and every cause below it, on one line (reqwest's own message omits the cause:
 /// connection refused, certificate rejected, timed out).
@@ -216,6 +250,13 @@ impl VaultClient {
 
     fn unreachable(&self, e: reqwest::Error) -> VaultError {
         let mut reason = error_chain(&e);
+        // rustls says "invalid peer certificate: UnknownIssuer" (or NotValidForName, Expired).
+        if e.is_connect() && reason.to_ascii_lowercase().contains("certificate") {
+            return VaultError::Certificate {
+                address: self.address.clone(),
+                reason,
+            };
+        }
         if e.is_timeout() && !reason.contains("timed out") {
             reason.push_str(" (timed out)");
         }
@@ -284,8 +325,8 @@ impl VaultClient {
         };
         if !status.is_success() {
             let message = match serde_json::from_slice::<ErrorsBody>(&body.0) {
-                Ok(b) if !b.errors.is_empty() => b.errors.join("; "),
-                _ if echo_body => String::from_utf8_lossy(&body.0).into_owned(),
+                Ok(b) if !b.errors.is_empty() => error_excerpt(&b.errors.join("; ")),
+                _ if echo_body => error_excerpt(&String::from_utf8_lossy(&body.0)),
                 _ => "(body withheld)".to_owned(),
             };
             return Err(VaultError::Status {
@@ -298,8 +339,10 @@ impl VaultClient {
     }
 
     /// `GET sys/seal-status`.
+    /// A gateway error (502–504) from something in front of Vault counts as Vault being
+    /// unreachable: it is waited for, not a failure.
     pub async fn seal_status(&self) -> Result<SealStatus, VaultError> {
-        let body = self
+        let body = match self
             .send(
                 "sys/seal-status",
                 self.http
@@ -307,7 +350,18 @@ impl VaultClient {
                     .timeout(REQUEST_TIMEOUT),
                 true,
             )
-            .await?;
+            .await
+        {
+            Err(VaultError::Status {
+                status, message, ..
+            }) if is_gateway_status(status) => {
+                return Err(VaultError::Unreachable {
+                    address: self.address.clone(),
+                    reason: format!("HTTP {status} from a proxy in front of Vault: {message}"),
+                });
+            }
+            other => other?,
+        };
         serde_json::from_slice(&body.0).map_err(|e| VaultError::Body {
             endpoint: "sys/seal-status",
             reason: e.to_string(),
@@ -493,6 +547,28 @@ mod tests {
         }
     }
     impl std::error::Error for Inner {}
+
+    #[test]
+    fn error_bodies_are_cut_to_one_short_line() {
+        let page = format!(
+            "<html>\r\n<head><title>500 Internal Server Error</title></head>\n<body>{}</body></html>",
+            "x".repeat(1024 * 1024)
+        );
+        let cut = error_excerpt(&page);
+        assert!(cut.starts_with("<html> <head><title>500 Internal"), "{cut}");
+        assert!(cut.chars().count() < MAX_ERROR_TEXT + 40, "{}", cut.len());
+        assert!(
+            cut.ends_with(&format!("({} bytes in all)", page.len())),
+            "{cut}"
+        );
+        assert!(!cut.contains('\n') && !cut.contains('\r'), "{cut}");
+        assert_eq!(error_excerpt("Vault is sealed"), "Vault is sealed");
+        // Cut on a character boundary.
+        let wide = "é".repeat(MAX_ERROR_TEXT * 2);
+        assert!(error_excerpt(&wide).starts_with(&"é".repeat(MAX_ERROR_TEXT)));
+        assert!(is_gateway_status(502) && is_gateway_status(504));
+        assert!(!is_gateway_status(500) && !is_gateway_status(501) && !is_gateway_status(505));
+    }
 
     #[test]
     fn unreachable_reasons_carry_their_cause() {

@@ -318,6 +318,8 @@ struct TapState {
     holding: bool,
     held: bool,
     released: bool,
+    /// The held reply is never delivered: its connection closes instead.
+    dropped: bool,
 }
 
 /// Turns a `sys/init` reply body into the one delivered.
@@ -397,6 +399,27 @@ impl FaultTap {
         self.changed.notify_all();
     }
 
+    /// Closes the held reply's connection unanswered, unless it was released already: what a
+    /// Vault told to stop does with a request in flight (OpenBao drops it and finishes the
+    /// work). Later replies pass.
+    pub fn drop_held(&self) {
+        if self.hold.is_none() {
+            return;
+        }
+        if let Ok(mut s) = self.state.lock()
+            && !s.released
+        {
+            s.released = true;
+            s.dropped = true;
+        }
+        self.changed.notify_all();
+    }
+
+    /// True once a held reply was dropped.
+    pub fn dropped(&self) -> bool {
+        self.state.lock().map(|s| s.dropped).unwrap_or(false)
+    }
+
     /// Every `sys/init` reply Vault sent, as Vault sent it, oldest first.
     pub fn init_replies(&self) -> Vec<InitReply> {
         self.state
@@ -423,10 +446,11 @@ impl FaultTap {
         }
     }
 
-    fn hold_reply(&self) {
+    /// Holds the reply until released; false when it was dropped instead.
+    fn hold_reply(&self) -> bool {
         let mut state = self.state.lock().expect("tap state");
         if state.held {
-            return;
+            return true;
         }
         state.held = true;
         state.holding = true;
@@ -438,6 +462,7 @@ impl FaultTap {
             state = self.changed.wait_timeout(state, left).expect("tap state").0;
         }
         state.holding = false;
+        !state.dropped
     }
 }
 
@@ -447,8 +472,8 @@ impl Tap for FaultTap {
         if is_init && let Ok(mut s) = self.state.lock() {
             s.init_replies.push(body.clone());
         }
-        if self.should_hold(seen) {
-            self.hold_reply();
+        if self.should_hold(seen) && !self.hold_reply() {
+            return None;
         }
         match &self.rewrite_init {
             Some(rewrite) if is_init => Some(rewrite(&body)),
@@ -639,5 +664,286 @@ pub struct ReleaseOnDrop(pub Arc<FaultTap>);
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
         self.0.release();
+    }
+}
+
+/// The shipped deployment's settings that decide whether a probe or a stop can cut an init
+/// short, read from the manifests in `deploy/base/vault` (so the matrix follows them).
+#[derive(Debug, Clone)]
+pub struct Shipped {
+    /// unseal-init's liveness probe: `periodSeconds`.
+    pub liveness_period: Duration,
+    /// `failureThreshold`.
+    pub liveness_failures: u32,
+    /// `timeoutSeconds`.
+    pub liveness_timeout: Duration,
+    /// The pod's `terminationGracePeriodSeconds`.
+    pub grace: Duration,
+    /// The Vault container's `preStop` exec command.
+    pre_stop: Vec<String>,
+    /// Where Vault's container sees unseal-init's journal directory (its mount of the volume
+    /// unseal-init keeps the journal on, plus unseal-init's subPath).
+    vault_sees_journal_at: String,
+    /// unseal-init's `unsealPeriod` in the shipped config.
+    pub unseal_period: String,
+}
+
+fn manifest_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/vault")
+}
+
+fn yaml(file: &str) -> serde_json::Value {
+    let path = manifest_dir().join(file);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    nitrokey_common::yaml::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A probe or grace setting in seconds, with the API's default when unset.
+fn seconds(v: &serde_json::Value, default: u64) -> Duration {
+    Duration::from_secs(v.as_u64().unwrap_or(default))
+}
+
+impl Shipped {
+    /// Reads `statefulset.yaml` and `unseal-init.yaml`; panics naming what is missing.
+    pub fn read() -> Self {
+        let sts = yaml("statefulset.yaml");
+        let spec = &sts["spec"]["template"]["spec"];
+        let containers = spec["containers"].as_array().expect("containers");
+        let named = |name: &str| {
+            containers
+                .iter()
+                .find(|c| c["name"] == name)
+                .unwrap_or_else(|| panic!("no container {name} in statefulset.yaml"))
+        };
+        let (vault, sidecar) = (named("vault"), named("unseal-init"));
+        let probe = &sidecar["livenessProbe"];
+        assert!(probe.is_object(), "unseal-init has no livenessProbe");
+        let pre_stop: Vec<String> = vault["lifecycle"]["preStop"]["exec"]["command"]
+            .as_array()
+            .expect("the Vault container's preStop exec command")
+            .iter()
+            .map(|a| a.as_str().expect("string argument").to_owned())
+            .collect();
+        // Which volume holds the journal, and where Vault's container mounts it.
+        let journal_mount = sidecar["volumeMounts"]
+            .as_array()
+            .expect("unseal-init volumeMounts")
+            .iter()
+            .find(|m| m["mountPath"] == "/var/lib/unseal-init")
+            .expect("unseal-init mounts its journal directory");
+        let volume = journal_mount["name"].as_str().expect("volume name");
+        let vault_mount = vault["volumeMounts"]
+            .as_array()
+            .expect("Vault volumeMounts")
+            .iter()
+            .find(|m| m["name"] == volume && m["subPath"].is_null())
+            .unwrap_or_else(|| panic!("Vault's container does not mount volume {volume}"));
+        let mut vault_sees_journal_at = vault_mount["mountPath"]
+            .as_str()
+            .expect("mountPath")
+            .trim_end_matches('/')
+            .to_owned();
+        if let Some(sub) = journal_mount["subPath"].as_str() {
+            vault_sees_journal_at = format!("{vault_sees_journal_at}/{sub}");
+        }
+        let config = yaml("unseal-init.yaml");
+        Self {
+            liveness_period: seconds(&probe["periodSeconds"], 10),
+            liveness_failures: probe["failureThreshold"].as_u64().unwrap_or(3) as u32,
+            liveness_timeout: seconds(&probe["timeoutSeconds"], 1),
+            grace: seconds(&spec["terminationGracePeriodSeconds"], 30),
+            pre_stop,
+            vault_sees_journal_at,
+            unseal_period: config["unsealPeriod"]
+                .as_str()
+                .expect("unsealPeriod in unseal-init.yaml")
+                .to_owned(),
+        }
+    }
+
+    /// The preStop command as it runs against a journal directory at `journal` on this host
+    /// (the manifest's path for Vault's view of it replaced).
+    pub fn pre_stop_for(&self, journal: &Path) -> Vec<String> {
+        let host = journal.display().to_string();
+        assert!(
+            self.pre_stop
+                .iter()
+                .any(|a| a.contains(&self.vault_sees_journal_at)),
+            "the preStop hook {:?} does not look at {}",
+            self.pre_stop,
+            self.vault_sees_journal_at
+        );
+        self.pre_stop
+            .iter()
+            .map(|a| a.replace(&self.vault_sees_journal_at, &host))
+            .collect()
+    }
+}
+
+/// What a pod deletion did, as the kubelet stand-in saw it.
+#[derive(Debug, Default)]
+pub struct Deletion {
+    /// When the deletion began (both containers told to stop).
+    pub began: Option<Instant>,
+    /// When Vault's preStop hook returned (or was abandoned at the end of the grace period).
+    pub vault_stopped: Option<Instant>,
+    /// The hook ran out the grace period.
+    pub hook_timed_out: bool,
+}
+
+/// Deletes the "pod" of unseal-init `sidecar` and OpenBao `vault_pid` as the kubelet does
+/// (pkg/kubelet/kuberuntime `killContainer`, run for every container at once): unseal-init,
+/// which has no hook, gets SIGTERM at once; Vault's `preStop` hook runs first, and Vault gets
+/// SIGTERM when it returns or the grace period ends, whichever is first. A stopping Vault
+/// closes the request it was answering (`tap.drop_held`). SIGKILL at the end of the grace
+/// period is the caller's (it reaps both). Runs on a thread of its own; returns at once.
+pub fn delete_pod(
+    sidecar: &Signaller,
+    vault_pid: u32,
+    tap: Arc<FaultTap>,
+    hook: Vec<String>,
+    grace: Duration,
+    record: Arc<Mutex<Deletion>>,
+) -> JoinHandle<()> {
+    let began = Instant::now();
+    if let Ok(mut r) = record.lock() {
+        r.began = Some(began);
+    }
+    sidecar.send(libc::SIGTERM);
+    std::thread::spawn(move || {
+        let mut timed_out = false;
+        match Command::new(&hook[0]).args(&hook[1..]).spawn() {
+            Ok(mut child) => {
+                while child.try_wait().ok().flatten().is_none() {
+                    if began.elapsed() >= grace {
+                        let _ = child.kill();
+                        timed_out = true;
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.wait();
+            }
+            Err(e) => eprintln!("preStop hook {hook:?} did not start: {e}"),
+        }
+        if let Ok(mut r) = record.lock() {
+            r.vault_stopped = Some(Instant::now());
+            r.hook_timed_out = timed_out;
+        }
+        tap.drop_held();
+        // SAFETY: kill(2) on the test's own OpenBao child, which is reaped only later by the
+        // cell's thread, so the pid is still the server's.
+        unsafe { libc::kill(vault_pid as i32, libc::SIGTERM) };
+    })
+}
+
+/// One HTTP GET of `path` on `base` (`http://127.0.0.1:PORT`) as the kubelet's HTTP prober
+/// makes it: a fresh connection, `timeout` for the whole exchange; success is a status from
+/// 200 to 399.
+pub fn probe(base: &str, path: &str, timeout: Duration) -> bool {
+    use std::io::Write;
+    let addr = base.trim_start_matches("http://");
+    let Ok(sock) = addr.parse::<std::net::SocketAddr>() else {
+        return false;
+    };
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&sock, timeout) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    if stream.read_exact(&mut head).is_err() {
+        return false;
+    }
+    std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|c| c.parse::<u16>().ok())
+        .is_some_and(|c| (200..400).contains(&c))
+}
+
+/// The kubelet's liveness prober for one container (pkg/kubelet/prober): a probe every
+/// `period`; `failures` failed probes in a row restart the container, which means SIGTERM,
+/// then SIGKILL once the grace period is over.
+pub struct LivenessProber {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    /// Every probe: when, and whether it succeeded.
+    pub probes: Arc<Mutex<Vec<(Instant, bool)>>>,
+    /// Set when the failures reached the threshold and the container was restarted.
+    pub restarted: Arc<AtomicBool>,
+}
+
+impl LivenessProber {
+    /// Probes `base` + `/healthz` of `target` with the given settings.
+    pub fn start(target: Signaller, base: String, shipped: &Shipped) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let probes = Arc::new(Mutex::new(Vec::new()));
+        let restarted = Arc::new(AtomicBool::new(false));
+        let (period, timeout, threshold, grace) = (
+            shipped.liveness_period,
+            shipped.liveness_timeout,
+            shipped.liveness_failures,
+            shipped.grace,
+        );
+        let (stop_in, probes_in, restarted_in) = (stop.clone(), probes.clone(), restarted.clone());
+        let thread = std::thread::spawn(move || {
+            let mut failed_in_a_row = 0;
+            let mut next = Instant::now() + period;
+            while !stop_in.load(Ordering::SeqCst) {
+                if Instant::now() < next {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                next += period;
+                let ok = probe(&base, "/healthz", timeout);
+                if let Ok(mut p) = probes_in.lock() {
+                    p.push((Instant::now(), ok));
+                }
+                failed_in_a_row = if ok { 0 } else { failed_in_a_row + 1 };
+                if failed_in_a_row >= threshold {
+                    restarted_in.store(true, Ordering::SeqCst);
+                    target.send(libc::SIGTERM);
+                    let deadline = Instant::now() + grace;
+                    while Instant::now() < deadline && !stop_in.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    target.send(libc::SIGKILL);
+                    return;
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+            probes,
+            restarted,
+        }
+    }
+
+    /// The probes that failed.
+    pub fn failures(&self) -> usize {
+        self.probes
+            .lock()
+            .map(|p| p.iter().filter(|(_, ok)| !ok).count())
+            .unwrap_or(0)
+    }
+
+    /// Probes made.
+    pub fn count(&self) -> usize {
+        self.probes.lock().map(|p| p.len()).unwrap_or(0)
+    }
+}
+
+impl Drop for LivenessProber {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
