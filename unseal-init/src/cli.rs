@@ -2,7 +2,60 @@
 //! subcommands. Flags (and their environment variables) override the configuration file.
 
 use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// Longest accepted duration anywhere in the configuration.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Shortest accepted `unsealPeriod`: a pass is an HTTP round trip to Vault, and anything
+/// faster only burns CPU in both processes.
+pub const MIN_UNSEAL_PERIOD: Duration = Duration::from_millis(100);
+
+/// Parses a duration such as `500ms`, `5s`, `2m`, `1h30m` (humantime's grammar; a bare number
+/// means seconds, as Bank-Vaults' flags take it). Zero and anything above [`MAX_DURATION`] are
+/// refused, so no later arithmetic can overflow. Flags and the file share it, so a bad value
+/// from an environment variable is reported under the variable's name (see
+/// [`Cli::parse_env_aware`]).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let d = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        t.parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("`{text}` is too long a duration"))?
+    } else {
+        humantime::parse_duration(t)
+            .map_err(|e| format!("`{text}` is not a duration like 5s, 500ms or 1m ({e})"))?
+    };
+    if d.is_zero() {
+        return Err(format!("`{text}` must be positive"));
+    }
+    if d > MAX_DURATION {
+        return Err(format!(
+            "`{text}` is longer than the maximum of {}",
+            humantime::format_duration(MAX_DURATION)
+        ));
+    }
+    Ok(d)
+}
+
+/// [`parse_duration`], and at least [`MIN_UNSEAL_PERIOD`].
+pub fn parse_unseal_period(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d < MIN_UNSEAL_PERIOD {
+        return Err(format!(
+            "`{text}` is shorter than the minimum of {}",
+            humantime::format_duration(MIN_UNSEAL_PERIOD)
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("`{text}` is not an address like 0.0.0.0:9091"))
+}
 
 /// Initialises and unseals Vault with unseal keys protected by a NitroKey HSM over PKCS#11.
 #[derive(Debug, Parser)]
@@ -44,7 +97,9 @@ pub struct Overrides {
     /// Start and supervise pcscd (needed by OpenSC for USB tokens). [default: false]
     #[arg(help_heading = "HSM", long, env = "BANK_VAULTS_HSM_DAEMON", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub hsm_daemon: Option<bool>,
-    /// PKCS#11 module (shared library) path. [default: /usr/lib/opensc-pkcs11.so]
+    /// PKCS#11 module (shared library) path. [default: OpenSC's module, the first found of
+    /// /usr/lib/<multiarch>/opensc-pkcs11.so, /usr/lib/opensc-pkcs11.so,
+    /// /usr/lib/pkcs11/opensc-pkcs11.so]
     #[arg(
         help_heading = "HSM",
         long,
@@ -144,27 +199,29 @@ pub struct Overrides {
     /// One pass (initialise if needed, unseal, exit) instead of watching. [default: false: run as a sidecar]
     #[arg(help_heading = "Running", long, env = "BANK_VAULTS_ONCE", num_args = 0..=1, default_missing_value = "true")]
     pub once: Option<bool>,
-    /// With --once: give up after this long (e.g. `10m`) and exit 1. Never cuts a `sys/init`
-    /// short or leaves keys unstored: it stops the run the way SIGTERM does. [default: none]
-    #[arg(help_heading = "Running", long, env = "UNSEAL_INIT_DEADLINE")]
-    pub deadline: Option<String>,
-    /// How often Vault's seal status is checked in sidecar mode (e.g. `5s`, `1m`). [default: 5s]
-    #[arg(help_heading = "Running", long, env = "BANK_VAULTS_UNSEAL_PERIOD")]
-    pub unseal_period: Option<String>,
+    /// With --once: give up after this long (e.g. `10m`; a bare number is seconds) and exit 1.
+    /// Never cuts a `sys/init` short or leaves keys unstored: it stops the run the way SIGTERM
+    /// does. [default: 5m]
+    #[arg(help_heading = "Running", long, env = "UNSEAL_INIT_DEADLINE", value_parser = parse_duration)]
+    pub deadline: Option<Duration>,
+    /// How often Vault's seal status is checked in sidecar mode (e.g. `5s`, `1m`; a bare number is seconds). [default: 5s]
+    #[arg(help_heading = "Running", long, env = "BANK_VAULTS_UNSEAL_PERIOD", value_parser = parse_unseal_period)]
+    pub unseal_period: Option<Duration>,
     /// How long a one-shot run waits for the HSM token to appear (the sidecar waits for ever). [default: 2m]
     #[arg(
         help_heading = "HSM",
         long,
         env = "UNSEAL_INIT_TOKEN_WAIT_TIMEOUT",
-        global = true
+        global = true,
+        value_parser = parse_duration
     )]
-    pub hsm_token_wait_timeout: Option<String>,
+    pub hsm_token_wait_timeout: Option<Duration>,
     /// Directory of the init write-ahead journal: a volume that outlives the container. [default: /var/lib/unseal-init]
     #[arg(help_heading = "Running", long, env = "UNSEAL_INIT_JOURNAL_DIR")]
     pub journal_dir: Option<PathBuf>,
     /// Address of the metrics and health HTTP server. [default: 0.0.0.0:9091]
-    #[arg(help_heading = "Running", long, env = "UNSEAL_INIT_METRICS_ADDRESS")]
-    pub metrics_address: Option<String>,
+    #[arg(help_heading = "Running", long, env = "UNSEAL_INIT_METRICS_ADDRESS", value_parser = parse_socket_addr)]
+    pub metrics_address: Option<SocketAddr>,
     /// Log format: `text` or `json`.
     #[arg(
         help_heading = "Running",

@@ -15,11 +15,18 @@ use crate::token_store;
 use anyhow::Context;
 use std::sync::Arc;
 
-/// Runs one `hsm` subcommand.
+/// How often `hsm info` looks for a token while the pcscd it just started finds readers.
+const INFO_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Runs one `hsm` subcommand. With `hsm.daemon` it starts (and on return stops) its own pcscd
+/// first, as the unseal path does: OpenSC sees no reader without one.
 pub async fn run(cfg: &Config, command: &HsmCommand) -> anyhow::Result<()> {
+    if cfg.hsm.daemon {
+        crate::pcscd::start().await?;
+    }
     let telemetry = Telemetry::new();
     match command {
-        HsmCommand::Info => info(cfg),
+        HsmCommand::Info => info(cfg).await,
         HsmCommand::Keygen => keygen(cfg, telemetry).await,
         HsmCommand::List => list(cfg, telemetry).await,
         HsmCommand::Delete { label, yes } => delete(cfg, telemetry, label, *yes).await,
@@ -27,8 +34,26 @@ pub async fn run(cfg: &Config, command: &HsmCommand) -> anyhow::Result<()> {
     }
 }
 
-fn info(cfg: &Config) -> anyhow::Result<()> {
+/// Library, then every slot; fails when no slot holds an initialised token, since nothing
+/// else can then work. With a pcscd of its own (which needs a moment to find the reader and
+/// power the card), waits up to `hsm.tokenWaitTimeout` for a token first.
+async fn info(cfg: &Config) -> anyhow::Result<()> {
     let ctx = hsm::load_module(&cfg.hsm.module_path)?;
+    let usable = |ctx: &hsm::Module| {
+        ctx.get_slots_with_token()
+            .map(|slots| {
+                slots
+                    .into_iter()
+                    .any(|s| ctx.get_token_info(s).is_ok_and(|t| t.token_initialized()))
+            })
+            .unwrap_or(false)
+    };
+    if cfg.hsm.daemon {
+        let give_up = tokio::time::Instant::now() + cfg.hsm.token_wait_timeout;
+        while !usable(&ctx) && tokio::time::Instant::now() < give_up {
+            tokio::time::sleep(INFO_POLL).await;
+        }
+    }
     let lib = ctx.get_library_info().context("C_GetInfo")?;
     println!(
         "Library: {} {} (Cryptoki {}), {}",
@@ -37,7 +62,9 @@ fn info(cfg: &Config) -> anyhow::Result<()> {
         lib.cryptoki_version(),
         lib.manufacturer_id()
     );
-    for slot in ctx.get_all_slots().context("C_GetSlotList")? {
+    let slots = ctx.get_all_slots().context("C_GetSlotList")?;
+    let mut with_token = 0;
+    for &slot in &slots {
         let Ok(si) = ctx.get_slot_info(slot) else {
             continue;
         };
@@ -56,6 +83,9 @@ fn info(cfg: &Config) -> anyhow::Result<()> {
             continue;
         }
         if let Ok(t) = ctx.get_token_info(slot) {
+            if t.token_initialized() {
+                with_token += 1;
+            }
             println!("  token label:   {}", t.label().trim());
             println!("  manufacturer:  {}", t.manufacturer_id().trim());
             println!(
@@ -89,6 +119,25 @@ fn info(cfg: &Config) -> anyhow::Result<()> {
             let names: Vec<String> = mechs.iter().map(|m| m.to_string()).collect();
             println!("  mechanisms ({}): {}", names.len(), names.join(", "));
         }
+    }
+    if with_token == 0 {
+        let waited = if cfg.hsm.daemon {
+            format!(
+                " after waiting {} (hsm.tokenWaitTimeout)",
+                humantime::format_duration(cfg.hsm.token_wait_timeout)
+            )
+        } else {
+            String::new()
+        };
+        anyhow::bail!(
+            "no usable HSM slot{waited}: {} slot(s) listed, none with an initialised token (is the stick plugged in{}?)",
+            slots.len(),
+            if cfg.hsm.daemon {
+                " and passed to the container"
+            } else {
+                ", and pcscd running (hsm.daemon starts one)"
+            }
+        );
     }
     Ok(())
 }

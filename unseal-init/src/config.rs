@@ -6,8 +6,10 @@
 //! Every problem becomes a [`ConfigError`] naming the field, which `main` turns into exit 2.
 
 use crate::cli::Overrides;
+pub use crate::cli::{MAX_DURATION, MIN_UNSEAL_PERIOD, parse_duration};
 use crate::secret::Secret;
 use serde::Deserialize;
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -94,10 +96,12 @@ pub struct VaultFile {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HsmFile {
     /// Start pcscd.
+    #[serde(default, deserialize_with = "plain::bool")]
     pub daemon: Option<bool>,
     /// PKCS#11 module path.
     pub module_path: Option<PathBuf>,
     /// Slot id.
+    #[serde(default, deserialize_with = "plain::u64")]
     pub slot_id: Option<u64>,
     /// Token label.
     pub token_label: Option<String>,
@@ -110,9 +114,8 @@ pub struct HsmFile {
     /// RSA key pair label.
     pub key_label: Option<String>,
     /// Generate the key pair when missing.
+    #[serde(default, deserialize_with = "plain::bool")]
     pub generate_key: Option<bool>,
-    /// No longer supported (pcscd ignores it); kept only to say so by name.
-    pub daemon_socket: Option<PathBuf>,
     /// How long a one-shot run waits for the token to appear, e.g. `2m`.
     pub token_wait_timeout: Option<String>,
 }
@@ -122,14 +125,19 @@ pub struct HsmFile {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OptionsFile {
     /// Key shares.
+    #[serde(default, deserialize_with = "plain::u8")]
     pub secret_shares: Option<u8>,
     /// Threshold.
+    #[serde(default, deserialize_with = "plain::u8")]
     pub secret_threshold: Option<u8>,
     /// Store `vault-root`.
+    #[serde(default, deserialize_with = "plain::bool")]
     pub store_root_token: Option<bool>,
     /// Pre-flight `vault-test` round trip.
+    #[serde(default, deserialize_with = "plain::bool")]
     pub pre_flight_checks: Option<bool>,
     /// Initialise even if stale unseal keys exist.
+    #[serde(default, deserialize_with = "plain::bool")]
     pub overwrite_existing_keys: Option<bool>,
 }
 
@@ -186,6 +194,9 @@ pub struct HsmConfig {
     pub token_wait_timeout: Duration,
     /// PKCS#11 module.
     pub module_path: PathBuf,
+    /// True when `modulePath` was not set and [`module_candidates`] were searched (a start
+    /// that finds none says where it looked).
+    pub module_searched: bool,
     /// Slot selection.
     pub selector: SlotSelector,
     /// User PIN (absent only for commands that do not log in).
@@ -244,7 +255,8 @@ pub struct Config {
     pub once: bool,
     /// Directory of the init write-ahead journal.
     pub journal_dir: PathBuf,
-    /// `--once` gives up after this long.
+    /// `--once` gives up after this long ([`DEFAULT_ONCE_DEADLINE`] unless set); `None` in
+    /// sidecar mode, which never gives up.
     pub deadline: Option<Duration>,
 }
 
@@ -255,14 +267,100 @@ pub const DEFAULT_PCSCD_SOCKET: &str = "/run/pcscd/pcscd.comm";
 /// Default init journal directory; the manifests mount a persistent volume here.
 pub const DEFAULT_JOURNAL_DIR: &str = "/var/lib/unseal-init";
 
-/// Shortest accepted `unsealPeriod`: a pass is an HTTP round trip to Vault, and anything
-/// faster only burns CPU in both processes.
-pub const MIN_UNSEAL_PERIOD: Duration = Duration::from_millis(100);
-/// Longest accepted duration anywhere in the configuration.
-pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long `--once` runs at most unless `--deadline` says otherwise: long enough for a Vault
+/// pod to start and its storage to come up, short enough that a Job or script waiting on an
+/// address that will never answer learns so.
+pub const DEFAULT_ONCE_DEADLINE: Duration = Duration::from_secs(5 * 60);
 
-/// Default PKCS#11 module (OpenSC, as in Bank-Vaults' NitroKey example).
+/// Default PKCS#11 module (OpenSC, as in Bank-Vaults' NitroKey example); the image also has it
+/// here. Outside the image it is looked for in [`module_candidates`].
 pub const DEFAULT_MODULE: &str = "/usr/lib/opensc-pkcs11.so";
+
+/// OpenSC's module file name.
+const OPENSC_MODULE: &str = "opensc-pkcs11.so";
+
+/// Longest PIN file read. A SmartCard-HSM's user PIN is 6 to 15 characters and PKCS#11 tokens
+/// rarely allow more than 64; anything bigger is the wrong file, and reading it whole would
+/// let a mistake allocate without bound and hand the token a megabyte "PIN".
+pub const MAX_PIN_BYTES: usize = 256;
+
+/// The multiarch directory Debian puts libraries in for `arch` (Rust's `std::env::consts::ARCH`).
+fn multiarch(arch: &str) -> Option<&'static str> {
+    Some(match arch {
+        "x86_64" => "x86_64-linux-gnu",
+        "aarch64" => "aarch64-linux-gnu",
+        "arm" => "arm-linux-gnueabihf",
+        "x86" => "i386-linux-gnu",
+        "riscv64" => "riscv64-linux-gnu",
+        "powerpc64" => "powerpc64le-linux-gnu",
+        "s390x" => "s390x-linux-gnu",
+        _ => return None,
+    })
+}
+
+/// Where OpenSC's module is looked for when `modulePath` is not set, in order: Debian's
+/// multiarch directory for `arch`, x86-64's (the usual one), the image's path, and the
+/// `pkcs11` directories some distributions use.
+pub fn module_candidates(arch: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for dir in [multiarch(arch), Some("x86_64-linux-gnu")]
+        .into_iter()
+        .flatten()
+    {
+        let path = Path::new("/usr/lib").join(dir).join(OPENSC_MODULE);
+        if !out.contains(&path) {
+            out.push(path);
+        }
+    }
+    out.push(PathBuf::from(DEFAULT_MODULE));
+    out.push(Path::new("/usr/lib/pkcs11").join(OPENSC_MODULE));
+    if let Some(dir) = multiarch(arch) {
+        out.push(
+            Path::new("/usr/lib")
+                .join(dir)
+                .join("pkcs11")
+                .join(OPENSC_MODULE),
+        );
+    }
+    out
+}
+
+/// The first of `candidates` that `exists`; `None` lists where it looked.
+pub fn pick_module(
+    candidates: &[PathBuf],
+    exists: impl Fn(&Path) -> bool,
+) -> Result<PathBuf, String> {
+    candidates
+        .iter()
+        .find(|p| exists(p))
+        .cloned()
+        .ok_or_else(|| {
+            let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+            format!(
+                "not set, and OpenSC's module is in none of {}; install OpenSC (Debian: opensc-pkcs11) or set hsm.modulePath",
+                looked.join(", ")
+            )
+        })
+}
+
+/// Checks a Vault address as the HTTP client will use it: `http` or `https`, a host, a valid
+/// port. Returns it without a trailing `/`.
+pub fn check_vault_address(address: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(address)
+        .map_err(|e| format!("`{address}` is not a URL like https://vault:8200 ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("`{address}` must start with http:// or https://"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("`{address}` names no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "`{address}` must not carry a query or fragment: API paths are appended to it"
+        ));
+    }
+    Ok(address.trim_end_matches('/').to_owned())
+}
 
 /// Reads and parses a configuration file.
 pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -278,7 +376,112 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 
 /// Parses configuration text; the error names the field and position.
 pub fn parse_file(text: &str) -> Result<FileConfig, String> {
-    nitrokey_common::yaml::parse(text)
+    nitrokey_common::yaml::parse(text).map_err(|e| {
+        // Bank-Vaults had this key; say why it went rather than only that it is unknown.
+        if e.contains("unknown field `daemonSocket`") {
+            format!(
+                "{e} (hsm.daemonSocket is not supported: pcscd always listens on {DEFAULT_PCSCD_SOCKET} inside the container; remove the key)"
+            )
+        } else {
+            e
+        }
+    })
+}
+
+/// Scalars a user writes unquoted: a quoted `"yes"` or `"0"` is a string, and taking it as a
+/// boolean or a number would hide a mistake (or a template that quoted what it should not).
+/// Errors never repeat the value.
+mod plain {
+    use serde::de::{self, Deserializer, Visitor};
+    use std::fmt;
+
+    /// What the YAML parser made of a scalar.
+    enum Scalar {
+        Null,
+        Bool(bool),
+        Int(i128),
+        Text,
+        Other,
+    }
+
+    struct Any;
+
+    impl<'de> Visitor<'de> for Any {
+        type Value = Scalar;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a scalar")
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Scalar, E> {
+            Ok(Scalar::Null)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Scalar, E> {
+            Ok(Scalar::Null)
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+            Ok(Scalar::Bool(v))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+            Ok(Scalar::Int(v.into()))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+            Ok(Scalar::Int(v.into()))
+        }
+        fn visit_u128<E: de::Error>(self, v: u128) -> Result<Scalar, E> {
+            Ok(i128::try_from(v).map_or(Scalar::Other, Scalar::Int))
+        }
+        fn visit_i128<E: de::Error>(self, v: i128) -> Result<Scalar, E> {
+            Ok(Scalar::Int(v))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Scalar, E> {
+            Ok(Scalar::Other)
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Scalar, E> {
+            Ok(Scalar::Text)
+        }
+    }
+
+    fn refuse<E: de::Error>(expected: &str, found: &Scalar) -> E {
+        E::custom(match found {
+            Scalar::Text => {
+                format!("expected {expected}, found a string (write it without quotes)")
+            }
+            _ => format!("expected {expected}"),
+        })
+    }
+
+    /// `true` or `false` (YAML 1.1's `yes`/`no` too, as Bank-Vaults' parser reads them), never
+    /// a quoted string.
+    pub fn bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+        match d.deserialize_any(Any)? {
+            Scalar::Null => Ok(None),
+            Scalar::Bool(b) => Ok(Some(b)),
+            other => Err(refuse("true or false", &other)),
+        }
+    }
+
+    fn int<'de, D: Deserializer<'de>, T: TryFrom<i128>>(
+        d: D,
+        expected: &str,
+    ) -> Result<Option<T>, D::Error> {
+        match d.deserialize_any(Any)? {
+            Scalar::Null => Ok(None),
+            Scalar::Int(n) => T::try_from(n)
+                .map(Some)
+                .map_err(|_| refuse(expected, &Scalar::Other)),
+            other => Err(refuse(expected, &other)),
+        }
+    }
+
+    /// A whole number from 0 to 255, never a quoted string.
+    pub fn u8<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {
+        int(d, "a whole number from 0 to 255")
+    }
+
+    /// A whole number from 0, never a quoted string.
+    pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        int(d, "a whole number from 0")
+    }
 }
 
 /// Environment the configuration may fall back to (passed in so tests stay pure).
@@ -288,6 +491,9 @@ pub struct Env {
     pub vault_addr: Option<String>,
     /// `VAULT_CACERT`.
     pub vault_cacert: Option<PathBuf>,
+    /// OpenSC's module as found on this machine ([`module_candidates`]), for a configuration
+    /// without `modulePath`.
+    pub opensc_module: Option<PathBuf>,
 }
 
 impl Env {
@@ -297,46 +503,43 @@ impl Env {
         Self {
             vault_addr: get("VAULT_ADDR"),
             vault_cacert: get("VAULT_CACERT").map(PathBuf::from),
+            opensc_module: pick_module(&module_candidates(std::env::consts::ARCH), Path::exists)
+                .ok(),
         }
     }
 }
 
-/// Parses a duration such as `500ms`, `5s`, `2m`, `1h30m` (humantime's grammar; a bare number
-/// means seconds, as Bank-Vaults' flags take it). Zero and anything above [`MAX_DURATION`] are
-/// refused, so no later arithmetic can overflow.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let d = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
-        t.parse::<u64>()
-            .map(Duration::from_secs)
-            .map_err(|_| format!("`{text}` is too long a duration"))?
-    } else {
-        humantime::parse_duration(t)
-            .map_err(|e| format!("`{text}` is not a duration like 5s, 500ms or 1m ({e})"))?
-    };
-    if d.is_zero() {
-        return Err(format!("`{text}` must be positive"));
-    }
-    if d > MAX_DURATION {
-        return Err(format!(
-            "`{text}` is longer than the maximum of {}",
-            humantime::format_duration(MAX_DURATION)
-        ));
-    }
-    Ok(d)
-}
-
-/// Reads a PIN file (e.g. a mounted Secret), dropping trailing line breaks.
+/// Reads a PIN file (e.g. a mounted Secret), dropping trailing line breaks. Reads at most
+/// [`MAX_PIN_BYTES`] (and one byte more, to notice a longer file): never a whole file of
+/// unknown size.
 pub fn read_pin_file(path: &Path) -> Result<Secret, ConfigError> {
-    let raw = std::fs::read_to_string(path).map_err(|e| {
+    let cannot = |e: std::io::Error| {
         invalid(
             "hsm.pinFile",
             format!("cannot read {}: {e}", path.display()),
         )
+    };
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let mut raw = zeroize::Zeroizing::new(Vec::with_capacity(MAX_PIN_BYTES + 1));
+    file.take(MAX_PIN_BYTES as u64 + 1)
+        .read_to_end(&mut raw)
+        .map_err(cannot)?;
+    if raw.len() > MAX_PIN_BYTES {
+        return Err(invalid(
+            "hsm.pinFile",
+            format!(
+                "{} holds more than {MAX_PIN_BYTES} bytes, which is no PIN (is it the right file?)",
+                path.display()
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(&raw).map_err(|_| {
+        invalid(
+            "hsm.pinFile",
+            format!("{} is not UTF-8 text", path.display()),
+        )
     })?;
-    let raw = Secret::new(raw);
-    let trimmed = raw.expose().trim_end_matches(['\n', '\r']);
-    Ok(Secret::from(trimmed))
+    Ok(Secret::from(text.trim_end_matches(['\n', '\r'])))
 }
 
 /// Merges file, flags and environment into a validated [`Config`].
@@ -363,14 +566,9 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
         .or(file.vault.address)
         .or_else(|| env.vault_addr.clone())
         .unwrap_or_else(|| "http://127.0.0.1:8200".to_owned());
-    if !(address.starts_with("http://") || address.starts_with("https://")) {
-        return Err(invalid(
-            "vault.address",
-            format!("`{address}` must start with http:// or https://"),
-        ));
-    }
+    let address = check_vault_address(&address).map_err(|r| invalid("vault.address", r))?;
     let vault = VaultConfig {
-        address: address.trim_end_matches('/').to_owned(),
+        address,
         ca_cert: flags
             .vault_cacert
             .clone()
@@ -388,14 +586,8 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
             .iter()
             .enumerate()
             .map(|(i, peer)| {
-                if peer.starts_with("http://") || peer.starts_with("https://") {
-                    Ok(peer.trim_end_matches('/').to_owned())
-                } else {
-                    Err(invalid(
-                        "vault.raftPeers",
-                        format!("entry {i}: `{peer}` is not a URL like https://vault-1:8200"),
-                    ))
-                }
+                check_vault_address(peer)
+                    .map_err(|r| invalid("vault.raftPeers", format!("entry {i}: {r}")))
             })
             .collect::<Result<_, _>>()?,
     };
@@ -415,6 +607,15 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
     if pin.as_ref().is_some_and(Secret::is_empty) {
         return Err(invalid("hsm.pin", "the PIN is empty"));
     }
+    if pin
+        .as_ref()
+        .is_some_and(|p| p.expose().len() > MAX_PIN_BYTES)
+    {
+        return Err(invalid(
+            "hsm.pin",
+            format!("longer than {MAX_PIN_BYTES} bytes, which is no PIN"),
+        ));
+    }
     let key_label = flags
         .hsm_key_label
         .clone()
@@ -424,30 +625,23 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
         return Err(invalid("hsm.keyLabel", "must not be empty"));
     }
     let daemon = flags.hsm_daemon.or(file.hsm.daemon).unwrap_or(false);
-    if file.hsm.daemon_socket.is_some() {
-        return Err(invalid(
-            "hsm.daemonSocket",
-            format!(
-                "is not supported: pcscd always listens on {DEFAULT_PCSCD_SOCKET} inside the container; remove the key"
-            ),
-        ));
-    }
-    let token_wait_timeout = match flags
-        .hsm_token_wait_timeout
-        .as_deref()
-        .or(file.hsm.token_wait_timeout.as_deref())
-    {
-        Some(text) => parse_duration(text).map_err(|r| invalid("hsm.tokenWaitTimeout", r))?,
-        None => Duration::from_secs(120),
+    let token_wait_timeout = match (flags.hsm_token_wait_timeout, &file.hsm.token_wait_timeout) {
+        (Some(d), _) => d,
+        (None, Some(text)) => {
+            parse_duration(text).map_err(|r| invalid("hsm.tokenWaitTimeout", r))?
+        }
+        (None, None) => Duration::from_secs(120),
     };
+    let explicit_module = flags.hsm_module_path.clone().or(file.hsm.module_path);
+    let module_searched = explicit_module.is_none();
+    let module_path = explicit_module
+        .or_else(|| env.opensc_module.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_MODULE));
     let hsm = HsmConfig {
         daemon,
         token_wait_timeout,
-        module_path: flags
-            .hsm_module_path
-            .clone()
-            .or(file.hsm.module_path)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODULE)),
+        module_path,
+        module_searched,
         selector: SlotSelector {
             slot_id: flags.hsm_slot_id.or(file.hsm.slot_id),
             token_label: flags
@@ -534,30 +728,15 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
         (Mode::Hsm, None) => None,
     };
 
-    let unseal_period = match flags
-        .unseal_period
-        .as_deref()
-        .or(file.unseal_period.as_deref())
-    {
-        Some(text) => parse_duration(text).map_err(|r| invalid("unsealPeriod", r))?,
-        None => Duration::from_secs(5),
+    let unseal_period = match (flags.unseal_period, &file.unseal_period) {
+        (Some(d), _) => d,
+        (None, Some(text)) => {
+            crate::cli::parse_unseal_period(text).map_err(|r| invalid("unsealPeriod", r))?
+        }
+        (None, None) => Duration::from_secs(5),
     };
-    if unseal_period < MIN_UNSEAL_PERIOD {
-        return Err(invalid(
-            "unsealPeriod",
-            format!(
-                "{} is shorter than the minimum of {}",
-                humantime::format_duration(unseal_period),
-                humantime::format_duration(MIN_UNSEAL_PERIOD)
-            ),
-        ));
-    }
-    let deadline = flags
-        .deadline
-        .as_deref()
-        .map(parse_duration)
-        .transpose()
-        .map_err(|r| invalid("deadline", r))?;
+    let once = flags.once.unwrap_or(false);
+    let deadline = flags.deadline.or(once.then_some(DEFAULT_ONCE_DEADLINE));
     let journal_dir = flags
         .journal_dir
         .clone()
@@ -566,17 +745,16 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
     if journal_dir.as_os_str().is_empty() {
         return Err(invalid("journalDir", "must not be empty"));
     }
-    let metrics_text = flags
-        .metrics_address
-        .clone()
-        .or(file.metrics_address)
-        .unwrap_or_else(|| "0.0.0.0:9091".to_owned());
-    let metrics_address = metrics_text.parse().map_err(|_| {
-        invalid(
-            "metricsAddress",
-            format!("`{metrics_text}` is not an address like 0.0.0.0:9091"),
-        )
-    })?;
+    let metrics_address = match (flags.metrics_address, &file.metrics_address) {
+        (Some(a), _) => a,
+        (None, Some(text)) => text.parse().map_err(|_| {
+            invalid(
+                "metricsAddress",
+                format!("`{text}` is not an address like 0.0.0.0:9091"),
+            )
+        })?,
+        (None, None) => SocketAddr::from(([0, 0, 0, 0], 9091)),
+    };
 
     Ok(Config {
         mode,
@@ -586,7 +764,7 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
         kubernetes,
         unseal_period,
         metrics_address,
-        once: flags.once.unwrap_or(false),
+        once,
         journal_dir,
         deadline,
     })
@@ -758,19 +936,22 @@ mod tests {
         assert!(err.to_string().contains("unsealPeriod"), "{err}");
         let err = resolve_text("unsealPeriod: 10ms\n", &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("minimum"), "{err}");
-        let flags = Overrides {
-            unseal_period: Some("100000000000000000000h".into()),
-            ..Default::default()
-        };
-        let err = resolve_text("", &flags).unwrap_err();
-        assert!(err.to_string().contains("unsealPeriod"), "{err}");
+        // Flags are checked by the same functions when clap parses them.
+        assert!(crate::cli::parse_unseal_period("100000000000000000000h").is_err());
+        assert!(crate::cli::parse_unseal_period("10ms").is_err());
     }
 
     #[test]
     fn the_removed_socket_option_is_named_and_journal_dir_has_a_default() {
         let err =
             resolve_text("hsm:\n  daemonSocket: /run/x.comm\n", &Overrides::default()).unwrap_err();
-        assert!(err.to_string().contains("hsm.daemonSocket"), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("hsm.daemonSocket is not supported"), "{msg}");
+        // Another unknown key's error lists the accepted keys, and daemonSocket is not one.
+        let err = resolve_text("hsm:\n  daemonsocket: x\n", &Overrides::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("modulePath"), "{msg}");
+        assert!(!msg.contains("daemonSocket"), "{msg}");
         let cfg = resolve_text("", &Overrides::default()).expect("defaults");
         assert_eq!(cfg.journal_dir, PathBuf::from(DEFAULT_JOURNAL_DIR));
         assert_eq!(cfg.hsm.token_wait_timeout, Duration::from_secs(120));
@@ -794,5 +975,180 @@ mod tests {
         let k = cfg.kubernetes.expect("k8s");
         assert_eq!(k.namespace.as_deref(), Some("vault"));
         assert_eq!(k.name, "vault-unseal-keys");
+    }
+
+    #[test]
+    fn quoted_booleans_and_numbers_are_refused_by_field() {
+        for (text, field) in [
+            ("hsm:\n  daemon: \"yes\"\n", "hsm.daemon"),
+            ("hsm:\n  slotId: \"0\"\n", "hsm.slotId"),
+            ("hsm:\n  generateKey: 'true'\n", "hsm.generateKey"),
+            ("options:\n  secretShares: \"5\"\n", "options.secretShares"),
+            (
+                "options:\n  storeRootToken: \"false\"\n",
+                "options.storeRootToken",
+            ),
+        ] {
+            let err = resolve_text(text, &Overrides::default()).expect_err(text);
+            let msg = err.to_string();
+            assert!(msg.contains(field), "{text}: {msg}");
+            assert!(msg.contains("without quotes"), "{text}: {msg}");
+        }
+        for (text, field) in [
+            ("hsm:\n  slotId: -1\n", "hsm.slotId"),
+            ("options:\n  secretShares: 300\n", "options.secretShares"),
+            ("hsm:\n  daemon: 1\n", "hsm.daemon"),
+            ("hsm:\n  slotId: true\n", "hsm.slotId"),
+            ("hsm:\n  slotId: 1.5\n", "hsm.slotId"),
+        ] {
+            let err = resolve_text(text, &Overrides::default()).expect_err(text);
+            assert!(err.to_string().contains(field), "{text}: {err}");
+        }
+        let cfg = resolve_text(
+            "hsm:\n  daemon: yes\n  slotId: 0\n  generateKey:\noptions:\n  secretShares: 1\n  secretThreshold: 1\n",
+            &Overrides::default(),
+        )
+        .expect("plain scalars");
+        assert!(cfg.hsm.daemon);
+        assert_eq!(cfg.hsm.selector.slot_id, Some(0));
+        assert!(!cfg.hsm.generate_key);
+        assert_eq!(cfg.options.secret_shares, 1);
+    }
+
+    #[test]
+    fn vault_addresses_are_parsed_as_urls() {
+        for bad in [
+            "http://[::1",
+            "http://127.0.0.1:99999",
+            "http://",
+            "vault:8200",
+            "ftp://vault:8200",
+            "http://vault:8200/?x=1",
+        ] {
+            let err = check_vault_address(bad).expect_err(bad);
+            assert!(err.contains(bad), "{err}");
+            let text = format!("vault:\n  address: \"{bad}\"\n");
+            let err = resolve_text(&text, &Overrides::default()).expect_err(bad);
+            assert!(err.to_string().contains("vault.address"), "{err}");
+        }
+        for good in [
+            "http://[::1]:8200/",
+            "https://vault.vault.svc:8200",
+            "http://10.0.0.1",
+        ] {
+            let addr = check_vault_address(good).expect(good);
+            assert!(!addr.ends_with('/'), "{addr}");
+        }
+    }
+
+    #[test]
+    fn a_pin_file_is_read_only_up_to_its_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pin");
+        std::fs::write(&path, vec![b'7'; MAX_PIN_BYTES]).expect("write");
+        assert_eq!(
+            read_pin_file(&path).expect("at the bound").expose().len(),
+            MAX_PIN_BYTES
+        );
+        std::fs::write(&path, vec![b'7'; MAX_PIN_BYTES + 1]).expect("write");
+        let msg = read_pin_file(&path)
+            .expect_err("over the bound")
+            .to_string();
+        assert!(msg.contains("hsm.pinFile"), "{msg}");
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains(&MAX_PIN_BYTES.to_string()), "{msg}");
+        assert!(!msg.contains("7777"), "{msg}");
+        // A device that never ends is cut at the bound too.
+        let msg = read_pin_file(Path::new("/dev/zero"))
+            .expect_err("endless")
+            .to_string();
+        assert!(msg.contains("more than"), "{msg}");
+        let flags = Overrides {
+            hsm_pin: Some(Secret::new("9".repeat(MAX_PIN_BYTES + 1))),
+            ..Default::default()
+        };
+        let err = resolve_text("", &flags).expect_err("long PIN");
+        assert!(err.to_string().contains("hsm.pin"), "{err}");
+    }
+
+    #[test]
+    fn the_module_is_looked_for_in_the_usual_places() {
+        let candidates = module_candidates("aarch64");
+        assert_eq!(
+            candidates[0],
+            PathBuf::from("/usr/lib/aarch64-linux-gnu/opensc-pkcs11.so")
+        );
+        assert!(candidates.contains(&PathBuf::from("/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so")));
+        assert!(candidates.contains(&PathBuf::from(DEFAULT_MODULE)));
+        assert!(candidates.contains(&PathBuf::from("/usr/lib/pkcs11/opensc-pkcs11.so")));
+        let x86 = module_candidates("x86_64");
+        assert_eq!(
+            x86[0],
+            PathBuf::from("/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so")
+        );
+        assert_eq!(
+            x86.iter()
+                .filter(|p| p.starts_with("/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"))
+                .count(),
+            1
+        );
+        // The first one present wins.
+        let image = PathBuf::from(DEFAULT_MODULE);
+        assert_eq!(
+            pick_module(&x86, |p| p == image.as_path()),
+            Ok(image.clone())
+        );
+        // None present: the error lists every place looked at.
+        let err = pick_module(&x86, |_| false).expect_err("none");
+        for p in &x86 {
+            assert!(err.contains(&p.display().to_string()), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_unset_module_path_takes_the_module_found() {
+        let env = Env {
+            opensc_module: Some(PathBuf::from("/usr/lib/aarch64-linux-gnu/opensc-pkcs11.so")),
+            ..Default::default()
+        };
+        let cfg = resolve(FileConfig::default(), &Overrides::default(), &env).expect("valid");
+        assert_eq!(cfg.hsm.module_path, env.opensc_module.clone().expect("set"));
+        assert!(cfg.hsm.module_searched);
+        let file = parse_file("hsm:\n  modulePath: /opt/m.so\n").expect("parses");
+        let cfg = resolve(file, &Overrides::default(), &env).expect("valid");
+        assert_eq!(cfg.hsm.module_path, PathBuf::from("/opt/m.so"));
+        assert!(!cfg.hsm.module_searched);
+        let cfg = resolve(
+            FileConfig::default(),
+            &Overrides::default(),
+            &Env::default(),
+        )
+        .expect("valid");
+        assert_eq!(cfg.hsm.module_path, PathBuf::from(DEFAULT_MODULE));
+    }
+
+    #[test]
+    fn once_has_a_default_deadline_and_the_sidecar_none() {
+        let once = Overrides {
+            once: Some(true),
+            ..Default::default()
+        };
+        let cfg = resolve_text("", &once).expect("valid");
+        assert_eq!(cfg.deadline, Some(DEFAULT_ONCE_DEADLINE));
+        let set = Overrides {
+            once: Some(true),
+            deadline: Some(Duration::from_secs(30)),
+            ..Default::default()
+        };
+        assert_eq!(
+            resolve_text("", &set).expect("valid").deadline,
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            resolve_text("", &Overrides::default())
+                .expect("valid")
+                .deadline,
+            None
+        );
     }
 }

@@ -83,9 +83,9 @@ pub enum HsmError {
         waited: String,
     },
     /// Several slots matched the selector.
-    #[error("{wanted} matches several slots: {matches}; add slotId or another criterion")]
+    #[error("{wanted}: {matches}; set hsm.slotId, hsm.tokenLabel or hsm.tokenSerial to choose one")]
     AmbiguousSlot {
-        /// What was asked for.
+        /// Which criterion matched several slots, or that none was given.
         wanted: String,
         /// The matching slots.
         matches: String,
@@ -239,7 +239,7 @@ fn describe_selector(sel: &SlotSelector) -> String {
         parts.push(format!("tokenSerial `{serial}`"));
     }
     if parts.is_empty() {
-        "the only slot with a token".to_owned()
+        "any token (no slotId, tokenLabel or tokenSerial is set)".to_owned()
     } else {
         parts.join(" and ")
     }
@@ -285,7 +285,12 @@ pub fn select_slot(slots: &[SlotView], sel: &SlotSelector) -> Result<u64, HsmErr
             seen: describe_slots(&slots.iter().collect::<Vec<_>>()),
         }),
         several => Err(HsmError::AmbiguousSlot {
-            wanted: describe_selector(sel),
+            wanted: if *sel == SlotSelector::default() {
+                "several HSM slots hold a token and no slotId, tokenLabel or tokenSerial is set"
+                    .to_owned()
+            } else {
+                format!("several HSM slots match {}", describe_selector(sel))
+            },
             matches: describe_slots(several),
         }),
     }
@@ -902,7 +907,19 @@ mod tests {
             msg.contains("1 (token `a`") && msg.contains("2 (token `b`"),
             "{msg}"
         );
-        assert!(select_slot(&views(), &SlotSelector::default()).is_err());
+        assert!(
+            msg.starts_with("several HSM slots match tokenSerial"),
+            "{msg}"
+        );
+        // No criterion at all (SoftHSM's extra empty slot beside the token): said as it is.
+        let msg = select_slot(&views(), &SlotSelector::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("several HSM slots hold a token and no slotId"),
+            "{msg}"
+        );
+        assert!(!msg.contains("the only slot"), "{msg}");
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //! 1 failure, 2 invalid configuration or usage (a missing PIN included), 3 PIN rejected or
 //! blocked (`--once` and subcommands; the sidecar stays up and waits for a different PIN
 //! instead).
+//!
+//! Configuration and usage errors, and a subcommand's failure, are `error: …` lines on stderr,
+//! as clap's and the device plugin's are: they are answers to whoever ran the command. A run's
+//! failures are log lines (ERROR), in the log format chosen, as everything else it reports.
 
 use nitrokey_common::logging::{self, LogFormat};
 use std::process::ExitCode;
@@ -67,12 +71,13 @@ async fn unseal(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         pcscd::start().await?;
     }
     if cfg.once {
+        let cfg_deadline = cfg.deadline;
         let deadline_hit = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if let Some(limit) = cfg.deadline {
             let (hit, stop) = (Arc::clone(&deadline_hit), shutdown.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(limit).await;
-                tracing::warn!(deadline = %humantime::format_duration(limit), "deadline reached; stopping once nothing is left half-done");
+                tracing::warn!(deadline = %humantime::format_duration(limit), "deadline reached (--deadline); stopping once nothing is left half-done");
                 hit.store(true, std::sync::atomic::Ordering::SeqCst);
                 stop.request();
             });
@@ -97,7 +102,10 @@ async fn unseal(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         runner.start().await?;
         if runner.pass(true).await? == runner::PassOutcome::Stopped {
             if deadline_hit.load(std::sync::atomic::Ordering::SeqCst) {
-                anyhow::bail!("Vault was not unsealed within the deadline (--deadline)");
+                anyhow::bail!(
+                    "Vault was not unsealed within the deadline of {} (--deadline, UNSEAL_INIT_DEADLINE); the log above says what it waited for",
+                    humantime::format_duration(cfg_deadline.unwrap_or_default())
+                );
             }
             tracing::info!("stopped on request before Vault was unsealed");
         }
@@ -112,10 +120,30 @@ fn main() -> ExitCode {
     let cfg = match load_config(&cli) {
         Ok(cfg) => cfg,
         Err(e) => {
-            tracing::error!("{e}");
+            eprintln!("error: {e}");
             return ExitCode::from(exit::CONFIG as u8);
         }
     };
+    // Without modulePath, OpenSC's module was looked for; finding none is a configuration
+    // problem to report with where it looked, not a load failure of a path never chosen.
+    if cfg.hsm.module_searched
+        && !cfg.hsm.module_path.exists()
+        && let Err(e) = config::pick_module(
+            &config::module_candidates(std::env::consts::ARCH),
+            std::path::Path::exists,
+        )
+    {
+        eprintln!("error: invalid value for hsm.modulePath: {e}");
+        return ExitCode::from(exit::CONFIG as u8);
+    }
+    // The CA file is configuration too: a missing or unreadable one is reported now, before
+    // pcscd, the token and the PIN are touched, not after a login.
+    if cli.command.is_none()
+        && let Err(e) = VaultClient::new(&cfg.vault.address, cfg.vault.ca_cert.as_deref())
+    {
+        eprintln!("error: invalid value for vault.caCert: {e}");
+        return ExitCode::from(exit::CONFIG as u8);
+    }
     // One thread is enough: every PKCS#11 call runs on the HSM thread, everything else here
     // waits on the network.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -128,6 +156,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::FAILURE as u8);
         }
     };
+    let subcommand = cli.command.is_some();
     let result = runtime.block_on(async {
         match &cli.command {
             Some(Command::Hsm { command }) => unseal_init::commands::run(&cfg, command).await,
@@ -138,6 +167,8 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Stops a pcscd the run started (its task holds the child, killed on drop) before exiting.
+    drop(runtime);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -151,7 +182,11 @@ fn main() -> ExitCode {
             // The whole cause chain once, each cause once (several errors here carry their
             // cause in their own message too).
             let text = unseal_init::vault::error_chain(e.as_ref());
-            tracing::error!("{text}");
+            if subcommand || code == exit::CONFIG {
+                eprintln!("error: {text}");
+            } else {
+                tracing::error!("{text}");
+            }
             ExitCode::from(code as u8)
         }
     }

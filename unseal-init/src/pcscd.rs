@@ -6,12 +6,22 @@
 //! only once the socket answers; the token itself may show up later, which the HSM layer waits
 //! for. A crashed pcscd is restarted with backoff. pcscd gets none of this program's secrets
 //! in its environment.
+//!
+//! pcscd's own messages (its stderr) become this program's log lines, so that a JSON log stays
+//! JSON: each at WARN (pcscd prints only its errors unless asked for more, and none of them
+//! ends this program: it restarts pcscd and waits for the token), with pcscd's source location
+//! as a field.
 
 use nitrokey_common::backoff::Backoff;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::Duration;
 use thiserror::Error;
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, ChildStderr, Command};
+
+/// Longest pcscd line relayed as one log line; a longer one is relayed in pieces.
+const MAX_LINE: u64 = 4096;
 
 /// pcscd start-up failures.
 #[derive(Debug, Error)]
@@ -49,15 +59,83 @@ fn spawn(socket: &Path) -> Result<Child, PcscdError> {
     let program = program();
     let _ = socket;
     let mut cmd = Command::new(&program);
-    cmd.arg("--foreground").kill_on_drop(true);
+    cmd.arg("--foreground")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("BANK_VAULTS_") {
             cmd.env_remove(&key);
         }
     }
     cmd.env_remove("VAULT_TOKEN");
-    cmd.spawn()
-        .map_err(|source| PcscdError::Spawn { program, source })
+    let mut child = cmd
+        .spawn()
+        .map_err(|source| PcscdError::Spawn { program, source })?;
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(relay(stderr));
+    }
+    Ok(child)
+}
+
+/// One line pcscd wrote: where in pcscd it comes from (`ifdwrapper.c:477:IFDControl()`),
+/// when pcscd says so, and the message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PcscdLine<'a> {
+    /// pcscd's source file, line and function.
+    pub source: Option<&'a str>,
+    /// The message itself.
+    pub message: &'a str,
+}
+
+/// Splits a line of pcscd's stderr: `00000000 ifdwrapper.c:477:IFDControl() Card not
+/// transacted: 606` (pcsc-lite's log format: microseconds since its previous line, the
+/// source location, the message). Anything else is kept whole as the message.
+pub fn parse_line(line: &str) -> PcscdLine<'_> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let rest = match line.split_once(' ') {
+        Some((stamp, rest)) if !stamp.is_empty() && stamp.bytes().all(|b| b.is_ascii_digit()) => {
+            rest
+        }
+        _ => line,
+    };
+    match rest.split_once(' ') {
+        Some((source, message)) if source.ends_with("()") && source.contains(".c:") => PcscdLine {
+            source: Some(source),
+            message: message.trim(),
+        },
+        _ => PcscdLine {
+            source: None,
+            message: rest.trim(),
+        },
+    }
+}
+
+/// Logs every line pcscd writes to stderr until it closes it.
+async fn relay(stderr: ChildStderr) {
+    let mut reader = BufReader::new(stderr);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut reader)
+            .take(MAX_LINE)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line);
+        let parsed = parse_line(&text);
+        if parsed.message.is_empty() {
+            continue;
+        }
+        match parsed.source {
+            Some(source) => tracing::warn!(target: "pcscd", source, "pcscd: {}", parsed.message),
+            None => tracing::warn!(target: "pcscd", "pcscd: {}", parsed.message),
+        }
+    }
 }
 
 async fn wait_ready(child: &mut Child, socket: &Path, timeout: Duration) -> Result<(), PcscdError> {
@@ -122,5 +200,37 @@ async fn supervise(mut child: Child, socket: PathBuf) {
                 tokio::time::sleep(delays.peek()).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pcscd_lines_are_split_into_source_and_message() {
+        assert_eq!(
+            parse_line("00000000 ifdwrapper.c:477:IFDControl() Card not transacted: 606\n"),
+            PcscdLine {
+                source: Some("ifdwrapper.c:477:IFDControl()"),
+                message: "Card not transacted: 606",
+            }
+        );
+        assert_eq!(
+            parse_line("00001234 pcscdaemon.c:633:main() pcscd set to foreground"),
+            PcscdLine {
+                source: Some("pcscdaemon.c:633:main()"),
+                message: "pcscd set to foreground",
+            }
+        );
+        // Not pcsc-lite's format: kept whole.
+        assert_eq!(
+            parse_line("something odd happened\r\n"),
+            PcscdLine {
+                source: None,
+                message: "something odd happened",
+            }
+        );
+        assert_eq!(parse_line("").message, "");
     }
 }

@@ -324,16 +324,19 @@ fn invalid_configuration_exits_2_naming_the_field() {
         assert_eq!(r.code, Some(2), "{text}: {}", r.text);
         assert!(r.text.contains(field), "{text}: {}", r.text);
         assert!(!r.text.contains("panicked"), "{}", r.text);
+        assert_error_line(&r);
     }
     let mut cmd = command(&hsm);
     cmd.arg("--secret-shares").arg("many");
     let r = run(cmd, Duration::from_secs(10));
     assert_eq!(r.code, Some(2), "{}", r.text);
+    assert_error_line(&r);
     let mut cmd = command(&hsm);
     cmd.arg("--config").arg(dir.path().join("absent.yaml"));
     let r = run(cmd, Duration::from_secs(10));
     assert_eq!(r.code, Some(2), "{}", r.text);
     assert!(r.text.contains("absent.yaml"), "{}", r.text);
+    assert_error_line(&r);
     // A bad value from the environment is reported under the variable's name.
     let mut cmd = command(&hsm);
     cmd.env("BANK_VAULTS_HSM_SLOT_ID", "slot-one")
@@ -356,9 +359,181 @@ fn invalid_configuration_exits_2_naming_the_field() {
         cmd.args(["--once", "--unseal-period", period]);
         let r = run(cmd, Duration::from_secs(10));
         assert_eq!(r.code, Some(2), "{period}: {}", r.text);
-        assert!(r.text.contains("unsealPeriod"), "{period}: {}", r.text);
+        assert!(r.text.contains("--unseal-period"), "{period}: {}", r.text);
         assert!(!r.text.contains("panicked"), "{period}: {}", r.text);
+        assert_error_line(&r);
     }
+    // Every duration from the environment is reported under the variable's name.
+    for (var, value) in [
+        ("BANK_VAULTS_UNSEAL_PERIOD", "abc"),
+        ("BANK_VAULTS_UNSEAL_PERIOD", "10ms"),
+        ("UNSEAL_INIT_DEADLINE", "soon"),
+        ("UNSEAL_INIT_TOKEN_WAIT_TIMEOUT", "0s"),
+        ("UNSEAL_INIT_METRICS_ADDRESS", "nowhere"),
+    ] {
+        let mut cmd = command(&hsm);
+        cmd.env(var, value).arg("--once");
+        let r = run(cmd, Duration::from_secs(10));
+        assert_eq!(r.code, Some(2), "{var}={value}: {}", r.text);
+        assert!(
+            r.text.contains(&format!("environment variable {var}")),
+            "{var}={value}: {}",
+            r.text
+        );
+        assert_error_line(&r);
+    }
+}
+
+/// A configuration or usage error is one `error: …` line, as clap's own are: no timestamped
+/// log line, no panic.
+fn assert_error_line(r: &Run) {
+    let first = r.text.lines().next().unwrap_or_default();
+    assert!(first.starts_with("error: "), "{}", r.text);
+    assert!(!r.text.contains(" ERROR "), "{}", r.text);
+    assert!(!r.text.contains("panicked"), "{}", r.text);
+}
+
+#[test]
+fn values_the_file_cannot_mean_exit_2_naming_the_field() {
+    let hsm = SoftHsm::without_key().expect("token");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        // A quoted value is a string, not a boolean or a number.
+        ("hsm:\n  daemon: \"yes\"\n", "hsm.daemon", "without quotes"),
+        ("hsm:\n  slotId: \"0\"\n", "hsm.slotId", "without quotes"),
+        (
+            "options:\n  storeRootToken: \"false\"\n",
+            "options.storeRootToken",
+            "without quotes",
+        ),
+        // Addresses the HTTP client could never use.
+        (
+            "vault:\n  address: \"http://[::1\"\n",
+            "vault.address",
+            "http://[::1",
+        ),
+        (
+            "vault:\n  address: http://127.0.0.1:99999\n",
+            "vault.address",
+            "127.0.0.1:99999",
+        ),
+        (
+            "vault:\n  address: \"http://\"\n",
+            "vault.address",
+            "http://",
+        ),
+        // Bank-Vaults' socket key: named, with the reason.
+        (
+            "hsm:\n  daemonSocket: /run/pcscd/pcscd.comm\n",
+            "daemonSocket",
+            "not supported",
+        ),
+    ];
+    for (text, field, detail) in cases {
+        let path = dir.path().join("bad.yaml");
+        std::fs::write(&path, text).expect("write");
+        let mut cmd = command(&hsm);
+        cmd.arg("--config").arg(&path).arg("--once");
+        let r = run(cmd, Duration::from_secs(10));
+        assert_eq!(r.code, Some(2), "{text}: {}", r.text);
+        assert!(r.text.contains(field), "{text}: {}", r.text);
+        assert!(r.text.contains(detail), "{text}: {}", r.text);
+        assert_error_line(&r);
+    }
+    // An unknown key's error lists the keys that exist, and daemonSocket is not among them.
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, "hsm:\n  socket: x\n").expect("write");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config").arg(&path).args(["hsm", "info"]);
+    let r = run(cmd, Duration::from_secs(10));
+    assert_eq!(r.code, Some(2), "{}", r.text);
+    assert!(r.text.contains("unknown field `socket`"), "{}", r.text);
+    assert!(r.text.contains("modulePath"), "{}", r.text);
+    assert!(!r.text.contains("daemonSocket"), "{}", r.text);
+}
+
+#[test]
+fn an_oversized_pin_file_is_refused_by_name_without_being_read() {
+    let (hsm, bao, dir) = peers();
+    let config = write_config(dir.path(), &hsm, &bao.address(), "");
+    // 300 MB that occupy no disk: the program must not read, hold or send them.
+    let pin = dir.path().join("huge-pin");
+    std::fs::File::create(&pin)
+        .and_then(|f| f.set_len(300 * 1024 * 1024))
+        .expect("sparse file");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--once")
+        .arg("--hsm-pin-file")
+        .arg(&pin);
+    let r = run(cmd, Duration::from_secs(30));
+    assert_eq!(r.code, Some(2), "{}", r.text);
+    assert!(r.text.contains("hsm.pinFile"), "{}", r.text);
+    assert!(r.text.contains(&pin.display().to_string()), "{}", r.text);
+    assert!(r.text.contains("more than 256 bytes"), "{}", r.text);
+    assert_eq!(login_attempts(&r.text), 0, "{}", r.text);
+    assert_error_line(&r);
+    assert!(!bao.seal_status().expect("status").initialized);
+}
+
+#[test]
+fn a_missing_ca_file_is_a_configuration_error_before_any_login() {
+    let (hsm, bao, dir) = peers();
+    let absent = dir.path().join("no-such-ca.pem");
+    let config = write_config(dir.path(), &hsm, &bao.address(), "");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--once")
+        .arg("--vault-cacert")
+        .arg(&absent);
+    let r = run(cmd, Duration::from_secs(30));
+    assert_eq!(r.code, Some(2), "{}", r.text);
+    assert!(r.text.contains("vault.caCert"), "{}", r.text);
+    assert!(r.text.contains(&absent.display().to_string()), "{}", r.text);
+    assert_eq!(login_attempts(&r.text), 0, "{}", r.text);
+    assert_error_line(&r);
+    // The same from VAULT_CACERT, for the sidecar too.
+    let mut cmd = command(&hsm);
+    cmd.arg("--config")
+        .arg(&config)
+        .env("VAULT_CACERT", &absent);
+    let r = run(cmd, Duration::from_secs(30));
+    assert_eq!(r.code, Some(2), "{}", r.text);
+    assert!(r.text.contains("no-such-ca.pem"), "{}", r.text);
+    assert_eq!(login_attempts(&r.text), 0, "{}", r.text);
+}
+
+#[test]
+fn the_extra_empty_softhsm_slot_gets_an_error_that_says_what_to_set() {
+    let (hsm, bao, dir) = peers();
+    let config = dir.path().join("no-slot.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "journalDir: {}\nvault:\n  address: {}\nhsm:\n  modulePath: {}\n  pin: {USER_PIN}\n",
+            journal_dir(dir.path()).display(),
+            bao.address(),
+            hsm.module().display()
+        ),
+    )
+    .expect("write");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config").arg(&config).arg("--once");
+    let r = run(cmd, Duration::from_secs(30));
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(
+        r.text.contains(
+            "several HSM slots hold a token and no slotId, tokenLabel or tokenSerial is set"
+        ),
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains(&hsm.slot_id().to_string()), "{}", r.text);
+    assert!(r.text.contains("set hsm.slotId"), "{}", r.text);
+    assert!(!r.text.contains("the only slot"), "{}", r.text);
+    assert_eq!(login_attempts(&r.text), 0, "{}", r.text);
 }
 
 #[test]
@@ -609,4 +784,164 @@ fn a_journal_that_cannot_be_written_after_init_still_loses_no_key() {
         r.text
     );
     assert!(journal.is_file(), "the stand-in file is left as it was");
+}
+
+/// Answers every request with `status` and `body` (HTML, as a proxy's error page would be);
+/// returns its address.
+fn fixed_answer_server(status: &'static str, body: String) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let head = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(body.as_bytes());
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn a_gateway_error_is_waited_for_and_a_vault_error_page_is_cut() {
+    let hsm = SoftHsm::new().expect("token");
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // A proxy in front of a Vault that is away answers 502: waited for, like a refused
+    // connection, until the deadline.
+    let gateway = fixed_answer_server(
+        "502 Bad Gateway",
+        "<html><body><h1>502 Bad Gateway</h1></body></html>".to_owned(),
+    );
+    let config = write_config(dir.path(), &hsm, &gateway, "");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["--once", "--deadline", "3s"]);
+    let r = run(cmd, Duration::from_secs(60));
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(r.text.contains("waiting for Vault's API"), "{}", r.text);
+    assert!(
+        r.text.contains("HTTP 502 from a proxy in front of Vault"),
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains("within the deadline of 3s"), "{}", r.text);
+
+    // Vault itself failing (500) is not waited for; its HTML page is cut to one short line.
+    let page = format!(
+        "<html>\n<head><title>500 Internal Server Error</title></head>\n<body>{}</body></html>",
+        "x".repeat(1000 * 1000)
+    );
+    let broken = fixed_answer_server("500 Internal Server Error", page);
+    let config = write_config(dir.path(), &hsm, &broken, "");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["--once", "--deadline", "10m"]);
+    let r = run(cmd, Duration::from_secs(60));
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    let line = r
+        .text
+        .lines()
+        .find(|l| l.contains("returned HTTP 500"))
+        .unwrap_or_else(|| panic!("no HTTP 500 error line:\n{}", r.text));
+    assert!(line.contains("500 Internal Server Error"), "{line}");
+    assert!(line.contains("bytes in all)"), "{line}");
+    assert!(line.len() < 600, "{} characters: {line}", line.len());
+    assert!(!r.text.contains("within the deadline"), "{}", r.text);
+}
+
+/// `openssl s_server` with a fresh self-signed certificate: a TLS peer no built-in root
+/// trusts. Killed when dropped.
+struct UntrustedTls {
+    child: std::process::Child,
+    address: String,
+}
+
+impl UntrustedTls {
+    fn start(dir: &std::path::Path) -> Self {
+        let (key, cert) = (dir.join("tls.key"), dir.join("tls.crt"));
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl req");
+        assert!(status.success());
+        let port = nitrokey_e2e::openbao::free_port().expect("port");
+        let child = std::process::Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept"])
+            .arg(port.to_string())
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl s_server");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "s_server not listening"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            address: format!("https://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for UntrustedTls {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_rejected_certificate_ends_once_at_once_saying_it_will_not_fix_itself() {
+    let hsm = SoftHsm::new().expect("token");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = UntrustedTls::start(dir.path());
+    let config = write_config(dir.path(), &hsm, &tls.address, "");
+    let mut cmd = command(&hsm);
+    // A deadline far beyond the test's own limit: ending proves it did not wait.
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["--once", "--deadline", "1h"]);
+    let r = run(cmd, Duration::from_secs(60));
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(
+        r.text
+            .contains("presented a TLS certificate this program does not trust"),
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains("will not fix itself"), "{}", r.text);
+    assert!(r.text.contains("vault.caCert"), "{}", r.text);
+    assert!(!r.text.contains("waiting for Vault's API"), "{}", r.text);
+    let error = r
+        .text
+        .lines()
+        .find(|l| l.contains("does not trust"))
+        .unwrap_or_default();
+    assert!(error.contains("ERROR"), "{error}");
 }

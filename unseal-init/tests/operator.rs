@@ -9,6 +9,40 @@ use nitrokey_e2e::softhsm::SoftHsm;
 use nitrokey_e2e::token::{Scheme, Token};
 use std::time::Duration;
 
+/// pcscd's socket path is fixed (`/run/pcscd/pcscd.comm`), so the tests that start one take
+/// turns.
+static PCSCD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn pcscd_turn() -> std::sync::MutexGuard<'static, ()> {
+    PCSCD.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The pid of the pcscd a run logged starting.
+fn pcscd_pid(log: &str) -> u32 {
+    log.lines()
+        .find(|l| l.contains("pcscd is answering"))
+        .and_then(|l| l.split("pid=").nth(1))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pcscd pid logged:\n{log}"))
+}
+
+/// Waits until `pid` is gone (or a zombie of a parent that exited).
+fn assert_gone(pid: u32) {
+    let started = std::time::Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.contains(") Z ") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "pcscd {pid} still running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn hsm_cmd(hsm: &SoftHsm, config: &std::path::Path, args: &[&str]) -> Run {
     let mut cmd = command(hsm);
     cmd.arg("--config").arg(config).arg("hsm").args(args);
@@ -148,6 +182,7 @@ fn raft_follower_joins_the_leader_and_is_unsealed_with_the_same_keys() {
 
 #[test]
 fn daemon_mode_supervises_pcscd_and_stops_it_on_exit() {
+    let _turn = pcscd_turn();
     let (hsm, bao, dir) = peers();
     let config = write_config(dir.path(), &hsm, &bao.address(), "  daemon: true\n");
     // The `hsm:` block is last in the generated file, so the indented line extends it.
@@ -160,24 +195,192 @@ fn daemon_mode_supervises_pcscd_and_stops_it_on_exit() {
     assert!(r.text.contains("pcscd is answering"), "{}", r.text);
     assert!(!bao.seal_status().expect("status").sealed);
     // The supervised pcscd went away with the program.
-    let pid: u32 = r
-        .text
-        .lines()
-        .find(|l| l.contains("pcscd is answering"))
-        .and_then(|l| l.split("pid=").nth(1))
-        .and_then(|p| p.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pcscd pid logged:\n{}", r.text));
-    let started = std::time::Instant::now();
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat.contains(") Z ") {
-            break;
-        }
+    assert_gone(pcscd_pid(&r.text));
+}
+
+#[test]
+fn every_hsm_subcommand_starts_its_own_pcscd_in_daemon_mode() {
+    let _turn = pcscd_turn();
+    let hsm = SoftHsm::new().expect("token");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &hsm, "http://127.0.0.1:1", "");
+    for args in [
+        &["info", "--hsm-daemon"][..],
+        &["list", "--hsm-daemon"],
+        &["keygen", "--hsm-daemon"],
+    ] {
+        let r = hsm_cmd(&hsm, &config, args);
+        assert_eq!(r.code, Some(0), "{args:?}: {}", r.text);
         assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "pcscd {pid} still running"
+            r.text.contains("pcscd is answering"),
+            "{args:?}: {}",
+            r.text
         );
-        std::thread::sleep(Duration::from_millis(50));
+        assert_gone(pcscd_pid(&r.text));
     }
+    // Without the flag none is started.
+    let r = hsm_cmd(&hsm, &config, &["list"]);
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    assert!(!r.text.contains("pcscd"), "{}", r.text);
+}
+
+#[test]
+fn info_without_a_usable_slot_says_so_and_fails() {
+    let hsm = SoftHsm::without_key().expect("token");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &hsm, "http://127.0.0.1:1", "");
+    // The same module with no token initialised: one empty slot, as SoftHSM2 shows it.
+    let tokens = dir.path().join("no-tokens");
+    std::fs::create_dir(&tokens).expect("mkdir");
+    let conf = dir.path().join("empty-softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .expect("write");
+    let mut cmd = command(&hsm);
+    cmd.env("SOFTHSM2_CONF", &conf)
+        .arg("--config")
+        .arg(&config)
+        .args(["hsm", "info"]);
+    let r = run(cmd, Duration::from_secs(60));
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(r.stdout.starts_with("Library: "), "{}", r.stdout);
+    assert!(
+        r.text.contains(
+            "error: no usable HSM slot: 1 slot(s) listed, none with an initialised token"
+        ),
+        "{}",
+        r.text
+    );
+}
+
+#[test]
+fn an_unset_module_path_finds_opensc_where_debian_puts_it() {
+    let _turn = pcscd_turn();
+    let hsm = SoftHsm::without_key().expect("token");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("opensc.yaml");
+    std::fs::write(&config, "hsm:\n  pin: 123456\n").expect("write");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config").arg(&config).args(["hsm", "info"]);
+    let r = run(cmd, Duration::from_secs(60));
+    // OpenSC loads from the multiarch directory; with no pcscd it sees no reader at all.
+    assert!(r.stdout.contains("Library: OpenSC"), "{}", r.text);
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(r.text.contains("no usable HSM slot"), "{}", r.text);
+    assert!(r.text.contains("pcscd running"), "{}", r.text);
+}
+
+/// A stand-in for pcscd that writes two lines to stderr (one in pcsc-lite's format), then
+/// listens on pcscd's socket until it is killed.
+const FAKE_PCSCD: &str = r#"#!/usr/bin/env python3
+import os, socket, sys
+sys.stderr.write("00000000 ifdwrapper.c:477:IFDControl() Card not transacted: 606\n")
+sys.stderr.write("a line in no known format\n")
+sys.stderr.flush()
+path = "/run/pcscd/pcscd.comm"
+try:
+    os.unlink(path)
+except FileNotFoundError:
+    pass
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen(8)
+while True:
+    c, _ = s.accept()
+    c.close()
+"#;
+
+#[test]
+fn pcscd_messages_become_structured_log_lines() {
+    use std::io::BufRead;
+    let _turn = pcscd_turn();
+    let hsm = SoftHsm::new().expect("token");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = dir.path().join("pcscd");
+    std::fs::write(&fake, FAKE_PCSCD).expect("write");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let port = nitrokey_e2e::openbao::free_port().expect("port");
+    // Sidecar mode against a Vault that never answers: it keeps running until SIGTERM.
+    let config = write_config(
+        dir.path(),
+        &hsm,
+        "http://127.0.0.1:1",
+        &format!("metricsAddress: 127.0.0.1:{port}\n"),
+    );
+    let mut cmd = command(&hsm);
+    cmd.env("UNSEAL_INIT_PCSCD", &fake)
+        .arg("--config")
+        .arg(&config)
+        .args(["--hsm-daemon", "--log-format", "json"]);
+    let mut child = cmd.spawn().expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("a line in no known format"))
+        || !lines.iter().any(|l| l.contains("Card not transacted"))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("pcscd's lines never appeared:\n{}", lines.join("\n"));
+            }
+        }
+    }
+    // SAFETY: kill(2) on a child of this test process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("wait");
+    reader.join().expect("reader");
+    lines.extend(rx.try_iter());
+    assert_eq!(status.code(), Some(0), "{}", lines.join("\n"));
+    // Every line is JSON: nothing of pcscd's reached the log unwrapped.
+    let events: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let relayed = events
+        .iter()
+        .find(|e| e["message"] == "pcscd: Card not transacted: 606")
+        .unwrap_or_else(|| panic!("{}", lines.join("\n")));
+    assert_eq!(relayed["level"], "WARN", "{relayed}");
+    assert_eq!(
+        relayed["source"], "ifdwrapper.c:477:IFDControl()",
+        "{relayed}"
+    );
+    assert_eq!(relayed["target"], "pcscd", "{relayed}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"] == "pcscd: a line in no known format" && e["level"] == "WARN"),
+        "{}",
+        lines.join("\n")
+    );
+    // The stand-in went away with the program.
+    assert_gone(pcscd_pid(
+        &events
+            .iter()
+            .filter(|e| e["message"] == "pcscd is answering")
+            .map(|e| format!("pcscd is answering pid={}", e["pid"]))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    ));
 }
