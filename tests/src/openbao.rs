@@ -372,6 +372,17 @@ impl OpenBao {
         self.launch()
     }
 
+    /// Loses the server's storage, as a pod whose data volume was replaced does: stops it,
+    /// empties its data directory and starts it again on the same configuration, node id and
+    /// port, uninitialised.
+    pub fn lose_data_and_restart(&mut self) -> anyhow::Result<()> {
+        self.stop()?;
+        let data = self.dir.path().join("data");
+        std::fs::remove_dir_all(&data)?;
+        std::fs::create_dir_all(&data)?;
+        self.launch()
+    }
+
     /// Starts a stopped or killed server again.
     pub fn start_again(&mut self) -> anyhow::Result<()> {
         if self.child.is_some() {
