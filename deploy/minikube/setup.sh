@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Passes a NitroKey HSM stick through to a VirtualBox minikube VM and deploys the device plugin
-# and the single-node Vault example. Safe to run again: each step checks its state first and
+# Passes a NitroKey HSM stick through to a VirtualBox minikube VM, loads the project's images and
+# deploys the device plugin and the single-node Vault example. Safe to run again: each step checks its state first and
 # only acts when needed; every step is verified before the next one starts.
 #
 # Usage: deploy/minikube/setup.sh            (PIN for the vault-hsm-pin Secret from HSM_PIN,
 #                                             or asked for when it does not exist yet)
 # Env:   MINIKUBE_PROFILE (default minikube), HSM_VENDOR_ID (0x20a0), HSM_PRODUCT_ID (0x4230),
-#        HSM_PIN, SKIP_DEPLOY=1 (USB passthrough only), KUBECTL (default "minikube kubectl --")
+#        HSM_PIN, SKIP_DEPLOY=1 (USB passthrough only), KUBECTL (default "minikube kubectl --"),
+#        SKIP_IMAGES=1 (pull the images instead of loading dist/'s archives, built when missing
+#        by scripts/build-images.sh)
 #
 # No node is patched by hand: the device plugin advertises nitrokey.com/hsm by itself.
 set -euo pipefail
@@ -106,7 +108,37 @@ if [ "${SKIP_DEPLOY:-0}" = 1 ]; then
   exit 0
 fi
 
-step "7. device plugin"
+step "7. images (device-plugin, unseal-init) in the cluster"
+version="$(sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' "$repo_root/Cargo.toml")"
+if [ "${SKIP_IMAGES:-0}" = 1 ]; then
+  ok "SKIP_IMAGES=1: the cluster pulls the images the manifests name"
+else
+  archives=("$repo_root/dist/device-plugin-$version.oci.tar" "$repo_root/dist/unseal-init-$version.oci.tar")
+  if [ ! -f "${archives[0]}" ] || [ ! -f "${archives[1]}" ]; then
+    { [ "$(uname -s)" = Linux ] && command -v mmdebstrap >/dev/null 2>&1 && command -v buildah >/dev/null 2>&1; } \
+      || die "no image archives in dist/: build them on Debian with scripts/build-images.sh and copy dist/ here, or set SKIP_IMAGES=1 to pull them from a registry"
+    "$repo_root/scripts/build-images.sh"
+  fi
+  images_dir="$(mktemp -d)"
+  trap 'rm -rf "$images_dir"' EXIT
+  for archive in "${archives[@]}"; do
+    target="$(basename "$archive" "-$version.oci.tar")"
+    ref="ghcr.io/nitrokey-vault/$target:$version"
+    load="$archive"
+    # minikube's Docker runtime loads a docker-archive with any Docker version; skopeo converts.
+    if command -v skopeo >/dev/null 2>&1; then
+      load="$images_dir/$target.docker.tar"
+      skopeo copy --quiet "oci-archive:$archive" "docker-archive:$load:$ref"
+    fi
+    minikube -p "$profile" image load "$load"
+    minikube -p "$profile" image ls | matches -F "$ref" || die "$ref is not in the cluster after minikube image load"
+    ok "$ref loaded"
+  done
+  rm -rf "$images_dir"
+  trap - EXIT
+fi
+
+step "8. device plugin"
 "${kubectl[@]}" apply -k "$repo_root/deploy/base/device-plugin" >/dev/null
 "${kubectl[@]}" -n nitrokey-system rollout status daemonset/nitrokey-device-plugin --timeout=180s
 node="$("${kubectl[@]}" get nodes -o jsonpath='{.items[0].metadata.name}')"
@@ -119,7 +151,7 @@ done
 { [ -n "$capacity" ] && [ "$capacity" != 0 ]; } || die "node $node advertises no nitrokey.com/hsm; see: kubectl -n nitrokey-system logs ds/nitrokey-device-plugin"
 ok "node $node: nitrokey.com/hsm allocatable = $capacity"
 
-step "8. Vault example (namespace vault)"
+step "9. Vault example (namespace vault)"
 "${kubectl[@]}" apply -f - >/dev/null <<NS
 apiVersion: v1
 kind: Namespace
