@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Passes a NitroKey HSM stick through to a VirtualBox minikube VM, loads the project's images and
-# deploys the device plugin and the single-node Vault example. Safe to run again: each step checks its state first and
-# only acts when needed; every step is verified before the next one starts.
+# deploys the device plugin and the single-node Vault example. Safe to run again: each step
+# checks its state first and only acts when needed; every step is verified before the next one
+# starts.
 #
 # Usage: deploy/minikube/setup.sh            (PIN for the vault-hsm-pin Secret from HSM_PIN,
 #                                             or asked for when it does not exist yet)
