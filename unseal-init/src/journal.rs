@@ -330,12 +330,30 @@ impl InFlight {
     /// directory, so that a Vault container on another mount of the volume sees it.
     pub fn hold(dir: &Path) -> Result<Self, JournalError> {
         let path = in_flight_path(dir);
+        searchable_by_vault(dir);
         let mut f = File::create(&path).map_err(io(&path, "creating the in-flight marker"))?;
         f.write_all(format!("{}\n", std::process::id()).as_bytes())
             .and_then(|()| f.sync_all())
             .map_err(io(&path, "writing the in-flight marker"))?;
         sync_dir(dir)?;
         Ok(Self { path })
+    }
+}
+
+/// Vault's container runs as another user and only tests whether the marker exists, which
+/// needs search (not read) permission on the directory: add it if missing. The directory
+/// holds ciphertext only, and search permission lists nothing.
+fn searchable_by_vault(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = fs::metadata(dir) else {
+        return;
+    };
+    let mode = meta.permissions().mode();
+    if mode & 0o011 != 0o011 {
+        let wanted = fs::Permissions::from_mode((mode | 0o011) & 0o7777);
+        if let Err(e) = fs::set_permissions(dir, wanted) {
+            tracing::warn!(path = %dir.display(), error = %e, "cannot let other users search the journal directory; a Vault container running as another user may not see the in-flight marker");
+        }
     }
 }
 
@@ -635,8 +653,16 @@ mod tests {
     fn the_in_flight_marker_lives_as_long_as_its_guard_and_a_stale_one_is_cleared() {
         let dir = tempfile::tempdir().expect("tempdir");
         let marker = in_flight_path(dir.path());
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
         let held = InFlight::hold(dir.path()).expect("hold");
         assert!(marker.exists());
+        let mode = fs::metadata(dir.path()).expect("stat").permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o711,
+            "others may test for the marker, not list"
+        );
         drop(held);
         assert!(!marker.exists());
         std::mem::forget(InFlight::hold(dir.path()).expect("hold"));
