@@ -472,3 +472,78 @@ fn tpm_token_is_selected_by_its_space_padded_label() {
     once_ok(&tpm, &config);
     assert!(!bao.seal_status().expect("status").sealed);
 }
+
+/// A changed PIN file reloads the module. Through pkcs11-spy, which stays loaded across
+/// `dlclose`, the reload works only if the first load was finalised: without `C_Finalize` the
+/// second `C_Initialize` answers `CKR_CRYPTOKI_ALREADY_INITIALIZED` and the sidecar would exit.
+#[test]
+fn a_reload_after_a_changed_pin_file_finalises_a_module_that_stays_resident() {
+    let Some(token) = SpyToken::new() else {
+        eprintln!("skipping: {PKCS11_SPY} not installed (Debian package opensc)");
+        return;
+    };
+    let bao = start_bao();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pin_file = dir.path().join("pin");
+    std::fs::write(&pin_file, "not-the-pin\n").expect("write PIN file");
+    let port = nitrokey_e2e::openbao::free_port().expect("port");
+    let config = dir.path().join("unseal-init.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "mode: hsm\nvault:\n  address: {}\nhsm:\n  modulePath: {}\n  slotId: {}\n  pinFile: {}\n  keyLabel: bank-vaults\njournalDir: {}\nunsealPeriod: 300ms\nmetricsAddress: 127.0.0.1:{port}\n",
+            bao.address(),
+            token.module().display(),
+            token.slot_id(),
+            pin_file.display(),
+            dir.path().join("journal").display(),
+        ),
+    )
+    .expect("write config");
+    let mut cmd = common::command(&token);
+    cmd.arg("--config").arg(&config);
+    let sidecar = Sidecar::spawn(cmd, format!("http://127.0.0.1:{port}"));
+
+    let refused = wait_http(&sidecar.endpoints, "/readyz", 503, Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !token.calls().iter().any(|c| c == "C_Login") {
+        assert!(Instant::now() < deadline, "no login attempt: {refused}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(&pin_file, format!("{USER_PIN}\n")).expect("write PIN file");
+    let unsealed = bao.wait_for(Duration::from_secs(120), |s| s.initialized && !s.sealed);
+    let run = sidecar.stop();
+    let log = token.log();
+    unsealed.unwrap_or_else(|e| panic!("not unsealed after the PIN changed: {e}\n{}", run.text));
+    assert!(
+        !log.contains("CKR_CRYPTOKI_ALREADY_INITIALIZED"),
+        "the reload found the module still initialised:\n{}",
+        run.text
+    );
+    let calls = token.calls();
+    let inits: Vec<usize> = positions(&calls, "C_Initialize");
+    let finals: Vec<usize> = positions(&calls, "C_Finalize");
+    assert!(inits.len() >= 2, "no reload: {calls:?}");
+    // Every C_Initialize after the first follows a C_Finalize, and the last load is finalised
+    // at exit too.
+    for pair in inits.windows(2) {
+        assert!(
+            finals.iter().any(|f| pair[0] < *f && *f < pair[1]),
+            "C_Initialize without C_Finalize before it: {calls:?}"
+        );
+    }
+    assert!(
+        finals.last() > inits.last(),
+        "not finalised at exit: {calls:?}"
+    );
+    assert_eq!(run.code, Some(0), "{}", run.text);
+}
+
+fn positions(calls: &[String], name: &str) -> Vec<usize> {
+    calls
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| *c == name)
+        .map(|(i, _)| i)
+        .collect()
+}

@@ -65,6 +65,79 @@ impl Token for ShimToken {
     }
 }
 
+/// OpenSC's PKCS#11 call logger.
+pub const PKCS11_SPY: &str = "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so";
+
+/// SoftHSM2 behind OpenSC's pkcs11-spy, which logs every PKCS#11 call to [`SpyToken::log`].
+/// pkcs11-spy stays loaded after `dlclose` (it is marked `NODELETE`), as wrapper modules may:
+/// a program that reloads it without `C_Finalize` gets `CKR_CRYPTOKI_ALREADY_INITIALIZED`.
+pub struct SpyToken {
+    hsm: SoftHsm,
+    spy: PathBuf,
+    log: PathBuf,
+}
+
+impl SpyToken {
+    /// A fresh SoftHSM2 token behind pkcs11-spy; `None` when OpenSC's spy is not installed.
+    pub fn new() -> Option<Self> {
+        let spy = PathBuf::from(PKCS11_SPY);
+        if !spy.exists() {
+            return None;
+        }
+        let hsm = SoftHsm::new().expect("softhsm token");
+        let log = hsm.dir().join("pkcs11-spy.log");
+        Some(Self { hsm, spy, log })
+    }
+
+    /// Every PKCS#11 call logged so far, in order (`C_Initialize`, `C_Decrypt`, ...).
+    pub fn calls(&self) -> Vec<String> {
+        spy_calls(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    /// The spy's whole log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// The function names in a pkcs11-spy log: each call starts with a line `N: C_Name`.
+pub fn spy_calls(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| {
+            let (_, name) = l.split_once(": ")?;
+            let name = name.split_whitespace().next()?;
+            name.starts_with("C_").then(|| name.to_owned())
+        })
+        .collect()
+}
+
+impl Token for SpyToken {
+    fn module(&self) -> &Path {
+        &self.spy
+    }
+    fn slot_id(&self) -> u64 {
+        self.hsm.slot_id()
+    }
+    fn env(&self) -> Vec<(String, String)> {
+        let mut env = self.hsm.env();
+        env.push((
+            "PKCS11SPY".to_owned(),
+            self.hsm.module().display().to_string(),
+        ));
+        env.push((
+            "PKCS11SPY_OUTPUT".to_owned(),
+            self.log.display().to_string(),
+        ));
+        env
+    }
+    fn dir(&self) -> &Path {
+        self.hsm.dir()
+    }
+    fn pkcs11_tool(&self) -> Command {
+        self.hsm.pkcs11_tool()
+    }
+}
+
 /// How the configuration selects the slot.
 #[derive(Debug, Clone, Copy)]
 pub enum Select<'a> {
@@ -171,6 +244,14 @@ impl Sidecar {
         Self {
             child: Some(cmd.spawn().expect("spawn sidecar")),
             endpoints: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Runs `cmd` as the sidecar, its endpoints at `endpoints`.
+    pub fn spawn(mut cmd: Command, endpoints: String) -> Self {
+        Self {
+            child: Some(cmd.spawn().expect("spawn sidecar")),
+            endpoints,
         }
     }
 
