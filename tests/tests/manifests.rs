@@ -1469,6 +1469,27 @@ fn the_release_tag_is_set_in_one_place_and_matches_the_dockerfile() {
 }
 
 #[test]
+fn the_images_component_names_each_project_image_and_its_tag() {
+    // Pointing every overlay at another registry is one edit there: newName and newTag.
+    let path = repo().join("deploy/components/images/kustomization.yaml");
+    let text = std::fs::read_to_string(&path).expect("read the images component");
+    let doc: Value = serde_saphyr::from_str(&text).expect("the images component parses");
+    let entries = doc["images"].as_array().expect("images: a list");
+    for image in [DEVICE_PLUGIN_IMAGE, UNSEAL_INIT_IMAGE] {
+        let entry = entries
+            .iter()
+            .find(|e| e["name"] == image)
+            .unwrap_or_else(|| panic!("no entry for {image}"));
+        assert_eq!(entry["newName"], image, "{image}: newName");
+        assert_eq!(
+            entry["newTag"],
+            release_version().as_str(),
+            "{image}: newTag"
+        );
+    }
+}
+
+#[test]
 fn one_pin_secret_name_and_no_pin_on_a_command_line() {
     // Every place that creates or names the PIN Secret uses one name, and creates it from a
     // file: a PIN on a command line ends up in shell history and the process list.

@@ -573,8 +573,10 @@ impl Runner {
                         });
                     }
                     Err(cause) => cause,
+            self.telemetry.journal_pending(false);
                 };
                 let remaining: Vec<String> = j.entries[i..]
+        self.telemetry.journal_pending(true);
                     .iter()
                     .filter(|e| !e.journal_only)
                     .map(|e| e.name.clone())
@@ -678,6 +680,7 @@ impl Runner {
         Ok(out)
     }
 
+        self.telemetry.journal_pending(false);
     /// After a `sys/init` whose answer never arrived: what Vault says now, for the report.
     async fn init_lost(&self, cause: VaultError) -> PassError {
         let now = match self.vault.seal_status().await {
@@ -890,6 +893,7 @@ impl Runner {
             Some(p) => std::fs::read_to_string(p).ok(),
             None => None,
         };
+                    self.telemetry.journal_pending(true);
         tracing::info!(leader = leader.as_str(), "joining leader vault...");
         if !self.vault.raft_join(&leader, ca.as_deref()).await? {
             return Err(PassError::JoinFailed(leader));

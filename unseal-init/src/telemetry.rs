@@ -5,7 +5,7 @@
 //! Metric values never carry secrets: labels are operation names and results only.
 
 use nitrokey_common::health::{self, Probes};
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -38,6 +38,36 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+/// What unseal-init last saw of Vault, as the `state` label of `unseal_init_vault_state`.
+/// The variants are the label values, hence lower case.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum VaultState {
+    /// Initialised and sealed.
+    sealed,
+    /// Initialised and unsealed.
+    unsealed,
+    /// Not initialised.
+    uninitialized,
+    /// Not answering (or answering with an error).
+    unreachable,
+}
+
+impl VaultState {
+    const ALL: [Self; 4] = [
+        Self::sealed,
+        Self::unsealed,
+        Self::uninitialized,
+        Self::unreachable,
+    ];
+}
+
+/// Label set of `unseal_init_vault_state`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: VaultState,
+}
+
 /// Count and total time of one HSM operation, for the benchmark and logs.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct OpTotals {
@@ -53,6 +83,8 @@ pub struct Telemetry {
     initialized: Gauge,
     sealed: Gauge,
     unseal_attempts: Family<ResultLabel, Counter>,
+    vault_state: Family<StateLabel, Gauge>,
+    journal_pending: Gauge,
     init_total: Counter,
     hsm_ops: Family<OpLabel, Counter>,
     hsm_seconds: Family<OpLabel, Histogram>,
@@ -104,7 +136,7 @@ impl Telemetry {
         );
         registry.register(
             "vault_sealed",
-            "1 when Vault reports it is sealed",
+            "1 when Vault reports it is sealed (0 also while it is unreachable: see vault_state)",
             sealed.clone(),
         );
         registry.register(
@@ -113,6 +145,18 @@ impl Telemetry {
             unseal_attempts.clone(),
         );
         registry.register(
+        let vault_state = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "vault_state",
+            "1 for what Vault last answered (sealed, unsealed, uninitialized) or unreachable, 0 for the others; all 0 before the first look",
+            vault_state.clone(),
+        );
+        let journal_pending = Gauge::default();
+        registry.register(
+            "init_journal_pending",
+            "1 while an init journal holds keys not yet all stored (they are safe in it, encrypted)",
+            journal_pending.clone(),
+        );
             "vault_init",
             "Vault initialisations performed",
             init_total.clone(),
@@ -139,6 +183,8 @@ impl Telemetry {
             sealed,
             unseal_attempts,
             init_total,
+            vault_state,
+            journal_pending,
             hsm_ops,
             hsm_seconds,
             hsm_login_attempts,
@@ -237,11 +283,31 @@ impl Telemetry {
     /// Counts an unseal run.
     pub fn unseal_attempt(&self, success: bool) {
         let result = if success { "success" } else { "failure" };
+        self.set_vault_state(match (initialized, sealed) {
+            (false, _) => VaultState::uninitialized,
+            (true, true) => VaultState::sealed,
+            (true, false) => VaultState::unsealed,
+        });
         self.unseal_attempts
             .get_or_create(&ResultLabel {
                 result: result.to_owned(),
             })
             .inc();
+        self.set_vault_state(VaultState::unreachable);
+    }
+
+    /// One state at 1, the others at 0: an unreachable Vault never reads as unsealed.
+    fn set_vault_state(&self, now: VaultState) {
+        for state in VaultState::ALL {
+            self.vault_state
+                .get_or_create(&StateLabel { state })
+                .set(i64::from(state == now));
+        }
+    }
+
+    /// Whether an init journal holds keys that are not all stored yet.
+    pub fn journal_pending(&self, pending: bool) {
+        self.journal_pending.set(i64::from(pending));
     }
 
     /// Counts a Vault initialisation.
@@ -407,6 +473,34 @@ mod tests {
             text.contains("unseal_init_hsm_operations_total{op=\"decrypt\"} 2"),
             "{text}"
         );
+    /// A dashboard reading `vault_state` never shows an unreachable Vault as unsealed, nor a
+    /// stale state once Vault answers again.
+    #[test]
+    fn vault_state_names_one_state_at_a_time() {
+        let t = Telemetry::new();
+        let state = |t: &Telemetry, s: &str| {
+            let text = t.encode();
+            let line = format!("unseal_init_vault_state{{state=\"{s}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(line.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| panic!("no {line}in\n{text}"))
+        };
+        t.vault_status(true, false);
+        assert_eq!(state(&t, "unsealed"), "1");
+        t.vault_unreachable();
+        assert_eq!(state(&t, "unreachable"), "1");
+        assert_eq!(state(&t, "unsealed"), "0");
+        assert_eq!(state(&t, "sealed"), "0");
+        t.vault_status(true, true);
+        assert_eq!(state(&t, "sealed"), "1");
+        assert_eq!(state(&t, "unreachable"), "0");
+        t.vault_status(false, true);
+        assert_eq!(state(&t, "uninitialized"), "1");
+        assert_eq!(state(&t, "sealed"), "0");
+        t.journal_pending(true);
+        assert!(t.encode().contains("unseal_init_init_journal_pending 1"));
+    }
+
         assert!(
             text.contains("unseal_init_hsm_login_attempts_total 1"),
             "{text}"
