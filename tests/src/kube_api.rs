@@ -57,6 +57,9 @@ struct Shared {
     node_labels: Mutex<BTreeMap<String, BTreeMap<String, String>>>,
     /// Data of each Secret, by (namespace, name).
     secrets: Mutex<BTreeMap<(String, String), SecretData>>,
+    /// Annotations of each Secret, by (namespace, name): merge-patched, created and returned
+    /// as the API server does.
+    secret_annotations: Mutex<BTreeMap<(String, String), BTreeMap<String, String>>>,
     /// Secret creates to hold until this many have arrived (0: none is held).
     hold_creates: usize,
     /// Secret creates arrived so far.
@@ -185,6 +188,17 @@ impl KubeApi {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The annotations of Secret `namespace/name` (empty until it has any).
+    pub fn secret_annotations(&self, namespace: &str, name: &str) -> BTreeMap<String, String> {
+        self.shared
+            .secret_annotations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(namespace.to_owned(), name.to_owned()))
             .cloned()
             .unwrap_or_default()
     }
@@ -441,6 +455,46 @@ fn secret_json(ns: &str, name: &str, data: &SecretData) -> String {
     .to_string()
 }
 
+/// Applies a merge patch of `metadata.annotations` (a string sets, null removes) to the
+/// Secret's annotations, and puts them into `reply`.
+fn annotate(
+    shared: &Shared,
+    ns: &str,
+    name: &str,
+    patch: &serde_json::Value,
+    (code, reply): (u16, String),
+) -> (u16, String) {
+    if !(200..300).contains(&code) {
+        return (code, reply);
+    }
+    let mut all = shared
+        .secret_annotations
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let own = all.entry((ns.to_owned(), name.to_owned())).or_default();
+    for (key, value) in patch["metadata"]["annotations"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        match value.as_str() {
+            Some(text) => {
+                own.insert(key.clone(), text.to_owned());
+            }
+            None => {
+                own.remove(key);
+            }
+        }
+    }
+    let Ok(mut json) = serde_json::from_str::<serde_json::Value>(&reply) else {
+        return (code, reply);
+    };
+    if !own.is_empty() {
+        json["metadata"]["annotations"] = serde_json::json!(own);
+    }
+    (code, json.to_string())
+}
+
 fn secret_not_found(name: &str) -> (u16, String) {
     (
         404,
@@ -471,7 +525,13 @@ fn answer_secret(
         ("GET", Some(name)) => {
             let secrets = shared.secrets.lock().unwrap_or_else(|e| e.into_inner());
             match secrets.get(&(ns.to_owned(), name.to_owned())) {
-                Some(data) => (200, secret_json(ns, name, data)),
+                Some(data) => annotate(
+                    shared,
+                    ns,
+                    name,
+                    &serde_json::Value::Null,
+                    (200, secret_json(ns, name, data)),
+                ),
                 None => secret_not_found(name),
             }
         }
@@ -496,7 +556,7 @@ fn answer_secret(
                 }
             }
             *data = patched;
-            (200, secret_json(ns, name, data))
+            annotate(shared, ns, name, body, (200, secret_json(ns, name, data)))
         }
         ("POST", None) => {
             hold_create(shared, stop);
@@ -522,7 +582,7 @@ fn answer_secret(
             }
             let reply = secret_json(ns, name, &data);
             secrets.insert(key, data);
-            (201, reply)
+            annotate(shared, ns, name, body, (201, reply))
         }
         _ => not_served(),
     }
