@@ -520,8 +520,10 @@ impl Runner {
     /// tell whether the journal is this Vault's (it waits, durable).
     pub async fn finish_journal(&self) -> Result<bool, PassError> {
         let Some(j) = journal::read(self.journal_dir())? else {
+            self.telemetry.journal_pending(false);
             return Ok(true);
         };
+        self.telemetry.journal_pending(true);
         let seen = match self.vault.seal_status().await {
             Ok(s) => Some(journal::VaultSeen {
                 initialized: s.initialized,
@@ -573,10 +575,8 @@ impl Runner {
                         });
                     }
                     Err(cause) => cause,
-            self.telemetry.journal_pending(false);
                 };
                 let remaining: Vec<String> = j.entries[i..]
-        self.telemetry.journal_pending(true);
                     .iter()
                     .filter(|e| !e.journal_only)
                     .map(|e| e.name.clone())
@@ -627,6 +627,7 @@ impl Runner {
             journal::remove(self.journal_dir())?;
             tracing::info!("init journal complete; removed");
         }
+        self.telemetry.journal_pending(false);
         Ok(())
     }
 
@@ -680,7 +681,6 @@ impl Runner {
         Ok(out)
     }
 
-        self.telemetry.journal_pending(false);
     /// After a `sys/init` whose answer never arrived: what Vault says now, for the report.
     async fn init_lost(&self, cause: VaultError) -> PassError {
         let now = match self.vault.seal_status().await {
@@ -840,6 +840,7 @@ impl Runner {
         loop {
             match journal::write(self.journal_dir(), j) {
                 Ok(path) => {
+                    self.telemetry.journal_pending(true);
                     tracing::info!(path = %path.display(), entries = j.entries.len(), "init journal written");
                     return Ok(());
                 }
@@ -893,7 +894,6 @@ impl Runner {
             Some(p) => std::fs::read_to_string(p).ok(),
             None => None,
         };
-                    self.telemetry.journal_pending(true);
         tracing::info!(leader = leader.as_str(), "joining leader vault...");
         if !self.vault.raft_join(&leader, ca.as_deref()).await? {
             return Err(PassError::JoinFailed(leader));

@@ -144,7 +144,6 @@ impl Telemetry {
             "Unseal runs by result",
             unseal_attempts.clone(),
         );
-        registry.register(
         let vault_state = Family::<StateLabel, Gauge>::default();
         registry.register(
             "vault_state",
@@ -157,6 +156,7 @@ impl Telemetry {
             "1 while an init journal holds keys not yet all stored (they are safe in it, encrypted)",
             journal_pending.clone(),
         );
+        registry.register(
             "vault_init",
             "Vault initialisations performed",
             init_total.clone(),
@@ -182,9 +182,9 @@ impl Telemetry {
             initialized,
             sealed,
             unseal_attempts,
-            init_total,
             vault_state,
             journal_pending,
+            init_total,
             hsm_ops,
             hsm_seconds,
             hsm_login_attempts,
@@ -273,26 +273,16 @@ impl Telemetry {
         self.initialized.set(i64::from(initialized));
         self.sealed.set(i64::from(sealed));
         self.ready.store(initialized && !sealed, Ordering::SeqCst);
-    }
-
-    /// Marks Vault unreachable (not ready).
-    pub fn vault_unreachable(&self) {
-        self.ready.store(false, Ordering::SeqCst);
-    }
-
-    /// Counts an unseal run.
-    pub fn unseal_attempt(&self, success: bool) {
-        let result = if success { "success" } else { "failure" };
         self.set_vault_state(match (initialized, sealed) {
             (false, _) => VaultState::uninitialized,
             (true, true) => VaultState::sealed,
             (true, false) => VaultState::unsealed,
         });
-        self.unseal_attempts
-            .get_or_create(&ResultLabel {
-                result: result.to_owned(),
-            })
-            .inc();
+    }
+
+    /// Marks Vault unreachable (not ready).
+    pub fn vault_unreachable(&self) {
+        self.ready.store(false, Ordering::SeqCst);
         self.set_vault_state(VaultState::unreachable);
     }
 
@@ -308,6 +298,16 @@ impl Telemetry {
     /// Whether an init journal holds keys that are not all stored yet.
     pub fn journal_pending(&self, pending: bool) {
         self.journal_pending.set(i64::from(pending));
+    }
+
+    /// Counts an unseal run.
+    pub fn unseal_attempt(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.unseal_attempts
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts a Vault initialisation.
@@ -460,19 +460,6 @@ pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> std::io::Resu
 mod tests {
     use super::*;
 
-    #[test]
-    fn exposition_names_the_metrics_and_readiness_follows_status() {
-        let t = Telemetry::new();
-        t.hsm_op("decrypt", Duration::from_millis(3));
-        t.hsm_op("decrypt", Duration::from_millis(5));
-        t.login_attempt();
-        t.unseal_attempt(true);
-        t.vault_status(true, false);
-        let text = t.encode();
-        assert!(
-            text.contains("unseal_init_hsm_operations_total{op=\"decrypt\"} 2"),
-            "{text}"
-        );
     /// A dashboard reading `vault_state` never shows an unreachable Vault as unsealed, nor a
     /// stale state once Vault answers again.
     #[test]
@@ -501,6 +488,19 @@ mod tests {
         assert!(t.encode().contains("unseal_init_init_journal_pending 1"));
     }
 
+    #[test]
+    fn exposition_names_the_metrics_and_readiness_follows_status() {
+        let t = Telemetry::new();
+        t.hsm_op("decrypt", Duration::from_millis(3));
+        t.hsm_op("decrypt", Duration::from_millis(5));
+        t.login_attempt();
+        t.unseal_attempt(true);
+        t.vault_status(true, false);
+        let text = t.encode();
+        assert!(
+            text.contains("unseal_init_hsm_operations_total{op=\"decrypt\"} 2"),
+            "{text}"
+        );
         assert!(
             text.contains("unseal_init_hsm_login_attempts_total 1"),
             "{text}"
