@@ -3,6 +3,9 @@
 # Two images from one build, one program each:
 #   docker build --target device-plugin -t ghcr.io/nitrokey-vault/device-plugin:0.1.0 .
 #   docker build --target unseal-init   -t ghcr.io/nitrokey-vault/unseal-init:0.1.0 .
+# Without Docker, scripts/build-images.sh builds the same two images as OCI archives (mmdebstrap
+# and buildah) and takes each runtime stage's LABEL, USER and ENTRYPOINT from this file: keep
+# them as key="value" pairs, a numeric uid:gid and the JSON form.
 # The device plugin only reads USB descriptors, so its image has no smart-card stack; unseal-init
 # talks to the stick through OpenSC and pcscd. Each image's Debian packages are listed in
 # deploy/image/<target>.packages and finished by deploy/image/setup.sh, the same files the

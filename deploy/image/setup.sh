@@ -1,8 +1,9 @@
 #!/bin/sh
 # Finishes a runtime image after its packages (the .packages file next to this script) are
 # installed: the non-root user, and for unseal-init the OpenSC module at the path Bank-Vaults
-# configs use, pcscd's socket directory and the init journal's directory. The Dockerfile runs it, and so does the test that
-# builds the same root filesystem with mmdebstrap, so the two cannot drift.
+# configs use, pcscd's socket directory and the init journal's directory. The Dockerfile runs it,
+# and so does scripts/build-images.sh, which builds the same root filesystem with mmdebstrap (the
+# images without Docker, and the tests' root filesystems), so the two cannot drift.
 # Usage: setup.sh device-plugin|unseal-init
 set -eu
 

@@ -7,7 +7,8 @@
 //! program as the workspace builds it, pinned base images, a non-root default user, each image
 //! installing its packages from its list in `deploy/image/` (the list the root-filesystem test
 //! builds from) and only unseal-init's carrying the smart-card stack. `image_rootfs.rs` builds
-//! and runs the same root filesystems.
+//! and runs the same root filesystems; `images.rs` builds the images themselves with
+//! `scripts/build-images.sh` and checks their config against this file's stages.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

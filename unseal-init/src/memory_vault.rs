@@ -42,6 +42,8 @@ struct State {
     /// `sys/init` initialises, then its connection breaks before the answer (as a Vault
     /// stopped mid-request does: OpenBao finishes initialising after dropping the request).
     init_dropped: bool,
+    /// Another initialiser's `sys/init` arrives just before the next one.
+    beaten: bool,
 }
 
 impl State {
@@ -101,6 +103,12 @@ impl MemoryVault {
     /// Makes `sys/init` issue `keys` keys whatever `secret_shares` asked for.
     pub fn issue_keys_on_init(&self, keys: usize) {
         self.with(|s| s.init_issues = Some(keys));
+    }
+
+    /// Makes another initialiser win the race: the next `sys/init` finds Vault initialised
+    /// (with keys it answered to the other one) and is refused as Vault refuses it.
+    pub fn beaten_to_init(&self) {
+        self.with(|s| s.beaten = true);
     }
 
     /// Makes `sys/init` initialise and then lose its answer with a broken connection.
@@ -186,6 +194,13 @@ impl MemoryVault {
             f();
         }
         let result = self.with(|s| {
+            if std::mem::take(&mut s.beaten) && !s.initialized {
+                s.keys = (0..shares).map(|_| random_key()).collect();
+                s.root_token = random_token();
+                s.threshold = u32::from(threshold);
+                s.initialized = true;
+                s.sealed = true;
+            }
             if s.initialized {
                 return Err(status_error("sys/init", "Vault is already initialized"));
             }

@@ -26,7 +26,10 @@ use crate::shutdown::Shutdown;
 use crate::storage::Storage;
 use crate::telemetry::Telemetry;
 use crate::token_store::TokenStore;
-use crate::unseal::{Observation, Step, VaultView, init_storage_plan, next_step, store_needed};
+use crate::unseal::{
+    Observation, ShortOfKeys, Step, VaultView, already_initialised, init_storage_plan, next_step,
+    short_of_keys, store_needed,
+};
 use crate::vault::{VaultApi, VaultError};
 use nitrokey_common::backoff::Backoff;
 use std::path::PathBuf;
@@ -132,6 +135,24 @@ pub enum PassError {
     /// Raft join did not succeed.
     #[error("raft join to {0} did not complete")]
     JoinFailed(String),
+    /// Another initialiser won the race to `sys/init`, and its keys cannot reach this store.
+    #[error(
+        "Vault was initialised by someone else (another unseal-init, or an operator) just as this one was about to: its keys went to whoever initialised it, and this store (mode hsm: data objects on this process's own token) can never receive them. Run one initialiser per Vault in mode hsm, or give every initialiser one shared Secret (mode hsm-k8s), where the others wait for the keys"
+    )]
+    InitialisedElsewhere,
+    /// Vault was initialised elsewhere, and its keys did not reach the shared store in time.
+    #[error(
+        "Vault was initialised by another initialiser and is sealed, but its keys did not appear in the shared store within {}: it needs {needed} and the store holds {found} readable ones; check the other initialiser's log (its keys may have been lost)",
+        humantime::format_duration(*.waited)
+    )]
+    KeysNeverArrived {
+        /// Needed.
+        needed: u32,
+        /// Readable keys found.
+        found: usize,
+        /// How long this run waited.
+        waited: Duration,
+    },
 }
 
 /// Longest unseal key Vault hands out: a 32-byte key plus the Shamir share's byte, in hex.
@@ -251,6 +272,9 @@ pub struct Runner {
     telemetry: Arc<Telemetry>,
     shutdown: Shutdown,
     vault_was_up: Mutex<Option<(bool, Instant)>>,
+    /// Since when Vault has been sealed with keys missing from the store (another initialiser
+    /// may be storing them), and whether this process saw its own `sys/init` refused for it.
+    short_of_keys: Mutex<Option<(Instant, bool)>>,
     /// The other raft members (`vault.raftPeers`), asked before this Vault is initialised.
     peers: Vec<Arc<dyn VaultApi>>,
 }
@@ -264,6 +288,9 @@ pub enum PassOutcome {
     VaultUnreachable,
     /// A stop was requested; nothing is left half-done.
     Stopped,
+    /// Vault was initialised by another initialiser whose keys are expected in the shared
+    /// store (sidecar passes only; `wait` passes look again themselves).
+    WaitingForKeys,
 }
 
 impl Runner {
@@ -285,9 +312,28 @@ impl Runner {
             telemetry,
             shutdown,
             vault_was_up: Mutex::new(None),
+            short_of_keys: Mutex::new(None),
             peers: Vec::new(),
         }
         .with_peer_addresses()
+    }
+
+    /// Records that keys are missing (`beaten`: because another initialiser won `sys/init`);
+    /// returns since when, and whether an init was lost to another initialiser meanwhile.
+    fn keys_missing_since(&self, beaten: bool) -> (Instant, bool) {
+        let mut since = self
+            .short_of_keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = since.get_or_insert((Instant::now(), false));
+        entry.1 |= beaten;
+        *entry
+    }
+
+    fn keys_arrived(&self) {
+        if let Ok(mut since) = self.short_of_keys.lock() {
+            *since = None;
+        }
     }
 
     /// Clients for `vault.raftPeers`, trusting the same CA as Vault's own. A peer whose client
@@ -464,8 +510,26 @@ impl Runner {
                     }
                 }
                 Step::WaitForVault => return Ok(PassOutcome::VaultUnreachable),
-                Step::Done => return Ok(PassOutcome::Unsealed),
-                Step::Initialize => self.initialize().await?,
+                Step::Done => {
+                    self.keys_arrived();
+                    return Ok(PassOutcome::Unsealed);
+                }
+                Step::Initialize => match self.initialize().await {
+                    Err(PassError::Vault(VaultError::Status {
+                        status: 400,
+                        message,
+                        ..
+                    })) if already_initialised(&message) => {
+                        self.keys_missing_since(true);
+                        if self.cfg.mode != Mode::HsmK8s {
+                            return Err(PassError::InitialisedElsewhere);
+                        }
+                        tracing::info!(
+                            "Vault was initialised by another initialiser meanwhile; waiting for its keys to appear in the shared store"
+                        );
+                    }
+                    other => other?,
+                },
                 Step::JoinRaft => {
                     if joined {
                         return Err(PassError::JoinFailed(
@@ -501,11 +565,42 @@ impl Runner {
                 }
                 Step::RefuseStaleKeys { found } => return Err(PassError::StaleKeys(found)),
                 Step::MissingKeys { needed, found } => {
-                    return Err(PassError::MissingKeys {
-                        needed,
-                        found,
-                        unreadable: Vec::new(),
-                    });
+                    let shared = self.cfg.mode == Mode::HsmK8s;
+                    let (since, beaten) = self.keys_missing_since(false);
+                    let waited = since.elapsed();
+                    match short_of_keys(needed, shared, waited, self.cfg.hsm.token_wait_timeout) {
+                        ShortOfKeys::Wait => {
+                            tracing::debug!(
+                                needed,
+                                found,
+                                "waiting for another initialiser's keys"
+                            );
+                            if !wait {
+                                return Ok(PassOutcome::WaitingForKeys);
+                            }
+                            self.telemetry.heartbeat();
+                            if self.shutdown.sleep_or_stop(backoff.next()).await.is_stop() {
+                                return Ok(PassOutcome::Stopped);
+                            }
+                        }
+                        ShortOfKeys::Fail if beaten && !shared => {
+                            return Err(PassError::InitialisedElsewhere);
+                        }
+                        ShortOfKeys::Fail if beaten => {
+                            return Err(PassError::KeysNeverArrived {
+                                needed,
+                                found,
+                                waited,
+                            });
+                        }
+                        ShortOfKeys::Fail => {
+                            return Err(PassError::MissingKeys {
+                                needed,
+                                found,
+                                unreadable: Vec::new(),
+                            });
+                        }
+                    }
                 }
             }
         }
@@ -991,6 +1086,9 @@ impl Runner {
             self.telemetry.heartbeat();
             match self.pass(false).await {
                 Ok(PassOutcome::Stopped) => return Ok(()),
+                // Another initialiser's keys are on their way; said once, at INFO, where
+                // the race was seen.
+                Ok(PassOutcome::WaitingForKeys) => {}
                 Ok(_) => {
                     if last_error.take().is_some() {
                         tracing::info!("unseal pass succeeded again");
@@ -1555,6 +1653,92 @@ mod tests {
         }
         // The keys asked for unseal it.
         assert_eq!(scene.pass().await.expect("unseal"), PassOutcome::Unsealed);
+        scene.close();
+    }
+
+    #[tokio::test]
+    async fn losing_the_init_race_in_hsm_mode_says_this_store_cannot_have_the_keys() {
+        let scene = Scene::new();
+        scene.vault.beaten_to_init();
+        let err = scene.pass().await.expect_err("beaten");
+        assert!(matches!(err, PassError::InitialisedElsewhere), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("initialised by someone else") && text.contains("can never receive them"),
+            "{text}"
+        );
+        assert_eq!(scene.store.count("put"), 0);
+        assert!(!scene.journal().exists());
+        // The next pass says the same, not "needs 3 keys".
+        let again = scene.pass().await.expect_err("still beaten");
+        assert!(
+            matches!(
+                again,
+                PassError::MissingKeys { .. } | PassError::InitialisedElsewhere
+            ),
+            "{again:?}"
+        );
+        scene.close();
+    }
+
+    #[tokio::test]
+    async fn losing_the_init_race_with_a_shared_store_waits_for_the_winners_keys() {
+        let scene = Scene::new();
+        scene.vault.beaten_to_init();
+        let mut cfg = scene.config();
+        cfg.mode = Mode::HsmK8s;
+        cfg.hsm.token_wait_timeout = Duration::from_secs(30);
+        let r = scene.runner_for(cfg, &scene.vault);
+        // The winner stores its keys a moment later, into the same store.
+        let (ring, vault) = (scene.ring.clone(), scene.vault.clone());
+        let winner = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            for (i, key) in vault.issued_keys().iter().enumerate() {
+                ring.store(&unseal_key_name(i), &Secret::from(key.as_str()))
+                    .await
+                    .expect("winner stores");
+            }
+        });
+        assert_eq!(r.pass(true).await.expect("unsealed"), PassOutcome::Unsealed);
+        winner.await.expect("winner");
+        assert!(scene.vault.is_unsealed());
+        assert_eq!(scene.vault.calls("init"), 1);
+        scene.close();
+    }
+
+    #[tokio::test]
+    async fn a_shared_store_waits_for_the_winners_keys_only_so_long() {
+        let scene = Scene::new();
+        scene.vault.beaten_to_init();
+        let mut cfg = scene.config();
+        cfg.mode = Mode::HsmK8s;
+        cfg.hsm.token_wait_timeout = Duration::from_millis(300);
+        let r = scene.runner_for(cfg, &scene.vault);
+        let err = r.pass(true).await.expect_err("never arrived");
+        assert!(
+            matches!(
+                err,
+                PassError::KeysNeverArrived {
+                    needed: 3,
+                    found: 0,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("did not appear in the shared store"),
+            "{err}"
+        );
+        // A sidecar pass waits without an error meanwhile.
+        let mut cfg = scene.config();
+        cfg.mode = Mode::HsmK8s;
+        let sidecar = scene.runner_for(cfg, &scene.vault);
+        assert_eq!(
+            sidecar.pass(false).await.expect("waiting"),
+            PassOutcome::WaitingForKeys
+        );
         scene.close();
     }
 }

@@ -99,6 +99,38 @@ pub fn next_step(obs: &Observation) -> Step {
     }
 }
 
+/// What to do when Vault is sealed and the store holds fewer readable keys than it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShortOfKeys {
+    /// Look again shortly: the keys may still be on their way.
+    Wait,
+    /// Nothing is on its way, or the wait is over: report it.
+    Fail,
+}
+
+/// Decides whether keys missing from the store may still arrive. `needed == 0` means Vault
+/// reports no threshold yet: someone is initialising it right now. With a `shared` store
+/// (mode hsm-k8s: one Secret for every initialiser) another initialiser's keys land in it
+/// moments after its `sys/init`; a store of this process's own (mode hsm: its token) receives
+/// nobody else's. Waiting ends once `waited` reaches `limit`.
+pub fn short_of_keys(
+    needed: u32,
+    shared: bool,
+    waited: std::time::Duration,
+    limit: std::time::Duration,
+) -> ShortOfKeys {
+    if waited < limit && (needed == 0 || shared) {
+        ShortOfKeys::Wait
+    } else {
+        ShortOfKeys::Fail
+    }
+}
+
+/// True for Vault's answer to a `sys/init` that another initialiser beat.
+pub fn already_initialised(message: &str) -> bool {
+    message.to_ascii_lowercase().contains("already initialized")
+}
+
 /// Order in which `sys/init`'s results are stored: every unseal key, then the root token.
 /// Nothing is unsealed before all of them are stored.
 pub fn init_storage_plan(shares: usize, store_root_token: bool) -> Vec<String> {
@@ -235,5 +267,26 @@ mod tests {
             ]
         );
         assert_eq!(init_storage_plan(1, false), ["vault-unseal-0"]);
+    }
+
+    #[test]
+    fn missing_keys_are_awaited_only_where_they_can_arrive() {
+        use std::time::Duration;
+        let (limit, early, late) = (
+            Duration::from_secs(120),
+            Duration::from_secs(1),
+            Duration::from_secs(120),
+        );
+        // Vault being initialised by someone else: no threshold yet, in either mode.
+        assert_eq!(short_of_keys(0, false, early, limit), ShortOfKeys::Wait);
+        assert_eq!(short_of_keys(0, true, early, limit), ShortOfKeys::Wait);
+        // Initialised: only a shared store can still receive its keys.
+        assert_eq!(short_of_keys(3, true, early, limit), ShortOfKeys::Wait);
+        assert_eq!(short_of_keys(3, false, early, limit), ShortOfKeys::Fail);
+        // Never for ever.
+        assert_eq!(short_of_keys(0, true, late, limit), ShortOfKeys::Fail);
+        assert_eq!(short_of_keys(3, true, late, limit), ShortOfKeys::Fail);
+        assert!(already_initialised("Vault is already initialized"));
+        assert!(!already_initialised("invalid seal configuration"));
     }
 }
