@@ -100,8 +100,21 @@ impl KubeApi {
         })
     }
 
+    /// Like [`KubeApi::start`], on a given port: an API server that comes back where clients
+    /// were already told to find it (after an outage).
+    pub fn start_on(port: u16) -> anyhow::Result<Self> {
+        Self::serve_on(
+            TcpListener::bind(("127.0.0.1", port)).context("binding the API stand-in")?,
+            Shared::default(),
+        )
+    }
+
     fn serve(shared: Shared) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").context("binding the API stand-in")?;
+        Self::serve_on(listener, shared)
+    }
+
+    fn serve_on(listener: TcpListener, shared: Shared) -> anyhow::Result<Self> {
         listener.set_nonblocking(true)?;
         let address = format!("http://{}", listener.local_addr()?);
         let shared = Arc::new(shared);

@@ -27,7 +27,13 @@ fn init_logging(format: &str) {
         LogFormat::Text
     };
     // cryptoki logs every vendor-defined mechanism a token lists as an ERROR; they are normal.
-    logging::init(format, &["cryptoki::mechanism"], None);
+    // kube logs every failed request as an ERROR without saying what it asked for; the
+    // caller reports the same failure with the Secret named, at the level it deserves.
+    logging::init(
+        format,
+        &["cryptoki::mechanism", "kube_client::client::builder"],
+        None,
+    );
 }
 
 fn load_config(cli: &Cli) -> Result<Config, config::ConfigError> {

@@ -160,6 +160,28 @@ const UNSEAL_KEY_MAX_LEN: usize = 66;
 /// Room a root token may need: Vault 1.10+ tokens (`hvs.…`) run to about 100 characters.
 const ROOT_TOKEN_ROOM: usize = 128;
 
+/// True when `err` comes from a Kubernetes API server that did not answer (no connection, a
+/// timeout, 429 or a 5xx): waiting fixes it, as it fixes a Vault that is not up yet. A
+/// refusal (403, a rejected certificate) is not waited for.
+pub fn store_unreachable(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if let Some(k) = e.downcast_ref::<kube::Error>() {
+            return match k {
+                kube::Error::Api(status) => status.code == 429 || status.code >= 500,
+                kube::Error::Service(_) | kube::Error::HyperError(_) => {
+                    !crate::vault::error_chain(k)
+                        .to_ascii_lowercase()
+                        .contains("certificate")
+                }
+                _ => false,
+            };
+        }
+        source = e.source();
+    }
+    false
+}
+
 fn unreadable_note(names: &[String]) -> String {
     if names.is_empty() {
         String::new()
@@ -451,8 +473,39 @@ impl Runner {
     }
 
     /// What a start does before anything else: finish an init journal, then the pre-flight
-    /// check of the key store.
+    /// check of the key store. A Kubernetes API server that does not answer is waited for
+    /// here, with backoff and the reason on `/readyz`, instead of ending the process and
+    /// leaving the retry to the kubelet's much slower restart back-off. Returns `Ok` early
+    /// when a stop is requested meanwhile (the pass that follows then stops at once).
     pub async fn start(&self) -> Result<(), PassError> {
+        let mut delays = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+        let mut waited = false;
+        loop {
+            match self.start_once().await {
+                Err(e) if store_unreachable(&e) && !self.shutdown.requested() => {
+                    if !waited {
+                        tracing::warn!(error = %crate::vault::error_chain(&e), "the Kubernetes API server is not answering; waiting for it (/readyz reports not ready meanwhile)");
+                        waited = true;
+                    }
+                    self.telemetry
+                        .store_problem(Some("Kubernetes API server unreachable"));
+                    self.telemetry.heartbeat();
+                    if self.shutdown.sleep_or_stop(delays.next()).await.is_stop() {
+                        return Ok(());
+                    }
+                }
+                other => {
+                    if waited && other.is_ok() {
+                        tracing::info!("the Kubernetes API server is answering again");
+                    }
+                    self.telemetry.store_problem(None);
+                    return other;
+                }
+            }
+        }
+    }
+
+    async fn start_once(&self) -> Result<(), PassError> {
         // Before anything is written: a store recording another key pair is refused here.
         self.keyring.check_identity().await?;
         if journal::clear_stale_in_flight(self.journal_dir())? {

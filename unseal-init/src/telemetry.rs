@@ -96,6 +96,7 @@ pub struct Telemetry {
     ready: AtomicBool,
     pin_problem: Mutex<Option<&'static str>>,
     token_problem: Mutex<Option<&'static str>>,
+    store_problem: Mutex<Option<&'static str>>,
     /// Milliseconds since `born` at the last heartbeat: a monotonic clock, so an NTP step
     /// never makes the process look dead.
     heartbeat_ms: AtomicU64,
@@ -195,6 +196,7 @@ impl Telemetry {
             ready: AtomicBool::new(false),
             pin_problem: Mutex::new(None),
             token_problem: Mutex::new(None),
+            store_problem: Mutex::new(None),
             heartbeat_ms: AtomicU64::new(0),
             born: Instant::now(),
             liveness_window: Mutex::new(Duration::from_secs(60)),
@@ -250,6 +252,14 @@ impl Telemetry {
     /// Records that the token is not there (`Some(reason)`, shown on `/readyz`) or is back.
     pub fn token_problem(&self, reason: Option<&'static str>) {
         if let Ok(mut p) = self.token_problem.lock() {
+            *p = reason;
+        }
+    }
+
+    /// Records that the key store cannot be reached (`Some(reason)`, shown on `/readyz`: the
+    /// Kubernetes API server away) or is reachable again.
+    pub fn store_problem(&self, reason: Option<&'static str>) {
+        if let Ok(mut p) = self.store_problem.lock() {
             *p = reason;
         }
     }
@@ -370,6 +380,9 @@ impl Telemetry {
             return Some(reason);
         }
         if let Some(reason) = self.token_problem.lock().ok().and_then(|p| *p) {
+            return Some(reason);
+        }
+        if let Some(reason) = self.store_problem.lock().ok().and_then(|p| *p) {
             return Some(reason);
         }
         if self.ready.load(Ordering::SeqCst) {

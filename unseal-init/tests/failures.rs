@@ -945,3 +945,94 @@ fn a_rejected_certificate_ends_once_at_once_saying_it_will_not_fix_itself() {
         .unwrap_or_default();
     assert!(error.contains("ERROR"), "{error}");
 }
+
+#[test]
+fn a_sidecar_started_during_an_api_outage_waits_and_unseals_once_the_api_is_back() {
+    let (hsm, bao, dir) = peers();
+    // The kubeconfig names an API server that is not there yet (connection refused).
+    let api_port = nitrokey_e2e::openbao::free_port().expect("port");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:{api_port}\nusers:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\n    namespace: vault\ncurrent-context: c\n"
+        ),
+    )
+    .expect("kubeconfig");
+    let port = nitrokey_e2e::openbao::free_port().expect("port");
+    let metrics = format!("http://127.0.0.1:{port}");
+    let config = write_config(
+        dir.path(),
+        &hsm,
+        &bao.address(),
+        &format!(
+            "unsealPeriod: 300ms\nmetricsAddress: 127.0.0.1:{port}\nkubernetes:\n  secretName: vault-unseal-keys\n"
+        ),
+    );
+    let mut cmd = command(&hsm);
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["--mode", "hsm-k8s"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST");
+    let mut child = cmd.spawn().expect("spawn");
+
+    // Not ready, saying why, and still running: it waits in-process.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let body = wait_http(&metrics, "/readyz", 503, Duration::from_secs(60));
+        if body.contains("Kubernetes API server unreachable") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz never named the API server: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_http(&metrics, "/healthz", 200, Duration::from_secs(5));
+    assert!(child.try_wait().expect("try_wait").is_none(), "exited");
+    assert!(!bao.seal_status().expect("status").initialized);
+
+    // The API server comes back where the kubeconfig says: the same process initialises
+    // Vault, stores the keys in the Secret and unseals.
+    let api = nitrokey_e2e::kube_api::KubeApi::start_on(api_port).expect("kube api");
+    if let Err(e) = bao.wait_for(Duration::from_secs(120), |s| s.initialized && !s.sealed) {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("output");
+        panic!(
+            "not unsealed after the API server came back: {e}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_http(&metrics, "/readyz", 200, Duration::from_secs(30));
+    let data = api
+        .secret("vault", "vault-unseal-keys")
+        .expect("secret created");
+    let mut names: Vec<String> = data.keys().cloned().collect();
+    names.sort();
+    assert_eq!(names, default_names());
+
+    sigterm(child.id());
+    let r = wait(child, Duration::from_secs(30));
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    assert_eq!(
+        r.text
+            .matches("the Kubernetes API server is not answering; waiting for it")
+            .count(),
+        1,
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains("Connection refused"), "{}", r.text);
+    // kube's own ERROR line, which names nothing, is not repeated in the log.
+    assert!(!r.text.contains("failed with error"), "{}", r.text);
+    assert!(!r.text.contains(" ERROR "), "{}", r.text);
+    assert!(
+        r.text
+            .contains("the Kubernetes API server is answering again"),
+        "{}",
+        r.text
+    );
+    assert_eq!(login_attempts(&r.text), 1, "{}", r.text);
+}
