@@ -41,6 +41,10 @@ pub const NODE_IP_ENV: &str = "NODE_IP";
 /// Longest accepted grace period: a week covers any planned replug, and keeps every deadline
 /// computed from it far inside the clock's range.
 pub const MAX_GRACE_PERIOD: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default time a pod's eviction refused by a PodDisruptionBudget is tried again.
+pub const DEFAULT_EVICTION_RETRY_FOR: Duration = Duration::from_secs(10 * 60);
+/// Longest accepted `evictionRetryFor`.
+pub const MAX_EVICTION_RETRY_FOR: Duration = Duration::from_secs(24 * 3600);
 /// Longest accepted rescan interval.
 pub const MAX_RESCAN_INTERVAL: Duration = Duration::from_secs(3600);
 /// Longest duration the parser accepts at all (a year); fields have tighter bounds.
@@ -121,6 +125,13 @@ pub struct Cli {
     /// [default: event].
     #[arg(long, value_name = "MODE", env = "NITROKEY_DEVICE_PLUGIN_ON_REPLUG")]
     pub on_replug: Option<OnReplug>,
+
+    /// With --on-replug evict: how long a pod's eviction refused by a PodDisruptionBudget is
+    /// tried again before the plugin gives up on it and says so in an Event (0: at the first
+    /// refusal) [default: 10m].
+    #[arg(long, value_name = "DURATION", env = "NITROKEY_DEVICE_PLUGIN_EVICTION_RETRY_FOR",
+          value_parser = parse_duration)]
+    pub eviction_retry_for: Option<Duration>,
 
     /// The kubelet's pod-resources socket
     /// [default: /var/lib/kubelet/pod-resources/kubelet.sock].
@@ -457,6 +468,9 @@ pub struct FileConfig {
     pub rescan_interval: Option<Duration>,
     /// See [`Config::on_replug`].
     pub on_replug: Option<OnReplug>,
+    /// See [`Config::eviction_retry_for`].
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub eviction_retry_for: Option<Duration>,
     /// See [`Config::pod_resources_socket`].
     pub pod_resources_socket: Option<PathBuf>,
     /// See [`Config::node_labels`].
@@ -509,6 +523,8 @@ pub struct Config {
     pub rescan_interval: Duration,
     /// What to do about pods holding a replugged stick.
     pub on_replug: OnReplug,
+    /// How long a refused eviction is tried again before the plugin gives up on the pod.
+    pub eviction_retry_for: Duration,
     /// The kubelet's pod-resources socket.
     pub pod_resources_socket: PathBuf,
     /// This node's name, if known.
@@ -594,6 +610,10 @@ impl Config {
                 .or(file.rescan_interval)
                 .unwrap_or(DEFAULT_RESCAN_INTERVAL),
             on_replug: cli.on_replug.or(file.on_replug).unwrap_or_default(),
+            eviction_retry_for: cli
+                .eviction_retry_for
+                .or(file.eviction_retry_for)
+                .unwrap_or(DEFAULT_EVICTION_RETRY_FOR),
             pod_resources_socket: cli
                 .pod_resources_socket
                 .clone()
@@ -663,6 +683,12 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "nodeLabels",
                 "api needs the node's name in NODE_NAME (downward API spec.nodeName)".into(),
+            ));
+        }
+        if self.eviction_retry_for > MAX_EVICTION_RETRY_FOR {
+            return Err(ConfigError::Invalid(
+                "evictionRetryFor",
+                format!("{:?} is longer than 24h", self.eviction_retry_for),
             ));
         }
         if self.grace_period > MAX_GRACE_PERIOD {

@@ -102,6 +102,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     });
     let recovery = Recovery {
         mode: config.on_replug,
+        eviction_retry_for: config.eviction_retry_for,
         resource: config.resource_name.clone(),
         pod_resources_socket: config.pod_resources_socket.clone(),
         node_name: config.node_name.clone(),

@@ -20,6 +20,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
+use crate::api_client::{self, Retries};
 use crate::config::NodeLabels;
 use crate::inventory::Health;
 use crate::metrics::Metrics;
@@ -86,7 +87,7 @@ impl Publisher {
             return false;
         };
         if client.is_none() {
-            match Client::try_default().await {
+            match api_client::connect(Retries::Client).await {
                 Ok(c) => *client = Some(c),
                 Err(e) => {
                     tracing::warn!(error = %e, "no Kubernetes API access for node labels");

@@ -20,6 +20,8 @@
 //!   the kubelet restarts.
 //! - [`replug`]: pure decisions about pods holding a stick that came back at another address;
 //!   [`recovery`] carries them out (pod-resources API, Events, evictions).
+//! - [`api_client`]: the Kubernetes API client of [`recovery`] and [`labels`] (User-Agent,
+//!   bounded answers, and whether kube retries 429s or the caller does).
 //! - [`cdi`]: the optional CDI spec matching what `Allocate` hands out.
 //! - [`labels`]: node labels (`nitrokey.com/hsm.present`, `.count`) through the API or an NFD
 //!   feature file.
@@ -28,6 +30,7 @@
 //! - [`daemon`]: wires everything together; `main.rs` only parses flags and sets exit codes.
 
 pub mod allocation;
+pub mod api_client;
 pub mod cdi;
 pub mod config;
 pub mod daemon;

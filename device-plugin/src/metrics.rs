@@ -52,7 +52,8 @@ pub struct EventLabel {
     pub event: &'static str,
 }
 
-/// Label set `action="event"|"evict"`, `result="ok"|"error"|"refused"`.
+/// Label set `action="event"|"evict"|"get"|"list"|"connect"`,
+/// `result="ok"|"error"|"refused"|"gave_up"`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabel {
     /// What was done.

@@ -14,3 +14,5 @@ pub const ENV_DEVICES: &str = "NITROKEY_HSM_DEVICES";
 pub const DEFAULT_SPEC_DIR: &str = "/var/run/cdi";
 /// NFD's default local feature directory (as mounted into nfd-worker).
 pub const DEFAULT_NFD_DIR: &str = "/etc/kubernetes/node-feature-discovery/features.d";
+/// The User-Agent of every Kubernetes API request: `nitrokey-device-plugin/<version>`.
+pub const USER_AGENT: &str = concat!("nitrokey-device-plugin/", env!("CARGO_PKG_VERSION"));

@@ -1,7 +1,13 @@
 //! Carries out the replug decisions of [`crate::replug`]: asks the kubelet's pod-resources
 //! API which pods hold a replugged stick, then creates Events on them or evicts them through
 //! the Kubernetes API (the `kube` client, configured from `KUBECONFIG` or the pod's service
-//! account).
+//! account, see [`crate::api_client`]).
+//!
+//! Each Event names its pod by uid too (looked up with a GET), as `kubectl describe pod` lists
+//! only Events whose `involvedObject.uid` matches. Evictions go through a client that does not
+//! retry by itself: a PodDisruptionBudget's refusal (HTTP 429) comes back at once, is logged
+//! and counted, and the pod is tried again by [`Evictions`]' backoff while other sticks' pods
+//! are handled meanwhile; after `evictionRetryFor` an Event on the pod says the plugin gave up.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,9 +22,10 @@ use nitrokey_proto::podresources_v1::pod_resources_lister_client::PodResourcesLi
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::api_client::{self, Retries};
 use crate::config::OnReplug;
 use crate::metrics::{ActionLabel, Metrics};
-use crate::replug::{Evictions, Holder, Replug, holders};
+use crate::replug::{Evictions, Holder, Refused, Replug, holders};
 use crate::state::PluginState;
 
 /// How often queued evictions are looked at again.
@@ -33,6 +40,8 @@ pub const COMPONENT: &str = "nitrokey-device-plugin";
 pub struct Recovery {
     /// What to do.
     pub mode: OnReplug,
+    /// How long a refused eviction is tried again before giving up on the pod.
+    pub eviction_retry_for: Duration,
     /// The resource whose units are looked up.
     pub resource: String,
     /// The kubelet's pod-resources socket.
@@ -52,8 +61,8 @@ impl Recovery {
         mut replugs: mpsc::UnboundedReceiver<Replug>,
         shutdown: CancellationToken,
     ) {
-        let mut client: Option<Client> = None;
-        let mut evictions = Evictions::default();
+        let mut clients = Clients::default();
+        let mut evictions = Evictions::new(self.eviction_retry_for);
         loop {
             let busy = evictions.busy();
             let tick = async {
@@ -66,20 +75,15 @@ impl Recovery {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 replug = replugs.recv() => match replug {
-                    Some(replug) => self.replugged(replug, &mut client, &mut evictions).await,
+                    Some(replug) => self.replugged(replug, &mut clients, &mut evictions).await,
                     None => return,
                 },
-                () = tick => self.evict_next(&mut client, &mut evictions).await,
+                () = tick => self.evict_next(&mut clients, &mut evictions).await,
             }
         }
     }
 
-    async fn replugged(
-        &self,
-        replug: Replug,
-        client: &mut Option<Client>,
-        evictions: &mut Evictions,
-    ) {
+    async fn replugged(&self, replug: Replug, clients: &mut Clients, evictions: &mut Evictions) {
         tracing::info!(stick = %replug.stick, old = %replug.old_path, new = %replug.new_path,
             mode = ?self.mode, "stick re-plugged at another address");
         if self.mode == OnReplug::None {
@@ -97,17 +101,17 @@ impl Recovery {
             OnReplug::None => {}
             OnReplug::Event => {
                 for holder in &holding {
-                    self.event(client, holder, &replug.message()).await;
+                    self.event(clients, holder, &replug.message()).await;
                 }
             }
             OnReplug::Evict => {
                 evictions.replugged(&replug, &holding);
-                self.evict_next(client, evictions).await;
+                self.evict_next(clients, evictions).await;
             }
         }
     }
 
-    async fn evict_next(&self, client: &mut Option<Client>, evictions: &mut Evictions) {
+    async fn evict_next(&self, clients: &mut Clients, evictions: &mut Evictions) {
         let Some(by_stick) = self.list().await else {
             return;
         };
@@ -120,25 +124,48 @@ impl Recovery {
         let Some((holder, replug)) = next else {
             return;
         };
-        let Some(api) = self.client(client).await else {
-            evictions.refused(holder, replug);
+        let Some(api) = self.client(&mut clients.evictions, Retries::Caller).await else {
+            evictions.refused(holder, replug, Instant::now());
             return;
         };
         let pods: Api<Pod> = Api::namespaced(api, &holder.namespace);
-        match pods.evict(&holder.pod, &EvictParams::default()).await {
+        let error = match pods.evict(&holder.pod, &EvictParams::default()).await {
             Ok(_) => {
                 self.count("evict", "ok");
                 tracing::info!(namespace = %holder.namespace, pod = %holder.pod,
                     stick = %replug.stick, "evicted a pod holding the re-plugged stick");
                 let message = format!("{}: evicted by {COMPONENT}", replug.message());
-                self.event(client, &holder, &message).await;
+                self.event(clients, &holder, &message).await;
+                return;
             }
-            Err(e) => {
-                // 429: a PodDisruptionBudget holds it for now; anything else may pass too.
-                self.count("evict", "refused");
-                tracing::warn!(namespace = %holder.namespace, pod = %holder.pod, error = %e,
-                    "eviction refused; trying again later");
-                evictions.refused(holder, replug);
+            Err(e) => e,
+        };
+        // 429 is the API server's answer while a PodDisruptionBudget does not allow the
+        // eviction; anything else may pass as well, and is tried again the same way.
+        let by_budget = matches!(&error, kube::Error::Api(s) if s.code == 429);
+        self.count("evict", if by_budget { "refused" } else { "error" });
+        let why = if by_budget {
+            "refused by a PodDisruptionBudget"
+        } else {
+            "failed"
+        };
+        match evictions.refused(holder.clone(), replug.clone(), Instant::now()) {
+            Refused::RetryIn(wait) => {
+                tracing::warn!(namespace = %holder.namespace, pod = %holder.pod,
+                    stick = %replug.stick, error = %error, retry_in = ?wait,
+                    "eviction {why}; trying again later");
+            }
+            Refused::GaveUp { refusals, since } => {
+                self.count("evict", "gave_up");
+                tracing::warn!(namespace = %holder.namespace, pod = %holder.pod,
+                    stick = %replug.stick, error = %error, refusals, since = ?since,
+                    "eviction {why} for too long; giving up on this pod");
+                let message = format!(
+                    "{}: eviction {why} {refusals} times over {}; {COMPONENT} gave up",
+                    replug.message(),
+                    humantime::format_duration(Duration::from_secs(since.as_secs())),
+                );
+                self.event(clients, &holder, &message).await;
             }
         }
     }
@@ -167,9 +194,9 @@ impl Recovery {
         }
     }
 
-    async fn client(&self, client: &mut Option<Client>) -> Option<Client> {
+    async fn client(&self, client: &mut Option<Client>, retries: Retries) -> Option<Client> {
         if client.is_none() {
-            match Client::try_default().await {
+            match api_client::connect(retries).await {
                 Ok(c) => *client = Some(c),
                 Err(e) => {
                     self.count("connect", "error");
@@ -180,9 +207,22 @@ impl Recovery {
         client.clone()
     }
 
-    async fn event(&self, client: &mut Option<Client>, holder: &Holder, message: &str) {
-        let Some(api) = self.client(client).await else {
+    async fn event(&self, clients: &mut Clients, holder: &Holder, message: &str) {
+        let Some(api) = self.client(&mut clients.events, Retries::Client).await else {
             return;
+        };
+        // The pod's uid, without which `kubectl describe pod` does not list the Event.
+        let uid = match Api::<Pod>::namespaced(api.clone(), &holder.namespace)
+            .get(&holder.pod)
+            .await
+        {
+            Ok(pod) => pod.metadata.uid,
+            Err(e) => {
+                self.count("get", "error");
+                tracing::warn!(namespace = %holder.namespace, pod = %holder.pod, error = %e,
+                    "cannot look up the pod's uid; its Event will not show in kubectl describe");
+                None
+            }
         };
         let now = Time(jiff_now());
         let event = Event {
@@ -196,6 +236,7 @@ impl Recovery {
                 kind: Some("Pod".into()),
                 name: Some(holder.pod.clone()),
                 namespace: Some(holder.namespace.clone()),
+                uid,
                 ..ObjectReference::default()
             },
             reason: Some(EVENT_REASON.into()),
@@ -233,6 +274,14 @@ impl Recovery {
             .get_or_create(&ActionLabel { action, result })
             .inc();
     }
+}
+
+/// The API clients, made when first needed: one for Events and lookups (kube retries
+/// transient answers), one for evictions (it does not: see [`Retries::Caller`]).
+#[derive(Default)]
+struct Clients {
+    events: Option<Client>,
+    evictions: Option<Client>,
 }
 
 /// Now, in the time type of the Kubernetes API types.

@@ -10,13 +10,20 @@
 //! - `evict`: each such pod is evicted through the Eviction API (so PodDisruptionBudgets
 //!   hold), one pod at a time per stick and at most one eviction per `MIN_EVICTION_INTERVAL`
 //!   overall; the next pod of a stick waits until the previous one is gone or its replacement
-//!   was allocated the stick again.
+//!   was allocated the stick again. An eviction the API server refuses (a PodDisruptionBudget:
+//!   HTTP 429) is tried again after [`EVICTION_RETRY_FIRST`], doubling up to
+//!   [`EVICTION_RETRY_MAX`], while other sticks' pods go on; after `evictionRetryFor` of
+//!   refusals the plugin gives up on that pod (and says so in an Event).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Least time between two evictions, whatever the sticks.
 pub const MIN_EVICTION_INTERVAL: Duration = Duration::from_secs(10);
+/// First wait before a refused eviction is tried again (`kubectl drain` waits 5 s as well).
+pub const EVICTION_RETRY_FIRST: Duration = Duration::from_secs(5);
+/// Longest wait between two tries of a refused eviction.
+pub const EVICTION_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// A stick that came back at another USB address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,28 +92,76 @@ pub fn holders(
     out
 }
 
-/// An eviction under way: the pod, and when it was asked for.
+/// How often a pod's eviction was refused, since when, and when to try again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Refusals {
+    count: u32,
+    first: Option<Instant>,
+    due: Option<Instant>,
+}
+
+/// A pod waiting for its eviction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pending {
+    holder: Holder,
+    replug: Replug,
+    refusals: Refusals,
+}
+
+/// An eviction under way: the pod, when it was asked for, and the rate limit's previous mark
+/// (restored if the API server refuses it: a refusal evicted nothing).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct InFlight {
     holder: Holder,
     since: Instant,
+    refusals: Refusals,
+    previous_last: Option<Instant>,
 }
 
-/// Pods to evict, per stick, and the rate limit.
-#[derive(Debug, Default)]
+/// What becomes of a refused eviction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Tried again after this long (the stick's other pods wait; other sticks' do not).
+    RetryIn(Duration),
+    /// Refused for longer than the bound: dropped, the stick's next pod may go.
+    GaveUp {
+        /// Refusals in all.
+        refusals: u32,
+        /// Since the first refusal.
+        since: Duration,
+    },
+}
+
+/// Pods to evict, per stick, the rate limit and the bound on retrying refused evictions.
+#[derive(Debug)]
 pub struct Evictions {
-    queues: BTreeMap<String, VecDeque<(Holder, Replug)>>,
+    queues: BTreeMap<String, VecDeque<Pending>>,
     in_flight: BTreeMap<String, InFlight>,
     last: Option<Instant>,
+    retry_for: Duration,
 }
 
 impl Evictions {
+    /// Empty, giving up on a pod whose evictions were refused for `retry_for`.
+    pub fn new(retry_for: Duration) -> Self {
+        Self {
+            queues: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            last: None,
+            retry_for,
+        }
+    }
+
     /// Queues every pod holding the replugged stick.
     pub fn replugged(&mut self, replug: &Replug, holders: &[Holder]) {
         let queue = self.queues.entry(replug.stick.clone()).or_default();
         for holder in holders {
-            if !queue.iter().any(|(h, _)| h == holder) {
-                queue.push_back((holder.clone(), replug.clone()));
+            if !queue.iter().any(|p| &p.holder == holder) {
+                queue.push_back(Pending {
+                    holder: holder.clone(),
+                    replug: replug.clone(),
+                    refusals: Refusals::default(),
+                });
             }
         }
     }
@@ -135,7 +190,7 @@ impl Evictions {
         // Pods that no longer hold the stick need nothing.
         for (stick, queue) in &mut self.queues {
             let current = holders.get(stick).unwrap_or(&none);
-            queue.retain(|(h, _)| current.contains(h));
+            queue.retain(|p| current.contains(&p.holder));
         }
         self.queues.retain(|_, q| !q.is_empty());
         if self
@@ -144,31 +199,66 @@ impl Evictions {
         {
             return None;
         }
+        // A stick whose first pod waits to be tried again holds up only that stick.
         let stick = self
             .queues
-            .keys()
-            .find(|stick| !self.in_flight.contains_key(*stick))?
+            .iter()
+            .find(|(stick, queue)| {
+                !self.in_flight.contains_key(*stick)
+                    && queue
+                        .front()
+                        .is_some_and(|p| p.refusals.due.is_none_or(|due| due <= now))
+            })?
+            .0
             .clone();
         let queue = self.queues.get_mut(&stick)?;
-        let (holder, replug) = queue.pop_front()?;
+        let pending = queue.pop_front()?;
         self.in_flight.insert(
             stick,
             InFlight {
-                holder: holder.clone(),
+                holder: pending.holder.clone(),
                 since: now,
+                refusals: pending.refusals,
+                previous_last: self.last,
             },
         );
         self.last = Some(now);
-        Some((holder, replug))
+        Some((pending.holder, pending.replug))
     }
 
-    /// The eviction was refused (e.g. a PodDisruptionBudget): try that pod again later.
-    pub fn refused(&mut self, holder: Holder, replug: Replug) {
-        self.in_flight.remove(&replug.stick);
+    /// The eviction [`next`](Self::next) handed out was refused (e.g. by a
+    /// PodDisruptionBudget) at `now`: that pod is tried again later, first in its stick's
+    /// queue, unless it has been refused for the bound given to [`new`](Self::new).
+    pub fn refused(&mut self, holder: Holder, replug: Replug, now: Instant) -> Refused {
+        let mut refusals = Refusals::default();
+        if let Some(f) = self.in_flight.remove(&replug.stick) {
+            if f.holder == holder {
+                refusals = f.refusals;
+            }
+            self.last = f.previous_last;
+        }
+        refusals.count += 1;
+        let first = *refusals.first.get_or_insert(now);
+        let since = now.duration_since(first);
+        if since >= self.retry_for {
+            return Refused::GaveUp {
+                refusals: refusals.count,
+                since,
+            };
+        }
+        let wait = EVICTION_RETRY_FIRST
+            .saturating_mul(2u32.saturating_pow(refusals.count - 1))
+            .min(EVICTION_RETRY_MAX);
+        refusals.due = Some(now + wait);
         self.queues
             .entry(replug.stick.clone())
             .or_default()
-            .push_front((holder, replug));
+            .push_front(Pending {
+                holder,
+                replug,
+                refusals,
+            });
+        Refused::RetryIn(wait)
     }
 }
 
@@ -239,7 +329,7 @@ mod tests {
     #[test]
     fn one_pod_per_stick_at_a_time_and_rate_limited() {
         let t0 = Instant::now();
-        let mut ev = Evictions::default();
+        let mut ev = Evictions::new(Duration::from_secs(600));
         let mut now_holding = BTreeMap::from([
             ("A".to_owned(), vec![h("a1"), h("a2")]),
             ("B".to_owned(), vec![h("b1")]),
@@ -267,7 +357,7 @@ mod tests {
     #[test]
     fn a_replacement_with_the_same_name_that_was_allocated_again_counts_as_done() {
         let t0 = Instant::now();
-        let mut ev = Evictions::default();
+        let mut ev = Evictions::new(Duration::from_secs(600));
         let holding = BTreeMap::from([("A".to_owned(), vec![h("vault-0"), h("config")])]);
         ev.replugged(&replug("A"), &holding["A"]);
         assert_eq!(ev.next(&holding, |_, _| false, t0).unwrap().0, h("vault-0"));
@@ -278,16 +368,74 @@ mod tests {
     }
 
     #[test]
-    fn refused_evictions_are_retried_and_vanished_pods_dropped() {
+    fn refused_evictions_back_off_hold_up_only_their_stick_and_give_up_after_the_bound() {
         let t0 = Instant::now();
-        let mut ev = Evictions::default();
+        let mut ev = Evictions::new(Duration::from_secs(300));
+        let holding = BTreeMap::from([
+            ("A".to_owned(), vec![h("a1"), h("a2")]),
+            ("B".to_owned(), vec![h("b1")]),
+        ]);
+        let never = |_: &str, _: Instant| false;
+        ev.replugged(&replug("A"), &holding["A"]);
+        let (holder, r) = ev.next(&holding, never, t0).unwrap();
+        assert_eq!(holder, h("a1"));
+        assert_eq!(
+            ev.refused(holder, r, t0),
+            Refused::RetryIn(EVICTION_RETRY_FIRST)
+        );
+        // A refusal evicted nothing: no rate limit, but a1 waits and a2 waits behind it.
+        assert_eq!(ev.next(&holding, never, t0), None);
+        // Another stick's pod goes at once.
+        ev.replugged(&replug("B"), &holding["B"]);
+        assert_eq!(ev.next(&holding, never, t0).unwrap().0, h("b1"));
+        // a1 is due again after the first wait (and the rate limit), then waits twice as long.
+        let t1 = t0 + MIN_EVICTION_INTERVAL;
+        let (holder, r) = ev.next(&holding, never, t1).unwrap();
+        assert_eq!(holder, h("a1"));
+        assert_eq!(
+            ev.refused(holder, r, t1),
+            Refused::RetryIn(EVICTION_RETRY_FIRST * 2)
+        );
+        assert_eq!(ev.next(&holding, never, t1 + EVICTION_RETRY_FIRST), None);
+        // Waits never exceed the maximum.
+        let mut t = t1 + EVICTION_RETRY_FIRST * 2;
+        let mut waits = Vec::new();
+        while let Some((holder, r)) = ev.next(&holding, never, t) {
+            assert_eq!(holder, h("a1"));
+            match ev.refused(holder, r, t) {
+                Refused::RetryIn(wait) => {
+                    waits.push(wait);
+                    t += wait;
+                }
+                Refused::GaveUp { refusals, since } => {
+                    assert!(since >= Duration::from_secs(300), "{since:?}");
+                    assert_eq!(refusals as usize, waits.len() + 3);
+                    break;
+                }
+            }
+        }
+        assert!(waits.iter().all(|w| *w <= EVICTION_RETRY_MAX), "{waits:?}");
+        assert_eq!(waits.last(), Some(&EVICTION_RETRY_MAX), "{waits:?}");
+        // Given up on a1: the stick's next pod goes.
+        assert_eq!(ev.next(&holding, never, t).unwrap().0, h("a2"));
+    }
+
+    #[test]
+    fn a_zero_bound_gives_up_at_the_first_refusal_and_vanished_pods_are_dropped() {
+        let t0 = Instant::now();
+        let mut ev = Evictions::new(Duration::ZERO);
         let holding = BTreeMap::from([("A".to_owned(), vec![h("a1")])]);
         ev.replugged(&replug("A"), &holding["A"]);
         let (holder, r) = ev.next(&holding, |_, _| false, t0).unwrap();
-        ev.refused(holder, r);
-        let t1 = t0 + MIN_EVICTION_INTERVAL;
-        assert_eq!(ev.next(&holding, |_, _| false, t1).unwrap().0, h("a1"));
-        let mut ev = Evictions::default();
+        assert_eq!(
+            ev.refused(holder, r, t0),
+            Refused::GaveUp {
+                refusals: 1,
+                since: Duration::ZERO
+            }
+        );
+        assert!(!ev.busy());
+        let mut ev = Evictions::new(Duration::from_secs(600));
         ev.replugged(&replug("A"), &[h("a1")]);
         assert_eq!(ev.next(&BTreeMap::new(), |_, _| false, t0), None);
         assert!(!ev.busy());

@@ -6,10 +6,11 @@
 //! It serves what the two programs use:
 //!
 //! - for the device plugin's replug recovery and node labels: Events
-//!   (`POST /api/v1/namespaces/{ns}/events`), evictions
+//!   (`POST /api/v1/namespaces/{ns}/events`), pods (`GET /api/v1/namespaces/{ns}/pods/{pod}`:
+//!   every pod exists, with the uid [`pod_uid`] gives it), evictions
 //!   (`POST /api/v1/namespaces/{ns}/pods/{pod}/eviction`) and JSON merge patches of a Node's
-//!   labels (`PATCH /api/v1/nodes/{name}`). An eviction can be refused with 429, as the API
-//!   server does while a PodDisruptionBudget does not allow it;
+//!   labels (`PATCH /api/v1/nodes/{name}`). An eviction can be refused as the API server
+//!   refuses one that a PodDisruptionBudget does not allow (see [`KubeApi::block_eviction`]);
 //! - for unseal-init's Secret store: Secrets of any namespace and name (`GET` and JSON merge
 //!   `PATCH` of `/api/v1/namespaces/{ns}/secrets/{name}`, `POST /api/v1/namespaces/{ns}/secrets`
 //!   with 409 AlreadyExists when it exists). Creates can be held until several have arrived, so
@@ -38,6 +39,8 @@ pub struct ApiRequest {
     pub body: serde_json::Value,
     /// The status answered.
     pub status: u16,
+    /// The request's `User-Agent` header, if it had one.
+    pub user_agent: Option<String>,
     /// When it arrived.
     pub at: Instant,
 }
@@ -152,7 +155,12 @@ impl KubeApi {
         &self.address
     }
 
-    /// Refuses (or, with `false`, allows again) evictions of `namespace/pod` with 429.
+    /// Refuses (or, with `false`, allows again) evictions of `namespace/pod` as a
+    /// PodDisruptionBudget does on a real API server: kube-apiserver's eviction subresource
+    /// (`pkg/registry/core/pod/storage/eviction.go`) answers HTTP 429 TooManyRequests, a
+    /// `Status` with the message "Cannot evict pod as it would violate the pod's disruption
+    /// budget." and a `DisruptionBudget` cause naming the budget, and no `Retry-After`; the pod
+    /// stays. The caller is expected to try again later (`kubectl drain` does every 5 s).
     pub fn block_eviction(&self, namespace: &str, pod: &str, blocked: bool) {
         let key = format!("{namespace}/{pod}");
         let mut set = self
@@ -319,7 +327,7 @@ fn serve(mut stream: TcpStream, shared: &Shared, stop: &AtomicBool) {
                 ) => {}
             Err(_) => return,
         }
-        while let Some((method, path, body, used)) = parse(&buf) {
+        while let Some((method, path, body, user_agent, used)) = parse(&buf) {
             buf.drain(..used);
             let at = Instant::now();
             let (status, reply) = answer(&method, &path, &body, shared, stop);
@@ -332,6 +340,7 @@ fn serve(mut stream: TcpStream, shared: &Shared, stop: &AtomicBool) {
                     path,
                     body,
                     status,
+                    user_agent,
                     at,
                 });
             let text = format!(
@@ -345,8 +354,9 @@ fn serve(mut stream: TcpStream, shared: &Shared, stop: &AtomicBool) {
     }
 }
 
-/// One complete request at the start of `buf`: method, path, JSON body, bytes used.
-fn parse(buf: &[u8]) -> Option<(String, String, serde_json::Value, usize)> {
+/// One complete request at the start of `buf`: method, path, JSON body, User-Agent, bytes used.
+#[allow(clippy::type_complexity)]
+fn parse(buf: &[u8]) -> Option<(String, String, serde_json::Value, Option<String>, usize)> {
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
     let len = head
@@ -361,11 +371,16 @@ fn parse(buf: &[u8]) -> Option<(String, String, serde_json::Value, usize)> {
     if buf.len() < end + 4 + len {
         return None;
     }
+    let user_agent = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("user-agent")
+            .then(|| v.trim().to_owned())
+    });
     let mut parts = head.split_whitespace();
     let method = parts.next()?.to_owned();
     let path = parts.next()?.split('?').next()?.to_owned();
     let body = serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap_or_default();
-    Some((method, path, body, end + 4 + len))
+    Some((method, path, body, user_agent, end + 4 + len))
 }
 
 fn status(code: u16, reason: &str, message: &str) -> String {
@@ -423,6 +438,18 @@ fn answer(
         });
         return (200, node.to_string());
     }
+    if method == "GET"
+        && let Some(rest) = path.strip_prefix("/api/v1/namespaces/")
+        && let Some((ns, name)) = rest.split_once("/pods/")
+        && !name.is_empty()
+        && !name.contains('/')
+    {
+        let pod = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "uid": pod_uid(ns, name)},
+        });
+        return (200, pod.to_string());
+    }
     if method == "POST"
         && let Some(pod) = pod_of(path)
     {
@@ -432,19 +459,51 @@ fn answer(
             .unwrap_or_else(|e| e.into_inner())
             .contains(&pod);
         return if blocked {
-            (
-                429,
-                status(
-                    429,
-                    "TooManyRequests",
-                    "Cannot evict pod as it would violate the pod's disruption budget.",
-                ),
-            )
+            (429, budget_refusal(&pod))
         } else {
             (201, status(201, "", ""))
         };
     }
     not_served()
+}
+
+/// The API server's refusal of an eviction a PodDisruptionBudget does not allow (see
+/// [`KubeApi::block_eviction`]); the budget is named after the pod here.
+fn budget_refusal(pod: &str) -> String {
+    let budget = pod.rsplit('/').next().unwrap_or(pod);
+    serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": "Cannot evict pod as it would violate the pod's disruption budget.",
+        "reason": "TooManyRequests",
+        "details": {"causes": [{
+            "reason": "DisruptionBudget",
+            "message": format!(
+                "The disruption budget {budget}-pdb needs 1 healthy pods and has 1 currently"
+            ),
+        }]},
+        "code": 429,
+    })
+    .to_string()
+}
+
+/// The uid the stand-in gives pod `namespace/name` (stable, shaped like the API server's
+/// UUIDs).
+pub fn pod_uid(namespace: &str, name: &str) -> String {
+    // FNV-1a over the name: distinct pods get distinct uids, the same pod the same one.
+    let mut hash: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    for b in namespace.bytes().chain([b'/']).chain(name.bytes()) {
+        hash ^= u128::from(b);
+        hash = hash.wrapping_mul(0x0000_0000_0100_0000_0000_0000_0000_013b);
+    }
+    let h = format!("{hash:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 fn not_served() -> (u16, String) {
