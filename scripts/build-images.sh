@@ -41,6 +41,8 @@ while [ "$#" -gt 0 ]; do
   esac
 done
 [ "${#targets[@]}" -gt 0 ] || targets=(device-plugin unseal-init)
+# buildah's oci-archive:PATH:NAME ends PATH at its first colon.
+case "$out" in *:*) die "--out '$out' contains a colon, which an oci-archive path cannot" ;; esac
 
 sudo=()
 [ "$(id -u)" -eq 0 ] || sudo=(sudo)
@@ -78,17 +80,20 @@ rootfs() {
   if [ ! -s "$tarball" ]; then
     mkdir -p "$cache"
     partial="$(mktemp "$cache/.$target-XXXXXX.tar")"
+    # shellcheck disable=SC2064 # the path is fixed now; an interrupted build leaves no partial file
+    trap "${sudo[*]} rm -f '$partial'" EXIT
     step "$target: root filesystem (mmdebstrap $suite + $(packages "$target"))" >&2
     if ! "${sudo[@]}" mmdebstrap "${mmdebstrap_opts[@]}" --include="$(packages "$target")" \
         --customize-hook="copy-in $repo_root/deploy/image/setup.sh /tmp" \
         --customize-hook="chroot \"\$1\" sh /tmp/setup.sh $target" \
-        --customize-hook='rm "$1/tmp/setup.sh"' \
+        --customize-hook="rm \"\$1/tmp/setup.sh\"" \
         "$suite" "$partial" >&2; then
       "${sudo[@]}" rm -f "$partial"
       die "mmdebstrap failed for $target; check that apt reaches its mirror: apt-get update"
     fi
     # Concurrent builds of the same list each rename a complete tarball into place.
     "${sudo[@]}" mv -f "$partial" "$tarball"
+    trap - EXIT
     # Tarballs of older package lists are of no further use.
     find "$cache" -maxdepth 1 -name "$target-*.tar" ! -path "$tarball" -exec "${sudo[@]}" rm -f {} +
   fi
@@ -143,12 +148,14 @@ for target in "${targets[@]}"; do
   while IFS= read -r pair; do
     key="${pair%%=*}" value="${pair#*=\"}" value="${value%\"}"
     [ "$key" = org.opencontainers.image.base.name ] && continue
-    labels+=(--label "$key=${value//'${REVISION}'/$revision}")
+    labels+=(--label "$key=${value//"\${REVISION}"/$revision}")
   done < <(stage_instruction LABEL "$target" | grep -o '[a-z.]*="[^"]*"')
   [ "${#labels[@]}" -gt 0 ] || die "no LABEL in the Dockerfile's $target stage"
   user="$(stage_instruction USER "$target" | tr -d ' ')"
   entrypoint="$(stage_instruction ENTRYPOINT "$target" | sed 's/^ *//')"
-  [ -n "$user" ] && [ -n "$entrypoint" ] || die "no USER or ENTRYPOINT in the Dockerfile's $target stage"
+  if [ -z "$user" ] || [ -z "$entrypoint" ]; then
+    die "no USER or ENTRYPOINT in the Dockerfile's $target stage"
+  fi
 
   container="$("${buildah[@]}" from --name "$target" scratch)"
   mnt="$("${buildah[@]}" mount "$container")"
