@@ -564,7 +564,18 @@ impl Runner {
                 }
                 Step::WaitForVault => return Ok(PassOutcome::VaultUnreachable),
                 Step::Done => {
+                    // Unsealed by whoever initialised it: said once, since a store of this
+                    // process's own will never hold the keys to do it again.
+                    let beaten = self
+                        .short_of_keys
+                        .lock()
+                        .ok()
+                        .and_then(|s| *s)
+                        .is_some_and(|(_, beaten)| beaten);
                     self.keys_arrived();
+                    if beaten && self.cfg.mode != Mode::HsmK8s {
+                        return Err(PassError::InitialisedElsewhere);
+                    }
                     return Ok(PassOutcome::Unsealed);
                 }
                 Step::Initialize => match self.initialize().await {
@@ -619,7 +630,9 @@ impl Runner {
                 Step::RefuseStaleKeys { found } => return Err(PassError::StaleKeys(found)),
                 Step::MissingKeys { needed, found } => {
                     let shared = self.cfg.mode == Mode::HsmK8s;
-                    let (since, beaten) = self.keys_missing_since(false);
+                    // No threshold yet: Vault is being initialised right now, and not by this
+                    // process (which never looks while its own sys/init is in flight).
+                    let (since, beaten) = self.keys_missing_since(needed == 0);
                     let waited = since.elapsed();
                     match short_of_keys(needed, shared, waited, self.cfg.hsm.token_wait_timeout) {
                         ShortOfKeys::Wait => {

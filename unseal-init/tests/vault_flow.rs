@@ -400,3 +400,104 @@ fn pods_starting_at_once_in_hsm_k8s_mode_all_create_or_patch_the_secret() {
         .expect("secret created");
     assert_eq!(data.keys().cloned().collect::<Vec<_>>(), ["vault-test"]);
 }
+
+/// Three initialisers started together against one uninitialised Vault, each with its own
+/// journal directory, as three `--once` runs. Returns each run's exit code and output.
+fn three_initialisers(
+    bao: &OpenBao,
+    configure: impl Fn(usize, &std::path::Path) -> std::process::Command,
+) -> Vec<Run> {
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let children: Vec<std::process::Child> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| {
+            let mut cmd = configure(i, dir.path());
+            cmd.arg("--once");
+            cmd.spawn().expect("spawn")
+        })
+        .collect();
+    let runs: Vec<Run> = children
+        .into_iter()
+        .map(|c| wait(c, Duration::from_secs(180)))
+        .collect();
+    assert!(bao.seal_status().expect("status").initialized);
+    runs
+}
+
+#[test]
+fn initialisers_racing_in_hsm_k8s_mode_all_end_with_vault_unsealed_from_the_shared_secret() {
+    let (hsm, bao, dir) = peers();
+    let api = KubeApi::start().expect("kube api");
+    let kubeconfig = api.kubeconfig_in(dir.path(), "vault").expect("kubeconfig");
+    let runs = three_initialisers(&bao, |_, own| {
+        let config = write_config(
+            own,
+            &hsm,
+            &bao.address(),
+            "kubernetes:\n  secretName: vault-unseal-keys\n",
+        );
+        let mut cmd = command(&hsm);
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["--mode", "hsm-k8s"])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        cmd
+    });
+    let logs: Vec<&str> = runs.iter().map(|r| r.text.as_str()).collect();
+    let all = logs.join("\n----\n");
+    for r in &runs {
+        assert_eq!(
+            r.code,
+            Some(0),
+            "someone else's init is not an error:\n{all}"
+        );
+    }
+    let initialised = logs
+        .iter()
+        .filter(|l| l.contains("init journal complete"))
+        .count();
+    assert_eq!(initialised, 1, "exactly one initialised:\n{all}");
+    assert!(!bao.seal_status().expect("status").sealed);
+    let data = api
+        .secret("vault", "vault-unseal-keys")
+        .expect("secret created");
+    let mut names: Vec<String> = data.keys().cloned().collect();
+    names.sort();
+    assert_eq!(names, default_names());
+}
+
+#[test]
+fn initialisers_racing_in_hsm_mode_say_their_token_cannot_have_the_winners_keys() {
+    let bao = OpenBao::start().expect("openbao");
+    let tokens: Vec<nitrokey_e2e::softhsm::SoftHsm> = (0..3)
+        .map(|_| nitrokey_e2e::softhsm::SoftHsm::new().expect("token"))
+        .collect();
+    let runs = three_initialisers(&bao, |i, own| {
+        let config = write_config(own, &tokens[i], &bao.address(), "");
+        let mut cmd = command(&tokens[i]);
+        cmd.arg("--config").arg(&config);
+        cmd
+    });
+    let all = runs
+        .iter()
+        .map(|r| r.text.as_str())
+        .collect::<Vec<_>>()
+        .join("\n----\n");
+    let winners = runs.iter().filter(|r| r.code == Some(0)).count();
+    assert_eq!(winners, 1, "exactly one initialises and unseals:\n{all}");
+    for r in runs.iter().filter(|r| r.code != Some(0)) {
+        assert_eq!(r.code, Some(1), "{all}");
+        assert!(
+            r.text.lines().any(|l| l.contains("ERROR")
+                && l.contains("initialised by someone else")
+                && l.contains("can never receive them")),
+            "a loser must say its store cannot have the keys:\n{}",
+            r.text
+        );
+    }
+    assert!(!bao.seal_status().expect("status").sealed);
+}
