@@ -501,3 +501,67 @@ fn initialisers_racing_in_hsm_mode_say_their_token_cannot_have_the_winners_keys(
     }
     assert!(!bao.seal_status().expect("status").sealed);
 }
+
+/// A journal left by a run killed right after writing it belongs to its Vault: a start that
+/// talks to another Vault refuses it by name, initialises nothing and stores nothing, and
+/// the journal's own Vault later gets every key.
+#[test]
+fn a_journal_is_finished_only_into_the_vault_it_was_written_for() {
+    use common::faults::{self, Trigger, Watched};
+    let (hsm, bao, dir) = peers();
+    let config = write_config(dir.path(), &hsm, &bao.address(), "");
+    let trigger = Trigger {
+        matches: Box::new(|l: &str| faults::is_event(l, faults::JOURNAL_WRITTEN)),
+        action: Box::new(|run| run.send(libc::SIGKILL)),
+    };
+    let mut first = Watched::start(&hsm, &config, true, Some(trigger));
+    first.wait_exit(Duration::from_secs(120));
+    assert!(
+        first.fired(),
+        "the journal was never written:\n{}",
+        first.log()
+    );
+    let journal = journal_dir(dir.path()).join("init-journal.json");
+    let before = std::fs::read(&journal).expect("journal left behind");
+
+    // The same volume, another Vault.
+    let other = OpenBao::start().expect("another openbao");
+    let other_config = write_config(dir.path(), &hsm, &other.address(), "");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config").arg(&other_config).arg("--once");
+    let refused = run(cmd, Duration::from_secs(120));
+    assert_eq!(refused.code, Some(1), "{}", refused.text);
+    assert!(
+        refused.text.lines().any(|l| l.contains("ERROR")
+            && l.contains("does not belong to this Vault")
+            && l.contains(&bao.address())),
+        "{}",
+        refused.text
+    );
+    assert!(
+        !other.seal_status().expect("status").initialized,
+        "nothing initialised it"
+    );
+    assert_eq!(
+        std::fs::read(&journal).expect("kept"),
+        before,
+        "kept untouched"
+    );
+    let labels = hsm.data_labels().expect("labels");
+    assert!(
+        labels
+            .iter()
+            .all(|l| !l.starts_with("vault-unseal") && l != "vault-root"),
+        "nothing stored from it: {labels:?}"
+    );
+
+    // Its own Vault takes it.
+    let config = write_config(dir.path(), &hsm, &bao.address(), "");
+    let done = run_once_ok(&hsm, &config);
+    assert!(done.text.contains("resuming init journal"), "{}", done.text);
+    assert!(!journal.exists());
+    assert!(!bao.seal_status().expect("status").sealed);
+    let mut labels = hsm.data_labels().expect("labels");
+    labels.sort();
+    assert_eq!(labels, default_names());
+}
