@@ -196,7 +196,7 @@ async fn matchers_select_vendor_product_and_serial() {
     testbed.add(&other_product).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let _plugin = Plugin::start(
+    let plugin = Plugin::start(
         &testbed,
         dir.path(),
         &["--device", "20a0:4230:WANTED", "--device", "0x20a0:0x4108"],
@@ -206,9 +206,18 @@ async fn matchers_select_vendor_product_and_serial() {
         .await
         .unwrap();
     assert_eq!(list.ids(), unit_ids(&["START", "WANTED"], 2));
-    // A later non-matching stick stays invisible.
+    // A later non-matching stick stays invisible: once the plugin has looked at it (and said
+    // so), the list is unchanged. Waiting for that line, not a fixed time, keeps this check
+    // meaningful on a loaded machine.
     testbed.add_nitrokey_hsm("LATE", 1, 5).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while plugin
+        .logged_at(&["does not match any configured serial", "LATE"])
+        .is_empty()
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", plugin.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         kubelet.device_list().unwrap().ids(),
         unit_ids(&["START", "WANTED"], 2)
