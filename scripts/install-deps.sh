@@ -92,6 +92,29 @@ if [ "${#want[@]}" -gt 0 ]; then
     "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check "${want[@]}"
 fi
 
+# promtool checks the alerting rules: it comes from Debian's prometheus package, unpacked into
+# .venv/bin rather than installed, so no Prometheus server is set up (or started) on this host.
+if [ ! -x "$venv/bin/promtool" ]; then
+  step "promtool: from Debian's prometheus package, unpacked into .venv (no server installed)"
+  unpack="$(mktemp -d)"
+  fetch_promtool() {
+    (cd "$unpack" && apt-get download prometheus) >"$log" 2>&1 &&
+      dpkg-deb -x "$unpack"/prometheus_*.deb "$unpack/root" >>"$log" 2>&1 &&
+      install -m 0755 "$unpack/root/usr/bin/promtool" "$venv/bin/promtool"
+  }
+  # apt-get download needs the package lists, which a host with every package present may
+  # not have fetched yet.
+  if ! fetch_promtool; then
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -q update >>"$log" 2>&1 || true
+    if ! fetch_promtool; then
+      rm -rf "$unpack"
+      tail -n 30 "$log" >&2
+      die "promtool could not be unpacked; to fix it, run: ${sudo_hint}apt-get update && $0"
+    fi
+  fi
+  rm -rf "$unpack"
+fi
+
 # Each tool the build and tests run, with the package that brings it.
 for pair in protoc:protobuf-compiler softhsm2-util:softhsm2 pkcs11-tool:opensc \
   umockdev-wrapper:umockdev swtpm:swtpm mmdebstrap:mmdebstrap; do
@@ -99,7 +122,7 @@ for pair in protoc:protobuf-compiler softhsm2-util:softhsm2 pkcs11-tool:opensc \
   command -v "$tool" >/dev/null 2>&1 ||
     die "$tool is still missing after the install; to fix it, run: ${sudo_hint}apt-get install --reinstall ${pair##*:}"
 done
-for tool in bao hadolint kubectl; do
+for tool in bao hadolint kubectl promtool; do
   command -v "$tool" >/dev/null 2>&1 ||
     die "$tool is still missing after the install; to fix it, run: rm -rf $venv && $0"
 done

@@ -30,7 +30,6 @@ const UNSEAL_INIT_BIN: &str = "/usr/local/bin/unseal-init";
 const UNSEAL_INIT_PORT: i32 = 9091;
 const VAULT_PORT: i32 = 8200;
 const VAULT_CLUSTER_PORT: i32 = 8201;
-const PLUGIN_DIR: &str = "/var/lib/kubelet/device-plugins";
 /// Where kubelets keep their directory: the upstream default, and microk8s'.
 const KUBELET_ROOTS: [&str; 2] = [
     "/var/lib/kubelet",
@@ -222,9 +221,97 @@ macro_rules! lost_for_version {
                 lost_in_round_trip::<policy::PodDisruptionBudget>(object)
             }
             ("cert-manager.io/v1", "Certificate") => Ok(certificate_problems(object)),
+            ("monitoring.coreos.com/v1", "PodMonitor") => Ok(typed_problems::<PodMonitor>(object)),
+            ("monitoring.coreos.com/v1", "PrometheusRule") => {
+                Ok(typed_problems::<PrometheusRule>(object))
+            }
             _ => Err(format!("no typed check for {api} {kind}: add it here")),
         }
     }};
+}
+
+/// Fields of `object` that `T` does not know, or why it does not parse.
+fn typed_problems<T: DeserializeOwned>(object: &Value) -> Vec<String> {
+    match serde_json::from_value::<T>(object.clone()) {
+        Ok(_) => Vec::new(),
+        Err(e) => vec![e.to_string()],
+    }
+}
+
+// The Prometheus Operator's `monitoring.coreos.com/v1` kinds the monitoring component uses,
+// written from its API reference (PodMonitorSpec, PodMetricsEndpoint, PrometheusRuleSpec,
+// RuleGroup, Rule): the fields used here, unknown ones refused as its CRDs' schemas do.
+
+/// `PodMonitor`.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(dead_code)]
+struct PodMonitor {
+    api_version: String,
+    kind: String,
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: PodMonitorSpec,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(dead_code)]
+struct PodMonitorSpec {
+    selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    namespace_selector: Option<Value>,
+    job_label: Option<String>,
+    pod_metrics_endpoints: Vec<PodMetricsEndpoint>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(dead_code)]
+struct PodMetricsEndpoint {
+    port: Option<String>,
+    path: Option<String>,
+    scheme: Option<String>,
+    interval: Option<String>,
+    scrape_timeout: Option<String>,
+}
+
+/// `PrometheusRule`.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(dead_code)]
+struct PrometheusRule {
+    api_version: String,
+    kind: String,
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: PrometheusRuleSpec,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(dead_code)]
+struct PrometheusRuleSpec {
+    groups: Vec<RuleGroup>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(dead_code)]
+struct RuleGroup {
+    name: String,
+    interval: Option<String>,
+    rules: Vec<Rule>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(dead_code)]
+struct Rule {
+    alert: Option<String>,
+    record: Option<String>,
+    expr: String,
+    #[serde(rename = "for")]
+    for_: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    annotations: Option<BTreeMap<String, String>>,
 }
 
 /// cert-manager's `Certificate` has no `k8s-openapi` type: its spec keys are checked against
@@ -1775,6 +1862,15 @@ fn helm_chart_renders_into_the_same_valid_objects() {
             1,
         ),
         ("openbao", openbao, "openbao", 1, 1),
+        (
+            "monitoring",
+            serde_json::json!({"vault": {"enabled": true}, "monitoring": {
+                "podMonitor": {"enabled": true}, "prometheusRule": {"enabled": true},
+                "dashboard": {"enabled": true}}}),
+            "vault",
+            1,
+            1,
+        ),
         (
             "vault only",
             serde_json::json!({"devicePlugin": {"enabled": false}, "vault": {"enabled": true}}),
