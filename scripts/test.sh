@@ -12,7 +12,8 @@
 set -euo pipefail
 rounds=0
 if [ "${1:-}" = "--loaded" ]; then
-  rounds="${2:?--loaded needs a number of rounds}"
+  rounds="${2:-}"
+  case "$rounds" in '' | *[!0-9]* | 0) echo "error: --loaded needs a number of rounds (1 or more)" >&2; exit 2 ;; esac
   shift 2
 fi
 # shellcheck source=scripts/env.sh
