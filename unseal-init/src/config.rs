@@ -519,6 +519,14 @@ pub fn read_pin_file(path: &Path) -> Result<Secret, ConfigError> {
             format!("cannot read {}: {e}", path.display()),
         )
     };
+    // A FIFO or device would block the open or never end: only a regular file is a PIN
+    // file (a mounted Secret's symlinks lead to one).
+    if !std::fs::metadata(path).map_err(cannot)?.is_file() {
+        return Err(invalid(
+            "hsm.pinFile",
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
     let file = std::fs::File::open(path).map_err(cannot)?;
     let mut raw = zeroize::Zeroizing::new(Vec::with_capacity(MAX_PIN_BYTES + 1));
     file.take(MAX_PIN_BYTES as u64 + 1)
@@ -1058,11 +1066,11 @@ mod tests {
         assert!(msg.contains(&path.display().to_string()), "{msg}");
         assert!(msg.contains(&MAX_PIN_BYTES.to_string()), "{msg}");
         assert!(!msg.contains("7777"), "{msg}");
-        // A device that never ends is cut at the bound too.
+        // A device that never ends is refused before it is read.
         let msg = read_pin_file(Path::new("/dev/zero"))
             .expect_err("endless")
             .to_string();
-        assert!(msg.contains("more than"), "{msg}");
+        assert!(msg.contains("not a regular file"), "{msg}");
         let flags = Overrides {
             hsm_pin: Some(Secret::new("9".repeat(MAX_PIN_BYTES + 1))),
             ..Default::default()

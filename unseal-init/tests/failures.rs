@@ -475,6 +475,22 @@ fn an_oversized_pin_file_is_refused_by_name_without_being_read() {
     assert_eq!(login_attempts(&r.text), 0, "{}", r.text);
     assert_error_line(&r);
     assert!(!bao.seal_status().expect("status").initialized);
+
+    // A FIFO would block the open for ever: refused before it is opened.
+    let fifo = dir.path().join("pin-fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().expect("utf-8 path")).expect("no NUL");
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let mut cmd = command(&hsm);
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--once")
+        .arg("--hsm-pin-file")
+        .arg(&fifo);
+    let r = run(cmd, Duration::from_secs(30));
+    assert_eq!(r.code, Some(2), "{}", r.text);
+    assert!(r.text.contains("is not a regular file"), "{}", r.text);
+    assert_error_line(&r);
 }
 
 #[test]
