@@ -52,11 +52,15 @@ done
 [ "$rootfs_only" -eq 1 ] || command -v buildah >/dev/null 2>&1 \
   || die "buildah is missing; to fix it, run: scripts/install-deps.sh"
 
-# Debian release of the Dockerfile's runtime stages, and dpkg filters that keep documentation
-# out as Debian's slim images do.
+# Debian release of the Dockerfile's runtime stages; merged /usr set up by mmdebstrap's hook
+# rather than the usrmerge package (which pulls in perl), as in Debian's own images; no
+# recommended packages, as the Dockerfile's `apt-get install --no-install-recommends`; dpkg
+# filters that keep documentation out as Debian's slim images do.
 suite=bookworm
 mmdebstrap_opts=(
   --quiet --variant=apt --format=tar
+  --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr
+  --aptopt='APT::Install-Recommends "false"'
   --dpkgopt='path-exclude=/usr/share/doc/*'
   --dpkgopt='path-include=/usr/share/doc/*/copyright'
   --dpkgopt='path-exclude=/usr/share/man/*'
