@@ -30,6 +30,9 @@ use crate::state::PluginState;
 
 /// How often queued evictions are looked at again.
 const EVICTION_TICK: Duration = Duration::from_secs(1);
+/// Longest a pod lookup or an Event creation may take, kube's own retries of transient answers
+/// (429, 503, 504) included: they would otherwise hold up replug recovery for minutes.
+const API_CALL_BOUND: Duration = Duration::from_secs(15);
 /// Reason of the Events this plugin creates.
 pub const EVENT_REASON: &str = "NitrokeyHsmReplugged";
 /// Component named as the Events' source.
@@ -212,10 +215,8 @@ impl Recovery {
             return;
         };
         // The pod's uid, without which `kubectl describe pod` does not list the Event.
-        let uid = match Api::<Pod>::namespaced(api.clone(), &holder.namespace)
-            .get(&holder.pod)
-            .await
-        {
+        let pods = Api::<Pod>::namespaced(api.clone(), &holder.namespace);
+        let uid = match bounded(pods.get(&holder.pod)).await {
             Ok(pod) => pod.metadata.uid,
             Err(e) => {
                 self.count("get", "error");
@@ -254,7 +255,7 @@ impl Recovery {
             ..Event::default()
         };
         let events: Api<Event> = Api::namespaced(api, &holder.namespace);
-        match events.create(&PostParams::default(), &event).await {
+        match bounded(events.create(&PostParams::default(), &event)).await {
             Ok(_) => {
                 self.count("event", "ok");
                 tracing::info!(namespace = %holder.namespace, pod = %holder.pod, message,
@@ -282,6 +283,23 @@ impl Recovery {
 struct Clients {
     events: Option<Client>,
     evictions: Option<Client>,
+}
+
+/// `call`, or an error saying it took longer than [`API_CALL_BOUND`].
+async fn bounded<T>(call: impl Future<Output = Result<T, kube::Error>>) -> Result<T, BoundedError> {
+    match tokio::time::timeout(API_CALL_BOUND, call).await {
+        Ok(result) => result.map_err(BoundedError::Api),
+        Err(_) => Err(BoundedError::TimedOut),
+    }
+}
+
+/// Why a bounded API call failed.
+#[derive(Debug, thiserror::Error)]
+enum BoundedError {
+    #[error(transparent)]
+    Api(kube::Error),
+    #[error("no answer within {API_CALL_BOUND:?}, retries included")]
+    TimedOut,
 }
 
 /// Now, in the time type of the Kubernetes API types.
