@@ -744,7 +744,8 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
         (None, None) => Duration::from_secs(5),
     };
     let once = flags.once.unwrap_or(false);
-    let deadline = flags.deadline.or(once.then_some(DEFAULT_ONCE_DEADLINE));
+    // The sidecar never gives up: a deadline (say from a shared environment) means nothing there.
+    let deadline = once.then(|| flags.deadline.unwrap_or(DEFAULT_ONCE_DEADLINE));
     let journal_dir = flags
         .journal_dir
         .clone()
@@ -1158,5 +1159,10 @@ mod tests {
                 .deadline,
             None
         );
+        let sidecar = Overrides {
+            deadline: Some(Duration::from_secs(30)),
+            ..Default::default()
+        };
+        assert_eq!(resolve_text("", &sidecar).expect("valid").deadline, None);
     }
 }
