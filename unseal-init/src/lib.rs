@@ -17,7 +17,8 @@
 //! - [`token_store`] (data objects on the token) and [`secret_store`] (a Kubernetes Secret),
 //!   behind [`storage::Storage`]; [`keyring`] ties encryption, storage and verification.
 //! - [`vault`]: the HTTP client; [`unseal`]: pure decisions (what to do next given Vault's
-//!   status and the store); [`runner`]: the passes that act on those decisions;
+//!   status and the store); [`runner`]: the passes that act on those decisions (the init
+//!   step, `sys/init` to the last stored key, in `runner/init.rs`);
 //!   [`sidecar`]: the long-running mode around them, which outlives a refused PIN. Their
 //!   retries (and [`hsm_actor`]'s, [`pcscd`]'s) wait with [`nitrokey_common::backoff`].
 //! - `memory_vault` (tests only): an in-memory Vault behind [`vault::VaultApi`].
