@@ -184,6 +184,36 @@ pub fn store_unreachable(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+#[cfg(test)]
+mod store_unreachable_tests {
+    use super::store_unreachable;
+    use kube::core::Status;
+
+    fn api(code: u16) -> kube::Error {
+        kube::Error::Api(Status::failure("answer", "Reason").with_code(code).boxed())
+    }
+
+    #[test]
+    fn only_an_api_server_that_does_not_answer_is_waited_for() {
+        for code in [429, 500, 503, 504] {
+            assert!(store_unreachable(&api(code)), "{code}");
+        }
+        for code in [400, 401, 403, 404, 409, 422] {
+            assert!(!store_unreachable(&api(code)), "{code}");
+        }
+        let refused = kube::Error::Service("client error (Connect): Connection refused".into());
+        assert!(store_unreachable(&refused));
+        let untrusted = kube::Error::Service("invalid peer certificate: UnknownIssuer".into());
+        assert!(!store_unreachable(&untrusted));
+        assert!(!store_unreachable(
+            &kube::Error::LinesCodecMaxLineLengthExceeded
+        ));
+        // Found below the wrappers the store puts around it.
+        let wrapped = anyhow::Error::new(api(503)).context("reading the Secret");
+        assert!(store_unreachable(wrapped.as_ref()));
+    }
+}
+
 fn unreadable_note(names: &[String]) -> String {
     if names.is_empty() {
         String::new()
