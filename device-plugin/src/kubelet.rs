@@ -74,7 +74,8 @@ pub enum RegisterError {
     /// The kubelet answered with an error: the plugin is not wanted as configured.
     #[error("kubelet rejected the registration: {0}")]
     Rejected(String),
-    /// A new `kubelet.sock` appeared while the call was in flight; it was abandoned.
+    /// A new `kubelet.sock` appeared (or the plugin's socket went) before or while the call
+    /// was in flight; it was abandoned.
     #[error("kubelet.sock was replaced during the call")]
     Superseded,
 }
@@ -268,13 +269,23 @@ async fn connect_listening(path: &Path) -> std::io::Result<UnixStream> {
 
 /// Calls `Register` on the kubelet socket at `kubelet_socket`. The connection is made first,
 /// on its own, so that a socket nobody listens on is told apart from a failed call.
+///
+/// Once connected, `still_current()` is asked whether the call is still the one to make (the
+/// kubelet socket the caller last looked at, and the plugin's own socket intact); if not, it
+/// is abandoned as [`RegisterError::Superseded`]. A kubelet deletes every socket in the
+/// directory before it listens, so a kubelet that started since the caller's last look has
+/// deleted ours by the time the connection succeeds: announcing that socket would fail.
 pub async fn register(
     kubelet_socket: &Path,
     request: RegisterRequest,
+    still_current: impl Fn() -> bool,
 ) -> Result<(), RegisterError> {
     let stream = connect_listening(kubelet_socket)
         .await
         .map_err(|e| RegisterError::NotListening(e.to_string()))?;
+    if !still_current() {
+        return Err(RegisterError::Superseded);
+    }
     let path = kubelet_socket.to_owned();
     let first = Arc::new(Mutex::new(Some(stream)));
     // The URI is required by tonic but unused: the connector hands over the connection made
@@ -472,7 +483,11 @@ impl Supervisor {
                 }
                 Action::Register { after_restart } => {
                     let target = state.kubelet;
-                    let call = register(&kubelet_socket, self.request());
+                    let current = || {
+                        FileId::of(&kubelet_socket) == target
+                            && serving.as_ref().is_some_and(Serving::socket_intact)
+                    };
+                    let call = register(&kubelet_socket, self.request(), current);
                     tokio::pin!(call);
                     // A kubelet that restarts while the call is in flight may never answer
                     // it, or answer with an error about a socket it deleted itself: a new
