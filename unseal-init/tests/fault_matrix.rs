@@ -936,3 +936,76 @@ fn a_pod_deletion_without_the_prestop_hook_is_reported_as_lost_keys() {
         "expected an initialised Vault whose keys nobody holds: {ev:?}"
     );
 }
+
+/// A broken or hostile Vault answering `sys/init` with 500 keys for the 5 asked: the token gets
+/// at most what was asked (a stick is full long before 502 objects), everything is kept
+/// encrypted in the journal directory, the mismatch is an error naming both counts, and the
+/// next start unseals with the keys stored.
+#[test]
+fn init_reply_with_more_keys_than_asked_stores_only_those_asked() {
+    const RETURNED: usize = 500;
+    let hsm = SoftHsm::new().expect("softhsm token");
+    let bao = OpenBao::start().expect("openbao");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tap = Arc::new(FaultTap::rewriting_init(|body| {
+        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(body) else {
+            return body.to_owned();
+        };
+        if let Some(list) = v["keys"].as_array_mut() {
+            while list.len() < RETURNED {
+                // Hex strings of an unseal key's shape that unseal nothing.
+                list.push(serde_json::Value::String(format!("{:066x}", list.len())));
+            }
+        }
+        v.to_string()
+    }));
+    let proxy = proxy::start_tap(&bao.address(), tap.clone());
+    let (config, _) = cell_config(dir.path(), &hsm, &proxy.address);
+
+    let mut run = Watched::start(&hsm, &config, true, None);
+    let status = run.wait_exit(Duration::from_secs(180));
+    if status.is_none() {
+        run.kill();
+    }
+    let log = run.log();
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "the mismatch must fail the run ({}):\n{log}",
+        exit_text(status)
+    );
+    assert!(
+        log.lines().any(|l| l.contains("ERROR")
+            && l.contains("asked for 5 unseal keys, Vault returned 500")
+            && l.contains("the other 495 are kept")),
+        "no error naming both counts:\n{log}"
+    );
+    let mut labels = hsm.data_labels().expect("labels");
+    labels.sort();
+    assert_eq!(labels, common::default_names(), "at most what was asked");
+    let reply = tap.init_replies().pop().expect("sys/init answered");
+    let ev = Evidence::collect(&bao, &hsm, dir.path()).expect("evidence");
+    let kept: Vec<_> = ev
+        .journal
+        .iter()
+        .filter(|p| p.to_string_lossy().contains("unstored-keys"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{:?}", ev.journal);
+    let journaled = faults::journal_entries(&hsm, dir.path()).expect("readable journal");
+    assert_eq!(
+        journaled.len(),
+        RETURNED + 1,
+        "every key and the root token kept"
+    );
+    for (name, value) in reply.named() {
+        assert_eq!(journaled.get(&name), Some(&value), "{name}");
+        assert_eq!(ev.stored.get(&name), Some(&Ok(value)), "{name} stored");
+    }
+    assert!(faults::journal_leaks(dir.path(), &reply).is_empty());
+
+    // The next start unseals with the five stored keys and leaves the kept file alone.
+    let mut next = Watched::start(&hsm, &config, true, None);
+    let status = next.wait_exit(Duration::from_secs(120));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", next.log());
+    assert!(!bao.seal_status().expect("status").sealed);
+    assert_eq!(faults::journal_files(dir.path()).len(), 1);
+}

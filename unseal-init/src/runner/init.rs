@@ -32,7 +32,10 @@ impl Runner {
                 shares: s.shares,
                 threshold: s.threshold,
             }),
+            // Not answering, or a proxy in front of it answering for it: nothing can be told
+            // about the journal yet, and it is durable.
             Err(VaultError::Unreachable { .. }) => None,
+            Err(VaultError::Status { status, .. }) if status >= 500 => None,
             Err(e) => return Err(e.into()),
         };
         let path = journal::path(self.journal_dir());
