@@ -1,10 +1,13 @@
-//! Generates the kubelet's device-plugin API and pod-resources API (clients and servers) from
-//! the checked-in .proto files.
+//! Generates the kubelet's device-plugin API, pod-resources API, plugin registration API and
+//! DRA node service (clients and servers) from the checked-in .proto files.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "deviceplugin/v1beta1/api.proto",
         "podresources/v1/api.proto",
+        "pluginregistration/v1/api.proto",
+        "dra/v1/api.proto",
+        "dra/v1beta1/api.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
