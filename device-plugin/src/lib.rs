@@ -27,6 +27,8 @@
 //!   feature file.
 //! - [`metrics`], [`http`], [`telemetry`]: Prometheus metrics, health endpoints, logging
 //!   ([`nitrokey_common::logging`] plus the layer that names a too-old kubelet).
+//! - [`dra`]: the Dynamic Resource Allocation mode (ResourceSlices, the kubelet's DRA node
+//!   service, a CDI spec per prepared claim), on the same discovery and inventory.
 //! - [`daemon`]: wires everything together; `main.rs` only parses flags and sets exit codes.
 
 pub mod allocation;
@@ -34,6 +36,7 @@ pub mod api_client;
 pub mod cdi;
 pub mod config;
 pub mod daemon;
+pub mod dra;
 pub mod http;
 pub mod inventory;
 pub mod kubelet;
