@@ -21,6 +21,8 @@ use crate::text::shorten;
 // Shared with unseal-init, so both programs' log lines look alike.
 pub use nitrokey_common::logging::LogFormat;
 
+/// Default kubelet root directory (DRA mode).
+pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
 /// Default extended resource name.
 pub const DEFAULT_RESOURCE_NAME: &str = "nitrokey.com/hsm";
 /// Nitrokey's USB vendor ID.
@@ -184,6 +186,17 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", env = "NITROKEY_DEVICE_PLUGIN_RESCAN_INTERVAL",
           value_parser = parse_duration)]
     pub rescan_interval: Option<Duration>,
+
+    /// How sticks are handed to pods: device-plugin (extended resource, Kubernetes 1.26+) or
+    /// dra (Dynamic Resource Allocation driver hsm.nitrokey.com, Kubernetes 1.34+)
+    /// [default: device-plugin].
+    #[arg(long, value_name = "MODE", env = "NITROKEY_DEVICE_PLUGIN_MODE")]
+    pub mode: Option<Mode>,
+
+    /// With --mode dra: the kubelet's root directory, holding plugins_registry/ and plugins/
+    /// [default: /var/lib/kubelet].
+    #[arg(long, value_name = "DIR", env = "NITROKEY_DEVICE_PLUGIN_KUBELET_DIR")]
+    pub kubelet_dir: Option<PathBuf>,
 }
 
 impl Cli {
@@ -268,6 +281,17 @@ pub enum OnReplug {
     Event,
     /// Evict each affected pod (one per stick at a time, rate-limited).
     Evict,
+}
+
+/// How sticks are handed to pods.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// A kubelet device plugin advertising an extended resource.
+    #[default]
+    DevicePlugin,
+    /// A Dynamic Resource Allocation driver publishing ResourceSlices (see [`crate::dra`]).
+    Dra,
 }
 
 /// How the plugin notices sticks being plugged in and out.
@@ -481,6 +505,10 @@ pub struct FileConfig {
     pub cdi: Option<bool>,
     /// See [`Config::cdi_spec_dir`].
     pub cdi_spec_dir: Option<PathBuf>,
+    /// See [`Config::mode`].
+    pub mode: Option<Mode>,
+    /// See [`Config::kubelet_dir`].
+    pub kubelet_dir: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -537,6 +565,10 @@ pub struct Config {
     pub cdi: bool,
     /// Where the CDI spec goes.
     pub cdi_spec_dir: PathBuf,
+    /// Device plugin or DRA driver.
+    pub mode: Mode,
+    /// The kubelet's root directory (DRA mode: registration and node-service sockets).
+    pub kubelet_dir: PathBuf,
 }
 
 impl Config {
@@ -632,6 +664,12 @@ impl Config {
                 .clone()
                 .or(file.cdi_spec_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_SPEC_DIR)),
+            mode: cli.mode.or(file.mode).unwrap_or_default(),
+            kubelet_dir: cli
+                .kubelet_dir
+                .clone()
+                .or(file.kubelet_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_KUBELET_DIR)),
         };
         config.validate()?;
         Ok(config)
@@ -683,6 +721,14 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "nodeLabels",
                 "api needs the node's name in NODE_NAME (downward API spec.nodeName)".into(),
+            ));
+        }
+        if self.mode == Mode::Dra && self.node_name.is_none() {
+            return Err(ConfigError::Invalid(
+                "mode",
+                "dra needs the node's name in NODE_NAME (downward API spec.nodeName): it names \
+                 the node's ResourceSlice and pool"
+                    .into(),
             ));
         }
         if self.eviction_retry_for > MAX_EVICTION_RETRY_FOR {

@@ -7,7 +7,7 @@
 
 use std::process::ExitCode;
 
-use nitrokey_device_plugin::config::{Cli, Config};
+use nitrokey_device_plugin::config::{Cli, Config, Mode};
 use nitrokey_device_plugin::{daemon, telemetry};
 
 /// Exit code after a panic (EX_SOFTWARE).
@@ -41,7 +41,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(daemon::run(config)) {
+    let result = match config.mode {
+        Mode::DevicePlugin => runtime
+            .block_on(daemon::run(config))
+            .map_err(|e| e.to_string()),
+        Mode::Dra => runtime
+            .block_on(nitrokey_device_plugin::dra::run::run(config))
+            .map_err(|e| e.to_string()),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "device plugin stopped");

@@ -1,0 +1,111 @@
+//! Keeps the node's ResourceSlice in step with the plugged-in sticks: every change of the
+//! inventory is applied at once (server-side apply, field manager `nitrokey-device-plugin`,
+//! without forcing: a field another manager owns is a conflict that is logged, not taken
+//! over), with the next pool generation; a failed apply is retried with a growing pause.
+//!
+//! The slice stays when the driver stops, so that a restart does not take the sticks away
+//! from the scheduler; the kubelet removes a driver's slices of its node once the driver
+//! stays unregistered.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::resource::v1::ResourceSlice;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use tokio_util::sync::CancellationToken;
+
+use super::facts::{self, StickFacts};
+use super::names::FIELD_MANAGER;
+use super::slice::{Pool, slice_name};
+use crate::state::PluginState;
+
+/// First pause after a failed apply; doubled up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+/// Longest pause between attempts.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// The plugged-in sticks with their sysfs facts, in stick-ID order.
+pub fn plugged_facts(state: &PluginState) -> Vec<StickFacts> {
+    let sticks: Vec<_> = state
+        .inventory()
+        .sticks()
+        .filter(|s| s.unplugged_at.is_none())
+        .cloned()
+        .collect();
+    sticks
+        .iter()
+        .map(|s| facts::read(&s.id, &s.info, &crate::usb::sysfs_dir(&s.info.port_path)))
+        .collect()
+}
+
+/// Publishes until `shutdown`.
+pub async fn run(
+    client: Client,
+    node: String,
+    state: Arc<PluginState>,
+    shutdown: CancellationToken,
+) {
+    let api: Api<ResourceSlice> = Api::all(client);
+    let name = slice_name(&node);
+    // Continue the generation of a slice an earlier run published.
+    let mut pool =
+        match tokio::time::timeout(crate::api_client::ANSWER_TIMEOUT, api.get_opt(&name)).await {
+            Ok(Ok(Some(existing))) => Pool::after(existing.spec.pool.generation),
+            Ok(Ok(None)) => Pool::default(),
+            Ok(Err(e)) => {
+                tracing::warn!(slice = %name, error = %e, "cannot read the node's ResourceSlice");
+                Pool::default()
+            }
+            Err(_) => {
+                tracing::warn!(slice = %name, "the API server did not answer in time");
+                Pool::default()
+            }
+        };
+    let params = PatchParams::apply(FIELD_MANAGER);
+    let mut units = state.subscribe();
+    let mut retry: Option<Duration> = None;
+    loop {
+        units.borrow_and_update();
+        let sticks = plugged_facts(&state);
+        if let Some(slice) = pool.update(&node, &sticks) {
+            let devices: Vec<&str> = slice
+                .spec
+                .devices
+                .iter()
+                .flatten()
+                .map(|d| d.name.as_str())
+                .collect();
+            let devices = devices.join(",");
+            let applied = tokio::time::timeout(
+                crate::api_client::ANSWER_TIMEOUT,
+                api.patch(&name, &params, &Patch::Apply(&slice)),
+            )
+            .await;
+            match applied {
+                Ok(Ok(_)) => {
+                    tracing::info!(slice = %name, generation = pool.generation(), devices = %devices,
+                        "ResourceSlice published");
+                    retry = None;
+                }
+                failed => {
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "the API server did not answer in time".to_owned(),
+                    };
+                    let pause = retry.map_or(FIRST_RETRY, |p| (p * 2).min(MAX_RETRY));
+                    tracing::warn!(slice = %name, error = %crate::text::shorten(&error, 500),
+                        retry_in = ?pause, "cannot publish the ResourceSlice");
+                    pool.unpublished();
+                    retry = Some(pause);
+                }
+            }
+        }
+        let pause = retry.unwrap_or(MAX_RETRY);
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            changed = units.changed() => if changed.is_err() { break },
+            () = tokio::time::sleep(pause), if retry.is_some() => {}
+        }
+    }
+}
