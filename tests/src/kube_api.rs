@@ -14,7 +14,8 @@
 //! - for unseal-init's Secret store: Secrets of any namespace and name (`GET` and JSON merge
 //!   `PATCH` of `/api/v1/namespaces/{ns}/secrets/{name}`, `POST /api/v1/namespaces/{ns}/secrets`
 //!   with 409 AlreadyExists when it exists). Creates can be held until several have arrived, so
-//!   that pods starting at once race for one Secret as they do against a real API server.
+//!   that pods starting at once race for one Secret as they do against a real API server;
+//! - for the DRA mode: ResourceSlices and ResourceClaims, in [`crate::kube_api_dra`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -69,6 +70,8 @@ struct Shared {
     creates: Mutex<usize>,
     /// Signalled at each create's arrival.
     create_arrived: Condvar,
+    /// ResourceSlices and ResourceClaims (see [`crate::kube_api_dra`]).
+    dra: crate::kube_api_dra::DraObjects,
 }
 
 /// The running stand-in; stops when dropped.
@@ -153,6 +156,11 @@ impl KubeApi {
     /// `http://127.0.0.1:PORT`.
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// The ResourceSlices and ResourceClaims served (see [`crate::kube_api_dra`]).
+    pub fn dra(&self) -> &crate::kube_api_dra::DraObjects {
+        &self.shared.dra
     }
 
     /// Refuses (or, with `false`, allows again) evictions of `namespace/pod` as a
@@ -401,6 +409,9 @@ fn answer(
 ) -> (u16, String) {
     if let Some((ns, name)) = secret_of(path) {
         return answer_secret(method, ns, name, body, shared, stop);
+    }
+    if let Some(answer) = shared.dra.answer(method, path, body) {
+        return answer;
     }
     if method == "POST" && path.starts_with("/api/v1/namespaces/") && path.ends_with("/events") {
         let mut event = body.clone();

@@ -15,6 +15,10 @@
 //! - [`kube_api`]: a stand-in for the Kubernetes API server accepting Events, evictions (with
 //!   429 for a PodDisruptionBudget), Node label patches and Secrets (get, merge patch, create
 //!   with 409 when it exists), talked to by the real `kube` client.
+//! - [`kube_api_dra`]: the API stand-in's ResourceSlices (server-side apply) and ResourceClaims.
+//! - [`kubelet_dra`]: a stand-in for the kubelet's plugin watcher and DRA manager: registers a
+//!   DRA driver through its registration socket and calls `NodePrepareResources` /
+//!   `NodeUnprepareResources` on its node service.
 //! - [`token`]: what every PKCS#11 token harness offers tests ([`token::Token`]): the module
 //!   and slot to point the program at, and set-up and inspection from outside it with OpenSC's
 //!   `pkcs11-tool` and `openssl`, so a test can run on either token below.
@@ -32,7 +36,9 @@
 pub mod bins;
 pub mod dockerfile;
 pub mod kube_api;
+pub mod kube_api_dra;
 pub mod kubelet;
+pub mod kubelet_dra;
 pub mod openbao;
 pub mod pod_resources;
 pub mod softhsm;
