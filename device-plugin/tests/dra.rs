@@ -98,6 +98,12 @@ async fn slice_follows_hotplug_and_claims_are_prepared_through_cdi() {
         dir.path()
             .join("kubelet/plugins_registry/hsm.nitrokey.com-reg.sock")
     );
+    // Ready once the kubelet said it registered the driver.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while plugin.metric("nitrokey_device_plugin_registered").await != Some(1.0) {
+        assert!(tokio::time::Instant::now() < deadline, "{}", plugin.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let empty = wait_for_slice(&api, &plugin, |_| true).await;
     assert_eq!(empty["spec"]["driver"], DRIVER);
     assert_eq!(empty["spec"]["nodeName"], NODE);

@@ -3,16 +3,21 @@
 //! watcher notices the socket (at once, or when the kubelet starts and finds it), asks
 //! `GetInfo`, checks the answer and reports the outcome through `NotifyRegistrationStatus`.
 
+use std::sync::Arc;
+
 use nitrokey_proto::pluginregistration_v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::names::DRIVER_NAME;
+use crate::metrics::Metrics;
 
 /// The registration service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Registration {
     /// Absolute path of the node service's socket.
     pub endpoint: String,
+    /// Where the outcome shows (`/readyz`, the `registered` gauge).
+    pub metrics: Arc<Metrics>,
 }
 
 /// What the driver says about itself: a DRA plugin named after the driver, serving the v1 and
@@ -44,6 +49,7 @@ impl pb::registration_server::Registration for Registration {
         request: Request<pb::RegistrationStatus>,
     ) -> Result<Response<pb::RegistrationStatusResponse>, Status> {
         let status = request.into_inner();
+        self.metrics.set_registered(status.plugin_registered);
         if status.plugin_registered {
             tracing::info!(driver = DRIVER_NAME, "registered with the kubelet");
         } else {

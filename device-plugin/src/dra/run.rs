@@ -110,7 +110,7 @@ pub async fn run(config: Config) -> Result<(), DraError> {
             .map_err(|e| DraError::Internal(format!("USB discovery start-up: {e}")))??;
     let mut inventory = Inventory::new(1, config.grace_period);
     inventory.apply(UsbEvent::Snapshot(initial), std::time::Instant::now());
-    let state = Arc::new(PluginState::new(inventory, metrics));
+    let state = Arc::new(PluginState::new(inventory, metrics.clone()));
 
     let client = crate::api_client::connect(crate::api_client::Retries::Client)
         .await
@@ -150,6 +150,7 @@ pub async fn run(config: Config) -> Result<(), DraError> {
     let reg_listener = bind(&reg_path)?;
     let registration = Registration {
         endpoint: dra_path.display().to_string(),
+        metrics: metrics.clone(),
     };
     let reg_server = tonic::transport::Server::builder()
         .add_service(
@@ -161,6 +162,7 @@ pub async fn run(config: Config) -> Result<(), DraError> {
             UnixListenerStream::new(reg_listener),
             shutdown.clone().cancelled_owned(),
         );
+    metrics.server_started();
     tracing::info!(registration = %reg_path.display(), endpoint = %dra_path.display(),
         "serving the DRA node service");
 
@@ -186,6 +188,8 @@ pub async fn run(config: Config) -> Result<(), DraError> {
             }
         }
     };
+    metrics.server_stopped();
+    metrics.set_registered(false);
     // Removing the registration socket unregisters the driver from the kubelet.
     for path in [&reg_path, &dra_path] {
         let _ = std::fs::remove_file(path);
