@@ -42,6 +42,11 @@ const OPENSC_MODULE: &str = "/usr/lib/opensc-pkcs11.so";
 const MIN_KUBERNETES: &str = "1.26";
 /// Native sidecars (`restartPolicy: Always` on an init container) exist from this version on.
 const NATIVE_SIDECAR_KUBERNETES: &str = "1.29";
+/// Dynamic Resource Allocation (`resource.k8s.io/v1`) is GA from this version on: the DRA
+/// driver's renderings need it, and their DRA kinds have no 1.26 types to check against.
+const DRA_KUBERNETES: &str = "1.34";
+/// The renderings that deploy or use the DRA driver.
+const DRA_ORIGINS: [&str; 2] = ["deploy/overlays/device-plugin-dra", "deploy/examples/dra"];
 /// The Secret holding the stick's user PIN, the same name everywhere.
 const PIN_SECRET: &str = "vault-hsm-pin";
 
@@ -135,6 +140,13 @@ fn rendered() -> BTreeMap<String, Vec<Value>> {
 /// The Kubernetes version a rendering needs: 1.29 where unseal-init runs as a native sidecar,
 /// the project's minimum everywhere else.
 fn needed_kubernetes(objects: &[Value]) -> &'static str {
+    if objects.iter().any(|o| {
+        o["apiVersion"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("resource.k8s.io/"))
+    }) {
+        return DRA_KUBERNETES;
+    }
     let native = workload_pod_specs(objects).iter().any(|(_, spec)| {
         spec.init_containers
             .iter()
@@ -190,8 +202,9 @@ fn lost_in_round_trip<T: DeserializeOwned + Serialize>(
 
 /// Fields of `object` unknown to the API types of one `k8s-openapi` crate (one Kubernetes
 /// version); an error for a kind without a typed check.
+/// With `resource` (the newest types only), DRA's `resource.k8s.io/v1` kinds too.
 macro_rules! lost_for_version {
-    ($k8s:ident, $object:expr) => {{
+    ($k8s:ident, $object:expr $(, $resource:ident)?) => {{
         use $k8s::api::{
             apps::v1 as apps, core::v1 as core, policy::v1 as policy, rbac::v1 as rbac,
         };
@@ -220,6 +233,17 @@ macro_rules! lost_for_version {
             ("policy/v1", "PodDisruptionBudget") => {
                 lost_in_round_trip::<policy::PodDisruptionBudget>(object)
             }
+            $(
+                ("resource.k8s.io/v1", "DeviceClass") => {
+                    lost_in_round_trip::<$k8s::api::$resource::v1::DeviceClass>(object)
+                }
+                ("resource.k8s.io/v1", "ResourceClaimTemplate") => {
+                    lost_in_round_trip::<$k8s::api::$resource::v1::ResourceClaimTemplate>(object)
+                }
+                ("resource.k8s.io/v1", "ResourceClaim") => {
+                    lost_in_round_trip::<$k8s::api::$resource::v1::ResourceClaim>(object)
+                }
+            )?
             ("cert-manager.io/v1", "Certificate") => Ok(certificate_problems(object)),
             ("monitoring.coreos.com/v1", "PodMonitor") => Ok(typed_problems::<PodMonitor>(object)),
             ("monitoring.coreos.com/v1", "PrometheusRule") => {
@@ -351,7 +375,7 @@ fn certificate_problems(object: &Value) -> Vec<String> {
 /// Parses one rendered object into its typed API struct with the newest types; unknown kinds
 /// and unknown fields fail.
 fn check_typed(object: &Value) -> Result<(), String> {
-    let lost = lost_for_version!(k8s_openapi, object)?;
+    let lost = lost_for_version!(k8s_openapi, object, resource)?;
     if lost.is_empty() {
         Ok(())
     } else {
@@ -366,6 +390,18 @@ fn check_typed(object: &Value) -> Result<(), String> {
 /// where it is 1.29, init containers' `restartPolicy` (native sidecars) is the one field
 /// allowed to be missing from 1.26.
 fn check_typed_oldest(object: &Value, needs: &str) -> Result<(), String> {
+    // DRA's kinds do not exist before 1.34; a rendering holding them declares 1.34, and they
+    // are checked with the newest types only.
+    if object["apiVersion"]
+        .as_str()
+        .is_some_and(|a| a.starts_with("resource.k8s.io/"))
+    {
+        return if needs == DRA_KUBERNETES {
+            Ok(())
+        } else {
+            Err(format!("a DRA kind needs Kubernetes {DRA_KUBERNETES}"))
+        };
+    }
     let lost = lost_for_version!(k8s_openapi_1_26, object)?;
     let native_sidecar_field = |path: &str| {
         path.starts_with(".spec.template.spec.initContainers[") && path.ends_with("].restartPolicy")
@@ -412,11 +448,33 @@ fn unseal_init_config(text: &str, at: &str) -> (unseal_init::config::Config, Opt
 
 /// A device plugin config as the program reads it (`nitrokey_device_plugin::config`).
 fn device_plugin_config(text: &str, at: &str) -> nitrokey_device_plugin::config::Config {
+    device_plugin_config_in(text, at, None)
+}
+
+/// The same in a container whose NODE_NAME comes from the downward API (`spec.nodeName`), as
+/// the program sees it there: set to a node's name.
+fn device_plugin_config_in(
+    text: &str,
+    at: &str,
+    c: Option<&Container>,
+) -> nitrokey_device_plugin::config::Config {
     use nitrokey_device_plugin::config::{Cli, Config, FileConfig};
     let file = FileConfig::from_yaml(text)
         .unwrap_or_else(|e| panic!("{at}: the device plugin rejects it: {e}"));
-    Config::merge(file, &Cli::default())
-        .unwrap_or_else(|e| panic!("{at}: the device plugin rejects it: {e}"))
+    let node_from_downward_api = c.is_some_and(|c| {
+        c.env.iter().flatten().any(|e| {
+            e.name == "NODE_NAME"
+                && e.value_from
+                    .as_ref()
+                    .and_then(|v| v.field_ref.as_ref())
+                    .is_some_and(|f| f.field_path == "spec.nodeName")
+        })
+    });
+    let cli = Cli {
+        node_name: node_from_downward_api.then(|| "node-1".to_owned()),
+        ..Cli::default()
+    };
+    Config::merge(file, &cli).unwrap_or_else(|e| panic!("{at}: the device plugin rejects it: {e}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -821,7 +879,9 @@ fn check_device_plugin(origin: &str, objects: &[Value]) {
         let (dir, files) = config_files(c, &[]);
         let cm = mounted_config_map(&spec, c, &dir, &cms);
         for (_, file) in files {
-            let config = device_plugin_config(config_text(cm, &file), &format!("{at} {file}"));
+            let config =
+                device_plugin_config_in(config_text(cm, &file), &format!("{at} {file}"), Some(c));
+            check_dra_driver(&at, &config, &host_path_of, &rules_of(objects, &sa, &ns));
             assert_eq!(config.resource_name, RESOURCE, "{at}: resourceName");
             assert!(
                 host_path_of(&config.plugin_dir.display().to_string()).is_some_and(|(host, _)| {
@@ -847,6 +907,59 @@ fn check_device_plugin(origin: &str, objects: &[Value]) {
                 );
             }
         }
+    }
+}
+
+/// In DRA mode, the kubelet's registry, the driver's own directory and the CDI directory are
+/// mounted from the host at the paths the driver announces, and the driver may read claims and
+/// write slices; in device-plugin mode, it is granted nothing of DRA.
+fn check_dra_driver(
+    at: &str,
+    config: &nitrokey_device_plugin::config::Config,
+    host_path_of: &dyn Fn(&str) -> Option<(String, bool)>,
+    rules: &[PolicyRule],
+) {
+    use nitrokey_device_plugin::config::Mode;
+    use nitrokey_device_plugin::dra::run::{dra_socket, registration_socket};
+    let granted = |resource: &str, verb: &str| {
+        rules.iter().any(|r| {
+            r.api_groups
+                .iter()
+                .flatten()
+                .any(|g| g == "resource.k8s.io")
+                && r.resources.iter().flatten().any(|x| x == resource)
+                && r.verbs.iter().any(|v| v == verb)
+        })
+    };
+    if config.mode != Mode::Dra {
+        assert!(
+            !granted("resourceslices", "patch"),
+            "{at}: DRA rights without DRA mode"
+        );
+        return;
+    }
+    let dirs = [
+        registration_socket(&config.kubelet_dir),
+        dra_socket(&config.kubelet_dir),
+    ]
+    .map(|p| p.parent().expect("socket directory").display().to_string());
+    for dir in dirs
+        .iter()
+        .chain([&config.cdi_spec_dir.display().to_string()])
+    {
+        assert_eq!(
+            host_path_of(dir),
+            Some((dir.clone(), false)),
+            "{at}: {dir} must be a writable hostPath at the same path"
+        );
+    }
+    for (resource, verb) in [
+        ("resourceslices", "get"),
+        ("resourceslices", "patch"),
+        ("resourceslices", "create"),
+        ("resourceclaims", "get"),
+    ] {
+        assert!(granted(resource, verb), "{at}: needs {verb} on {resource}");
     }
 }
 
@@ -1341,6 +1454,8 @@ fn the_expected_kustomizations_exist() {
         "deploy/overlays/openbao-single",
         "deploy/overlays/native-sidecar",
         "deploy/overlays/minikube",
+        "deploy/overlays/device-plugin-dra",
+        "deploy/examples/dra",
     ] {
         assert!(
             found.contains(expected),
@@ -1388,6 +1503,8 @@ fn every_example_runs_on_the_oldest_supported_kubernetes_except_the_native_sidec
     for (origin, objects) in &all {
         let expected = if origin == "deploy/overlays/native-sidecar" {
             NATIVE_SIDECAR_KUBERNETES
+        } else if DRA_ORIGINS.contains(&origin.as_str()) {
+            DRA_KUBERNETES
         } else {
             MIN_KUBERNETES
         };
@@ -2277,5 +2394,56 @@ fn minikube_passthrough_stops_with_a_clear_error_when_a_check_fails() {
             .iter()
             .any(|c| c.contains("modifyvm") || c.contains("usbfilter")),
         "{calls:#?}"
+    );
+}
+
+#[test]
+fn dra_manifests_select_what_the_driver_publishes() {
+    use k8s_openapi::api::resource::v1::{DeviceClass, ResourceClaimTemplate};
+    use nitrokey_device_plugin::dra::names::{ATTR_SERIAL, DRIVER_NAME};
+    let all = rendered();
+    let classes: Vec<DeviceClass> =
+        of_kind(&all["deploy/overlays/device-plugin-dra"], "DeviceClass");
+    assert_eq!(classes.len(), 1);
+    assert_eq!(classes[0].metadata.name.as_deref(), Some("nitrokey-hsm"));
+    let selectors: Vec<String> = classes[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.selectors.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|s| Some(s.cel.as_ref()?.expression.clone()))
+        .collect();
+    assert_eq!(selectors, [format!("device.driver == \"{DRIVER_NAME}\"")]);
+    let templates: Vec<ResourceClaimTemplate> =
+        of_kind(&all["deploy/examples/dra"], "ResourceClaimTemplate");
+    assert!(!templates.is_empty());
+    let by_serial = format!("device.attributes[\"{DRIVER_NAME}\"].{ATTR_SERIAL} == ");
+    let mut pinned = 0;
+    for t in &templates {
+        let spec = t.spec.as_ref().expect("template spec");
+        let requests = spec
+            .spec
+            .as_ref()
+            .and_then(|s| s.devices.as_ref())
+            .and_then(|d| d.requests.as_ref());
+        for request in requests.into_iter().flatten() {
+            let exactly = request.exactly.as_ref().expect("an exact request");
+            assert_eq!(exactly.device_class_name, "nitrokey-hsm");
+            pinned += exactly
+                .selectors
+                .iter()
+                .flatten()
+                .filter(|s| {
+                    s.cel
+                        .as_ref()
+                        .is_some_and(|c| c.expression.starts_with(&by_serial))
+                })
+                .count();
+        }
+    }
+    assert_eq!(
+        pinned, 1,
+        "one template pins a stick by its serial attribute"
     );
 }
