@@ -181,6 +181,42 @@ async fn slice_follows_hotplug_and_claims_are_prepared_through_cdi() {
     assert_eq!(again["uid-1"].as_ref().unwrap(), &devices);
     assert_eq!(claim_reads(&api), 1);
 
+    // Replugged at another address (and port): the slice follows, and so does the claim's
+    // spec, for containers started from now on.
+    testbed.remove(&stick).unwrap();
+    wait_for_slice(&api, &plugin, |s| device_names(s).is_empty()).await;
+    let stick = testbed.add_nitrokey_hsm("DENK0000001", 1, 5).unwrap();
+    let slice = wait_for_slice(&api, &plugin, |s| !device_names(s).is_empty()).await;
+    assert_eq!(
+        slice["spec"]["devices"][0]["attributes"]["usbPath"]["string"],
+        "1-4"
+    );
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let spec: Value =
+            serde_json::from_str(&std::fs::read_to_string(&spec_path).unwrap()).unwrap();
+        if spec["devices"][0]["containerEdits"]["deviceNodes"][0]["path"] == "/dev/bus/usb/001/005"
+        {
+            assert_eq!(
+                spec["containerEdits"]["env"][1],
+                "NITROKEY_HSM_DEVICES=/dev/bus/usb/001/005"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "spec not moved: {spec}\n{}",
+            plugin.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = kubelet.prepare(DRIVER, &claim).await.unwrap();
+    assert_eq!(
+        again["uid-1"].as_ref().unwrap(),
+        &devices,
+        "same CDI device IDs"
+    );
+
     // A restarted driver unprepares what the earlier run prepared.
     let seen = kubelet.events().len();
     assert!(plugin.terminate().success(), "{}", plugin.logs());

@@ -224,6 +224,37 @@ impl NodeService {
         Ok(prepare::kubelet_devices(&claim.uid, &prepared))
     }
 
+    /// Rewrites the specs (and records) of prepared claims whose sticks came back at another
+    /// device node; returns the claims moved.
+    pub async fn follow_replugs(&self) -> Vec<(String, PreparedClaim)> {
+        let mut checkpoint = self.inner.checkpoint.lock().await;
+        let plugged: BTreeMap<String, Stick> = self
+            .plugged()
+            .into_values()
+            .map(|s| (s.id.clone(), s))
+            .collect();
+        let moved = prepare::moved(&checkpoint, &plugged);
+        let mut done = Vec::new();
+        for (uid, claim) in moved {
+            let spec_path = self.inner.cdi_dir.join(prepare::cdi_file_name(&uid));
+            if let Err(e) = write_atomically(&spec_path, &prepare::cdi_spec(&uid, &claim)) {
+                tracing::warn!(uid = %uid, error = %e, "cannot rewrite the CDI spec of a replugged stick");
+                continue;
+            }
+            checkpoint.claims.insert(uid.clone(), claim.clone());
+            tracing::info!(namespace = %claim.namespace, claim = %claim.name, uid = %uid,
+                devices = %claim.devices.iter().map(|d| d.dev_path.as_str()).collect::<Vec<_>>().join(","),
+                "replugged stick: the claim's CDI spec names its new device node");
+            done.push((uid, claim));
+        }
+        if !done.is_empty()
+            && let Err(e) = write_atomically(&self.inner.checkpoint_path, &checkpoint.to_text())
+        {
+            tracing::warn!(error = %e, "cannot write the checkpoint");
+        }
+        done
+    }
+
     /// Unprepares one claim (done already, or never prepared here: success).
     pub async fn unprepare(&self, claim: &ClaimRef) -> Result<(), String> {
         let mut checkpoint = self.inner.checkpoint.lock().await;

@@ -195,6 +195,34 @@ pub fn kubelet_devices(uid: &str, claim: &PreparedClaim) -> Vec<KubeletDevice> {
         .collect()
 }
 
+/// Prepared claims whose sticks are plugged in again at another device node (a replug), with
+/// their devices pointing at the new nodes: their specs are to be rewritten, so that a
+/// container started from now on (a restart within the pod) gets the stick's current node.
+/// `plugged` maps stick IDs to the sticks plugged in now.
+pub fn moved(
+    checkpoint: &Checkpoint,
+    plugged: &BTreeMap<String, Stick>,
+) -> Vec<(String, PreparedClaim)> {
+    checkpoint
+        .claims
+        .iter()
+        .filter_map(|(uid, claim)| {
+            let mut updated = claim.clone();
+            let mut changed = false;
+            for device in &mut updated.devices {
+                if let Some(stick) = plugged.get(&device.stick) {
+                    let path = stick.info.dev_path();
+                    if path != device.dev_path {
+                        device.dev_path = path;
+                        changed = true;
+                    }
+                }
+            }
+            changed.then(|| (uid.clone(), updated))
+        })
+        .collect()
+}
+
 /// Current checkpoint format.
 const CHECKPOINT_VERSION: u32 = 1;
 
@@ -393,6 +421,47 @@ mod tests {
             ])
         );
         assert_eq!(cdi_file_name("u1"), "hsm.nitrokey.com-claim-u1.json");
+    }
+
+    #[test]
+    fn a_replugged_stick_moves_its_claims_to_the_new_node() {
+        let device = |stick: &str, path: &str| PreparedDevice {
+            request: "r".into(),
+            pool: "n".into(),
+            device: stick.to_lowercase(),
+            stick: stick.into(),
+            serial: stick.into(),
+            dev_path: path.into(),
+        };
+        let mut c = Checkpoint::default();
+        c.claims.insert(
+            "u1".into(),
+            PreparedClaim {
+                namespace: "ns".into(),
+                name: "a".into(),
+                devices: vec![device("DENK1", "/dev/bus/usb/001/002")],
+            },
+        );
+        c.claims.insert(
+            "u2".into(),
+            PreparedClaim {
+                namespace: "ns".into(),
+                name: "b".into(),
+                devices: vec![device("DENK2", "/dev/bus/usb/001/005")],
+            },
+        );
+        let plugged = BTreeMap::from([
+            ("DENK1".to_owned(), stick("DENK1", 9)),
+            ("DENK2".to_owned(), stick("DENK2", 5)),
+        ]);
+        let moved = moved(&c, &plugged);
+        assert_eq!(moved.len(), 1, "only DENK1 moved: {moved:?}");
+        assert_eq!(moved[0].0, "u1");
+        assert_eq!(moved[0].1.devices[0].dev_path, "/dev/bus/usb/001/009");
+        assert!(
+            super::moved(&c, &BTreeMap::new()).is_empty(),
+            "unplugged: nothing to do yet"
+        );
     }
 
     #[test]

@@ -128,6 +128,11 @@ pub async fn run(config: Config) -> Result<(), DraError> {
     )?;
 
     let mut inventory_task = tokio::spawn(state.clone().run(events_rx, shutdown.clone()));
+    let replugs = tokio::spawn(follow_replugs(
+        service.clone(),
+        state.clone(),
+        shutdown.clone(),
+    ));
     let publisher = tokio::spawn(super::publish::run(
         client,
         node,
@@ -195,10 +200,28 @@ pub async fn run(config: Config) -> Result<(), DraError> {
         let _ = std::fs::remove_file(path);
     }
     let _ = publisher.await;
+    let _ = replugs.await;
     tokio::task::spawn_blocking(move || drop(discovery))
         .await
         .ok();
     result
+}
+
+/// Keeps prepared claims' CDI specs on their sticks' current device nodes.
+async fn follow_replugs(
+    service: NodeService,
+    state: Arc<PluginState>,
+    shutdown: CancellationToken,
+) {
+    let mut units = state.subscribe();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            changed = units.changed() => if changed.is_err() { break },
+        }
+        units.borrow_and_update();
+        service.follow_replugs().await;
+    }
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) -> std::io::Result<()> {
