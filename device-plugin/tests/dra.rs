@@ -216,6 +216,32 @@ async fn slice_follows_hotplug_and_claims_are_prepared_through_cdi() {
         &devices,
         "same CDI device IDs"
     );
+    // onReplug: event (the default): the pod the claim is reserved for is told.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let event = loop {
+        if let Some(e) = api
+            .events()
+            .into_iter()
+            .find(|e| e["reason"] == "NitrokeyHsmReplugged")
+        {
+            break e;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no Event:\n{}",
+            plugin.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(event["involvedObject"]["name"], "vault-0");
+    assert_eq!(event["involvedObject"]["uid"], "vault-0-uid");
+    assert_eq!(event["type"], "Warning");
+    assert!(
+        event["message"].as_str().is_some_and(
+            |m| m.contains("/dev/bus/usb/001/005") && m.contains("/dev/bus/usb/001/002")
+        ),
+        "{event}"
+    );
 
     // A restarted driver unprepares what the earlier run prepared.
     let seen = kubelet.events().len();

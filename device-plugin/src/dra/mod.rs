@@ -8,6 +8,7 @@
 //! - [`prepare`]: pure: an allocated claim's sticks, its CDI spec, the checkpoint.
 //! - [`publish`]: applies the slice on every inventory change.
 //! - [`registration`]: the kubelet's plugin registration service.
+//! - [`replug`]: `onReplug: event` for the pods a moved stick's claims are reserved for.
 //! - [`node`]: the DRA node service (prepare, unprepare) with its checkpoint and CDI specs.
 //! - [`run`]: wires them together with discovery and the inventory.
 
@@ -17,5 +18,41 @@ pub mod node;
 pub mod prepare;
 pub mod publish;
 pub mod registration;
+pub mod replug;
 pub mod run;
 pub mod slice;
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Cli, Config, FileConfig, Mode};
+
+    fn merge(yaml: &str, node: Option<&str>) -> Result<Config, String> {
+        let cli = Cli {
+            node_name: node.map(Into::into),
+            ..Cli::default()
+        };
+        Config::merge(
+            FileConfig::from_yaml(yaml).map_err(|e| e.to_string())?,
+            &cli,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_mode_is_chosen_by_config_and_dra_needs_the_node_name() {
+        assert_eq!(merge("", None).unwrap().mode, Mode::DevicePlugin);
+        let dra = merge("mode: dra\nkubeletDir: /k\n", Some("n1")).unwrap();
+        assert_eq!(dra.mode, Mode::Dra);
+        assert_eq!(dra.kubelet_dir, std::path::PathBuf::from("/k"));
+        assert_eq!(
+            merge("mode: dra\n", Some("n1")).unwrap().kubelet_dir,
+            std::path::PathBuf::from("/var/lib/kubelet")
+        );
+        let e = merge("mode: dra\n", None).unwrap_err();
+        assert!(e.contains("mode") && e.contains("NODE_NAME"), "{e}");
+        let e = merge("mode: dra\nonReplug: evict\n", Some("n1")).unwrap_err();
+        assert!(e.contains("onReplug"), "{e}");
+        assert!(merge("mode: bogus\n", None).unwrap_err().contains("bogus"));
+        assert!(merge("mode: device-plugin\nonReplug: evict\n", None).is_ok());
+    }
+}

@@ -225,8 +225,8 @@ impl NodeService {
     }
 
     /// Rewrites the specs (and records) of prepared claims whose sticks came back at another
-    /// device node; returns the claims moved.
-    pub async fn follow_replugs(&self) -> Vec<(String, PreparedClaim)> {
+    /// device node; returns the claims moved (UID, before, after).
+    pub async fn follow_replugs(&self) -> Vec<(String, PreparedClaim, PreparedClaim)> {
         let mut checkpoint = self.inner.checkpoint.lock().await;
         let plugged: BTreeMap<String, Stick> = self
             .plugged()
@@ -241,11 +241,13 @@ impl NodeService {
                 tracing::warn!(uid = %uid, error = %e, "cannot rewrite the CDI spec of a replugged stick");
                 continue;
             }
-            checkpoint.claims.insert(uid.clone(), claim.clone());
+            let before = checkpoint.claims.insert(uid.clone(), claim.clone());
             tracing::info!(namespace = %claim.namespace, claim = %claim.name, uid = %uid,
                 devices = %claim.devices.iter().map(|d| d.dev_path.as_str()).collect::<Vec<_>>().join(","),
                 "replugged stick: the claim's CDI spec names its new device node");
-            done.push((uid, claim));
+            if let Some(before) = before {
+                done.push((uid, before, claim));
+            }
         }
         if !done.is_empty()
             && let Err(e) = write_atomically(&self.inner.checkpoint_path, &checkpoint.to_text())

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::names::{CHECKPOINT_FILE, DRA_SOCKET, DRIVER_NAME, REGISTRATION_SOCKET};
 use super::node::{ApiClaims, NodeService, StoreError};
 use super::registration::Registration;
-use crate::config::Config;
+use crate::config::{Config, OnReplug};
 use crate::inventory::{Inventory, UsbEvent};
 use crate::metrics::Metrics;
 use crate::state::{DiscoveryStopped, PluginState};
@@ -131,6 +131,7 @@ pub async fn run(config: Config) -> Result<(), DraError> {
     let replugs = tokio::spawn(follow_replugs(
         service.clone(),
         state.clone(),
+        (config.on_replug == OnReplug::Event).then(|| (client.clone(), node.clone())),
         shutdown.clone(),
     ));
     let publisher = tokio::spawn(super::publish::run(
@@ -207,10 +208,12 @@ pub async fn run(config: Config) -> Result<(), DraError> {
     result
 }
 
-/// Keeps prepared claims' CDI specs on their sticks' current device nodes.
+/// Keeps prepared claims' CDI specs on their sticks' current device nodes, and with `events`
+/// (the API client and node name) tells the pods holding them.
 async fn follow_replugs(
     service: NodeService,
     state: Arc<PluginState>,
+    events: Option<(kube::Client, String)>,
     shutdown: CancellationToken,
 ) {
     let mut units = state.subscribe();
@@ -220,7 +223,12 @@ async fn follow_replugs(
             changed = units.changed() => if changed.is_err() { break },
         }
         units.borrow_and_update();
-        service.follow_replugs().await;
+        let moved = service.follow_replugs().await;
+        if let Some((client, node)) = &events
+            && !moved.is_empty()
+        {
+            super::replug::notify(client.clone(), node, moved).await;
+        }
     }
 }
 
