@@ -385,6 +385,27 @@ async fn a_restarted_or_older_kubelet_registers_the_driver_again() {
         .await
         .unwrap();
     assert_eq!(answers["uid-5"], Ok(()));
+
+    // Someone empties the registry: the driver serves its socket again, and is registered
+    // again (from its log line to the kubelet's new registration, judged by events).
+    let seen = kubelet.events().len();
+    kubelet.remove_socket("hsm.nitrokey.com-reg.sock").unwrap();
+    kubelet
+        .wait_for_driver(DRIVER, seen, TIMEOUT)
+        .await
+        .unwrap();
+    assert!(
+        kubelet.events()[seen..]
+            .iter()
+            .any(|e| matches!(e, DraEvent::Unregistered(_))),
+        "{:?}",
+        kubelet.events()
+    );
+    assert!(
+        plugin.logs().contains("serving it again"),
+        "{}",
+        plugin.logs()
+    );
     assert!(
         plugin.logs().contains("registered with the kubelet"),
         "{}",

@@ -7,7 +7,8 @@
 //! - [`slice`]: pure: the node's ResourceSlice and its pool generation.
 //! - [`prepare`]: pure: an allocated claim's sticks, its CDI spec, the checkpoint.
 //! - [`publish`]: applies the slice on every inventory change.
-//! - [`registration`]: the kubelet's plugin registration service.
+//! - [`registration`]: the kubelet's plugin registration service; [`registrar`] keeps its
+//!   socket served (bound again should it be removed).
 //! - [`replug`]: `onReplug: event` for the pods a moved stick's claims are reserved for.
 //! - [`node`]: the DRA node service (prepare, unprepare) with its checkpoint and CDI specs.
 //! - [`run`]: wires them together with discovery and the inventory.
@@ -17,6 +18,7 @@ pub mod names;
 pub mod node;
 pub mod prepare;
 pub mod publish;
+pub mod registrar;
 pub mod registration;
 pub mod replug;
 pub mod run;

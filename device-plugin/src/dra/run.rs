@@ -5,13 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use super::names::{CHECKPOINT_FILE, DRA_SOCKET, DRIVER_NAME, REGISTRATION_SOCKET};
 use super::node::{ApiClaims, NodeService, StoreError};
+use super::registrar::SocketError;
 use super::registration::Registration;
 use crate::config::{Config, OnReplug};
 use crate::inventory::{Inventory, UsbEvent};
@@ -37,6 +37,9 @@ pub enum DraError {
     /// No Kubernetes API client.
     #[error("cannot reach the Kubernetes API: {0}")]
     Api(kube::Error),
+    /// The registration socket cannot be served.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     /// A gRPC server failed.
     #[error("serving {0}: {1}")]
     Serve(PathBuf, tonic::transport::Error),
@@ -61,21 +64,6 @@ pub fn registration_socket(kubelet_dir: &Path) -> PathBuf {
     kubelet_dir
         .join("plugins_registry")
         .join(REGISTRATION_SOCKET)
-}
-
-/// Binds a unix socket afresh: a plugin deletes its old socket and listens anew at every start
-/// (what the kubelet's plugin watcher expects).
-fn bind(path: &Path) -> Result<UnixListener, DraError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| DraError::Io(dir.to_path_buf(), e))?;
-    }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(DraError::Io(path.to_path_buf(), e));
-        }
-        _ => {}
-    }
-    UnixListener::bind(path).map_err(|e| DraError::Io(path.to_path_buf(), e))
 }
 
 /// Runs the DRA driver until SIGTERM/SIGINT (`Ok`) or a fatal error.
@@ -143,7 +131,7 @@ pub async fn run(config: Config) -> Result<(), DraError> {
 
     // The node service listens before the registration socket appears, so that the kubelet
     // finds the endpoint it is told about.
-    let node_listener = bind(&dra_path)?;
+    let node_listener = super::registrar::bind(&dra_path)?;
     let node_server = tonic::transport::Server::builder()
         .add_service(
             nitrokey_proto::dra_v1::dra_plugin_server::DraPluginServer::new(service.clone()),
@@ -153,21 +141,11 @@ pub async fn run(config: Config) -> Result<(), DraError> {
             UnixListenerStream::new(node_listener),
             shutdown.clone().cancelled_owned(),
         );
-    let reg_listener = bind(&reg_path)?;
     let registration = Registration {
         endpoint: dra_path.display().to_string(),
         metrics: metrics.clone(),
     };
-    let reg_server = tonic::transport::Server::builder()
-        .add_service(
-            nitrokey_proto::pluginregistration_v1::registration_server::RegistrationServer::new(
-                registration,
-            ),
-        )
-        .serve_with_incoming_shutdown(
-            UnixListenerStream::new(reg_listener),
-            shutdown.clone().cancelled_owned(),
-        );
+    let reg_server = super::registrar::serve(reg_path.clone(), registration, shutdown.clone());
     metrics.server_started();
     tracing::info!(registration = %reg_path.display(), endpoint = %dra_path.display(),
         "serving the DRA node service");
@@ -175,7 +153,7 @@ pub async fn run(config: Config) -> Result<(), DraError> {
     let serving = async {
         let (node_result, reg_result) = tokio::join!(node_server, reg_server);
         node_result.map_err(|e| DraError::Serve(dra_path.clone(), e))?;
-        reg_result.map_err(|e| DraError::Serve(reg_path.clone(), e))
+        reg_result.map_err(DraError::from)
     };
     tokio::pin!(serving);
     let result = tokio::select! {
