@@ -9,6 +9,11 @@
 //! `/metrics`, its log (read as it is written), the proxy's timeline of Vault requests and
 //! `/proc`. Prints a markdown table (no pass/fail).
 //!
+//! Card work is counted as PKCS#11 calls: a second run loads SoftHSM2 behind OpenSC's call
+//! logger, pkcs11-spy, on a fresh token and a fresh OpenBao, and counts the calls in its log
+//! from start to `sys/init` sent, per first init (storing and verifying every value, and its
+//! unseal) and per unseal. On a stick each of them is card or reader work.
+//!
 //! `cargo bench -p nitrokey-unseal-init --bench unseal`. `UNSEAL_BENCH_ROUNDS` sets the
 //! number of unseal rounds (default 10), `BENCH_IDLE_SECS` the idle phase (default 60).
 //! The shim row needs `cargo build -p nitrokey-pkcs11-shim` (same profile) first.
@@ -26,6 +31,51 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// OpenSC's PKCS#11 call logger.
+const PKCS11_SPY: &str = "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so";
+
+/// PKCS#11 calls by function name, from a pkcs11-spy log (each call starts with `N: C_Name`).
+#[derive(Debug, Clone, Default)]
+struct Calls(BTreeMap<String, u64>);
+
+impl Calls {
+    fn read(log: &Path) -> Self {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let mut calls = BTreeMap::new();
+        for line in text.lines() {
+            if let Some((n, name)) = line.split_once(": ")
+                && n.bytes().all(|b| b.is_ascii_digit())
+                && name.starts_with("C_")
+            {
+                *calls.entry(name.trim().to_owned()).or_default() += 1;
+            }
+        }
+        Self(calls)
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self(
+            self.0
+                .iter()
+                .map(|(f, n)| (f.clone(), n - before.0.get(f).copied().unwrap_or(0)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+        )
+    }
+
+    fn get(&self, f: &str) -> u64 {
+        self.0.get(f).copied().unwrap_or(0)
+    }
+
+    fn text(&self) -> String {
+        let total: u64 = self.0.values().sum();
+        let mut parts: Vec<(&String, &u64)> = self.0.iter().collect();
+        parts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let parts: Vec<String> = parts.iter().map(|(f, n)| format!("{f} {n}")).collect();
+        format!("{total} ({})", parts.join(", "))
+    }
+}
 
 /// The sidecar's unseal period during the benchmark.
 const PERIOD: &str = "1s";
@@ -207,6 +257,30 @@ impl Sidecar {
         module: Option<&Path>,
         trigger: Option<Trigger>,
     ) -> anyhow::Result<Self> {
+        let env = [
+            ("NKSHIM_MODULE", hsm.module().display().to_string()),
+            ("NKSHIM_LATENCY", SHIM_LATENCY.to_owned()),
+            ("NKSHIM_OPENSC_LABELS", "1".to_owned()),
+        ];
+        Self::start_wrapped(
+            hsm,
+            dir,
+            vault,
+            port,
+            module.map(|m| (m, &env[..])),
+            trigger,
+        )
+    }
+
+    /// The sidecar loading `wrapper` (a module in front of SoftHSM2) with its environment.
+    fn start_wrapped(
+        hsm: &SoftHsm,
+        dir: &Path,
+        vault: &str,
+        port: u16,
+        wrapper: Option<(&Path, &[(&str, String)])>,
+        trigger: Option<Trigger>,
+    ) -> anyhow::Result<Self> {
         let config = common::write_config(
             dir,
             hsm,
@@ -214,15 +288,13 @@ impl Sidecar {
             &format!("unsealPeriod: {PERIOD}\nmetricsAddress: 127.0.0.1:{port}\n"),
         );
         let mut cmd = common::command(hsm);
-        if let Some(shim) = module {
+        if let Some((module, env)) = wrapper {
             let text = std::fs::read_to_string(&config)?.replace(
                 &format!("modulePath: {}", hsm.module().display()),
-                &format!("modulePath: {}", shim.display()),
+                &format!("modulePath: {}", module.display()),
             );
             std::fs::write(&config, text)?;
-            cmd.env("NKSHIM_MODULE", hsm.module())
-                .env("NKSHIM_LATENCY", SHIM_LATENCY)
-                .env("NKSHIM_OPENSC_LABELS", "1");
+            cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         }
         cmd.arg("--config").arg(&config);
         Ok(Self {
@@ -329,6 +401,87 @@ fn round_rows(rows: &mut Vec<(String, String)>, what: &str, rounds: &[Round]) {
             last.cost.ops_text(),
         ));
     }
+}
+
+/// Counts PKCS#11 calls through pkcs11-spy on a fresh token and a fresh OpenBao: start-up,
+/// first init (with its unseal) and `rounds` unseals.
+fn count_calls(rows: &mut Vec<(String, String)>, rounds: usize) -> anyhow::Result<()> {
+    let spy = Path::new(PKCS11_SPY);
+    if !spy.exists() {
+        rows.push((
+            "PKCS#11 calls".into(),
+            format!("skipped: {PKCS11_SPY} not installed (Debian package opensc)"),
+        ));
+        return Ok(());
+    }
+    let hsm = SoftHsm::new()?;
+    let mut bao = OpenBao::start()?;
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("pkcs11-spy.log");
+    let env = [
+        ("PKCS11SPY", hsm.module().display().to_string()),
+        ("PKCS11SPY_OUTPUT", log.display().to_string()),
+    ];
+    let at_init: Arc<Mutex<Option<Calls>>> = Arc::new(Mutex::new(None));
+    let (snapshot, spy_log) = (at_init.clone(), log.clone());
+    let trigger = Trigger {
+        matches: Box::new(|l: &str| is_event(l, faults::INITIALIZING)),
+        action: Box::new(move |_| {
+            if let Ok(mut s) = snapshot.lock() {
+                *s = Some(Calls::read(&spy_log));
+            }
+        }),
+    };
+    let sidecar = Sidecar::start_wrapped(
+        &hsm,
+        dir.path(),
+        &bao.address(),
+        free_port()?,
+        Some((spy, &env[..])),
+        Some(trigger),
+    )?;
+    sidecar.wait_line(faults::UNSEALED, 1, Duration::from_secs(180))?;
+    let after_init = Calls::read(&log);
+    let before_init = at_init
+        .lock()
+        .ok()
+        .and_then(|s| s.clone())
+        .context("no PKCS#11 call count when init started")?;
+    rows.push((
+        "PKCS#11 calls, start-up to `sys/init` sent (module, login, key, scheme probe, pre-flight)"
+            .into(),
+        before_init.text(),
+    ));
+    let init = after_init.since(&before_init);
+    rows.push((
+        "PKCS#11 calls per first init (5 keys + root token stored, each read back and decrypted; its unseal)".into(),
+        init.text(),
+    ));
+    let mut per_unseal = Vec::new();
+    for _ in 0..rounds {
+        let done = sidecar.run.seen_at(|l| is_event(l, faults::UNSEALED)).len();
+        let before = Calls::read(&log);
+        bao.restart()?;
+        sidecar.wait_line(faults::UNSEALED, done + 1, Duration::from_secs(120))?;
+        per_unseal.push(Calls::read(&log).since(&before));
+    }
+    if let (Some(first), Some(last)) = (per_unseal.first(), per_unseal.last()) {
+        rows.push((
+            "PKCS#11 calls per unseal, first after start-up (threshold 3)".into(),
+            first.text(),
+        ));
+        rows.push((
+            format!("PKCS#11 calls per unseal, later ones (last of {rounds})"),
+            last.text(),
+        ));
+        let decrypts: u64 = per_unseal.iter().map(|c| c.get("C_Decrypt")).sum();
+        let inits: u64 = per_unseal.iter().map(|c| c.get("C_DecryptInit")).sum();
+        rows.push((
+            "`C_Decrypt` calls per decryption (`C_DecryptInit`)".into(),
+            format!("{decrypts} / {inits}"),
+        ));
+    }
+    sidecar.stop()
 }
 
 fn shim_module() -> Result<PathBuf, String> {
@@ -482,6 +635,8 @@ fn main() -> anyhow::Result<()> {
             ));
         }
     }
+
+    count_calls(&mut rows, rounds.min(5))?;
 
     let build = if cfg!(debug_assertions) {
         "debug build"

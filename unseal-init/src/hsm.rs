@@ -566,6 +566,11 @@ impl Hsm {
         self.cache.private_key = None;
     }
 
+    /// Keeps the private key's handle, found with its `CKA_ID`, for this session.
+    pub fn remember_private_key(&mut self, handle: ObjectHandle) {
+        self.cache.private_key = Some(handle);
+    }
+
     /// The PKCS#11 context.
     pub fn ctx(&self) -> Result<&Pkcs11, HsmError> {
         self.module().map(|m| &**m)

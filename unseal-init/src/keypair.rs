@@ -66,44 +66,65 @@ pub fn private_key(
 }
 
 enum Presence {
-    Both(Vec<u8>, Vec<u8>, Vec<u8>),
+    Both {
+        modulus: Vec<u8>,
+        exponent: Vec<u8>,
+        id: Vec<u8>,
+        private: ObjectHandle,
+    },
     PrivateOnly,
     PublicOnly,
     None,
 }
 
+/// Finds both halves: the public key by label, then the private key by label and the public
+/// key's `CKA_ID` (two pairs may share a label). The private key's handle is kept for the
+/// session, so the first decryption needs no search of its own.
 fn presence(session: &Session, label: &str) -> cryptoki::error::Result<Presence> {
     let by_label = KeyRef {
         label: label.to_owned(),
         id: None,
     };
-    let public = find_one(session, ObjectClass::PUBLIC_KEY, &by_label)?;
-    let private = find_one(session, ObjectClass::PRIVATE_KEY, &by_label)?;
-    Ok(match (public, private) {
-        (Some(public), Some(_)) => {
-            let attrs = session.get_attributes(
-                public,
-                &[
-                    AttributeType::Modulus,
-                    AttributeType::PublicExponent,
-                    AttributeType::Id,
-                ],
-            )?;
-            let (mut n, mut e, mut id) = (Vec::new(), Vec::new(), Vec::new());
-            for a in attrs {
-                match a {
-                    Attribute::Modulus(v) => n = v,
-                    Attribute::PublicExponent(v) => e = v,
-                    Attribute::Id(v) => id = v,
-                    _ => {}
-                }
-            }
-            Presence::Both(n, e, id)
+    let Some(public) = find_one(session, ObjectClass::PUBLIC_KEY, &by_label)? else {
+        return Ok(
+            match find_one(session, ObjectClass::PRIVATE_KEY, &by_label)? {
+                Some(_) => Presence::PrivateOnly,
+                None => Presence::None,
+            },
+        );
+    };
+    let attrs = session.get_attributes(
+        public,
+        &[
+            AttributeType::Modulus,
+            AttributeType::PublicExponent,
+            AttributeType::Id,
+        ],
+    )?;
+    let (mut modulus, mut exponent, mut id) = (Vec::new(), Vec::new(), Vec::new());
+    for a in attrs {
+        match a {
+            Attribute::Modulus(v) => modulus = v,
+            Attribute::PublicExponent(v) => exponent = v,
+            Attribute::Id(v) => id = v,
+            _ => {}
         }
-        (None, Some(_)) => Presence::PrivateOnly,
-        (Some(_), None) => Presence::PublicOnly,
-        (None, None) => Presence::None,
-    })
+    }
+    let paired = KeyRef {
+        label: label.to_owned(),
+        id: (!id.is_empty()).then(|| id.clone()),
+    };
+    Ok(
+        match find_one(session, ObjectClass::PRIVATE_KEY, &paired)? {
+            Some(private) => Presence::Both {
+                modulus,
+                exponent,
+                id,
+                private,
+            },
+            None => Presence::PublicOnly,
+        },
+    )
 }
 
 /// Reads the public key of the configured pair; errors if either half is missing. Remembers
@@ -111,8 +132,14 @@ fn presence(session: &Session, label: &str) -> cryptoki::error::Result<Presence>
 pub fn public_key(hsm: &mut Hsm) -> Result<(HostKey, KeyPairInfo), HsmError> {
     let label = hsm.key().label.clone();
     match hsm.run("find_key", |s, _, k| presence(s, &k.label))? {
-        Presence::Both(n, e, id) => {
+        Presence::Both {
+            modulus: n,
+            exponent: e,
+            id,
+            private,
+        } => {
             hsm.set_key_id(id.clone());
+            hsm.remember_private_key(private);
             let key = HostKey::from_components(&n, &e)
                 .map_err(|e| HsmError::Other(format!("key pair `{label}`: {e}")))?;
             let fingerprint = key

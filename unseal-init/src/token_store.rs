@@ -93,22 +93,32 @@ fn index(
     Ok(fresh)
 }
 
-/// The objects under `name` with their values, reading only values not read before. Uses the
-/// index when there is one; a handle gone invalid (another process deleted the object) drops
-/// the index and the objects are searched for instead.
+/// The objects under `name` with their values, reading only values not read before. Lists
+/// the token first when the session has no index yet (every pass lists it anyway, so reads,
+/// writes and prunes then need no search of their own); a handle gone invalid (another
+/// process deleted the object) makes it list again, once.
 fn find(
     session: &Session,
     raw: &RawCalls,
     cache: &mut HandleCache,
     name: &str,
 ) -> cryptoki::error::Result<Vec<(ObjectHandle, Vec<u8>)>> {
+    find_in_index(session, raw, cache, name, false)
+}
+
+fn find_in_index(
+    session: &Session,
+    raw: &RawCalls,
+    cache: &mut HandleCache,
+    name: &str,
+    relisted: bool,
+) -> cryptoki::error::Result<Vec<(ObjectHandle, Vec<u8>)>> {
     let entries: Vec<(ObjectHandle, Option<Vec<u8>>)> = match &cache.objects {
         Some(index) => index.get(name).cloned().unwrap_or_default(),
-        None => session
-            .find_objects(&by_name(name))?
-            .into_iter()
-            .map(|h| (h, None))
-            .collect(),
+        None => index(session, raw, cache)?
+            .get(name)
+            .cloned()
+            .unwrap_or_default(),
     };
     let mut out = Vec::with_capacity(entries.len());
     for (h, known) in entries {
@@ -116,11 +126,9 @@ fn find(
             Some(v) => v,
             None => match read_attr(session, raw, h, CKA_VALUE, VALUE_LIMIT) {
                 Ok(v) => v,
-                Err(CkError::Pkcs11(RvError::ObjectHandleInvalid, _))
-                    if cache.objects.is_some() =>
-                {
+                Err(CkError::Pkcs11(RvError::ObjectHandleInvalid, _)) if !relisted => {
                     cache.objects = None;
-                    return find(session, raw, cache, name);
+                    return find_in_index(session, raw, cache, name, true);
                 }
                 Err(e) => return Err(e),
             },
