@@ -327,6 +327,7 @@ async fn claims_the_driver_cannot_serve_are_refused_with_the_reason() {
                 ("ns", "uid-3", "elsewhere"),
                 ("ns", "uid-old", "recreated"),
                 ("ns", "uid-4", "missing"),
+                ("ns", "../../escape", "gone"),
             ],
         )
         .await
@@ -339,6 +340,10 @@ async fn claims_the_driver_cannot_serve_are_refused_with_the_reason() {
     assert!(error("uid-3").contains("node-b"), "{answers:?}");
     assert!(error("uid-old").contains("recreated"), "{answers:?}");
     assert!(error("uid-4").contains("not found"), "{answers:?}");
+    assert!(
+        error("../../escape").contains("not a Kubernetes UID"),
+        "{answers:?}"
+    );
     let specs = std::fs::read_dir(dir.path().join("cdi")).unwrap().count();
     assert_eq!(specs, 0, "no spec for a refused claim");
 }

@@ -132,6 +132,13 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, StoreError> {
     Checkpoint::parse(&text).map_err(|e| StoreError::Checkpoint(path.to_path_buf(), e))
 }
 
+fn invalid_uid(uid: &str) -> String {
+    format!(
+        "claim UID {:?} is not a Kubernetes UID",
+        crate::text::shorten(uid, 64)
+    )
+}
+
 /// One claim as the kubelet names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimRef {
@@ -194,6 +201,9 @@ impl NodeService {
 
     /// Prepares one claim: its devices for the kubelet, or why not.
     pub async fn prepare(&self, claim: &ClaimRef) -> Result<Vec<prepare::KubeletDevice>, String> {
+        if !prepare::valid_uid(&claim.uid) {
+            return Err(invalid_uid(&claim.uid));
+        }
         let mut checkpoint = self.inner.checkpoint.lock().await;
         let spec_path = self.inner.cdi_dir.join(prepare::cdi_file_name(&claim.uid));
         if let Some(prepared) = checkpoint.claims.get(&claim.uid) {
@@ -259,6 +269,9 @@ impl NodeService {
 
     /// Unprepares one claim (done already, or never prepared here: success).
     pub async fn unprepare(&self, claim: &ClaimRef) -> Result<(), String> {
+        if !prepare::valid_uid(&claim.uid) {
+            return Err(invalid_uid(&claim.uid));
+        }
         let mut checkpoint = self.inner.checkpoint.lock().await;
         if let Some(prepared) = checkpoint.claims.remove(&claim.uid)
             && let Err(e) = write_atomically(&self.inner.checkpoint_path, &checkpoint.to_text())

@@ -121,6 +121,17 @@ pub fn plan(
     })
 }
 
+/// Longest claim UID accepted (Kubernetes UIDs are 36-character UUIDs).
+const MAX_UID_LEN: usize = 64;
+
+/// Whether a claim UID from the kubelet can name files: letters, digits and `-` only (a UUID),
+/// so that no UID reaches outside the CDI directory or collides with another file.
+pub fn valid_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= MAX_UID_LEN
+        && uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
 /// The CDI device name of a claim's device: unique per claim, so that two claims' specs
 /// never declare the same device.
 pub fn cdi_device_name(uid: &str, device: &str) -> String {
@@ -462,6 +473,15 @@ mod tests {
             super::moved(&c, &BTreeMap::new()).is_empty(),
             "unplugged: nothing to do yet"
         );
+    }
+
+    #[test]
+    fn only_uuid_like_uids_name_files() {
+        assert!(valid_uid("3f2c1a9e-0b7d-4c1e-9a55-2f1e0d6c7b8a"));
+        assert!(!valid_uid(""));
+        assert!(!valid_uid("../../etc/x"));
+        assert!(!valid_uid("a/b"));
+        assert!(!valid_uid(&"a".repeat(65)));
     }
 
     #[test]
