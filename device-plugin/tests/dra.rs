@@ -353,10 +353,12 @@ async fn a_restarted_or_older_kubelet_registers_the_driver_again() {
     let testbed = Testbed::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let api = KubeApi::start().unwrap();
-    // A 1.33 kubelet knows only the v1beta1 node service.
+    // A 1.33 kubelet knows only the v1beta1 node service; it wipes the node's slices when it
+    // restarts.
     let kubelet =
         FakeDraKubelet::start_knowing(&dir.path().join("kubelet"), &[NodeService::V1beta1])
-            .unwrap();
+            .unwrap()
+            .wiping(api.dra(), NODE);
     let plugin = start_driver(&testbed, dir.path(), &api);
     let registered = kubelet.wait_for_driver(DRIVER, 0, TIMEOUT).await.unwrap();
     assert_eq!(registered.service, NodeService::V1beta1);
@@ -378,13 +380,21 @@ async fn a_restarted_or_older_kubelet_registers_the_driver_again() {
         ["hsm.nitrokey.com/hsm=uid-5-denk0000001"]
     );
 
-    // The kubelet restarts: it finds the socket still there and registers the driver again.
+    // The kubelet restarts: it wipes the node's slices, finds the socket still there and
+    // registers the driver again, which publishes its slice again.
     let seen = kubelet.events().len();
     kubelet.restart();
     kubelet
         .wait_for_driver(DRIVER, seen, TIMEOUT)
         .await
         .unwrap();
+    let slice = wait_for_slice(&api, &plugin, |s| !device_names(s).is_empty()).await;
+    assert_eq!(device_names(&slice), ["denk0000001"]);
+    assert!(
+        plugin.logs().contains("publishing it again"),
+        "{}",
+        plugin.logs()
+    );
     let answers = kubelet
         .unprepare(DRIVER, &[("ns", "uid-5", "c")])
         .await

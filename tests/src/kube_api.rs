@@ -71,7 +71,7 @@ struct Shared {
     /// Signalled at each create's arrival.
     create_arrived: Condvar,
     /// ResourceSlices and ResourceClaims (see [`crate::kube_api_dra`]).
-    dra: crate::kube_api_dra::DraObjects,
+    dra: Arc<crate::kube_api_dra::DraObjects>,
 }
 
 /// The running stand-in; stops when dropped.
@@ -159,8 +159,8 @@ impl KubeApi {
     }
 
     /// The ResourceSlices and ResourceClaims served (see [`crate::kube_api_dra`]).
-    pub fn dra(&self) -> &crate::kube_api_dra::DraObjects {
-        &self.shared.dra
+    pub fn dra(&self) -> Arc<crate::kube_api_dra::DraObjects> {
+        self.shared.dra.clone()
     }
 
     /// Refuses (or, with `false`, allows again) evictions of `namespace/pod` as a

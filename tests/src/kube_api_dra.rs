@@ -164,6 +164,15 @@ impl DraObjects {
         }
     }
 
+    /// Deletes every slice of `node` (`spec.nodeName`), as the kubelet does at its start;
+    /// returns how many there were.
+    pub fn delete_node_slices(&self, node: &str) -> usize {
+        let mut slices = self.slices.lock().unwrap_or_else(|e| e.into_inner());
+        let before = slices.len();
+        slices.retain(|_, s| s["spec"]["nodeName"] != node);
+        before - slices.len()
+    }
+
     /// The stored slice `name`.
     pub fn slice(&self, name: &str) -> Option<Value> {
         self.slices

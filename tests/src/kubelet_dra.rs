@@ -19,6 +19,11 @@
 //! - `cm/dra/manager.go`: claims are prepared and unprepared in batches per driver, named by
 //!   namespace, UID and name; an answer missing a claim of the request, or with an `error`, is
 //!   a failure the kubelet retries later.
+//! - `cm/dra/plugin/dra_plugin_manager.go` (`wipeResourceSlices`): a starting kubelet deletes
+//!   every ResourceSlice of its node, since no driver has registered yet; with
+//!   [`FakeDraKubelet::wiping`] the stand-in does so through the API stand-in at each
+//!   restart. (The delayed wipe of one driver's slices after it stays unregistered is not
+//!   modelled.)
 //! - A kubelet restart (`restart`) forgets every registration and registers the sockets it
 //!   finds again: the kubelet does not delete registration sockets (the plugin watcher's
 //!   README has the plugin delete its own stale socket when it starts); [`FakeDraKubelet::
@@ -102,6 +107,7 @@ pub struct FakeDraKubelet {
     services: Vec<NodeService>,
     shared: Arc<Shared>,
     watcher: Mutex<Option<JoinHandle<()>>>,
+    wipe: Option<(Arc<crate::kube_api_dra::DraObjects>, String)>,
 }
 
 impl std::fmt::Debug for FakeDraKubelet {
@@ -141,6 +147,7 @@ impl FakeDraKubelet {
             services: services.to_vec(),
             shared: Arc::new(Shared::default()),
             watcher: Mutex::new(None),
+            wipe: None,
         };
         kubelet.spawn_watcher();
         Ok(kubelet)
@@ -161,6 +168,12 @@ impl FakeDraKubelet {
         *self.watcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
     }
 
+    /// Makes every later restart delete node `node`'s ResourceSlices from `objects` first.
+    pub fn wiping(mut self, objects: Arc<crate::kube_api_dra::DraObjects>, node: &str) -> Self {
+        self.wipe = Some((objects, node.to_owned()));
+        self
+    }
+
     /// Restarts: every registration is forgotten, and the sockets found are registered anew.
     pub fn restart(&self) {
         if let Some(w) = self
@@ -176,6 +189,9 @@ impl FakeDraKubelet {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        if let Some((objects, node)) = &self.wipe {
+            objects.delete_node_slices(node);
+        }
         self.shared
             .events
             .lock()

@@ -5,7 +5,10 @@
 //!
 //! The slice stays when the driver stops, so that a restart does not take the sticks away
 //! from the scheduler; the kubelet removes a driver's slices of its node once the driver
-//! stays unregistered.
+//! stays unregistered, and all of its node's slices when it starts
+//! (`wipeResourceSlices` in `pkg/kubelet/cm/dra/plugin`). So the slice is looked up again
+//! whenever the kubelet (re)registers the driver, and every [`RESYNC`] besides, and applied
+//! anew when it is gone.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +27,8 @@ use crate::state::PluginState;
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 /// Longest pause between attempts.
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How often the slice is looked up to see whether someone deleted it.
+pub const RESYNC: Duration = Duration::from_secs(30);
 
 /// The plugged-in sticks with their sysfs facts, in stick-ID order.
 pub fn plugged_facts(state: &PluginState) -> Vec<StickFacts> {
@@ -44,6 +49,7 @@ pub async fn run(
     client: Client,
     node: String,
     state: Arc<PluginState>,
+    registered: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) {
     let api: Api<ResourceSlice> = Api::all(client);
@@ -101,11 +107,20 @@ pub async fn run(
                 }
             }
         }
-        let pause = retry.unwrap_or(MAX_RETRY);
-        tokio::select! {
+        let pause = retry.unwrap_or(RESYNC);
+        let look = tokio::select! {
             () = shutdown.cancelled() => break,
-            changed = units.changed() => if changed.is_err() { break },
-            () = tokio::time::sleep(pause), if retry.is_some() => {}
+            changed = units.changed() => if changed.is_err() { break } else { false },
+            () = registered.notified() => true,
+            () = tokio::time::sleep(pause) => retry.is_none(),
+        };
+        if look {
+            let found =
+                tokio::time::timeout(crate::api_client::ANSWER_TIMEOUT, api.get_opt(&name)).await;
+            if let Ok(Ok(None)) = found {
+                tracing::info!(slice = %name, "the ResourceSlice is gone; publishing it again");
+                pool.unpublished();
+            }
         }
     }
 }

@@ -18,6 +18,8 @@ pub struct Registration {
     pub endpoint: String,
     /// Where the outcome shows (`/readyz`, the `registered` gauge).
     pub metrics: Arc<Metrics>,
+    /// Notified at each accepted registration (the kubelet may have wiped the slice).
+    pub registered: Arc<tokio::sync::Notify>,
 }
 
 /// What the driver says about itself: a DRA plugin named after the driver, serving the v1 and
@@ -51,6 +53,7 @@ impl pb::registration_server::Registration for Registration {
         let status = request.into_inner();
         self.metrics.set_registered(status.plugin_registered);
         if status.plugin_registered {
+            self.registered.notify_one();
             tracing::info!(driver = DRIVER_NAME, "registered with the kubelet");
         } else {
             tracing::error!(driver = DRIVER_NAME,

@@ -122,10 +122,12 @@ pub async fn run(config: Config) -> Result<(), DraError> {
         (config.on_replug == OnReplug::Event).then(|| (client.clone(), node.clone())),
         shutdown.clone(),
     ));
+    let registered = Arc::new(tokio::sync::Notify::new());
     let publisher = tokio::spawn(super::publish::run(
         client,
         node,
         state.clone(),
+        registered.clone(),
         shutdown.clone(),
     ));
 
@@ -144,6 +146,7 @@ pub async fn run(config: Config) -> Result<(), DraError> {
     let registration = Registration {
         endpoint: dra_path.display().to_string(),
         metrics: metrics.clone(),
+        registered,
     };
     let reg_server = super::registrar::serve(reg_path.clone(), registration, shutdown.clone());
     metrics.server_started();
