@@ -328,6 +328,7 @@ async fn claims_the_driver_cannot_serve_are_refused_with_the_reason() {
                 ("ns", "uid-old", "recreated"),
                 ("ns", "uid-4", "missing"),
                 ("ns", "../../escape", "gone"),
+                ("ns", "uid-6", "../../../api/v1/namespaces/ns/secrets/x"),
             ],
         )
         .await
@@ -342,6 +343,10 @@ async fn claims_the_driver_cannot_serve_are_refused_with_the_reason() {
     assert!(error("uid-4").contains("not found"), "{answers:?}");
     assert!(
         error("../../escape").contains("not a Kubernetes UID"),
+        "{answers:?}"
+    );
+    assert!(
+        error("uid-6").contains("not a Kubernetes object name"),
         "{answers:?}"
     );
     let specs = std::fs::read_dir(dir.path().join("cdi")).unwrap().count();

@@ -204,6 +204,13 @@ impl NodeService {
         if !prepare::valid_uid(&claim.uid) {
             return Err(invalid_uid(&claim.uid));
         }
+        if !prepare::valid_claim_name(&claim.namespace, &claim.name) {
+            return Err(format!(
+                "claim {:?}/{:?} is not a Kubernetes object name",
+                crate::text::shorten(&claim.namespace, 64),
+                crate::text::shorten(&claim.name, 253)
+            ));
+        }
         let mut checkpoint = self.inner.checkpoint.lock().await;
         let spec_path = self.inner.cdi_dir.join(prepare::cdi_file_name(&claim.uid));
         if let Some(prepared) = checkpoint.claims.get(&claim.uid) {

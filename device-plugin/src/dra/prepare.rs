@@ -132,6 +132,20 @@ pub fn valid_uid(uid: &str) -> bool {
         && uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
+/// Whether a namespace and a claim name from the kubelet are object names the API server
+/// could hold (a DNS label; a DNS subdomain), so that neither can reach into another API path.
+pub fn valid_claim_name(namespace: &str, name: &str) -> bool {
+    let subdomain = |s: &str, max: usize| {
+        !s.is_empty()
+            && s.len() <= max
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    subdomain(namespace, 63) && !namespace.contains('.') && subdomain(name, 253)
+}
+
 /// The CDI device name of a claim's device: unique per claim, so that two claims' specs
 /// never declare the same device.
 pub fn cdi_device_name(uid: &str, device: &str) -> String {
@@ -473,6 +487,18 @@ mod tests {
             super::moved(&c, &BTreeMap::new()).is_empty(),
             "unplugged: nothing to do yet"
         );
+    }
+
+    #[test]
+    fn only_object_names_reach_the_api() {
+        assert!(valid_claim_name("vault", "vault-0-hsm-x7k2p"));
+        assert!(valid_claim_name("a", "a.b"));
+        assert!(!valid_claim_name("vault", "../secrets/x"));
+        assert!(!valid_claim_name("vault", "a/b"));
+        assert!(!valid_claim_name("va.ult", "a"));
+        assert!(!valid_claim_name("", "a"));
+        assert!(!valid_claim_name("vault", "-a"));
+        assert!(!valid_claim_name("vault", &"a".repeat(254)));
     }
 
     #[test]
