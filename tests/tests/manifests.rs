@@ -46,7 +46,11 @@ const NATIVE_SIDECAR_KUBERNETES: &str = "1.29";
 /// driver's renderings need it, and their DRA kinds have no 1.26 types to check against.
 const DRA_KUBERNETES: &str = "1.34";
 /// The renderings that deploy or use the DRA driver.
-const DRA_ORIGINS: [&str; 2] = ["deploy/overlays/device-plugin-dra", "deploy/examples/dra"];
+const DRA_ORIGINS: [&str; 3] = [
+    "deploy/overlays/device-plugin-dra",
+    "deploy/examples/dra",
+    "deploy/overlays/vault-single-dra",
+];
 /// The Secret holding the stick's user PIN, the same name everywhere.
 const PIN_SECRET: &str = "vault-hsm-pin";
 
@@ -406,9 +410,17 @@ fn check_typed_oldest(object: &Value, needs: &str) -> Result<(), String> {
     let native_sidecar_field = |path: &str| {
         path.starts_with(".spec.template.spec.initContainers[") && path.ends_with("].restartPolicy")
     };
+    // A pod's resource claims (`resourceClaims`, and `resources.claims` of its containers)
+    // take the 1.34 form where the rendering declares 1.34.
+    let claim_field = |path: &str| {
+        path.starts_with(".spec.template.spec.resourceClaims[")
+            || (path.starts_with(".spec.template.spec.containers[")
+                && path.contains("].resources.claims"))
+    };
     let unexpected: Vec<String> = lost
         .into_iter()
         .filter(|p| !(needs == NATIVE_SIDECAR_KUBERNETES && native_sidecar_field(p)))
+        .filter(|p| !(needs == DRA_KUBERNETES && claim_field(p)))
         .collect();
     if unexpected.is_empty() {
         Ok(())
@@ -963,6 +975,28 @@ fn check_dra_driver(
     }
 }
 
+/// The unseal-init container `side` asks for exactly one unit of the device plugin's
+/// extended resource (requests equal to limits, as Kubernetes requires of them).
+fn check_one_unit(at: &str, side: &Container) {
+    let res = side.resources.clone().unwrap_or_default();
+    let req = res
+        .requests
+        .unwrap_or_default()
+        .get(RESOURCE)
+        .map(|q| q.0.clone());
+    let lim = res
+        .limits
+        .unwrap_or_default()
+        .get(RESOURCE)
+        .map(|q| q.0.clone());
+    assert_eq!(
+        lim.as_deref(),
+        Some("1"),
+        "{at}: unseal-init must limit {RESOURCE} to 1"
+    );
+    assert_eq!(req, lim, "{at}: {RESOURCE} requests must equal limits");
+}
+
 /// The unseal-init container of a Vault pod: a regular container beside Vault, or a native
 /// sidecar (an init container with `restartPolicy: Always`); never a plain init container,
 /// which would have to finish before Vault could even start.
@@ -1013,24 +1047,29 @@ fn check_vault(origin: &str, objects: &[Value]) {
         let spec = sts_spec.template.spec.clone().expect("pod spec");
         let side = unseal_init_container(&at, &spec);
 
-        // Its one HSM unit.
+        // Its one HSM unit, or with DRA its resource claim (and then no unit).
+        let claimed = side
+            .resources
+            .as_ref()
+            .and_then(|r| r.claims.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|c| {
+                spec.resource_claims
+                    .iter()
+                    .flatten()
+                    .any(|p| p.name == c.name && p.resource_claim_template_name.is_some())
+            });
         let res = side.resources.clone().unwrap_or_default();
-        let req = res
-            .requests
-            .unwrap_or_default()
-            .get(RESOURCE)
-            .map(|q| q.0.clone());
-        let lim = res
-            .limits
-            .unwrap_or_default()
-            .get(RESOURCE)
-            .map(|q| q.0.clone());
-        assert_eq!(
-            lim.as_deref(),
-            Some("1"),
-            "{at}: unseal-init must limit {RESOURCE} to 1"
-        );
-        assert_eq!(req, lim, "{at}: {RESOURCE} requests must equal limits");
+        if claimed {
+            assert!(
+                !res.limits.unwrap_or_default().contains_key(RESOURCE)
+                    && !res.requests.unwrap_or_default().contains_key(RESOURCE),
+                "{at}: a stick through a claim and a {RESOURCE} unit besides"
+            );
+        } else {
+            check_one_unit(&at, side);
+        }
         for c in all_containers(&spec)
             .into_iter()
             .filter(|c| c.name != side.name)
@@ -1040,6 +1079,7 @@ fn check_vault(origin: &str, objects: &[Value]) {
                     || r.requests
                         .as_ref()
                         .is_some_and(|l| l.contains_key(RESOURCE))
+                    || r.claims.as_ref().is_some_and(|c| !c.is_empty())
             });
             assert!(
                 !asks,
@@ -1456,6 +1496,7 @@ fn the_expected_kustomizations_exist() {
         "deploy/overlays/minikube",
         "deploy/overlays/device-plugin-dra",
         "deploy/examples/dra",
+        "deploy/overlays/vault-single-dra",
     ] {
         assert!(
             found.contains(expected),
@@ -2446,4 +2487,37 @@ fn dra_manifests_select_what_the_driver_publishes() {
         pinned, 1,
         "one template pins a stick by its serial attribute"
     );
+}
+
+#[test]
+fn the_dra_vault_variant_claims_a_template_it_ships() {
+    use k8s_openapi::api::resource::v1::ResourceClaimTemplate;
+    let all = rendered();
+    let objects = &all["deploy/overlays/vault-single-dra"];
+    let templates: BTreeSet<String> =
+        of_kind::<ResourceClaimTemplate>(objects, "ResourceClaimTemplate")
+            .into_iter()
+            .filter_map(|t| t.metadata.name)
+            .collect();
+    let sts = of_kind::<StatefulSet>(objects, "StatefulSet").remove(0);
+    let spec = sts.spec.template.spec.expect("pod spec");
+    let claims = spec.resource_claims.clone().unwrap_or_default();
+    assert_eq!(claims.len(), 1, "{claims:?}");
+    assert!(
+        templates.contains(
+            claims[0]
+                .resource_claim_template_name
+                .as_deref()
+                .unwrap_or_default()
+        ),
+        "{claims:?} not among {templates:?}"
+    );
+    let side = unseal_init_container("vault-single-dra", &spec);
+    let wants: Vec<&str> = side
+        .resources
+        .iter()
+        .flat_map(|r| r.claims.iter().flatten())
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(wants, [claims[0].name.as_str()]);
 }
