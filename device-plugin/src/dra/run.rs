@@ -198,17 +198,18 @@ async fn follow_replugs(
     shutdown: CancellationToken,
 ) {
     let mut units = state.subscribe();
+    // At start too: a stick may have moved while the driver was down.
     loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            changed = units.changed() => if changed.is_err() { break },
-        }
         units.borrow_and_update();
         let moved = service.follow_replugs().await;
         if let Some((client, node)) = &events
             && !moved.is_empty()
         {
             super::replug::notify(client.clone(), node, moved).await;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            changed = units.changed() => if changed.is_err() { break },
         }
     }
 }
