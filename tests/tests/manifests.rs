@@ -2036,6 +2036,13 @@ fn helm_chart_renders_into_the_same_valid_objects() {
             0,
             1,
         ),
+        (
+            "dra",
+            serde_json::json!({"devicePlugin": {"mode": "dra"}}),
+            "vault",
+            1,
+            0,
+        ),
     ];
     for (label, values, namespace, daemonsets, statefulsets) in cases {
         let objects = helm_render(&values, namespace);
@@ -2047,7 +2054,12 @@ fn helm_chart_renders_into_the_same_valid_objects() {
         // Cluster-scoped objects have no namespace; the device plugin's live in its own
         // namespace (created by the chart, labelled for the Pod Security level it needs), the
         // rest in the release's.
-        let cluster_scoped = ["ClusterRole", "ClusterRoleBinding", "Namespace"];
+        let cluster_scoped = [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Namespace",
+            "DeviceClass",
+        ];
         for o in objects
             .iter()
             .filter(|o| !cluster_scoped.iter().any(|k| o["kind"] == *k))
