@@ -97,9 +97,9 @@ pub struct Overrides {
     /// Start and supervise pcscd (needed by OpenSC for USB tokens). [default: false]
     #[arg(help_heading = "HSM", long, env = "BANK_VAULTS_HSM_DAEMON", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub hsm_daemon: Option<bool>,
-    /// PKCS#11 module (shared library) path. [default: OpenSC's module, the first found of
-    /// /usr/lib/<multiarch>/opensc-pkcs11.so, /usr/lib/opensc-pkcs11.so,
-    /// /usr/lib/pkcs11/opensc-pkcs11.so]
+    /// PKCS#11 module (shared library) path. Default: OpenSC's module, the first found of
+    /// `/usr/lib/<multiarch>/opensc-pkcs11.so`, `/usr/lib/opensc-pkcs11.so`,
+    /// `/usr/lib/pkcs11/opensc-pkcs11.so`.
     #[arg(
         help_heading = "HSM",
         long,

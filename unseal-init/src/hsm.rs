@@ -346,7 +346,7 @@ const REINIT_FIRST_PAUSE: Duration = Duration::from_secs(2);
 /// Longest pause between two re-initialisations.
 const REINIT_MAX_PAUSE: Duration = Duration::from_secs(60);
 
-/// Whether a re-open may re-initialise the module now: only after [`REINIT_AFTER`] failed
+/// Whether a re-open may re-initialise the module now: only after `REINIT_AFTER` failed
 /// re-opens, and no earlier than the pause the last re-initialisation set.
 pub fn reinit_due(failed_reopens: u32, not_before: Option<Instant>, now: Instant) -> bool {
     failed_reopens >= REINIT_AFTER && not_before.is_none_or(|t| now >= t)

@@ -4,7 +4,7 @@
 //!
 //! - [`names`]: the driver name, socket and file names (imports nothing of the crate).
 //! - [`facts`]: a stick's firmware and model, read from sysfs.
-//! - [`slice`]: pure: the node's ResourceSlice and its pool generation.
+//! - [`slice`](mod@slice): pure: the node's ResourceSlice and its pool generation.
 //! - [`prepare`]: pure: an allocated claim's sticks, its CDI spec, the checkpoint.
 //! - [`publish`]: applies the slice on every inventory change.
 //! - [`registration`]: the kubelet's plugin registration service; [`registrar`] keeps its

@@ -2,7 +2,7 @@
 //! device node, each pod the claim is reserved for (its `status.reservedFor`, which the
 //! scheduler and kubelet keep) gets a Warning Event saying that it still sees the old node and
 //! should be restarted, as the device plugin does for the pods the pod-resources API names.
-//! Which pods and what they are told is pure ([`holders`], [`replugs`]); [`notify`] reads the
+//! Which pods and what they are told is pure ([`holders`], [`replugs`]); [`notify`](fn@notify) reads the
 //! claims and creates the Events.
 
 use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
