@@ -116,6 +116,9 @@ fn build_image(target: &str, out: &Path) -> PathBuf {
 /// on drop every container and image in it is removed, then the directory.
 struct Podman {
     dir: tempfile::TempDir,
+    /// The run state: podman refuses a run root longer than 50 characters, which a test's
+    /// own temporary directory can be, so it lives directly under /tmp (removed on drop too).
+    run: tempfile::TempDir,
 }
 
 impl Podman {
@@ -125,7 +128,11 @@ impl Podman {
             .tempdir()
             .expect("podman directory");
         std::fs::create_dir(dir.path().join("tmp")).expect("podman tmp");
-        Podman { dir }
+        let run = tempfile::Builder::new()
+            .prefix("nkv-podman-")
+            .tempdir_in("/tmp")
+            .expect("podman run directory");
+        Podman { dir, run }
     }
 
     fn command(&self) -> Command {
@@ -135,7 +142,7 @@ impl Podman {
             .arg("--root")
             .arg(d.join("root"))
             .arg("--runroot")
-            .arg(d.join("run"))
+            .arg(self.run.path())
             .arg("--tmpdir")
             .arg(d.join("libpod"))
             .args([
@@ -246,12 +253,15 @@ impl Drop for Podman {
             .output();
         let _ = self.command().args(["rmi", "--all", "--force"]).output();
         // Anything podman left mounted under the store would keep the directory from going.
-        let prefix = self.dir.path().to_string_lossy().into_owned();
+        let prefixes = [
+            self.dir.path().to_string_lossy().into_owned(),
+            self.run.path().to_string_lossy().into_owned(),
+        ];
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let mut left: Vec<&str> = mounts
             .lines()
             .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| m.starts_with(&prefix))
+            .filter(|m| prefixes.iter().any(|p| m.starts_with(p.as_str())))
             .collect();
         left.sort_by_key(|m| std::cmp::Reverse(m.len()));
         for mount in left {
