@@ -92,14 +92,19 @@ if [ "${#want[@]}" -gt 0 ]; then
     "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check "${want[@]}"
 fi
 
-# promtool checks the alerting rules: it comes from Debian's prometheus package, unpacked into
-# .venv/bin rather than installed, so no Prometheus server is set up (or started) on this host.
+# promtool checks the alerting rules: it comes from Debian's package (`promtool` on Debian 13,
+# part of `prometheus` on Debian 12), unpacked into .venv/bin rather than installed, so no
+# Prometheus server is set up (or started) on this host.
 if [ ! -x "$venv/bin/promtool" ]; then
-  step "promtool: from Debian's prometheus package, unpacked into .venv (no server installed)"
+  step "promtool: from Debian's package, unpacked into .venv (no server installed)"
   unpack="$(mktemp -d)"
   fetch_promtool() {
-    (cd "$unpack" && apt-get download prometheus) >"$log" 2>&1 &&
-      dpkg-deb -x "$unpack"/prometheus_*.deb "$unpack/root" >>"$log" 2>&1 &&
+    local pkg
+    rm -rf "${unpack:?}"/*
+    for pkg in promtool prometheus; do
+      (cd "$unpack" && apt-get download "$pkg") >"$log" 2>&1 && break
+    done
+    dpkg-deb -x "$(ls "$unpack"/*.deb 2>/dev/null | head -n1)" "$unpack/root" >>"$log" 2>&1 &&
       install -m 0755 "$unpack/root/usr/bin/promtool" "$venv/bin/promtool"
   }
   # apt-get download needs the package lists, which a host with every package present may
