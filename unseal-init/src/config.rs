@@ -364,10 +364,13 @@ pub fn check_vault_address(address: &str) -> Result<String, String> {
 
 /// Reads and parses a configuration file.
 pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    // The file may hold the PIN (`hsm.pin`): its text is zeroed once parsed.
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+        ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        }
+    })?);
     parse_file(&text).map_err(|message| ConfigError::Parse {
         path: path.to_owned(),
         message,
