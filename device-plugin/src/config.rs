@@ -47,6 +47,8 @@ pub const MAX_GRACE_PERIOD: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_EVICTION_RETRY_FOR: Duration = Duration::from_secs(10 * 60);
 /// Longest accepted `evictionRetryFor`.
 pub const MAX_EVICTION_RETRY_FOR: Duration = Duration::from_secs(24 * 3600);
+/// Shortest accepted rescan interval.
+pub const MIN_RESCAN_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest accepted rescan interval.
 pub const MAX_RESCAN_INTERVAL: Duration = Duration::from_secs(3600);
 /// Longest duration the parser accepts at all (a year); fields have tighter bounds.
@@ -89,18 +91,19 @@ pub struct Cli {
     )]
     pub devices: Vec<DeviceMatcher>,
 
-    /// Units advertised per stick [default: 2].
+    /// Units advertised per stick, 1 to 1000 [default: 2].
     #[arg(
         long,
         value_name = "N",
-        env = "NITROKEY_DEVICE_PLUGIN_SHARES_PER_DEVICE"
+        env = "NITROKEY_DEVICE_PLUGIN_SHARES_PER_DEVICE",
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_SHARES))
     )]
     pub shares_per_device: Option<u32>,
 
     /// How long an unplugged stick stays listed as Unhealthy before it is dropped, e.g. 5m
     /// [default: 5m].
     #[arg(long, value_name = "DURATION", env = "NITROKEY_DEVICE_PLUGIN_GRACE_PERIOD",
-          value_parser = parse_duration)]
+          value_parser = parse_grace_period)]
     pub grace_period: Option<Duration>,
 
     /// Directory holding kubelet.sock and the plugin's socket
@@ -132,7 +135,7 @@ pub struct Cli {
     /// tried again before the plugin gives up on it and says so in an Event (0: at the first
     /// refusal) [default: 10m].
     #[arg(long, value_name = "DURATION", env = "NITROKEY_DEVICE_PLUGIN_EVICTION_RETRY_FOR",
-          value_parser = parse_duration)]
+          value_parser = parse_eviction_retry_for)]
     pub eviction_retry_for: Option<Duration>,
 
     /// The kubelet's pod-resources socket
@@ -184,7 +187,7 @@ pub struct Cli {
 
     /// Interval of the periodic rescan, when rescanning [default: 5s].
     #[arg(long, value_name = "DURATION", env = "NITROKEY_DEVICE_PLUGIN_RESCAN_INTERVAL",
-          value_parser = parse_duration)]
+          value_parser = parse_rescan_interval)]
     pub rescan_interval: Option<Duration>,
 
     /// How sticks are handed to pods: device-plugin (extended resource, Kubernetes 1.26+) or
@@ -449,21 +452,80 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    struct Human;
+/// Parses a duration and checks it lies in `min..=max` (`min_text`, `max_text` as a user writes
+/// them). Bounds are checked here, where the text is at hand, so an error quotes what the user
+/// wrote (`8d`), not the parsed value in seconds; the flag, its variable and the file key share
+/// it.
+fn parse_bounded(
+    s: &str,
+    (min, min_text): (Duration, &str),
+    (max, max_text): (Duration, &str),
+) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    let shown = shorten(s.trim(), 40);
+    if d < min {
+        return Err(format!("`{shown}` is shorter than {min_text}"));
+    }
+    if d > max {
+        return Err(format!("`{shown}` is longer than {max_text}"));
+    }
+    Ok(d)
+}
+
+/// Parses a grace period: at most [`MAX_GRACE_PERIOD`].
+pub fn parse_grace_period(s: &str) -> Result<Duration, String> {
+    parse_bounded(s, (Duration::ZERO, "0s"), (MAX_GRACE_PERIOD, "7d"))
+}
+
+/// Parses an eviction retry time: at most [`MAX_EVICTION_RETRY_FOR`].
+pub fn parse_eviction_retry_for(s: &str) -> Result<Duration, String> {
+    parse_bounded(s, (Duration::ZERO, "0s"), (MAX_EVICTION_RETRY_FOR, "24h"))
+}
+
+/// Parses a rescan interval: between [`MIN_RESCAN_INTERVAL`] and [`MAX_RESCAN_INTERVAL`].
+pub fn parse_rescan_interval(s: &str) -> Result<Duration, String> {
+    parse_bounded(
+        s,
+        (MIN_RESCAN_INTERVAL, "100ms"),
+        (MAX_RESCAN_INTERVAL, "1h"),
+    )
+}
+
+/// A file key holding a duration, parsed by `parse` (which bounds it for that key).
+fn deserialize_duration_with<'de, D: Deserializer<'de>>(
+    d: D,
+    parse: fn(&str) -> Result<Duration, String>,
+) -> Result<Option<Duration>, D::Error> {
+    struct Human(fn(&str) -> Result<Duration, String>);
     impl Visitor<'_> for Human {
         type Value = Option<Duration>;
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("a duration like \"30s\", \"5m\" or \"1h30m\"")
         }
         fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-            parse_duration(&v.to_string()).map(Some).map_err(E::custom)
+            (self.0)(&v.to_string()).map(Some).map_err(E::custom)
         }
         fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            parse_duration(v).map(Some).map_err(E::custom)
+            (self.0)(v).map(Some).map_err(E::custom)
         }
     }
-    d.deserialize_any(Human)
+    d.deserialize_any(Human(parse))
+}
+
+fn deserialize_grace_period<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration_with(d, parse_grace_period)
+}
+
+fn deserialize_eviction_retry_for<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration_with(d, parse_eviction_retry_for)
+}
+
+fn deserialize_rescan_interval<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration_with(d, parse_rescan_interval)
 }
 
 /// The configuration file as written; every key optional, unknown keys rejected.
@@ -477,7 +539,7 @@ pub struct FileConfig {
     /// See [`Config::shares_per_device`].
     pub shares_per_device: Option<u32>,
     /// See [`Config::grace_period`].
-    #[serde(default, deserialize_with = "deserialize_duration")]
+    #[serde(default, deserialize_with = "deserialize_grace_period")]
     pub grace_period: Option<Duration>,
     /// See [`Config::plugin_dir`].
     pub plugin_dir: Option<PathBuf>,
@@ -488,12 +550,12 @@ pub struct FileConfig {
     /// See [`Config::discovery`].
     pub discovery: Option<DiscoveryMode>,
     /// See [`Config::rescan_interval`].
-    #[serde(default, deserialize_with = "deserialize_duration")]
+    #[serde(default, deserialize_with = "deserialize_rescan_interval")]
     pub rescan_interval: Option<Duration>,
     /// See [`Config::on_replug`].
     pub on_replug: Option<OnReplug>,
     /// See [`Config::eviction_retry_for`].
-    #[serde(default, deserialize_with = "deserialize_duration")]
+    #[serde(default, deserialize_with = "deserialize_eviction_retry_for")]
     pub eviction_retry_for: Option<Duration>,
     /// See [`Config::pod_resources_socket`].
     pub pod_resources_socket: Option<PathBuf>,
@@ -709,12 +771,14 @@ impl Config {
                 "must not be empty".into(),
             ));
         }
-        if self.rescan_interval < Duration::from_millis(100)
-            || self.rescan_interval > MAX_RESCAN_INTERVAL
+        if self.rescan_interval < MIN_RESCAN_INTERVAL || self.rescan_interval > MAX_RESCAN_INTERVAL
         {
             return Err(ConfigError::Invalid(
                 "rescanInterval",
-                format!("{:?} is not between 100ms and 1h", self.rescan_interval),
+                format!(
+                    "{} is not between 100ms and 1h",
+                    shown(self.rescan_interval)
+                ),
             ));
         }
         if self.node_labels == NodeLabels::Api && self.node_name.is_none() {
@@ -740,17 +804,23 @@ impl Config {
         if self.eviction_retry_for > MAX_EVICTION_RETRY_FOR {
             return Err(ConfigError::Invalid(
                 "evictionRetryFor",
-                format!("{:?} is longer than 24h", self.eviction_retry_for),
+                format!("{} is longer than 24h", shown(self.eviction_retry_for)),
             ));
         }
         if self.grace_period > MAX_GRACE_PERIOD {
             return Err(ConfigError::Invalid(
                 "gracePeriod",
-                format!("{:?} is longer than 7d", self.grace_period),
+                format!("{} is longer than 7d", shown(self.grace_period)),
             ));
         }
         Ok(())
     }
+}
+
+/// A duration as a user would write it (`8d`, `1h 30m`), for the checks on values that did not
+/// come through the parsers above (a [`Config`] built in code).
+fn shown(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
 }
 
 /// The HTTP endpoint's address: `IP:PORT`, or `:PORT` on `node_ip` (127.0.0.1 without one,
@@ -1035,10 +1105,52 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.grace_period, MAX_GRACE_PERIOD);
-        let err = Config::merge(FileConfig::default(), &cli(&["--grace-period", "8d"]))
+        let err = Cli::try_parse_from(["device-plugin", "--grace-period", "8d"])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("gracePeriod"), "{err}");
+        assert!(err.contains("--grace-period"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_durations_are_quoted_as_written() {
+        for (parse, text, expected) in [
+            (
+                parse_grace_period as fn(&str) -> _,
+                "8d",
+                "`8d` is longer than 7d",
+            ),
+            (parse_grace_period, " 169h ", "`169h` is longer than 7d"),
+            (
+                parse_eviction_retry_for,
+                "1d1s",
+                "`1d1s` is longer than 24h",
+            ),
+            (
+                parse_rescan_interval,
+                "99ms",
+                "`99ms` is shorter than 100ms",
+            ),
+            (parse_rescan_interval, "61m", "`61m` is longer than 1h"),
+        ] {
+            assert_eq!(parse(text).expect_err(text), expected);
+        }
+        assert_eq!(parse_grace_period("7d").unwrap(), MAX_GRACE_PERIOD);
+        assert_eq!(parse_rescan_interval("100ms").unwrap(), MIN_RESCAN_INTERVAL);
+        let err = from_yaml("gracePeriod: 8d\n").unwrap_err().to_string();
+        assert!(
+            err.contains("gracePeriod") && err.contains("`8d` is longer than 7d"),
+            "{err}"
+        );
+        let err = from_yaml("gracePeriod: 691200\n").unwrap_err().to_string();
+        assert!(err.contains("`691200` is longer than 7d"), "{err}");
+        // A configuration built in code is still checked, and shown in the same units.
+        let mut c = from_yaml("").unwrap();
+        c.grace_period = Duration::from_secs(8 * 24 * 3600);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("gracePeriod: 8days is longer than 7d"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -93,7 +93,54 @@ fn missing_file_and_bad_flags_exit_2() {
     }
     let out = run(&[], &[("NITROKEY_DEVICE_PLUGIN_SHARES_PER_DEVICE", "0")]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("sharesPerDevice"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NITROKEY_DEVICE_PLUGIN_SHARES_PER_DEVICE")
+    );
+}
+
+#[test]
+fn out_of_range_values_are_reported_as_typed_naming_where_they_came_from() {
+    for (env, flag, key, value, expected) in [
+        (
+            "NITROKEY_DEVICE_PLUGIN_GRACE_PERIOD",
+            "--grace-period",
+            "gracePeriod",
+            "8d",
+            "`8d` is longer than 7d",
+        ),
+        (
+            "NITROKEY_DEVICE_PLUGIN_RESCAN_INTERVAL",
+            "--rescan-interval",
+            "rescanInterval",
+            "10ms",
+            "`10ms` is shorter than 100ms",
+        ),
+        (
+            "NITROKEY_DEVICE_PLUGIN_EVICTION_RETRY_FOR",
+            "--eviction-retry-for",
+            "evictionRetryFor",
+            "25h",
+            "`25h` is longer than 24h",
+        ),
+        (
+            "NITROKEY_DEVICE_PLUGIN_SHARES_PER_DEVICE",
+            "--shares-per-device",
+            "sharesPerDevice",
+            "1001",
+            "1001 is not",
+        ),
+    ] {
+        let from_env = run(&[], &[(env, value)]);
+        let from_flag = run(&[flag, value], &[]);
+        let from_file = run_with_file(&format!("{key}: {value}\n"));
+        for (source, out) in [(env, from_env), (flag, from_flag), (key, from_file)] {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{source}={value}: {stderr}");
+            assert!(stderr.starts_with("error: "), "{source}={value}: {stderr}");
+            assert!(stderr.contains(source), "{source}={value}: {stderr}");
+            assert!(stderr.contains(expected), "{source}={value}: {stderr}");
+        }
+    }
 }
 
 #[test]
