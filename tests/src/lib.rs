@@ -27,14 +27,17 @@
 //! - [`tpm`]: a second real token, a software TPM behind the TPM2 PKCS#11 module, with the
 //!   traits SoftHSM2 lacks (sticky failed decrypts, OAEP-SHA256, shared serials, TPM restarts).
 //! - [`openbao`]: a real OpenBao server (Vault's API) on 127.0.0.1, started sealed.
-//! - [`bins`]: where the workspace's own binaries were built.
-//! - [`dockerfile`]: the Dockerfile's instructions, per stage.
+//! - [`bins`]: where the workspace's own binaries were built; [`unseal_init`]: the sidecar's
+//!   command line against one token and one OpenBao.
+//! - [`dockerfile`]: the Dockerfile's instructions, per stage; [`host`]: the repository's root
+//!   and whether the tools and privileges a test needs are here.
 //!
 //! The programs under test are always run as child processes, exactly as an operator runs them;
 //! the harnesses only drive their peers.
 
 pub mod bins;
 pub mod dockerfile;
+pub mod host;
 pub mod kube_api;
 pub mod kube_api_dra;
 pub mod kubelet;
@@ -44,4 +47,5 @@ pub mod pod_resources;
 pub mod softhsm;
 pub mod token;
 pub mod tpm;
+pub mod unseal_init;
 pub mod usb;

@@ -10,24 +10,17 @@
 //! promises that the section moves to unseal-init's `hsm:` unchanged.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{
     EnvVar, PersistentVolumeClaim, ResourceRequirements, Toleration, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use nitrokey_e2e::host::repo;
 use serde::Deserialize;
 
 const EXAMPLE: &str = "deploy/examples/vault-operator/vault.yaml";
 /// The device plugin's resource, as `deploy/base/device-plugin/config.yaml` advertises it.
 const RESOURCE: &str = "nitrokey.com/hsm";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits inside the repository")
-        .to_path_buf()
-}
 
 /// `Vault` (group `vault.banzaicloud.com`, version `v1alpha1`).
 // The schema names every field the example may carry; the checks read only some of them.

@@ -11,20 +11,14 @@
 //! `scripts/build-images.sh` and checks their config against this file's stages.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use nitrokey_e2e::dockerfile::{self, Instruction};
+use nitrokey_e2e::host::repo;
 use serde_json::Value;
 
 /// The repository root (the workspace that holds this test crate).
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits inside the repository")
-        .to_path_buf()
-}
-
 fn dockerfile() -> Vec<Instruction> {
     let text = std::fs::read_to_string(repo().join("Dockerfile")).expect("read Dockerfile");
     dockerfile::parse(&text)

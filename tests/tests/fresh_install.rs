@@ -11,20 +11,12 @@
 //! It needs root (chroot and bind mounts) and the package mirrors. Without root it says so and
 //! skips, except under CI (`CI` set), where a skipped proof would pass for one that ran.
 
-use std::path::{Path, PathBuf};
+use nitrokey_e2e::host::{self, repo};
 use std::process::Command;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits inside the repository")
-        .to_path_buf()
-}
 
 /// Runs the check for `suite` and fails with the script's own output when it fails.
 fn installs_on(suite: &str) {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !host::is_root() {
         assert!(
             std::env::var_os("CI").is_none(),
             "the fresh-install check needs root (chroot, bind mounts) and CI runs as root"

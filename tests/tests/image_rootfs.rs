@@ -26,6 +26,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nitrokey_e2e::bins;
+use nitrokey_e2e::host::{self, repo};
 use nitrokey_e2e::openbao::{self, OpenBao};
 
 /// The images' non-root user (`USER` in the Dockerfile, created by setup.sh).
@@ -33,31 +34,12 @@ const IMAGE_USER: &str = "65532:65532";
 /// Debian release of the Dockerfile's runtime stages.
 const SUITE: &str = "bookworm";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits inside the repository")
-        .to_path_buf()
-}
-
 /// Why these tests cannot run here, if they cannot.
 fn unavailable() -> Option<String> {
-    for tool in ["mmdebstrap", "chroot", "tar"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            return Some(format!(
-                "`{tool}` is not installed (scripts/install-deps.sh installs it)"
-            ));
-        }
-    }
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("chroot and unpacking device nodes need root".into());
-    }
-    None
+    host::unavailable(
+        &["mmdebstrap", "chroot", "tar"],
+        "chroot and unpacking device nodes",
+    )
 }
 
 /// The packages of one image, as the Dockerfile reads its list: comments and blanks dropped.

@@ -31,37 +31,19 @@ use std::time::{Duration, Instant};
 
 use nitrokey_e2e::bins;
 use nitrokey_e2e::dockerfile;
+use nitrokey_e2e::host::{self, repo};
 use nitrokey_e2e::kubelet::FakeKubelet;
 use nitrokey_e2e::openbao::{self, OpenBao};
 use nitrokey_e2e::softhsm::SoftHsm;
 use nitrokey_e2e::token::Token;
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits inside the repository")
-        .to_path_buf()
-}
-
 /// Why these tests cannot run here, if they cannot.
 fn unavailable() -> Option<String> {
-    for tool in ["podman", "buildah", "runc", "mmdebstrap"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            return Some(format!(
-                "`{tool}` is not installed (scripts/install-deps.sh installs it)"
-            ));
-        }
-    }
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("building root filesystems and running podman here needs root".into());
-    }
-    None
+    host::unavailable(
+        &["podman", "buildah", "runc", "mmdebstrap"],
+        "building root filesystems and running podman here",
+    )
 }
 
 fn run(what: &str, cmd: &mut Command) -> Output {

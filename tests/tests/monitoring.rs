@@ -5,28 +5,21 @@
 //! kubelet stand-in, and unseal-init beside a real OpenBao with a SoftHSM2 token.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nitrokey_e2e::bins;
+use nitrokey_e2e::host::repo;
 use nitrokey_e2e::kubelet::FakeKubelet;
 use nitrokey_e2e::openbao::{self, OpenBao};
-use nitrokey_e2e::softhsm::{self, SoftHsm};
-use nitrokey_e2e::token::Token;
+use nitrokey_e2e::softhsm::SoftHsm;
+use nitrokey_e2e::unseal_init;
 use nitrokey_e2e::usb::Testbed;
 use serde_json::Value;
 
 /// The prefixes of the programs' metrics: a name in an expression with one of them must be
 /// exported.
 const PREFIXES: [&str; 2] = ["nitrokey_device_plugin_", "unseal_init_"];
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits inside the repository")
-        .to_path_buf()
-}
 
 /// The objects of `deploy/overlays/monitoring`, rendered by kustomize.
 fn rendered() -> Vec<Value> {
@@ -212,26 +205,12 @@ fn unseal_init_scrape() -> String {
     let bao = OpenBao::start().expect("OpenBao");
     let work = tempfile::tempdir().expect("tempdir");
     let port = openbao::free_port().expect("port");
-    let mut command = Command::new(bins::path("unseal-init").expect("unseal-init built"));
+    let mut command =
+        unseal_init::command(&token, &bao.address(), &work.path().join("journal"), port)
+            .expect("unseal-init command");
     command
-        .envs(token.env())
-        .env("BANK_VAULTS_HSM_PIN", softhsm::USER_PIN)
-        .env_remove("VAULT_ADDR")
-        .arg("--vault-addr")
-        .arg(bao.address())
-        .arg("--hsm-module-path")
-        .arg(token.module())
-        .arg("--hsm-slot-id")
-        .arg(token.slot_id().to_string())
-        .arg("--hsm-key-label")
-        .arg(softhsm::KEY_LABEL)
-        .arg("--journal-dir")
-        .arg(work.path().join("journal"))
-        .arg("--metrics-address")
-        .arg(format!("127.0.0.1:{port}"))
         .arg("--unseal-period")
         .arg("300ms")
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let _sidecar = Reaped(command.spawn().expect("unseal-init starts"));

@@ -21,6 +21,7 @@ use nitrokey_e2e::kubelet::FakeKubelet;
 use nitrokey_e2e::openbao::{self, OpenBao};
 use nitrokey_e2e::softhsm::{self, SoftHsm};
 use nitrokey_e2e::token::Token;
+use nitrokey_e2e::unseal_init;
 use nitrokey_e2e::usb::Testbed;
 use nitrokey_proto::v1beta1::Device;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -152,7 +153,8 @@ fn units(devices: &[Device], health: &str) -> Vec<String> {
 async fn run() -> anyhow::Result<()> {
     println!("NitroKey HSM for Vault on Kubernetes: local demo (no hardware, no cluster)");
     let device_plugin = bins::path("device-plugin")?;
-    let unseal_init = bins::path("unseal-init")?;
+    // Both programs must be built before any peer starts.
+    bins::path("unseal-init")?;
     let work = tempfile::Builder::new()
         .prefix("nitrokey-demo-")
         .tempdir()?;
@@ -289,25 +291,14 @@ async fn run() -> anyhow::Result<()> {
         5,
         "unseal-init --once: initialise OpenBao, keep the keys on the HSM, unseal",
     );
-    let mut command = tokio::process::Command::new(&unseal_init);
+    let mut command = tokio::process::Command::from(unseal_init::command(
+        &token,
+        &bao.address(),
+        &work.path().join("unseal-init-journal"),
+        openbao::free_port()?,
+    )?);
     command
-        .envs(token.env())
-        .env("BANK_VAULTS_HSM_PIN", softhsm::USER_PIN)
         .arg("--once")
-        .arg("--vault-addr")
-        .arg(bao.address())
-        .arg("--hsm-module-path")
-        .arg(token.module())
-        .arg("--hsm-slot-id")
-        .arg(token.slot_id().to_string())
-        .arg("--hsm-key-label")
-        .arg(softhsm::KEY_LABEL)
-        .arg("--journal-dir")
-        .arg(work.path().join("unseal-init-journal"))
-        .arg("--metrics-address")
-        .arg(format!("127.0.0.1:{}", openbao::free_port()?))
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
