@@ -35,6 +35,7 @@ COPY common/ common/
 COPY device-plugin/ device-plugin/
 COPY unseal-init/ unseal-init/
 COPY tests/ tests/
+COPY workspace-hack/ workspace-hack/
 
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target,sharing=locked \
