@@ -787,12 +787,6 @@ impl Config {
                 "api needs the node's name in NODE_NAME (downward API spec.nodeName)".into(),
             ));
         }
-        if self.mode == Mode::Dra && self.on_replug == OnReplug::Evict {
-            return Err(ConfigError::Invalid(
-                "onReplug",
-                "evict is not available with mode: dra; use event or none".into(),
-            ));
-        }
         if self.mode == Mode::Dra && self.node_name.is_none() {
             return Err(ConfigError::Invalid(
                 "mode",

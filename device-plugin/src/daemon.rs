@@ -108,6 +108,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         node_name: config.node_name.clone(),
         metrics: metrics.clone(),
         state: state.clone(),
+        source: None,
     };
     let recovery = tokio::spawn(recovery.run(replugs_rx, shutdown.clone()));
     let publisher = labels::Publisher {

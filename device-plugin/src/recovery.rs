@@ -1,14 +1,17 @@
 //! Carries out the replug decisions of [`crate::replug`]: asks the kubelet's pod-resources
-//! API which pods hold a replugged stick, then creates Events on them or evicts them through
-//! the Kubernetes API (the `kube` client, configured from `KUBECONFIG` or the pod's service
+//! API which pods hold a replugged stick (or, in DRA mode, a [`HolderSource`] reading the
+//! claims' `status.reservedFor`), then creates Events on them or evicts them through the
+//! Kubernetes API (the `kube` client, configured from `KUBECONFIG` or the pod's service
 //! account, see [`crate::api_client`]).
 //!
 //! Each Event names its pod by uid too (looked up with a GET), as `kubectl describe pod` lists
-//! only Events whose `involvedObject.uid` matches. Evictions go through a client that does not
+//! only Events whose `involvedObject.uid` matches (a [`HolderSource`] that knows the uids spares
+//! the GET). Evictions go through a client that does not
 //! retry by itself: a PodDisruptionBudget's refusal (HTTP 429) comes back at once, is logged
 //! and counted, and the pod is tried again by [`Evictions`]' backoff while other sticks' pods
 //! are handled meanwhile; after `evictionRetryFor` an Event on the pod says the plugin gave up.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +41,28 @@ pub const EVENT_REASON: &str = "NitrokeyHsmReplugged";
 /// Component named as the Events' source.
 pub const COMPONENT: &str = "nitrokey-device-plugin";
 
+/// Who holds which stick: pods by stick ID, and the uids of those pods the source knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holding {
+    /// Pods by stick ID.
+    pub by_stick: BTreeMap<String, Vec<Holder>>,
+    /// Pod uids, where known.
+    pub uids: BTreeMap<Holder, String>,
+}
+
+/// Where the holders of sticks are found when not from the kubelet's pod-resources API.
+pub trait HolderSource: Send + Sync + 'static {
+    /// The current holders, or why they cannot be told (a partial answer would drop queued
+    /// evictions of the pods left out).
+    fn holding(&self) -> futures::future::BoxFuture<'_, Result<Holding, String>>;
+}
+
+impl std::fmt::Debug for dyn HolderSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HolderSource")
+    }
+}
+
 /// The replug recovery task.
 #[derive(Debug)]
 pub struct Recovery {
@@ -55,6 +80,8 @@ pub struct Recovery {
     pub metrics: Arc<Metrics>,
     /// The plugin state (when sticks were last allocated).
     pub state: Arc<PluginState>,
+    /// Where holders are found instead of the pod-resources API (DRA mode).
+    pub source: Option<Arc<dyn HolderSource>>,
 }
 
 impl Recovery {
@@ -92,10 +119,10 @@ impl Recovery {
         if self.mode == OnReplug::None {
             return;
         }
-        let Some(mut by_stick) = self.list().await else {
+        let Some(mut listed) = self.list().await else {
             return;
         };
-        let holding = by_stick.remove(&replug.stick).unwrap_or_default();
+        let holding = listed.by_stick.remove(&replug.stick).unwrap_or_default();
         if holding.is_empty() {
             tracing::info!(stick = %replug.stick, "no running pod holds the stick");
             return;
@@ -104,7 +131,8 @@ impl Recovery {
             OnReplug::None => {}
             OnReplug::Event => {
                 for holder in &holding {
-                    self.event(clients, holder, &replug.message()).await;
+                    let uid = listed.uids.get(holder).cloned();
+                    self.event(clients, holder, uid, &replug.message()).await;
                 }
             }
             OnReplug::Evict => {
@@ -115,12 +143,12 @@ impl Recovery {
     }
 
     async fn evict_next(&self, clients: &mut Clients, evictions: &mut Evictions) {
-        let Some(by_stick) = self.list().await else {
+        let Some(listed) = self.list().await else {
             return;
         };
         let state = self.state.clone();
         let next = evictions.next(
-            &by_stick,
+            &listed.by_stick,
             |stick, since| state.allocated_since(stick, since),
             Instant::now(),
         );
@@ -138,7 +166,8 @@ impl Recovery {
                 tracing::info!(namespace = %holder.namespace, pod = %holder.pod,
                     stick = %replug.stick, "evicted a pod holding the re-plugged stick");
                 let message = format!("{}: evicted by {COMPONENT}", replug.message());
-                self.event(clients, &holder, &message).await;
+                let uid = listed.uids.get(&holder).cloned();
+                self.event(clients, &holder, uid, &message).await;
                 return;
             }
             Err(e) => e,
@@ -168,13 +197,24 @@ impl Recovery {
                     replug.message(),
                     humantime::format_duration(Duration::from_secs(since.as_secs())),
                 );
-                self.event(clients, &holder, &message).await;
+                let uid = listed.uids.get(&holder).cloned();
+                self.event(clients, &holder, uid, &message).await;
             }
         }
     }
 
     /// The current holders of our resource's units, by stick.
-    async fn list(&self) -> Option<std::collections::BTreeMap<String, Vec<Holder>>> {
+    async fn list(&self) -> Option<Holding> {
+        if let Some(source) = &self.source {
+            return match source.holding().await {
+                Ok(holding) => Some(holding),
+                Err(e) => {
+                    self.count("list", "error");
+                    tracing::warn!(error = %e, "cannot tell which pods hold the stick");
+                    None
+                }
+            };
+        }
         let listed = async {
             let channel = crate::kubelet::unix_channel(&self.pod_resources_socket).await?;
             PodResourcesListerClient::new(channel)
@@ -184,10 +224,10 @@ impl Recovery {
         }
         .await;
         match listed {
-            Ok(response) => Some(holders(
-                &response.into_inner().pod_resources,
-                &self.resource,
-            )),
+            Ok(response) => Some(Holding {
+                by_stick: holders(&response.into_inner().pod_resources, &self.resource),
+                uids: BTreeMap::new(),
+            }),
             Err(e) => {
                 self.count("list", "error");
                 tracing::warn!(socket = %self.pod_resources_socket.display(), error = %e,
@@ -210,20 +250,29 @@ impl Recovery {
         client.clone()
     }
 
-    async fn event(&self, clients: &mut Clients, holder: &Holder, message: &str) {
+    async fn event(
+        &self,
+        clients: &mut Clients,
+        holder: &Holder,
+        uid: Option<String>,
+        message: &str,
+    ) {
         let Some(api) = self.client(&mut clients.events, Retries::Client).await else {
             return;
         };
         // The pod's uid, without which `kubectl describe pod` does not list the Event.
         let pods = Api::<Pod>::namespaced(api.clone(), &holder.namespace);
-        let uid = match bounded(pods.get(&holder.pod)).await {
-            Ok(pod) => pod.metadata.uid,
-            Err(e) => {
-                self.count("get", "error");
-                tracing::warn!(namespace = %holder.namespace, pod = %holder.pod, error = %e,
+        let uid = match uid {
+            Some(uid) => Some(uid),
+            None => match bounded(pods.get(&holder.pod)).await {
+                Ok(pod) => pod.metadata.uid,
+                Err(e) => {
+                    self.count("get", "error");
+                    tracing::warn!(namespace = %holder.namespace, pod = %holder.pod, error = %e,
                     "cannot look up the pod's uid; its Event will not show in kubectl describe");
-                None
-            }
+                    None
+                }
+            },
         };
         let now = Time(jiff_now());
         let event = Event {

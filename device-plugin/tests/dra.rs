@@ -21,20 +21,26 @@ const NODE: &str = "node-a";
 const SLICE: &str = "node-a-hsm.nitrokey.com";
 
 fn start_driver(testbed: &Testbed, dir: &Path, api: &KubeApi) -> Plugin {
+    start_driver_with(testbed, dir, api, &[])
+}
+
+fn start_driver_with(testbed: &Testbed, dir: &Path, api: &KubeApi, extra: &[&str]) -> Plugin {
     let kubeconfig = api.kubeconfig(dir).unwrap();
     let kubelet_dir = dir.join("kubelet");
     let cdi_dir = dir.join("cdi");
+    let mut args = vec![
+        "--mode",
+        "dra",
+        "--kubelet-dir",
+        kubelet_dir.to_str().unwrap(),
+        "--cdi-spec-dir",
+        cdi_dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
     Plugin::start_with_env(
         testbed,
         &dir.join("device-plugins"),
-        &[
-            "--mode",
-            "dra",
-            "--kubelet-dir",
-            kubelet_dir.to_str().unwrap(),
-            "--cdi-spec-dir",
-            cdi_dir.to_str().unwrap(),
-        ],
+        &args,
         &[
             ("KUBECONFIG", kubeconfig.to_str().unwrap()),
             ("NODE_NAME", NODE),
@@ -431,4 +437,102 @@ async fn a_restarted_or_older_kubelet_registers_the_driver_again() {
         "{}",
         plugin.logs()
     );
+}
+
+/// `onReplug: evict`: a stick replugged under a prepared claim gets the pod the claim is
+/// reserved for evicted (found through the claim's `status.reservedFor`, not the kubelet's
+/// pod-resources API); a PodDisruptionBudget's refusal is logged and tried again later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evict_mode_evicts_the_pod_the_replugged_sticks_claim_is_reserved_for() {
+    let testbed = Testbed::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().unwrap();
+    let kubelet = FakeDraKubelet::start(&dir.path().join("kubelet")).unwrap();
+    let plugin = start_driver_with(&testbed, dir.path(), &api, &["--on-replug", "evict"]);
+    kubelet.wait_for_driver(DRIVER, 0, TIMEOUT).await.unwrap();
+    let stick = testbed.add_nitrokey_hsm("DENK0000001", 1, 2).unwrap();
+    wait_for_slice(&api, &plugin, |s| !device_names(s).is_empty()).await;
+    api.dra().put_claim(allocated_claim(
+        "vault",
+        "vault-0-hsm",
+        "uid-7",
+        &[("hsm", DRIVER, NODE, "denk0000001")],
+        "vault-0",
+    ));
+    let claim = [("vault", "uid-7", "vault-0-hsm")];
+    assert!(kubelet.prepare(DRIVER, &claim).await.unwrap()["uid-7"].is_ok());
+
+    // A PodDisruptionBudget does not allow the eviction yet.
+    api.block_eviction("vault", "vault-0", true);
+    testbed.remove(&stick).unwrap();
+    wait_for_slice(&api, &plugin, |s| device_names(s).is_empty()).await;
+    testbed.add_nitrokey_hsm("DENK0000001", 1, 5).unwrap();
+    api.wait_for(TIMEOUT, |requests| {
+        requests
+            .iter()
+            .find(|r| r.path.ends_with("/vault-0/eviction") && r.status == 429)
+            .cloned()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", plugin.logs()));
+    api.block_eviction("vault", "vault-0", false);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !plugin.logs().lines().any(|l| {
+        l.contains("WARN") && l.contains("eviction refused by a PodDisruptionBudget; trying again")
+    }) {
+        assert!(tokio::time::Instant::now() < deadline, "{}", plugin.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Tried again by the driver's backoff, and accepted.
+    let evicted = api
+        .wait_for(Duration::from_secs(30), |_| {
+            api.evictions().first().cloned()
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", plugin.logs()));
+    assert_eq!(evicted, "vault/vault-0");
+    let event = api
+        .wait_for(TIMEOUT, |_| {
+            api.events().into_iter().find(|e| {
+                e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("evicted by nitrokey-device-plugin"))
+            })
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", plugin.logs()));
+    // Named by the uid in the claim's reservation, so `kubectl describe pod` lists it.
+    assert_eq!(event["involvedObject"]["name"], "vault-0");
+    assert_eq!(event["involvedObject"]["uid"], "vault-0-uid");
+    assert!(
+        event["message"].as_str().is_some_and(
+            |m| m.contains("/dev/bus/usb/001/005") && m.contains("/dev/bus/usb/001/002")
+        ),
+        "{event}"
+    );
+    assert_eq!(api.evictions().len(), 1);
+    let attempts: Vec<u16> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/eviction"))
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(attempts.first(), Some(&429), "{attempts:?}");
+    assert_eq!(attempts.last(), Some(&201), "{attempts:?}");
+    assert!(
+        plugin
+            .metric("nitrokey_device_plugin_replug_actions_total{action=\"evict\",result=\"ok\"}")
+            .await
+            == Some(1.0),
+        "{}",
+        plugin.logs()
+    );
+    // The holders came from the claim, not from the pod-resources API or pod lookups.
+    assert!(
+        !api.requests()
+            .iter()
+            .any(|r| r.method == "GET" && r.path.contains("/pods/")),
+        "{:?}",
+        api.requests()
+    );
+    let reserved = &api.dra().claim("vault", "vault-0-hsm").unwrap()["status"]["reservedFor"];
+    assert_eq!(reserved, &serde_json::json!([]), "the pod is gone");
 }

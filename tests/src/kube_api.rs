@@ -9,8 +9,10 @@
 //!   (`POST /api/v1/namespaces/{ns}/events`), pods (`GET /api/v1/namespaces/{ns}/pods/{pod}`:
 //!   every pod exists, with the uid [`pod_uid`] gives it), evictions
 //!   (`POST /api/v1/namespaces/{ns}/pods/{pod}/eviction`) and JSON merge patches of a Node's
-//!   labels (`PATCH /api/v1/nodes/{name}`). An eviction can be refused as the API server
-//!   refuses one that a PodDisruptionBudget does not allow (see [`KubeApi::block_eviction`]);
+//!   labels (`PATCH /api/v1/nodes/{name}`; `GET` too: every node exists, with the uid
+//!   [`node_uid`] gives it). An eviction can be refused as the API server refuses one that a
+//!   PodDisruptionBudget does not allow (see [`KubeApi::block_eviction`]); an accepted one
+//!   deletes the pod, which leaves its claims' reservations (see [`crate::kube_api_dra`]);
 //! - for unseal-init's Secret store: Secrets of any namespace and name (`GET` and JSON merge
 //!   `PATCH` of `/api/v1/namespaces/{ns}/secrets/{name}`, `POST /api/v1/namespaces/{ns}/secrets`
 //!   with 409 AlreadyExists when it exists). Creates can be held until several have arrived, so
@@ -425,6 +427,24 @@ fn answer(
         event["metadata"]["name"] = serde_json::Value::String(name);
         return (201, event.to_string());
     }
+    if method == "GET"
+        && let Some(node) = path.strip_prefix("/api/v1/nodes/")
+        && !node.is_empty()
+        && !node.contains('/')
+    {
+        let labels = shared
+            .node_labels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .cloned()
+            .unwrap_or_default();
+        let node = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": node, "uid": node_uid(node), "labels": labels},
+        });
+        return (200, node.to_string());
+    }
     if method == "PATCH"
         && let Some(node) = path.strip_prefix("/api/v1/nodes/")
     {
@@ -469,11 +489,14 @@ fn answer(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .contains(&pod);
-        return if blocked {
-            (429, budget_refusal(&pod))
-        } else {
-            (201, status(201, "", ""))
-        };
+        if blocked {
+            return (429, budget_refusal(&pod));
+        }
+        // The evicted pod goes, and with it its claims' reservations.
+        if let Some((ns, name)) = pod.split_once('/') {
+            shared.dra.pod_gone(ns, name);
+        }
+        return (201, status(201, "", ""));
     }
     not_served()
 }
@@ -495,6 +518,12 @@ fn budget_refusal(pod: &str) -> String {
         "code": 429,
     })
     .to_string()
+}
+
+/// The uid the stand-in gives node `name` (every node exists, as every pod does).
+pub fn node_uid(name: &str) -> String {
+    // Pods' namespaces are never empty: no pod shares a node's uid.
+    pod_uid("", name)
 }
 
 /// The uid the stand-in gives pod `namespace/name` (stable, shaped like the API server's

@@ -13,7 +13,16 @@
 //!   this driver sets: the driver name, the pool's name and a generation ≥ 0, device names
 //!   that are DNS labels, at most 128 devices per slice; a violation is 422 Invalid;
 //! - `GET` of a missing object is 404 NotFound with a `Status` body;
-//! - every write bumps `metadata.resourceVersion`, and the stored object gets a `uid`.
+//! - every write bumps `metadata.resourceVersion`, and the stored object gets a `uid`;
+//! - a pod evicted through the API stand-in leaves the `status.reservedFor` of the claims
+//!   reserved for it ([`DraObjects::pod_gone`]): on a real cluster the eviction deletes the
+//!   pod, and kube-controller-manager's resource claim controller
+//!   (`pkg/controller/resourceclaim/controller.go`, `syncClaim`) then drops reservations for
+//!   pods that no longer exist. Here that happens at once rather than after the pod's grace
+//!   period;
+//! - deleting a Node deletes the slices whose `metadata.ownerReferences` name it by UID
+//!   ([`DraObjects::delete_owned_by`]), as the garbage collector does with dependents of a deleted
+//!   owner (`pkg/controller/garbagecollector`).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -173,6 +182,19 @@ impl DraObjects {
         before - slices.len()
     }
 
+    /// Deletes every slice one of whose `metadata.ownerReferences` has `uid`, as the garbage
+    /// collector does once that owner is deleted; returns how many there were.
+    pub fn delete_owned_by(&self, uid: &str) -> usize {
+        let mut slices = self.slices.lock().unwrap_or_else(|e| e.into_inner());
+        let before = slices.len();
+        slices.retain(|_, s| {
+            !s["metadata"]["ownerReferences"]
+                .as_array()
+                .is_some_and(|owners| owners.iter().any(|o| o["uid"] == uid))
+        });
+        before - slices.len()
+    }
+
     /// The stored slice `name`.
     pub fn slice(&self, name: &str) -> Option<Value> {
         self.slices
@@ -196,6 +218,28 @@ impl DraObjects {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert((ns, name), claim);
+    }
+
+    /// Pod `namespace/name` is gone: every claim of its namespace stops being reserved for it
+    /// (see the module's notes). Returns how many claims were reserved for it.
+    pub fn pod_gone(&self, namespace: &str, pod: &str) -> usize {
+        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        let mut changed = 0;
+        for ((ns, _), claim) in claims.iter_mut() {
+            if ns != namespace {
+                continue;
+            }
+            let Some(reserved) = claim["status"]["reservedFor"].as_array_mut() else {
+                continue;
+            };
+            let before = reserved.len();
+            reserved.retain(|r| !(r["resource"] == "pods" && r["name"] == pod));
+            if reserved.len() != before {
+                changed += 1;
+                claim["metadata"]["resourceVersion"] = json!(self.bump());
+            }
+        }
+        changed
     }
 
     /// The stored claim `namespace/name`.

@@ -9,7 +9,8 @@
 //! - [`publish`]: applies the slice on every inventory change.
 //! - [`registration`]: the kubelet's plugin registration service; [`registrar`] keeps its
 //!   socket served (bound again should it be removed).
-//! - [`replug`]: `onReplug: event` for the pods a moved stick's claims are reserved for.
+//! - [`replug`]: who holds a moved stick: the pods its claims are reserved for, for
+//!   `onReplug` (Events or evictions, carried out by [`crate::recovery`]).
 //! - [`node`]: the DRA node service (prepare, unprepare) with its checkpoint and CDI specs.
 //! - [`run`]: wires them together with discovery and the inventory.
 
@@ -52,8 +53,8 @@ mod tests {
         );
         let e = merge("mode: dra\n", None).unwrap_err();
         assert!(e.contains("mode") && e.contains("NODE_NAME"), "{e}");
-        let e = merge("mode: dra\nonReplug: evict\n", Some("n1")).unwrap_err();
-        assert!(e.contains("onReplug"), "{e}");
+        let evict = merge("mode: dra\nonReplug: evict\n", Some("n1")).unwrap();
+        assert_eq!(evict.on_replug, crate::config::OnReplug::Evict);
         assert!(merge("mode: bogus\n", None).unwrap_err().contains("bogus"));
         assert!(merge("mode: device-plugin\nonReplug: evict\n", None).is_ok());
     }

@@ -235,10 +235,20 @@ impl NodeService {
             let _ = remove(&spec_path);
             return Err(e.to_string());
         }
+        // A replacement pod got the sticks: an eviction for a replug is done.
+        self.inner.state.note_allocated(
+            prepared.devices.iter().map(|d| d.stick.as_str()),
+            std::time::Instant::now(),
+        );
         tracing::info!(namespace = %claim.namespace, claim = %claim.name, uid = %claim.uid,
             sticks = %prepared.devices.iter().map(|d| d.stick.as_str()).collect::<Vec<_>>().join(","),
             "claim prepared");
         Ok(prepare::kubelet_devices(&claim.uid, &prepared))
+    }
+
+    /// The prepared claims by UID, as checkpointed.
+    pub async fn prepared(&self) -> BTreeMap<String, PreparedClaim> {
+        self.inner.checkpoint.lock().await.claims.clone()
     }
 
     /// Rewrites the specs (and records) of prepared claims whose sticks came back at another

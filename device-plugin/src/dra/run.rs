@@ -13,9 +13,11 @@ use super::names::{CHECKPOINT_FILE, DRA_SOCKET, DRIVER_NAME, REGISTRATION_SOCKET
 use super::node::{ApiClaims, NodeService, StoreError};
 use super::registrar::SocketError;
 use super::registration::Registration;
-use crate::config::{Config, OnReplug};
+use crate::config::Config;
 use crate::inventory::{Inventory, UsbEvent};
 use crate::metrics::Metrics;
+use crate::recovery::Recovery;
+use crate::replug::Replug;
 use crate::state::{DiscoveryStopped, PluginState};
 use crate::usb::{Discovery, DiscoveryError};
 
@@ -116,10 +118,27 @@ pub async fn run(config: Config) -> Result<(), DraError> {
     )?;
 
     let mut inventory_task = tokio::spawn(state.clone().run(events_rx, shutdown.clone()));
+    // onReplug acts on the pods the moved claims are reserved for, as the device plugin does
+    // on those the pod-resources API names.
+    let (replugs_tx, replugs_rx) = mpsc::unbounded_channel::<Replug>();
+    let recovery = Recovery {
+        mode: config.on_replug,
+        eviction_retry_for: config.eviction_retry_for,
+        resource: config.resource_name.clone(),
+        pod_resources_socket: config.pod_resources_socket.clone(),
+        node_name: Some(node.clone()),
+        metrics: metrics.clone(),
+        state: state.clone(),
+        source: Some(Arc::new(super::replug::ClaimHolders {
+            service: service.clone(),
+            client: client.clone(),
+        })),
+    };
+    let recovery = tokio::spawn(recovery.run(replugs_rx, shutdown.clone()));
     let replugs = tokio::spawn(follow_replugs(
         service.clone(),
         state.clone(),
-        (config.on_replug == OnReplug::Event).then(|| (client.clone(), node.clone())),
+        replugs_tx,
         shutdown.clone(),
     ));
     let registered = Arc::new(tokio::sync::Notify::new());
@@ -183,18 +202,19 @@ pub async fn run(config: Config) -> Result<(), DraError> {
     }
     let _ = publisher.await;
     let _ = replugs.await;
+    let _ = recovery.await;
     tokio::task::spawn_blocking(move || drop(discovery))
         .await
         .ok();
     result
 }
 
-/// Keeps prepared claims' CDI specs on their sticks' current device nodes, and with `events`
-/// (the API client and node name) tells the pods holding them.
+/// Keeps prepared claims' CDI specs on their sticks' current device nodes, and reports each
+/// moved stick (once, however many claims hold it) to the replug recovery.
 async fn follow_replugs(
     service: NodeService,
     state: Arc<PluginState>,
-    events: Option<(kube::Client, String)>,
+    replugs: mpsc::UnboundedSender<Replug>,
     shutdown: CancellationToken,
 ) {
     let mut units = state.subscribe();
@@ -202,10 +222,13 @@ async fn follow_replugs(
     loop {
         units.borrow_and_update();
         let moved = service.follow_replugs().await;
-        if let Some((client, node)) = &events
-            && !moved.is_empty()
-        {
-            super::replug::notify(client.clone(), node, moved).await;
+        let mut sticks = std::collections::BTreeSet::new();
+        for (_, before, after) in &moved {
+            for replug in super::replug::replugs(before, after) {
+                if sticks.insert(replug.stick.clone()) {
+                    let _ = replugs.send(replug);
+                }
+            }
         }
         tokio::select! {
             () = shutdown.cancelled() => break,
