@@ -244,6 +244,45 @@ impl KubeApi {
             .cloned()
     }
 
+    /// Deletes Secret `namespace/name` with its annotations, as `kubectl delete secret` does:
+    /// from then on a `GET` answers 404 NotFound and a `PATCH` 404 (a create makes it anew).
+    pub fn delete_secret(&self, namespace: &str, name: &str) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut secrets = self
+            .shared
+            .secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        secrets.remove(&key);
+        self.shared
+            .secret_annotations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+    }
+
+    /// Puts Secret `namespace/name` back with `data` and `annotations` (a restore from a
+    /// backup: `kubectl apply` of a saved copy).
+    pub fn restore_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        data: SecretData,
+        annotations: BTreeMap<String, String>,
+    ) {
+        let key = (namespace.to_owned(), name.to_owned());
+        self.shared
+            .secret_annotations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), annotations);
+        self.shared
+            .secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, data);
+    }
+
     /// Polls until `check` holds on the requests, up to `timeout`.
     pub fn wait_for<T>(
         &self,

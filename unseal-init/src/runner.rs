@@ -27,8 +27,8 @@ use crate::storage::Storage;
 use crate::telemetry::Telemetry;
 use crate::token_store::TokenStore;
 use crate::unseal::{
-    Observation, ShortOfKeys, Step, VaultView, already_initialised, next_step, short_of_keys,
-    store_needed,
+    Observation, Pace, Pacer, ShortOfKeys, Step, VaultView, already_initialised, next_step,
+    short_of_keys, store_needed,
 };
 use crate::vault::{VaultApi, VaultError};
 use nitrokey_common::backoff::Backoff;
@@ -57,7 +57,7 @@ pub enum PassError {
     )]
     StaleKeys(usize),
     /// Not enough readable keys to unseal.
-    #[error("Vault is sealed and needs {needed} unseal keys but the store holds {found} readable ones{}", unreadable_note(.unreadable))]
+    #[error("{}", missing_keys_text(*.needed, *.found, .unreadable))]
     MissingKeys {
         /// Needed.
         needed: u32,
@@ -65,6 +65,18 @@ pub enum PassError {
         found: usize,
         /// Keys present but not decryptable.
         unreadable: Vec<String>,
+    },
+    /// Vault is sealed and the store itself is gone (a deleted Secret), not merely short of
+    /// keys.
+    #[error(
+        "Vault is sealed and needs {} unseal keys, but {store} not found: the store of the encrypted unseal keys was deleted (or never created under this name and namespace), and this Vault's keys exist nowhere else. Members of this Vault that are still unsealed keep serving: do not restart them. Restore the Secret from a backup (e.g. `kubectl apply -f` a saved copy of it): this sidecar then unseals Vault at its next pass. Without a copy, the still-unsealed members are the last way into the data: take a raft snapshot from one of them (`vault operator raft snapshot save`) before they reseal",
+        threshold_text(*.needed)
+    )]
+    StoreMissing {
+        /// What is gone (`Secret <namespace>/<name>`).
+        store: String,
+        /// Keys needed.
+        needed: u32,
     },
     /// The stored keys do not unseal this Vault.
     #[error(
@@ -214,6 +226,34 @@ mod store_unreachable_tests {
     }
 }
 
+fn threshold_text(needed: u32) -> String {
+    if needed == 0 {
+        "its (not yet reported) number of".to_owned()
+    } else {
+        needed.to_string()
+    }
+}
+
+/// The text of [`PassError::MissingKeys`]: an empty store says what that most likely means,
+/// since "needs 3 unseal keys but the store holds 0" alone reads like a wait.
+fn missing_keys_text(needed: u32, found: usize, unreadable: &[String]) -> String {
+    if found == 0 && unreadable.is_empty() {
+        let threshold = if needed == 0 {
+            " (it reports no key threshold: an init started and never completed its answer)"
+                .to_owned()
+        } else {
+            format!(" (it needs {needed})")
+        };
+        return format!(
+            "Vault is initialised and sealed but the store holds none of its unseal keys{threshold}: the keys were probably lost (a sys/init whose answer never reached the store, e.g. the process was killed during it, or the keys were removed since); Vault hands them out only once, so nothing can recover them from it. If this Vault holds no data yet, stop it, delete its data (the raft directory on its volume) and start it again so that unseal-init initialises it afresh; otherwise restore the store from a backup"
+        );
+    }
+    format!(
+        "Vault is sealed and needs {needed} unseal keys but the store holds {found} readable ones{}",
+        unreadable_note(unreadable)
+    )
+}
+
 fn unreadable_note(names: &[String]) -> String {
     if names.is_empty() {
         String::new()
@@ -331,6 +371,41 @@ pub struct Runner {
     short_of_keys: Mutex<Option<(Instant, bool)>>,
     /// The other raft members (`vault.raftPeers`), asked before this Vault is initialised.
     peers: Vec<Arc<dyn VaultApi>>,
+    /// The store found missing at the last look (`Secret <ns>/<name>`), reported once per
+    /// change.
+    store_missing: Mutex<Option<String>>,
+    /// The stored keys the last unseal could not read, with why: each is reported once per
+    /// change, not on every pass.
+    unreadable_seen: Mutex<Vec<(String, String)>>,
+}
+
+/// How long a raft join may keep failing before it is reported as an error: a follower
+/// starting with its cluster cannot join until the leader is initialised and unsealed.
+const JOIN_PATIENCE: Duration = Duration::from_secs(120);
+
+/// True for a failed raft join: expected while the leader is not yet able to take members
+/// (OpenBao answers `HTTP 500: failed to get raft challenge` on every cold start).
+fn join_failure(err: &PassError) -> bool {
+    matches!(
+        err,
+        PassError::JoinFailed(_)
+            | PassError::Vault(VaultError::Status {
+                endpoint: "sys/storage/raft/join",
+                ..
+            })
+    )
+}
+
+/// How the sidecar paces the next pass after `result`. Pure.
+fn pace_of(result: &Result<PassOutcome, PassError>) -> Pace {
+    match result {
+        Ok(PassOutcome::VaultUnreachable) => Pace::Soon,
+        Ok(_) => Pace::Period,
+        Err(e) if join_failure(e) => Pace::Soon,
+        Err(PassError::MissingKeys { unreadable, .. }) if !unreadable.is_empty() => Pace::Slower,
+        Err(PassError::WrongKeys { .. }) => Pace::Slower,
+        Err(_) => Pace::Period,
+    }
 }
 
 /// Result of a pass that did not fail.
@@ -368,6 +443,8 @@ impl Runner {
             vault_was_up: Mutex::new(None),
             short_of_keys: Mutex::new(None),
             peers: Vec::new(),
+            store_missing: Mutex::new(None),
+            unreadable_seen: Mutex::new(Vec::new()),
         }
         .with_peer_addresses()
     }
@@ -468,6 +545,22 @@ impl Runner {
         } else {
             None
         };
+        // A sealed Vault short of keys: is the store there at all? One more read, only then.
+        if let (Some(v), Some(names)) = (vault, &names)
+            && v.initialized
+            && v.sealed
+        {
+            let absent = if names.len() < (v.threshold as usize).max(1) {
+                self.keyring
+                    .storage()
+                    .absent()
+                    .await
+                    .map_err(KeyringError::from)?
+            } else {
+                None
+            };
+            self.note_store_missing(absent);
+        }
         let obs = Observation {
             vault,
             stored_keys: names.as_ref().map(Vec::len),
@@ -476,6 +569,33 @@ impl Runner {
             overwrite_existing_keys: self.cfg.options.overwrite_existing_keys,
         };
         Ok((obs, names.unwrap_or_default(), peer))
+    }
+
+    /// Reports a store that went missing (or came back) once per change: log, `/readyz`, and
+    /// `unseal_init_key_store_missing`.
+    fn note_store_missing(&self, now: Option<String>) {
+        let Ok(mut was) = self.store_missing.lock() else {
+            return;
+        };
+        if *was == now {
+            return;
+        }
+        match &now {
+            Some(what) => tracing::warn!(
+                store = what.as_str(),
+                "{what} not found: Vault is sealed and the store of its encrypted unseal keys is gone; it cannot be unsealed until the Secret is restored (from a backup)"
+            ),
+            None => tracing::info!(
+                store = was.as_deref().unwrap_or_default(),
+                "the key store is there again"
+            ),
+        }
+        self.telemetry.store_missing(now.as_deref());
+        *was = now;
+    }
+
+    fn missing_store(&self) -> Option<String> {
+        self.store_missing.lock().ok().and_then(|s| s.clone())
     }
 
     /// Logs reachability changes once (with the whole cause) instead of on every poll, and a
@@ -692,6 +812,9 @@ impl Runner {
                             });
                         }
                         ShortOfKeys::Fail => {
+                            if let Some(store) = self.missing_store() {
+                                return Err(PassError::StoreMissing { store, needed });
+                            }
                             return Err(PassError::MissingKeys {
                                 needed,
                                 found,
@@ -741,6 +864,28 @@ impl Runner {
     /// Submits stored keys until Vault is unsealed: any `threshold` readable keys will do, so
     /// one unreadable value (corrupted, written with another key) does not block the rest.
     async fn unseal(&self, threshold: usize, names: &[String]) -> Result<(), PassError> {
+        let before = self
+            .unreadable_seen
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        let mut seen = Vec::new();
+        let result = self.submit_keys(threshold, names, &before, &mut seen).await;
+        if let Ok(mut s) = self.unreadable_seen.lock() {
+            *s = seen;
+        }
+        result
+    }
+
+    /// [`Runner::unseal`]'s work; `seen` collects the keys found unreadable (and why), and
+    /// those already in `before` are not reported again.
+    async fn submit_keys(
+        &self,
+        threshold: usize,
+        names: &[String],
+        before: &[(String, String)],
+        seen: &mut Vec<(String, String)>,
+    ) -> Result<(), PassError> {
         tracing::info!("vault is sealed, unsealing");
         self.vault.unseal_reset().await?;
         let mut submitted = 0;
@@ -754,7 +899,14 @@ impl Runner {
                 Ok(Some(k)) => k,
                 Ok(None) => continue,
                 Err(e) if e.is_about_the_value() => {
-                    tracing::warn!(key = name.as_str(), error = %e, "skipping unreadable unseal key");
+                    let entry = (name.clone(), e.to_string());
+                    // The same key failing the same way again is no news.
+                    if before.contains(&entry) {
+                        tracing::debug!(key = name.as_str(), error = %e, "unseal key still unreadable");
+                    } else {
+                        tracing::warn!(key = name.as_str(), error = %e, "skipping unreadable unseal key");
+                    }
+                    seen.push(entry);
                     unreadable.push(name.clone());
                     continue;
                 }
@@ -814,19 +966,28 @@ impl Runner {
         self.telemetry
             .set_liveness_window(period * 3 + Duration::from_secs(60));
         let mut last_error: Option<(String, Instant)> = None;
+        let mut pacer = Pacer::new(period);
+        // Since when a raft join has been failing (expected while the leader starts).
+        let mut joining_since: Option<Instant> = None;
         loop {
             self.telemetry.heartbeat();
-            match self.pass(false).await {
+            let result = self.pass(false).await;
+            let pace = pace_of(&result);
+            match result {
                 Ok(PassOutcome::Stopped) => return Ok(()),
                 // Another initialiser's keys are on their way; said once, at INFO, where
                 // the race was seen.
                 Ok(PassOutcome::WaitingForKeys) => {}
-                Ok(_) => {
+                Ok(outcome) => {
+                    if outcome == PassOutcome::Unsealed {
+                        joining_since = None;
+                    }
                     if last_error.take().is_some() {
                         tracing::info!("unseal pass succeeded again");
                     }
                 }
                 Err(e) if e.pin_failure().is_some() || e.is_fatal() => return Err(e),
+                Err(e) if join_failure(&e) && self.join_patience(&mut joining_since, &e) => {}
                 Err(e) => {
                     if e.suspects_token()
                         && let Some(hsm) = &self.hsm
@@ -837,16 +998,50 @@ impl Runner {
                     let now = Instant::now();
                     let repeat = matches!(&last_error, Some((t, at)) if *t == text && now - *at < Duration::from_secs(300));
                     if !repeat {
-                        tracing::error!(error = %text, "unseal pass failed; retrying every unsealPeriod");
+                        let retry = match pace {
+                            Pace::Slower => format!(
+                                "retrying after unsealPeriod, then less and less often (at most every {})",
+                                humantime::format_duration(crate::unseal::SLOWEST.max(period))
+                            ),
+                            Pace::Soon => "retrying shortly".to_owned(),
+                            Pace::Period => "retrying every unsealPeriod".to_owned(),
+                        };
+                        tracing::error!(error = %text, "unseal pass failed; {retry}");
                         last_error = Some((text, now));
                     }
                 }
             }
+            let pause = pacer.next(pace);
+            tracing::debug!(
+                ?pace,
+                retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                "next pass"
+            );
             self.telemetry.heartbeat();
-            if self.shutdown.sleep_or_stop(period).await.is_stop() {
+            if self.shutdown.sleep_or_stop(pause).await.is_stop() {
                 return Ok(());
             }
         }
+    }
+
+    /// A failed raft join within [`JOIN_PATIENCE`] of the first: reported at INFO the first
+    /// time (a follower starting with its cluster meets it on every cold start), at DEBUG
+    /// after, and true; false once it has failed for longer, so it is reported as an error.
+    fn join_patience(&self, since: &mut Option<Instant>, err: &PassError) -> bool {
+        match since {
+            None => {
+                *since = Some(Instant::now());
+                tracing::info!(
+                    error = %err,
+                    "could not join the raft cluster yet, as expected while its leader is not yet initialised and unsealed; trying again shortly"
+                );
+            }
+            Some(first) if first.elapsed() < JOIN_PATIENCE => {
+                tracing::debug!(error = %err, "raft join still failing");
+            }
+            Some(_) => return false,
+        }
+        true
     }
 }
 
@@ -1102,6 +1297,103 @@ mod tests {
         assert_eq!(scene.pass().await.expect("pass"), PassOutcome::Unsealed);
         assert_eq!(scene.store_ops(), ops, "store operations during the pass");
         assert_eq!(scene.decrypts(), decrypts, "decrypts");
+        scene.close();
+    }
+
+    #[test]
+    fn passes_after_expected_waits_come_soon_and_repeating_failures_slower() {
+        let join = PassError::Vault(VaultError::Status {
+            endpoint: "sys/storage/raft/join",
+            status: 500,
+            message: "failed to get raft challenge".to_owned(),
+        });
+        assert_eq!(pace_of(&Err(join)), Pace::Soon);
+        assert_eq!(pace_of(&Err(PassError::JoinFailed("x".into()))), Pace::Soon);
+        assert_eq!(pace_of(&Ok(PassOutcome::VaultUnreachable)), Pace::Soon);
+        assert_eq!(pace_of(&Ok(PassOutcome::Unsealed)), Pace::Period);
+        let wrong_key = PassError::MissingKeys {
+            needed: 3,
+            found: 0,
+            unreadable: vec!["vault-unseal-0".into()],
+        };
+        assert_eq!(pace_of(&Err(wrong_key)), Pace::Slower);
+        let empty = PassError::MissingKeys {
+            needed: 3,
+            found: 0,
+            unreadable: Vec::new(),
+        };
+        assert_eq!(pace_of(&Err(empty)), Pace::Period);
+        let unseal = PassError::Vault(VaultError::Status {
+            endpoint: "sys/unseal",
+            status: 500,
+            message: "boom".to_owned(),
+        });
+        assert_eq!(pace_of(&Err(unseal)), Pace::Period);
+    }
+
+    #[test]
+    fn an_empty_store_for_an_initialised_vault_says_the_keys_were_probably_lost() {
+        let text = PassError::MissingKeys {
+            needed: 0,
+            found: 0,
+            unreadable: Vec::new(),
+        }
+        .to_string();
+        assert!(
+            text.contains("keys were probably lost")
+                && text.contains("delete its data")
+                && text.contains("no key threshold")
+                && !text.contains("needs 0"),
+            "{text}"
+        );
+        let text = PassError::MissingKeys {
+            needed: 3,
+            found: 1,
+            unreadable: vec!["vault-unseal-1".into()],
+        }
+        .to_string();
+        assert!(
+            text.contains("needs 3 unseal keys but the store holds 1 readable ones")
+                && text.contains("(unreadable: vault-unseal-1)"),
+            "{text}"
+        );
+        let text = PassError::StoreMissing {
+            store: "Secret vault/vault-unseal-keys".into(),
+            needed: 3,
+        }
+        .to_string();
+        assert!(
+            text.contains("Secret vault/vault-unseal-keys not found")
+                && text.contains("Restore the Secret from a backup"),
+            "{text}"
+        );
+    }
+
+    /// A stick that cannot decrypt the stored keys (another key pair's values) reports each
+    /// key once, not on every pass.
+    #[tokio::test]
+    async fn unreadable_keys_are_reported_once_per_change() {
+        let scene = Scene::initialised().await;
+        scene.vault.seal();
+        let (other, other_host) = soft::pair();
+        let r = Runner::new(
+            scene.config(),
+            scene.vault.clone(),
+            Keyring::new(other, other_host, Scheme::OaepSha1, scene.store.clone()),
+            None,
+            Telemetry::new(),
+            Shutdown::new(),
+        );
+        for _ in 0..3 {
+            let err = r.pass(false).await.expect_err("unreadable");
+            assert!(
+                matches!(&err, PassError::MissingKeys { unreadable, .. } if unreadable.len() == 5),
+                "{err:?}"
+            );
+            assert_eq!(pace_of(&Err(err)), Pace::Slower);
+        }
+        let seen = r.unreadable_seen.lock().expect("seen").clone();
+        assert_eq!(seen.len(), 5, "{seen:?}");
         scene.close();
     }
 

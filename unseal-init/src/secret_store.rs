@@ -181,6 +181,19 @@ impl SecretStore {
         self.try_patch_or_create(&patch, None, Some(id)).await
     }
 
+    /// `Some("Secret <namespace>/<name>")` when the Secret does not exist (deleted, or never
+    /// created), `None` when it does, however empty.
+    pub async fn absent(&self) -> Result<Option<String>, SecretStoreError> {
+        let secret = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| self.err("read", e))?;
+        Ok(secret
+            .is_none()
+            .then(|| format!("Secret {}/{}", self.namespace, self.name)))
+    }
+
     /// Removes `key`; true if it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, SecretStoreError> {
         if self.get(key).await?.is_none() {
@@ -235,5 +248,9 @@ impl Storage for SecretStore {
 
     fn set_key_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {
         async move { Ok(SecretStore::set_key_id(self, id).await?) }.boxed()
+    }
+
+    fn absent(&self) -> BoxFuture<'_, Result<Option<String>, StorageError>> {
+        async move { Ok(SecretStore::absent(self).await?) }.boxed()
     }
 }

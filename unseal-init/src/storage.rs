@@ -67,6 +67,13 @@ pub trait Storage: Send + Sync {
     fn shared(&self) -> bool {
         true
     }
+
+    /// `Some(what)` (e.g. `Secret vault/vault-unseal-keys`) when the store itself is gone, not
+    /// merely empty: a deleted Secret reads as no values at all, and only this tells the two
+    /// apart. Asked only when the store lacks keys, so it costs an idle pass nothing.
+    fn absent(&self) -> BoxFuture<'_, Result<Option<String>, StorageError>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// An in-memory store for unit tests of the key ring and the Vault flow.

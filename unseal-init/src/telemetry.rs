@@ -96,7 +96,8 @@ pub struct Telemetry {
     ready: AtomicBool,
     pin_problem: Mutex<Option<&'static str>>,
     token_problem: Mutex<Option<&'static str>>,
-    store_problem: Mutex<Option<&'static str>>,
+    store_problem: Mutex<Option<String>>,
+    store_missing: Gauge,
     /// Milliseconds since `born` at the last heartbeat: a monotonic clock, so an NTP step
     /// never makes the process look dead.
     heartbeat_ms: AtomicU64,
@@ -178,8 +179,15 @@ impl Telemetry {
             "1 while the user PIN is refused (rejected, blocked or missing) and a different one is awaited",
             pin_rejected.clone(),
         );
+        let store_missing = Gauge::default();
+        registry.register(
+            "key_store_missing",
+            "1 while the key store itself was last found missing (mode hsm-k8s: the Secret holding the encrypted unseal keys deleted); looked at only when Vault is sealed",
+            store_missing.clone(),
+        );
         Arc::new(Self {
             registry: Mutex::new(registry),
+            store_missing,
             initialized,
             sealed,
             unseal_attempts,
@@ -258,10 +266,20 @@ impl Telemetry {
 
     /// Records that the key store cannot be reached (`Some(reason)`, shown on `/readyz`: the
     /// Kubernetes API server away) or is reachable again.
-    pub fn store_problem(&self, reason: Option<&'static str>) {
+    pub fn store_problem(&self, reason: Option<&str>) {
         if let Ok(mut p) = self.store_problem.lock() {
-            *p = reason;
+            *p = reason.map(str::to_owned);
         }
+    }
+
+    /// Records that the key store itself is gone (`Some(what)`, e.g. `Secret vault/x`: shown on
+    /// `/readyz` and as `unseal_init_key_store_missing`) or is there again (`None`).
+    pub fn store_missing(&self, what: Option<&str>) {
+        self.store_missing.set(i64::from(what.is_some()));
+        self.store_problem(
+            what.map(|w| format!("{w} not found: the encrypted unseal keys are gone"))
+                .as_deref(),
+        );
     }
 
     /// Records that no login is possible with the PIN in use (`Some(reason)`, shown on
@@ -375,20 +393,20 @@ impl Telemetry {
 
     /// Why `/readyz` fails, if it does. A refused PIN comes first: Vault may still be
     /// unsealed, but this sidecar can no longer unseal it again.
-    pub fn not_ready_reason(&self) -> Option<&'static str> {
+    pub fn not_ready_reason(&self) -> Option<String> {
         if let Some(reason) = self.pin_problem.lock().ok().and_then(|p| *p) {
-            return Some(reason);
+            return Some(reason.to_owned());
         }
         if let Some(reason) = self.token_problem.lock().ok().and_then(|p| *p) {
-            return Some(reason);
+            return Some(reason.to_owned());
         }
-        if let Some(reason) = self.store_problem.lock().ok().and_then(|p| *p) {
+        if let Some(reason) = self.store_problem.lock().ok().and_then(|p| p.clone()) {
             return Some(reason);
         }
         if self.ready.load(Ordering::SeqCst) {
             None
         } else {
-            Some("vault not ready")
+            Some("vault not ready".to_owned())
         }
     }
 
@@ -459,7 +477,7 @@ impl Probes for Telemetry {
     fn ready(&self) -> Result<String, String> {
         match self.not_ready_reason() {
             None => Ok("vault initialised and unsealed".to_owned()),
-            Some(reason) => Err(reason.to_owned()),
+            Some(reason) => Err(reason),
         }
     }
 }
@@ -523,13 +541,29 @@ mod tests {
         assert!(text.contains("unseal_init_hsm_pin_rejected 0"), "{text}");
         // A refused PIN makes the sidecar unready even while Vault is still unsealed.
         t.pin_problem(Some("HSM user PIN rejected"));
-        assert_eq!(t.not_ready_reason(), Some("HSM user PIN rejected"));
+        assert_eq!(
+            t.not_ready_reason().as_deref(),
+            Some("HSM user PIN rejected")
+        );
         assert!(t.encode().contains("unseal_init_hsm_pin_rejected 1"));
         t.pin_problem(None);
         assert!(t.ready());
         t.vault_status(true, true);
         assert!(!t.ready());
-        assert_eq!(t.not_ready_reason(), Some("vault not ready"));
+        assert_eq!(t.not_ready_reason().as_deref(), Some("vault not ready"));
+        // A deleted Secret is named on /readyz and flagged in the metrics until it is back.
+        assert!(t.encode().contains("unseal_init_key_store_missing 0"));
+        t.store_missing(Some("Secret vault/vault-unseal-keys"));
+        assert!(t.encode().contains("unseal_init_key_store_missing 1"));
+        assert!(
+            t.not_ready_reason()
+                .is_some_and(|r| r.starts_with("Secret vault/vault-unseal-keys not found")),
+            "{:?}",
+            t.not_ready_reason()
+        );
+        t.store_missing(None);
+        assert!(t.encode().contains("unseal_init_key_store_missing 0"));
+        assert_eq!(t.not_ready_reason().as_deref(), Some("vault not ready"));
         let totals = t.hsm_totals();
         assert_eq!(totals["decrypt"].count, 2);
         assert_eq!(totals["decrypt"].time, Duration::from_millis(8));

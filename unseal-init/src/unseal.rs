@@ -126,6 +126,62 @@ pub fn short_of_keys(
     }
 }
 
+/// How a sidecar paces its next pass after the last one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// The regular `unsealPeriod`.
+    Period,
+    /// Something that fixes itself within moments (Vault not listening yet, a raft leader not
+    /// yet able to take members): from [`SOON_FIRST`], doubling, never beyond the period.
+    Soon,
+    /// A failure that repeats exactly until someone acts (stored keys this stick cannot
+    /// decrypt): from the period, doubling, up to [`SLOWEST`], so a stick with the wrong key
+    /// costs a handful of card operations an hour instead of a few every period.
+    Slower,
+}
+
+/// First delay of [`Pace::Soon`].
+pub const SOON_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
+/// Longest delay of [`Pace::Slower`] (unless the period itself is longer).
+pub const SLOWEST: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The delays between passes: each pace backs off on its own and starts afresh whenever the
+/// pace changes. Pure; the caller sleeps.
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    period: std::time::Duration,
+    last: Pace,
+    soon: nitrokey_common::backoff::Backoff,
+    slower: nitrokey_common::backoff::Backoff,
+}
+
+impl Pacer {
+    /// Pacing for `unsealPeriod` `period`.
+    pub fn new(period: std::time::Duration) -> Self {
+        use nitrokey_common::backoff::Backoff;
+        Self {
+            period,
+            last: Pace::Period,
+            soon: Backoff::new(SOON_FIRST, period),
+            slower: Backoff::new(period, SLOWEST.max(period)),
+        }
+    }
+
+    /// The delay before the next pass, given how the last one ended.
+    pub fn next(&mut self, pace: Pace) -> std::time::Duration {
+        if pace != self.last {
+            self.soon.reset();
+            self.slower.reset();
+            self.last = pace;
+        }
+        match pace {
+            Pace::Period => self.period,
+            Pace::Soon => self.soon.next(),
+            Pace::Slower => self.slower.next(),
+        }
+    }
+}
+
 /// True for Vault's answer to a `sys/init` that another initialiser beat.
 pub fn already_initialised(message: &str) -> bool {
     message.to_ascii_lowercase().contains("already initialized")
@@ -253,6 +309,39 @@ mod tests {
             next_step(&obs(Some((false, true, 0)), 5)),
             Step::RefuseStaleKeys { found: 5 }
         );
+    }
+
+    #[test]
+    fn passes_are_paced_from_milliseconds_or_backed_off_from_the_period() {
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        let mut p = Pacer::new(ms(1000));
+        assert_eq!(p.next(Pace::Period), ms(1000));
+        // Vault not listening yet: from milliseconds, never beyond the period.
+        let soon: Vec<_> = (0..7).map(|_| p.next(Pace::Soon)).collect();
+        assert_eq!(
+            soon,
+            [
+                ms(50),
+                ms(100),
+                ms(200),
+                ms(400),
+                ms(800),
+                ms(1000),
+                ms(1000)
+            ]
+        );
+        // Keys the stick cannot decrypt: from the period up to the slowest pace.
+        let slower: Vec<_> = (0..12).map(|_| p.next(Pace::Slower)).collect();
+        assert_eq!(slower[..4], [ms(1000), ms(2000), ms(4000), ms(8000)]);
+        assert_eq!(slower[11], SLOWEST);
+        // Each pace starts afresh after another.
+        assert_eq!(p.next(Pace::Period), ms(1000));
+        assert_eq!(p.next(Pace::Soon), ms(50));
+        assert_eq!(p.next(Pace::Slower), ms(1000));
+        // A period longer than the slowest pace is never shortened.
+        let mut long = Pacer::new(Duration::from_secs(3600));
+        assert_eq!(long.next(Pace::Slower), Duration::from_secs(3600));
     }
 
     #[test]
