@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{Plugin, TIMEOUT};
-use nitrokey_e2e::kube_api::KubeApi;
+use nitrokey_e2e::kube_api::{KubeApi, node_uid};
 use nitrokey_e2e::kube_api_dra::allocated_claim;
 use nitrokey_e2e::kubelet_dra::{DraEvent, FakeDraKubelet, NodeService};
 use nitrokey_e2e::usb::Testbed;
@@ -114,6 +114,12 @@ async fn slice_follows_hotplug_and_claims_are_prepared_through_cdi() {
     assert_eq!(empty["spec"]["driver"], DRIVER);
     assert_eq!(empty["spec"]["nodeName"], NODE);
     assert_eq!(empty["spec"]["pool"]["name"], NODE);
+    // Owned by its Node, so that it goes with the Node.
+    assert_eq!(
+        empty["metadata"]["ownerReferences"],
+        serde_json::json!([{"apiVersion": "v1", "kind": "Node", "name": NODE,
+            "uid": node_uid(NODE), "controller": true}])
+    );
     assert!(device_names(&empty).is_empty(), "no stick yet: {empty}");
     let first_generation = empty["spec"]["pool"]["generation"].as_i64().unwrap();
 
@@ -291,6 +297,9 @@ async fn slice_follows_hotplug_and_claims_are_prepared_through_cdi() {
         after["spec"]["pool"]["generation"].as_i64()
             > before["spec"]["pool"]["generation"].as_i64()
     );
+    // The Node deleted: the garbage collector takes the slice with it.
+    assert_eq!(api.dra().delete_owned_by(&node_uid(NODE)), 1);
+    assert!(api.dra().slice(SLICE).is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,10 @@
 //!   400 BadRequest otherwise) and apiVersion/kind must be given (apply requires them);
 //! - the object is validated as `pkg/apis/resource/validation/validation.go` does for what
 //!   this driver sets: the driver name, the pool's name and a generation ≥ 0, device names
-//!   that are DNS labels, at most 128 devices per slice; a violation is 422 Invalid;
+//!   that are DNS labels, at most 128 devices per slice, and owner references with
+//!   apiVersion, kind, name and uid, at most one of them the controller (`ValidateOwnerReferences`
+//!   in `staging/src/k8s.io/apimachinery/pkg/api/validation/objectmeta.go`); a violation is
+//!   422 Invalid;
 //! - `GET` of a missing object is 404 NotFound with a `Status` body;
 //! - every write bumps `metadata.resourceVersion`, and the stored object gets a `uid`;
 //! - a pod evicted through the API stand-in leaves the `status.reservedFor` of the claims
@@ -60,6 +63,22 @@ fn is_dns_label(s: &str) -> bool {
 
 /// What validation finds wrong with a slice, as the API server lists it.
 fn invalid_slice(slice: &Value) -> Option<String> {
+    let owners = slice["metadata"]["ownerReferences"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for (i, owner) in owners.iter().enumerate() {
+        for field in ["apiVersion", "kind", "name", "uid"] {
+            if owner[field].as_str().is_none_or(str::is_empty) {
+                return Some(format!(
+                    "metadata.ownerReferences[{i}].{field}: Invalid value: \"\": {field} must not be empty"
+                ));
+            }
+        }
+    }
+    if owners.iter().filter(|o| o["controller"] == true).count() > 1 {
+        return Some("metadata.ownerReferences: Invalid value: only one reference can have Controller set to true".into());
+    }
     let spec = &slice["spec"];
     if spec["driver"].as_str().is_none_or(str::is_empty) {
         return Some("spec.driver: Required value".into());
@@ -313,6 +332,32 @@ mod tests {
     }
 
     #[test]
+    fn owner_references_are_validated_and_a_deleted_owner_takes_its_slices() {
+        let objects = DraObjects::default();
+        let path = "/apis/resource.k8s.io/v1/resourceslices/n-x";
+        let slice = |owners: Value| {
+            json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+                "metadata": {"name": "n-x", "ownerReferences": owners},
+                "spec": {"driver": "x", "nodeName": "n",
+                         "pool": {"name": "n", "generation": 1, "resourceSliceCount": 1}}})
+        };
+        let node = |uid: &str| json!({"apiVersion": "v1", "kind": "Node", "name": "n", "uid": uid, "controller": true});
+        let (code, body) = objects
+            .answer("PATCH", path, &slice(json!([node("")])))
+            .unwrap();
+        assert_eq!(code, 422, "{body}");
+        assert!(body.contains("ownerReferences[0].uid"), "{body}");
+        let two = json!([node("a"), node("b")]);
+        assert_eq!(objects.answer("PATCH", path, &slice(two)).unwrap().0, 422);
+        let owned = slice(json!([node("n-uid")]));
+        assert_eq!(objects.answer("PATCH", path, &owned).unwrap().0, 201);
+        assert_eq!(objects.delete_owned_by("other-uid"), 0);
+        assert!(objects.slice("n-x").is_some());
+        assert_eq!(objects.delete_owned_by("n-uid"), 1);
+        assert!(objects.slice("n-x").is_none());
+    }
+
+    #[test]
     fn claims_are_served_by_namespace_and_name() {
         let objects = DraObjects::default();
         objects.put_claim(allocated_claim(
@@ -332,5 +377,12 @@ mod tests {
         );
         let missing = "/apis/resource.k8s.io/v1/namespaces/ns/resourceclaims/d";
         assert_eq!(objects.answer("GET", missing, &Value::Null).unwrap().0, 404);
+        // Its pod evicted: the claim is reserved for nobody any more.
+        assert_eq!(objects.pod_gone("other", "pod"), 0);
+        assert_eq!(objects.pod_gone("ns", "pod"), 1);
+        assert_eq!(
+            objects.claim("ns", "c").unwrap()["status"]["reservedFor"],
+            json!([])
+        );
     }
 }

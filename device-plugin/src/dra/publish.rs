@@ -4,15 +4,23 @@
 //! over), with the next pool generation; a failed apply is retried with a growing pause.
 //!
 //! The slice stays when the driver stops, so that a restart does not take the sticks away
-//! from the scheduler; the kubelet removes a driver's slices of its node once the driver
-//! stays unregistered, and all of its node's slices when it starts
+//! from the scheduler (the kubelet plugin helper of `k8s.io/dynamic-resource-allocation` does
+//! not delete its slices either); the kubelet removes a driver's slices of its node once the
+//! driver stays unregistered (30 s, `defaultWipingDelay` in `pkg/kubelet/cm/dra`), which is
+//! what cleans up after an uninstall, and all of its node's slices when it starts
 //! (`wipeResourceSlices` in `pkg/kubelet/cm/dra/plugin`). So the slice is looked up again
 //! whenever the kubelet (re)registers the driver, and every [`RESYNC`] besides, and applied
 //! anew when it is gone.
+//!
+//! The slice names its Node as owner, by the UID read from the API at start (as that helper's
+//! ResourceSlice controller does), so that it goes with a deleted Node even when no kubelet is
+//! left to remove it. Without the UID (no `get` on nodes), it is published without an owner,
+//! and the lookup is tried again with every look at the slice.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::ResourceSlice;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
@@ -44,6 +52,23 @@ pub fn plugged_facts(state: &PluginState) -> Vec<StickFacts> {
         .collect()
 }
 
+/// The UID of Node `node`, or `None` (said in the log) when it cannot be read.
+async fn node_uid(nodes: &Api<Node>, node: &str) -> Option<String> {
+    let why =
+        match tokio::time::timeout(crate::api_client::ANSWER_TIMEOUT, nodes.get_opt(node)).await {
+            Ok(Ok(Some(found))) => match found.metadata.uid {
+                Some(uid) => return Some(uid),
+                None => "the Node has no uid".to_owned(),
+            },
+            Ok(Ok(None)) => "no such Node".to_owned(),
+            Ok(Err(e)) => crate::text::shorten(&e.to_string(), 500),
+            Err(_) => "the API server did not answer in time".to_owned(),
+        };
+    tracing::warn!(node = %node, error = %why,
+        "cannot read the Node's uid; the ResourceSlice is published without the Node as owner");
+    None
+}
+
 /// Publishes until `shutdown`.
 pub async fn run(
     client: Client,
@@ -52,6 +77,7 @@ pub async fn run(
     registered: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) {
+    let nodes: Api<Node> = Api::all(client.clone());
     let api: Api<ResourceSlice> = Api::all(client);
     let name = slice_name(&node);
     // Continue the generation of a slice an earlier run published.
@@ -68,6 +94,9 @@ pub async fn run(
                 Pool::default()
             }
         };
+    if let Some(uid) = node_uid(&nodes, &node).await {
+        pool.owned_by(&uid);
+    }
     let params = PatchParams::apply(FIELD_MANAGER);
     let mut units = state.subscribe();
     let mut retry: Option<Duration> = None;
@@ -115,6 +144,11 @@ pub async fn run(
             () = tokio::time::sleep(pause) => retry.is_none(),
         };
         if look {
+            if !pool.has_owner()
+                && let Some(uid) = node_uid(&nodes, &node).await
+            {
+                pool.owned_by(&uid);
+            }
             let found =
                 tokio::time::timeout(crate::api_client::ANSWER_TIMEOUT, api.get_opt(&name)).await;
             if let Ok(Ok(None)) = found {

@@ -2,14 +2,16 @@
 //! plugged-in stick with its attributes. Pure: [`Pool::update`] turns the current sticks into
 //! the slice to apply, or `None` when nothing a scheduler sees has changed; every change
 //! bumps the pool's generation, which is how the scheduler tells a newer slice from an older
-//! one of the same pool.
+//! one of the same pool. The slice names the Node as its owner (by UID, once known), as the
+//! kubelet plugin helper of `k8s.io/dynamic-resource-allocation` does, so that the garbage
+//! collector deletes it with the Node.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::resource::v1::{
     Device, DeviceAttribute, ResourcePool, ResourceSlice, ResourceSliceSpec,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use super::facts::StickFacts;
 use super::names::{
@@ -123,11 +125,31 @@ pub fn devices(sticks: &[StickFacts]) -> Vec<Device> {
     devices
 }
 
-/// The whole slice for `node` at pool generation `generation`.
-pub fn slice(node: &str, devices: Vec<Device>, generation: i64) -> ResourceSlice {
+/// The slice's owner: the Node `node` with UID `uid`, as controller (no `blockOwnerDeletion`,
+/// which would need delete rights on the Node).
+pub fn node_owner(node: &str, uid: &str) -> OwnerReference {
+    OwnerReference {
+        api_version: "v1".to_owned(),
+        kind: "Node".to_owned(),
+        name: node.to_owned(),
+        uid: uid.to_owned(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }
+}
+
+/// The whole slice for `node` at pool generation `generation`, owned by the Node with UID
+/// `node_uid` when known.
+pub fn slice(
+    node: &str,
+    devices: Vec<Device>,
+    generation: i64,
+    node_uid: Option<&str>,
+) -> ResourceSlice {
     ResourceSlice {
         metadata: ObjectMeta {
             name: Some(slice_name(node)),
+            owner_references: node_uid.map(|uid| vec![node_owner(node, uid)]),
             ..ObjectMeta::default()
         },
         spec: ResourceSliceSpec {
@@ -149,6 +171,7 @@ pub fn slice(node: &str, devices: Vec<Device>, generation: i64) -> ResourceSlice
 pub struct Pool {
     generation: i64,
     published: Option<Vec<Device>>,
+    node_uid: Option<String>,
 }
 
 impl Pool {
@@ -158,7 +181,22 @@ impl Pool {
         Self {
             generation: generation.max(0),
             published: None,
+            node_uid: None,
         }
+    }
+
+    /// Names the Node with UID `uid` as the slice's owner from now on; a slice published
+    /// without it (or with another) is published again.
+    pub fn owned_by(&mut self, uid: &str) {
+        if self.node_uid.as_deref() != Some(uid) {
+            self.node_uid = Some(uid.to_owned());
+            self.published = None;
+        }
+    }
+
+    /// Whether the owner's UID is known.
+    pub fn has_owner(&self) -> bool {
+        self.node_uid.is_some()
     }
 
     /// The generation of the last slice handed out.
@@ -175,7 +213,12 @@ impl Pool {
         }
         self.generation += 1;
         self.published = Some(devices.clone());
-        Some(slice(node, devices, self.generation))
+        Some(slice(
+            node,
+            devices,
+            self.generation,
+            self.node_uid.as_deref(),
+        ))
     }
 
     /// Forgets what was handed out (its apply failed), so that the next update publishes
@@ -273,6 +316,31 @@ mod tests {
         assert_eq!(pool.update("n", &moved).unwrap().spec.pool.generation, 44);
         pool.unpublished();
         assert_eq!(pool.update("n", &moved).unwrap().spec.pool.generation, 45);
+    }
+
+    #[test]
+    fn the_node_owns_the_slice_once_its_uid_is_known() {
+        let mut pool = Pool::default();
+        let one = [stick("DENK1", Some("DENK1"), "1-1")];
+        let unowned = pool.update("node-a", &one).unwrap();
+        assert_eq!(unowned.metadata.owner_references, None);
+        assert!(!pool.has_owner());
+        pool.owned_by("0b1c-uid");
+        assert!(pool.has_owner());
+        // Published again, unchanged devices or not.
+        let owned = pool.update("node-a", &one).unwrap();
+        assert_eq!(
+            serde_json::to_value(&owned.metadata.owner_references).unwrap(),
+            serde_json::json!([{
+                "apiVersion": "v1", "kind": "Node", "name": "node-a", "uid": "0b1c-uid",
+                "controller": true,
+            }])
+        );
+        pool.owned_by("0b1c-uid");
+        assert!(
+            pool.update("node-a", &one).is_none(),
+            "same owner: nothing new"
+        );
     }
 
     #[test]
