@@ -274,6 +274,43 @@ impl Cli {
         let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
         match Self::try_parse_from(&args) {
             Ok(cli) => cli,
+    /// Break-glass: decrypt one stored value (e.g. `vault-root`) and write it to stdout only.
+    /// A newline follows only on a terminal, so piped output is the exact value.
+    Reveal {
+        /// Name of the stored value: `vault-root`, `vault-unseal-N`, `vault-test`.
+        name: String,
+        /// Print even when stdout is a terminal (the value then stays on screen and in the
+        /// terminal's scrollback).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Read a value from stdin (a trailing newline dropped) and store it under NAME,
+    /// encrypted as the program stores values, e.g. a new root token from `operator
+    /// generate-root`.
+    Store {
+        /// Name to store it under, e.g. `vault-root`.
+        name: String,
+        /// Replace a different value already stored under NAME.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write every stored value, as the ciphertext it is stored as, to FILE (mode 0600).
+    Backup {
+        /// The backup file to write.
+        file: PathBuf,
+        /// Replace FILE when it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Put the values of a backup FILE into the store (the token, or the Secret in mode
+    /// hsm-k8s), each verified to decrypt with this token's key pair.
+    Restore {
+        /// The backup file to read.
+        file: PathBuf,
+        /// Replace values stored under the same names that differ from the backup's.
+        #[arg(long)]
+        force: bool,
+    },
             Err(e) => match env_source(&e, &args) {
                 Some(var) => {
                     let first = e.to_string();

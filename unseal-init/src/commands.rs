@@ -1,7 +1,9 @@
 //! Operator subcommands (`unseal-init hsm ...`): what the manual pkcs11-tool steps did, with
 //! this program's slot selection, PIN handling and object format. Output goes to stdout and
-//! never contains a secret value.
+//! never contains a secret value, except `hsm reveal`'s, whose whole output is the one value
+//! asked for (break-glass access).
 
+use crate::backup;
 use crate::cli::HsmCommand;
 use crate::config::{Config, Mode};
 use crate::envelope;
@@ -31,6 +33,10 @@ pub async fn run(cfg: &Config, command: &HsmCommand) -> anyhow::Result<()> {
         HsmCommand::List => list(cfg, telemetry).await,
         HsmCommand::Delete { label, yes } => delete(cfg, telemetry, label, *yes).await,
         HsmCommand::Migrate => migrate(cfg, telemetry).await,
+        HsmCommand::Reveal { name, yes } => reveal(cfg, telemetry, name, *yes).await,
+        HsmCommand::Store { name, force } => store(cfg, telemetry, name, *force).await,
+        HsmCommand::Backup { file, force } => backup(cfg, telemetry, file, *force).await,
+        HsmCommand::Restore { file, force } => restore(cfg, telemetry, file, *force).await,
     }
 }
 
@@ -285,6 +291,335 @@ async fn migrate(cfg: &Config, telemetry: Arc<Telemetry>) -> anyhow::Result<()> 
             failed.join(", ")
         );
     }
+    Ok(())
+}
+
+/// Longest input `hsm store` reads from stdin: far more than any RSA key's capacity, so a
+/// value that is too long is reported with its length, and a stream that never ends is cut.
+const MAX_STDIN: usize = 4096;
+
+/// Break-glass: decrypts the value stored under `name` and writes it, and nothing else, to
+/// stdout. Refuses a terminal without `--yes` before the token is touched.
+async fn reveal(
+    cfg: &Config,
+    telemetry: Arc<Telemetry>,
+    name: &str,
+    yes: bool,
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let terminal = std::io::stdout().is_terminal();
+    if terminal && !yes {
+        anyhow::bail!(crate::ConfirmationRequired(format!(
+            "refusing to print `{name}` to a terminal without --yes (it would stay on screen and in the scrollback); pipe it into the command that needs it, or pass --yes"
+        )));
+    }
+    let opened = open_for_command(cfg, telemetry).await?;
+    let storage = opened.keyring.storage().kind();
+    let Some(value) = opened.keyring.load(name).await? else {
+        anyhow::bail!("nothing is stored under `{name}` in the {storage}");
+    };
+    write_stdout(value.expose().as_bytes(), terminal)
+        .with_context(|| format!("writing `{name}` to stdout"))?;
+    tracing::info!(key = name, storage, "revealed a stored value on stdout");
+    Ok(())
+}
+
+/// Writes `value` straight to file descriptor 1, bypassing the standard library's stdout
+/// buffer, which would keep a copy of the secret that nothing zeroes.
+fn write_stdout(value: &[u8], newline: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    let mut out = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
+    out.write_all(value)?;
+    if newline {
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+}
+
+/// Reads at most [`MAX_STDIN`] bytes of stdin into memory zeroed on drop, straight from file
+/// descriptor 0 (the standard library's stdin buffer would keep a copy). One trailing
+/// newline (`\n` or `\r\n`) is dropped: `echo` and most editors add one.
+fn read_stdin_value(name: &str) -> anyhow::Result<crate::secret::Secret> {
+    use std::io::{IsTerminal, Read};
+    use std::os::fd::AsFd;
+    if std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "stdin is a terminal, where the value would be echoed; pipe it in instead, e.g. `printf '%s' \"$VALUE\" | unseal-init hsm store {name}` or `unseal-init hsm store {name} < FILE`"
+        );
+    }
+    let input = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+    // Room for the limit and one more byte, allocated once: a growing buffer would leave
+    // copies of the value behind in freed memory.
+    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(MAX_STDIN + 1));
+    input
+        .take(MAX_STDIN as u64 + 1)
+        .read_to_end(&mut buf)
+        .context("reading the value from stdin")?;
+    if buf.len() > MAX_STDIN {
+        anyhow::bail!("stdin holds more than {MAX_STDIN} bytes; no stored value is that long");
+    }
+    if buf.ends_with(b"\n") {
+        buf.pop();
+        if buf.ends_with(b"\r") {
+            buf.pop();
+        }
+    }
+    if let Err(expected) = crate::keyring::plaintext_shape(name, &buf) {
+        anyhow::bail!(
+            "the value on stdin ({} bytes) is not {expected}, as `{name}` holds; nothing stored",
+            buf.len()
+        );
+    }
+    let text = String::from_utf8(std::mem::take(&mut *buf)).map_err(|e| {
+        zeroize::Zeroize::zeroize(&mut e.into_bytes());
+        anyhow::anyhow!("the value on stdin is not UTF-8 text; nothing stored")
+    })?;
+    Ok(crate::secret::Secret::new(text))
+}
+
+/// Stores a value read from stdin under `name`: written beside the old value, read back and
+/// decrypted on the token, and only then is the old value removed. A different value already
+/// stored is replaced only with `--force`.
+async fn store(
+    cfg: &Config,
+    telemetry: Arc<Telemetry>,
+    name: &str,
+    force: bool,
+) -> anyhow::Result<()> {
+    if !backup::valid_name(name) {
+        anyhow::bail!(
+            "`{name}` is not a name a store can hold (1 to {} of the characters a-z A-Z 0-9 - _ .)",
+            backup::MAX_NAME
+        );
+    }
+    let value = read_stdin_value(name)?;
+    let opened = open_for_command(cfg, telemetry).await?;
+    let keyring = opened.keyring;
+    if value.expose().len() > keyring.capacity() {
+        anyhow::bail!(
+            "the value on stdin has {} bytes; the {}-bit key pair with {} holds at most {}; nothing stored",
+            value.expose().len(),
+            keyring.key_bits(),
+            keyring.scheme().name(),
+            keyring.capacity()
+        );
+    }
+    match keyring.load(name).await {
+        Ok(None) => {}
+        Ok(Some(old)) if old == value => {
+            println!("`{name}` already holds this value; nothing written");
+            return Ok(());
+        }
+        Ok(Some(_)) if !force => anyhow::bail!(crate::ConfirmationRequired(format!(
+            "`{name}` already holds a different value; refusing to replace it without --force (nothing written)"
+        ))),
+        Err(e) if e.is_about_the_value() && !force => {
+            anyhow::bail!(crate::ConfirmationRequired(format!(
+                "`{name}` holds a value this token cannot read ({e}); refusing to replace it without --force (nothing written)"
+            )))
+        }
+        Ok(Some(_)) => {}
+        Err(e) if e.is_about_the_value() => {}
+        Err(e) => return Err(e.into()),
+    }
+    keyring.store(name, &value).await?;
+    println!(
+        "stored `{name}` in the {} (format v{} {}), read back and decrypted on the token",
+        keyring.storage().kind(),
+        envelope::VERSION,
+        keyring.scheme().name()
+    );
+    Ok(())
+}
+
+/// Writes every stored value, as stored (ciphertext), to `file`, after checking that each
+/// one decrypts with this token: a backup holding a value nobody can open is no backup.
+async fn backup(
+    cfg: &Config,
+    telemetry: Arc<Telemetry>,
+    file: &std::path::Path,
+    force: bool,
+) -> anyhow::Result<()> {
+    if file.exists() && !force {
+        anyhow::bail!(crate::ConfirmationRequired(format!(
+            "{} exists; refusing to replace it without --force",
+            file.display()
+        )));
+    }
+    let opened = open_for_command(cfg, telemetry).await?;
+    let keyring = opened.keyring;
+    let storage = keyring.storage();
+    let names: Vec<String> = storage
+        .names()
+        .await?
+        .into_iter()
+        .filter(|n| is_vault_name(n))
+        .collect();
+    if names.is_empty() {
+        anyhow::bail!(
+            "the {} holds no value to back up (vault-unseal-N, vault-root, vault-test)",
+            storage.kind()
+        );
+    }
+    let mut values = Vec::with_capacity(names.len());
+    let mut unreadable = Vec::new();
+    for name in names {
+        let Some(bytes) = storage.get(&name).await? else {
+            continue;
+        };
+        match keyring.open(&name, &bytes).await {
+            Ok(_) => values.push((name, bytes)),
+            Err(e) if e.is_about_the_value() => unreadable.push(format!("{e}")),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !unreadable.is_empty() {
+        anyhow::bail!(
+            "no backup written: {} value(s) do not decrypt with this token: {}",
+            unreadable.len(),
+            unreadable.join("; ")
+        );
+    }
+    let key_id = keyring.fingerprint()?;
+    let listed: Vec<String> = values.iter().map(|(n, _)| n.clone()).collect();
+    let bytes = backup::encode(&backup::Backup {
+        key_id: key_id.clone(),
+        values,
+    })?;
+    write_file_atomically(file, &bytes)
+        .with_context(|| format!("writing the backup to {}", file.display()))?;
+    println!(
+        "backed up {} value(s) from the {} to {} (ciphertext only, encrypted with key pair {key_id}): {}",
+        listed.len(),
+        storage.kind(),
+        file.display(),
+        listed.join(", ")
+    );
+    Ok(())
+}
+
+/// Writes `bytes` to `path` so that `path` is, at every moment, either what it was or the
+/// whole new content: a temporary file beside it (mode 0600, created afresh), fsync'd, renamed
+/// over it, and the directory fsync'd so the rename survives a crash.
+fn write_file_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")
+    })?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Reads `path`, refusing anything larger than a backup can be before reading it.
+fn read_backup_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(backup::MAX_FILE as u64 + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(bytes)
+}
+
+/// Puts a backup's values into the store. Nothing is written until every value in the file
+/// has decrypted with this token and no different value stands in the way (without
+/// `--force`); each write is then verified as any store is.
+async fn restore(
+    cfg: &Config,
+    telemetry: Arc<Telemetry>,
+    file: &std::path::Path,
+    force: bool,
+) -> anyhow::Result<()> {
+    let bytes = read_backup_file(file)?;
+    let saved = backup::decode(&bytes)
+        .with_context(|| format!("{} is not a usable backup", file.display()))?;
+    let opened = open_for_command(cfg, telemetry).await?;
+    let keyring = opened.keyring;
+    let storage = keyring.storage();
+    let ours = keyring.fingerprint()?;
+    if saved.key_id != ours {
+        anyhow::bail!(
+            "{} holds values encrypted with key pair {}, but this token's key pair is {ours}; restore it with a token holding that key pair (one the DKEK backup was unwrapped onto); nothing restored",
+            file.display(),
+            saved.key_id
+        );
+    }
+    let mut found = Vec::with_capacity(saved.values.len());
+    let mut clear = Vec::with_capacity(saved.values.len());
+    for (name, value) in &saved.values {
+        let v = keyring.open(name, value).await.with_context(|| {
+            format!("`{name}` in the backup does not decrypt with this token; nothing restored")
+        })?;
+        let existing = match storage.get(name).await? {
+            None => backup::Existing::Absent,
+            Some(b) if b == *value => backup::Existing::Same,
+            Some(b) => match keyring.open(name, &b).await {
+                Ok(x) if x == v => backup::Existing::SameValue,
+                Ok(_) => backup::Existing::Different,
+                Err(e) if e.is_about_the_value() => backup::Existing::Unreadable,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        found.push((name.clone(), existing));
+        clear.push(v);
+    }
+    let plan = backup::plan_restore(&found, force).map_err(|names| {
+        crate::ConfirmationRequired(format!(
+            "the {} holds different values under {}; refusing to replace them without --force (nothing restored)",
+            storage.kind(),
+            names.join(", ")
+        ))
+    })?;
+    let (mut written, mut kept) = (0, 0);
+    for (i, (name, action)) in plan.iter().enumerate() {
+        match (action, found[i].1) {
+            (backup::Action::Keep, _) => {
+                println!("`{name}` already holds the backup's value");
+                kept += 1;
+                continue;
+            }
+            // Into an empty place the backup's bytes go as they are (a Bank-Vaults value
+            // stays one Bank-Vaults can read).
+            (backup::Action::Write, backup::Existing::Absent) => {
+                keyring
+                    .store_sealed(name, &saved.values[i].1, Some(&clear[i]))
+                    .await?;
+            }
+            // Over another value, sealed afresh: on the token the newest write stamp is
+            // the value read, and the backup's may be older than the value it replaces.
+            (backup::Action::Write, _) => keyring.store(name, &clear[i]).await?,
+        }
+        println!("restored `{name}`: read back and decrypted on the token");
+        written += 1;
+    }
+    println!(
+        "{written} value(s) restored and {kept} already present in the {}, encrypted with key pair {ours}",
+        storage.kind()
+    );
     Ok(())
 }
 

@@ -26,10 +26,13 @@
 //!   subcommands; [`secret`]: the zeroizing, redacted type every secret lives in.
 //!
 //! Data flows config → hsm/keypair → keyring(storage) → runner ⇄ vault, with telemetry
+//! - [`backup`]: the `hsm backup` file format and the restore's decisions (pure; the
+//!   commands do the I/O).
 //! observing the HSM and Vault calls.
 
 pub mod cli;
 pub mod commands;
+pub mod backup;
 pub mod config;
 pub mod crypto;
 pub mod envelope;
