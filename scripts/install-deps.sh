@@ -16,6 +16,7 @@ apt_packages=(
   umockdev libumockdev-dev gir1.2-umockdev-1.0 python3-gi  # emulated USB devices
   softhsm2 opensc                       # PKCS#11 token and independent pkcs11-tool client
   swtpm swtpm-tools libtpm2-pkcs11-1 libtss2-tcti-swtpm0 tpm2-tools  # a second real token
+  python3-tpm2-pkcs11-tools             # tpm2_ptool: imports a key pair into that token (recovery tests)
   openssl                               # writes Bank-Vaults-style ciphertext in the tests
   pcscd libccid                         # the stick's smart-card stack (unseal-init daemon mode)
   mmdebstrap                            # builds the image's root filesystems without an engine

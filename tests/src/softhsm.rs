@@ -176,6 +176,37 @@ impl SoftHsm {
     }
 }
 
+impl SoftHsm {
+    /// Imports the RSA key pair in the PEM file `pem` (made off-token, e.g. by
+    /// [`crate::token::generate_rsa_key_pem`]) as the pair [`KEY_LABEL`], with OpenSC's
+    /// `pkcs11-tool --write-object`: the private key sensitive, the public key beside it.
+    pub fn import_key_pair(&self, pem: &Path) -> anyhow::Result<()> {
+        let (private, public) = crate::token::key_pair_der(pem)?;
+        for (kind, der) in [("privkey", private), ("pubkey", public)] {
+            let file = self.dir.path().join(format!("import-{kind}.der"));
+            std::fs::write(&file, &der)?;
+            let path = file.display().to_string();
+            let result = self.run_pkcs11_tool(
+                true,
+                &[
+                    "--write-object",
+                    &path,
+                    "--type",
+                    kind,
+                    "--label",
+                    KEY_LABEL,
+                    "--id",
+                    "01",
+                    "--usage-decrypt",
+                ],
+            );
+            std::fs::remove_file(&file)?;
+            result?;
+        }
+        Ok(())
+    }
+}
+
 impl Token for SoftHsm {
     fn module(&self) -> &Path {
         &self.module

@@ -224,3 +224,51 @@ fn read_object<T: Token + ?Sized>(
     std::fs::remove_file(&out)?;
     Ok(bytes)
 }
+
+/// Generates an RSA-2048 key pair off any token with `openssl genpkey`, as the PEM private key
+/// file `dir/NAME.pem`: a key pair to import into several tokens, so they hold the same pair
+/// as sticks restored from one DKEK backup do.
+pub fn generate_rsa_key_pem(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let pem = dir.join(format!("{name}.pem"));
+    let out = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&pem)
+        .output()
+        .context("running openssl genpkey")?;
+    check("openssl genpkey", out)?;
+    Ok(pem)
+}
+
+/// The DER encodings of a PEM private key file: (PKCS#8 private key, SubjectPublicKeyInfo).
+pub fn key_pair_der(pem: &Path) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let private = Command::new("openssl")
+        .args(["pkey", "-outform", "DER", "-in"])
+        .arg(pem)
+        .output()
+        .context("running openssl pkey")?;
+    if !private.status.success() {
+        anyhow::bail!(
+            "openssl pkey failed: {}",
+            String::from_utf8_lossy(&private.stderr)
+        );
+    }
+    let public = Command::new("openssl")
+        .args(["pkey", "-pubout", "-outform", "DER", "-in"])
+        .arg(pem)
+        .output()
+        .context("running openssl pkey -pubout")?;
+    if !public.status.success() {
+        anyhow::bail!(
+            "openssl pkey -pubout failed: {}",
+            String::from_utf8_lossy(&public.stderr)
+        );
+    }
+    Ok((private.stdout, public.stdout))
+}

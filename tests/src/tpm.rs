@@ -55,6 +55,15 @@ pub fn module_path() -> anyhow::Result<PathBuf> {
     .context("libtpm2_pkcs11.so not found (install libtpm2-pkcs11-1 or set TPM2_PKCS11_MODULE)")
 }
 
+/// `tpm2_ptool` on `PATH`, where a distribution installs it as a command.
+fn which_tpm2_ptool() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("tpm2_ptool"))
+            .find(|p| p.is_file())
+    })
+}
+
 /// One slot as `pkcs11-tool --list-slots` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotListing {
@@ -107,6 +116,22 @@ pub struct Tpm {
 impl Tpm {
     /// A TPM token set up like a freshly initialised stick, with its RSA-2048 key pair.
     pub fn new() -> anyhow::Result<Self> {
+        let tpm = Self::without_key()?;
+        tpm.run_pkcs11_tool(
+            true,
+            &[
+                "--keypairgen",
+                "--key-type",
+                "rsa:2048",
+                "--label",
+                KEY_LABEL,
+            ],
+        )?;
+        Ok(tpm)
+    }
+
+    /// A TPM token set up like a freshly initialised stick, without a key pair.
+    pub fn without_key() -> anyhow::Result<Self> {
         let module = module_path()?;
         let dir = tempfile::Builder::new().prefix("swtpm-").tempdir()?;
         std::fs::create_dir_all(dir.path().join("state"))?;
@@ -133,17 +158,59 @@ impl Tpm {
         check("tpm2_dictionarylockout", out)?;
         tpm.init_token(0, TOKEN_LABEL)?;
         tpm.slot = tpm.slot_of(TOKEN_LABEL)?;
-        tpm.run_pkcs11_tool(
-            true,
-            &[
-                "--keypairgen",
-                "--key-type",
-                "rsa:2048",
-                "--label",
-                KEY_LABEL,
-            ],
-        )?;
         Ok(tpm)
+    }
+
+    /// Imports the RSA key pair in the PEM file `pem` (made off-token, e.g. by
+    /// [`crate::token::generate_rsa_key_pem`]) as the pair [`KEY_LABEL`]. The TPM2 module
+    /// refuses private keys through `C_CreateObject`, so this is the module's own import
+    /// tool, `tpm2_ptool import` (Debian's `python3-tpm2-pkcs11-tools`, which installs no
+    /// command: it is run as a Python module). Without a resource manager the tool leaves
+    /// its objects loaded in the TPM, which then has no room for a login: they are flushed.
+    pub fn import_key_pair(&self, pem: &Path) -> anyhow::Result<()> {
+        let mut cmd = match which_tpm2_ptool() {
+            Some(tool) => Command::new(tool),
+            None => {
+                let mut c = Command::new("/usr/bin/python3");
+                c.args(["-m", "tpm2_pkcs11.tpm2_ptool"]);
+                c
+            }
+        };
+        self.flush_tpm_contexts()?;
+        let out = cmd
+            .envs(self.env())
+            .args([
+                "import",
+                "--label",
+                TOKEN_LABEL,
+                "--key-label",
+                KEY_LABEL,
+                "--userpin",
+                USER_PIN,
+                "--algorithm",
+                "rsa",
+                "--privkey",
+            ])
+            .arg(pem)
+            .arg("--path")
+            .arg(self.dir.path().join("store"))
+            .output()
+            .context("running tpm2_ptool (install python3-tpm2-pkcs11-tools)")?;
+        check("tpm2_ptool import", out)?;
+        self.flush_tpm_contexts()
+    }
+
+    /// `tpm2_flushcontext` of transient objects and sessions.
+    fn flush_tpm_contexts(&self) -> anyhow::Result<()> {
+        for what in ["-t", "-s"] {
+            let out = Command::new("tpm2_flushcontext")
+                .envs(self.env())
+                .arg(what)
+                .output()
+                .context("running tpm2_flushcontext (install tpm2-tools)")?;
+            check("tpm2_flushcontext", out)?;
+        }
+        Ok(())
     }
 
     fn socket(&self) -> PathBuf {
