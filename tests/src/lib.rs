@@ -31,6 +31,8 @@
 //!   command line against one token and one OpenBao.
 //! - [`dockerfile`]: the Dockerfile's instructions, per stage; [`host`]: the repository's root
 //!   and whether the tools and privileges a test needs are here.
+//! - [`manifests`]: the kustomizations and the Helm chart rendered into objects, their round
+//!   trip through the Kubernetes API types, and accessors for what the manifest tests check.
 //!
 //! The programs under test are always run as child processes, exactly as an operator runs them;
 //! the harnesses only drive their peers.
@@ -42,6 +44,7 @@ pub mod kube_api;
 pub mod kube_api_dra;
 pub mod kubelet;
 pub mod kubelet_dra;
+pub mod manifests;
 pub mod openbao;
 pub mod pod_resources;
 pub mod softhsm;
