@@ -43,6 +43,7 @@ pub mod keypair;
 pub mod keyring;
 #[cfg(test)]
 pub mod memory_vault;
+pub mod names;
 pub mod pcscd;
 pub mod pin;
 pub mod pkcs11_raw;

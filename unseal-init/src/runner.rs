@@ -327,9 +327,17 @@ pub async fn open_keyring(
         }
     }
     let generate = cfg.hsm.generate_key;
-    let (key, info) = hsm
+    let (key, info) = match hsm
         .call("find_key", move |h| keypair::ensure(h, generate))
-        .await?;
+        .await
+    {
+        Err(HsmError::KeyMissing(label)) if ha_member(cfg) => {
+            return Err(anyhow::anyhow!(
+                "RSA key pair `{label}` not found on the token. This Vault is one member of a cluster whose sticks must all hold the same key pair, and the stored keys are encrypted with it: a key pair generated on this stick (hsm.generateKey, `unseal-init hsm keygen`) could never read them. Import the cluster's key pair instead: the DKEK share and `sc-hsm-tool --unwrap-key` of the wrapped key, as deploy/README.md's \"HA: one stick per node\" shows"
+            ));
+        }
+        other => other?,
+    };
     tracing::info!(
         label = info.label,
         id = info.id_hex,
@@ -355,6 +363,13 @@ pub async fn open_keyring(
     tracing::info!(storage = storage.kind(), "storage backend");
     let keyring = Keyring::new(Arc::new(hsm.clone()), key, scheme, storage);
     Ok(Opened { hsm, keyring })
+}
+
+/// True for a member of a Vault cluster sharing one key store (mode hsm-k8s with raft peers
+/// or a raft leader): every member's stick must hold the same key pair.
+pub fn ha_member(cfg: &Config) -> bool {
+    cfg.mode == Mode::HsmK8s
+        && (cfg.vault.raft_leader_address.is_some() || !cfg.vault.raft_peers.is_empty())
 }
 
 /// One Vault, one key store.

@@ -18,10 +18,12 @@ use futures::future::BoxFuture;
 /// data rather than in it, so the data keys stay exactly Bank-Vaults' names.
 pub const KEY_ID_ANNOTATION: &str = "nitrokey.com/hsm-key-fingerprint";
 
-/// Kubernetes API failures, with the Secret named.
+/// Kubernetes API failures, with the Secret and the API server named.
 #[derive(Debug, Error)]
-#[error("Kubernetes Secret {namespace}/{name}: {action} failed: {source}")]
+#[error("Kubernetes Secret {namespace}/{name}: {action} failed (API server {server}): {source}")]
 pub struct SecretStoreError {
+    /// The API server's URL: a connection error alone does not say what it tried to reach.
+    pub server: String,
     /// Namespace.
     pub namespace: String,
     /// Secret name.
@@ -42,19 +44,30 @@ impl From<SecretStoreError> for StorageError {
 #[derive(Clone)]
 pub struct SecretStore {
     api: Api<K8sSecret>,
+    server: String,
     namespace: String,
     name: String,
 }
 
 impl SecretStore {
-    /// Connects with the in-cluster (or kubeconfig) client; `namespace` defaults to the pod's.
+    /// Connects with the in-cluster (or kubeconfig) client, every request carrying this
+    /// program's User-Agent; `namespace` defaults to the pod's.
     pub async fn connect(namespace: Option<&str>, name: &str) -> Result<Self, kube::Error> {
-        let client = kube::Client::try_default().await?;
+        let mut config = kube::Config::infer()
+            .await
+            .map_err(kube::Error::InferConfig)?;
+        config.headers.push((
+            reqwest::header::USER_AGENT,
+            reqwest::header::HeaderValue::from_static(crate::names::USER_AGENT),
+        ));
+        let server = config.cluster_url.to_string();
+        let client = kube::Client::try_from(config)?;
         let namespace = namespace
             .map(str::to_owned)
             .unwrap_or_else(|| client.default_namespace().to_owned());
         Ok(Self {
             api: Api::namespaced(client, &namespace),
+            server,
             namespace,
             name: name.to_owned(),
         })
@@ -62,6 +75,7 @@ impl SecretStore {
 
     fn err(&self, action: &'static str, source: kube::Error) -> SecretStoreError {
         SecretStoreError {
+            server: self.server.clone(),
             namespace: self.namespace.clone(),
             name: self.name.clone(),
             action,

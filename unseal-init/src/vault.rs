@@ -202,7 +202,9 @@ impl VaultClient {
     /// that CA is trusted. There is no client-wide timeout: every request sets its own, and
     /// `sys/init` has none (abandoning it would lose the keys Vault hands out).
     pub fn new(address: &str, ca_cert: Option<&Path>) -> Result<Self, VaultError> {
-        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .user_agent(crate::names::USER_AGENT);
         if let Some(path) = ca_cert {
             let ca_err = |reason: String| VaultError::CaCert {
                 path: path.display().to_string(),

@@ -205,6 +205,25 @@ fn missing_key_pair_is_reported_and_generated_only_when_enabled() {
     );
     assert!(!bao.seal_status().expect("status").initialized);
 
+    // A member of a cluster sharing one Secret is not told to generate a key pair of its own
+    // (the stored keys are encrypted with the cluster's), but to import the cluster's.
+    let mut cmd = command(&hsm);
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["--once", "--mode", "hsm-k8s", "--k8s-secret-name", "keys"])
+        .arg("--raft-leader-address")
+        .arg(bao.address());
+    let r = run(cmd, Duration::from_secs(30));
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(
+        r.text.contains("RSA key pair `bank-vaults` not found")
+            && r.text.contains("--unwrap-key")
+            && r.text.contains("HA: one stick per node")
+            && !r.text.contains("hsm.generateKey or run"),
+        "{}",
+        r.text
+    );
+
     // Only one half present is a clear error too.
     hsm.generate_key_pair("bank-vaults").expect("keygen");
     hsm.delete_object("pubkey", "bank-vaults")
@@ -1041,6 +1060,13 @@ fn a_sidecar_started_during_an_api_outage_waits_and_unseals_once_the_api_is_back
         r.text
     );
     assert!(r.text.contains("Connection refused"), "{}", r.text);
+    // The connection error names what it tried to reach.
+    assert!(
+        r.text
+            .contains(&format!("(API server http://127.0.0.1:{api_port}/)")),
+        "{}",
+        r.text
+    );
     // kube's own ERROR line, which names nothing, is not repeated in the log.
     assert!(!r.text.contains("failed with error"), "{}", r.text);
     assert!(!r.text.contains(" ERROR "), "{}", r.text);
@@ -1051,4 +1077,47 @@ fn a_sidecar_started_during_an_api_outage_waits_and_unseals_once_the_api_is_back
         r.text
     );
     assert_eq!(login_attempts(&r.text), 1, "{}", r.text);
+}
+
+/// Vault's request log names the caller: every request carries the program's User-Agent.
+/// A listener in Vault's place reads the first request and closes the connection.
+#[test]
+fn vault_requests_carry_the_programs_user_agent() {
+    use std::io::Read;
+    let hsm = SoftHsm::new().expect("token");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = format!("http://{}", listener.local_addr().expect("addr"));
+    let head = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("a request");
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+    let config = write_config(dir.path(), &hsm, &address, "");
+    let mut cmd = command(&hsm);
+    cmd.arg("--config").arg(&config).arg("--once");
+    let mut w = common::faults::Watched::spawn(cmd, None);
+    let head = head.join().expect("listener");
+    w.kill();
+    let agent = head
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("user-agent"))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        agent,
+        concat!("nitrokey-unseal-init/", env!("CARGO_PKG_VERSION")),
+        "{head}"
+    );
 }

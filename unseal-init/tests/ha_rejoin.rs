@@ -192,3 +192,114 @@ fn a_member_that_lost_its_data_rejoins_its_cluster_with_the_same_keys() {
     assert_eq!(r.code, Some(0), "{}", r.text);
     assert!(!nodes[2].seal_status().expect("status").sealed);
 }
+
+/// The `retry_in_ms` of every "next pass" line with `pace`, in order.
+fn delays(log: &str, pace: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("next pass") && l.contains(&format!("pace={pace}")))
+        .filter_map(|l| {
+            l.split("retry_in_ms=")
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// A follower's sidecar started with its cluster: its Vault not listening yet, then its
+/// leader not yet initialised (OpenBao answers the join with `failed to get raft challenge`).
+/// Both are retried from milliseconds, never after a whole `unsealPeriod` (a minute here), and
+/// the expected join failure is said once, at INFO; the follower unseals once the leader is.
+#[test]
+fn a_follower_starting_with_its_cluster_retries_from_milliseconds_and_logs_no_error() {
+    use common::faults::{Watched, poll};
+    let hsm = SoftHsm::new().expect("token");
+    let leader = OpenBao::start_raft("vault-0").expect("vault-0");
+    let mut follower = OpenBao::start_raft("vault-1").expect("vault-1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    follower.stop().expect("vault-1 not listening yet");
+
+    let port = openbao::free_port().expect("port");
+    let config = member_config(
+        dir.path(),
+        &hsm,
+        &follower,
+        &format!("  raftLeaderAddress: {}\n", leader.address()),
+        &format!("unsealPeriod: 60s\nmetricsAddress: 127.0.0.1:{port}\n"),
+    );
+    let mut cmd = command(&hsm);
+    cmd.arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info,unseal_init::runner=debug");
+    let w = Watched::spawn(cmd, None);
+    let soon = |w: &Watched| delays(&w.log(), "Soon").len();
+    assert!(
+        poll(Duration::from_secs(60), || soon(&w) >= 3),
+        "{}",
+        w.tail(30)
+    );
+    assert!(w.logged(|l| l.contains("INFO") && l.contains("waiting for Vault's API")));
+
+    // Vault comes up; its leader is not initialised yet, so the join fails, as expected.
+    follower.start_again().expect("vault-1 listening");
+    assert!(
+        poll(Duration::from_secs(60), || {
+            w.logged(|l| l.contains("could not join the raft cluster yet"))
+        }),
+        "{}",
+        w.tail(30)
+    );
+
+    // The leader is initialised and unsealed (by its own unseal-init); the follower joins and
+    // is unsealed by its sidecar.
+    let first = member_config(dir.path(), &hsm, &leader, "", "");
+    let r = run_once(&hsm, &first);
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    follower
+        .wait_for(Duration::from_secs(120), |s| s.initialized && !s.sealed)
+        .unwrap_or_else(|e| panic!("{e}\n{}", w.tail(40)));
+    assert!(
+        poll(Duration::from_secs(10), || w.logged(|l| l
+            .contains("next pass")
+            && l.contains("pace=Period"))),
+        "{}",
+        w.tail(30)
+    );
+
+    w.signal(libc::SIGTERM);
+    let mut w = w;
+    let status = w.wait_exit(Duration::from_secs(30));
+    let log = w.log();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
+    // Every wait before the unseal was a doubling from milliseconds, each shorter than the
+    // period; none was the period itself.
+    let waits = delays(&log, "Soon");
+    assert_eq!(waits[..3], [50, 100, 200], "{log}");
+    assert!(waits.iter().all(|ms| *ms < 60_000), "{waits:?}");
+    assert!(
+        waits.windows(2).all(|p| p[1] == p[0] * 2 || p[1] == 60_000),
+        "{waits:?}"
+    );
+    let period_waits = delays(&log, "Period");
+    assert!(!period_waits.is_empty() && period_waits.iter().all(|ms| *ms == 60_000));
+    let unsealed = log
+        .lines()
+        .position(|l| l.contains("successfully unsealed vault"))
+        .expect("unsealed");
+    assert!(
+        !log.lines()
+            .take(unsealed)
+            .any(|l| l.contains("pace=Period")),
+        "no whole-period wait before the unseal:\n{log}"
+    );
+    // The expected failure at INFO, once; nothing at ERROR.
+    let join_info = log
+        .lines()
+        .filter(|l| l.contains("INFO") && l.contains("could not join the raft cluster yet"))
+        .count();
+    assert_eq!(join_info, 1, "{log}");
+    assert!(log.contains("failed to get raft challenge"), "{log}");
+    assert!(!log.lines().any(|l| l.contains("ERROR")), "{log}");
+}

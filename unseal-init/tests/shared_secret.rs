@@ -174,6 +174,19 @@ fn a_secret_deleted_while_vault_is_unsealed_is_named_when_next_needed_and_restor
     assert_eq!(metric(&base, "unseal_init_key_store_missing"), Some(0.0));
     let log = stop(w);
     assert!(log.contains("the key store is there again"), "{log}");
+    // Every API request named the program.
+    let agent = concat!("nitrokey-unseal-init/", env!("CARGO_PKG_VERSION"));
+    let requests = api.requests();
+    assert!(!requests.is_empty());
+    for r in &requests {
+        assert_eq!(
+            r.user_agent.as_deref(),
+            Some(agent),
+            "{} {}",
+            r.method,
+            r.path
+        );
+    }
 }
 
 #[test]
