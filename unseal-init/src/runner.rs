@@ -1384,6 +1384,22 @@ mod tests {
         );
     }
 
+    /// Vault initialised by an init whose keys never reached the store: the pass says the keys
+    /// were probably lost, not merely that it "needs 3".
+    #[tokio::test]
+    async fn an_initialised_vault_with_an_empty_store_is_reported_as_lost_keys() {
+        let scene = Scene::new();
+        scene.vault.init(5, 3).await.expect("init elsewhere");
+        let err = scene.pass().await.expect_err("nothing to unseal with");
+        assert!(
+            matches!(err, PassError::MissingKeys { found: 0, .. }),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("the keys were probably lost"), "{text}");
+        scene.close();
+    }
+
     /// A stick that cannot decrypt the stored keys (another key pair's values) reports each
     /// key once, not on every pass.
     #[tokio::test]
