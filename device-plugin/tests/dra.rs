@@ -545,3 +545,56 @@ async fn evict_mode_evicts_the_pod_the_replugged_sticks_claim_is_reserved_for() 
     let reserved = &api.dra().claim("vault", "vault-0-hsm").unwrap()["status"]["reservedFor"];
     assert_eq!(reserved, &serde_json::json!([]), "the pod is gone");
 }
+
+/// A stick replugged while the driver was down: at its next start the driver finds the
+/// prepared claim's stick at another device node, rewrites the spec and tells the pod the
+/// claim is reserved for (`onReplug: event`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stick_replugged_while_the_driver_was_down_is_acted_on_at_start() {
+    let testbed = Testbed::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().unwrap();
+    let kubelet = FakeDraKubelet::start(&dir.path().join("kubelet")).unwrap();
+    let mut plugin = start_driver(&testbed, dir.path(), &api);
+    kubelet.wait_for_driver(DRIVER, 0, TIMEOUT).await.unwrap();
+    let stick = testbed.add_nitrokey_hsm("DENK0000001", 1, 2).unwrap();
+    wait_for_slice(&api, &plugin, |s| !device_names(s).is_empty()).await;
+    api.dra().put_claim(allocated_claim(
+        "vault",
+        "vault-0-hsm",
+        "uid-8",
+        &[("hsm", DRIVER, NODE, "denk0000001")],
+        "vault-0",
+    ));
+    let claim = [("vault", "uid-8", "vault-0-hsm")];
+    assert!(kubelet.prepare(DRIVER, &claim).await.unwrap()["uid-8"].is_ok());
+    assert!(plugin.terminate().success(), "{}", plugin.logs());
+
+    testbed.remove(&stick).unwrap();
+    testbed.add_nitrokey_hsm("DENK0000001", 1, 6).unwrap();
+    assert!(api.events().is_empty());
+    let plugin = start_driver(&testbed, dir.path(), &api);
+    let event = api
+        .wait_for(TIMEOUT, |_| {
+            api.events()
+                .into_iter()
+                .find(|e| e["reason"] == "NitrokeyHsmReplugged")
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", plugin.logs()));
+    assert_eq!(event["involvedObject"]["name"], "vault-0");
+    assert_eq!(event["involvedObject"]["uid"], "vault-0-uid");
+    assert!(
+        event["message"].as_str().is_some_and(
+            |m| m.contains("/dev/bus/usb/001/006") && m.contains("/dev/bus/usb/001/002")
+        ),
+        "{event}"
+    );
+    let spec: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("cdi/hsm.nitrokey.com-claim-uid-8.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        spec["devices"][0]["containerEdits"]["deviceNodes"][0]["path"],
+        "/dev/bus/usb/001/006"
+    );
+}
