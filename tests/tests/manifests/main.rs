@@ -13,7 +13,8 @@
 //!
 //! One test binary, one module per concern: `kustomize` (every kustomization rendered and
 //! checked), `helm` (the chart), `cluster_writes` (what the manifests may change in a
-//! cluster), `docs` (names, versions and tags the documentation states), `minikube` (the
+//! cluster), `docs` (names, versions and tags the documentation states), `guide_commands`
+//! (the deploy guide's stick commands against the installed tools), `minikube` (the
 //! VirtualBox passthrough script); `checks` holds the checks of one rendering that need the
 //! programs' configuration code or Kubernetes 1.26's API types, and `nitrokey_e2e::manifests`
 //! the rendering and accessors.
@@ -21,6 +22,7 @@
 mod checks;
 mod cluster_writes;
 mod docs;
+mod guide_commands;
 mod helm;
 mod kustomize;
 mod minikube;
