@@ -296,7 +296,7 @@ impl Cli {
     },
     /// Write every stored value, as the ciphertext it is stored as, to FILE (mode 0600).
     Backup {
-        /// The backup file to write.
+        /// The backup file to write; `-` for stdout.
         file: PathBuf,
         /// Replace FILE when it exists.
         #[arg(long)]
@@ -305,7 +305,7 @@ impl Cli {
     /// Put the values of a backup FILE into the store (the token, or the Secret in mode
     /// hsm-k8s), each verified to decrypt with this token's key pair.
     Restore {
-        /// The backup file to read.
+        /// The backup file to read; `-` for stdin.
         file: PathBuf,
         /// Replace values stored under the same names that differ from the backup's.
         #[arg(long)]

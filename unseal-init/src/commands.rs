@@ -441,7 +441,8 @@ async fn backup(
     file: &std::path::Path,
     force: bool,
 ) -> anyhow::Result<()> {
-    if file.exists() && !force {
+    let to_stdout = file.as_os_str() == "-";
+    if !to_stdout && file.exists() && !force {
         anyhow::bail!(crate::ConfirmationRequired(format!(
             "{} exists; refusing to replace it without --force",
             file.display()
@@ -487,15 +488,26 @@ async fn backup(
         key_id: key_id.clone(),
         values,
     })?;
-    write_file_atomically(file, &bytes)
-        .with_context(|| format!("writing the backup to {}", file.display()))?;
-    println!(
+    let report = format!(
         "backed up {} value(s) from the {} to {} (ciphertext only, encrypted with key pair {key_id}): {}",
         listed.len(),
         storage.kind(),
-        file.display(),
+        if to_stdout {
+            "stdout".into()
+        } else {
+            file.display().to_string()
+        },
         listed.join(", ")
     );
+    if to_stdout {
+        // The file itself goes to stdout (e.g. out of `kubectl exec`), the report beside it.
+        write_stdout(&bytes, false).context("writing the backup to stdout")?;
+        eprintln!("{report}");
+    } else {
+        write_file_atomically(file, &bytes)
+            .with_context(|| format!("writing the backup to {}", file.display()))?;
+        println!("{report}");
+    }
     Ok(())
 }
 
@@ -534,12 +546,18 @@ fn write_file_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Resul
     written
 }
 
-/// Reads `path`, refusing anything larger than a backup can be before reading it.
+/// Reads `path` (stdin for `-`), never more than one byte past the largest backup, which
+/// the format's reader then refuses.
 fn read_backup_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     use std::io::Read;
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let input: Box<dyn Read> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?)
+    };
     let mut bytes = Vec::new();
-    file.take(backup::MAX_FILE as u64 + 1)
+    input
+        .take(backup::MAX_FILE as u64 + 1)
         .read_to_end(&mut bytes)
         .with_context(|| format!("reading {}", path.display()))?;
     Ok(bytes)

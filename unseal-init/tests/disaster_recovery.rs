@@ -163,6 +163,10 @@ fn a_backup_restored_onto_another_token_with_the_same_key_pair_unseals_vault() {
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(entries, ["vault.nkbackup"]);
+    // To stdout (e.g. out of `kubectl exec`): the same bytes, the report on stderr.
+    let piped = ok(unseal_init(&a, &config_a, None, &["hsm", "backup", "-"]));
+    assert_eq!(piped.stdout, text);
+    assert!(piped.text.contains("to stdout"), "{}", piped.text);
     // An existing backup is replaced only with --force.
     let refused = unseal_init(&a, &config_a, None, &["hsm", "backup", file_arg]);
     assert_eq!(refused.code, Some(2), "{}", refused.text);
@@ -341,13 +345,16 @@ fn a_deleted_secret_is_restored_from_the_backup_and_vault_unseals_from_it() {
         gone.text
     );
 
-    // Restored: the same data, the key pair's fingerprint recorded again.
-    let restored = ok(unseal_init(
-        &a,
-        &config_a,
-        kube,
-        &["hsm", "restore", file_arg],
-    ));
+    // Restored, from stdin (e.g. into `kubectl exec -i`): the same data, the key pair's
+    // fingerprint recorded again.
+    let mut cmd = command(&a);
+    cmd.arg("--config")
+        .arg(&config_a)
+        .args(["hsm", "restore", "-", "--mode", "hsm-k8s"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdin(std::fs::File::open(&file).expect("open backup"));
+    let restored = ok(run(cmd, Duration::from_secs(120)));
     assert!(
         restored.stdout.contains("7 value(s) restored"),
         "{}",
