@@ -392,6 +392,9 @@ pub struct Runner {
     /// The stored keys the last unseal could not read, with why: each is reported once per
     /// change, not on every pass.
     unreadable_seen: Mutex<Vec<(String, String)>>,
+    /// Whether a start that finds the shared store missing waits for Vault's answer before
+    /// anything creates it (see [`Runner::guarding_the_store`]).
+    guard_store: bool,
 }
 
 /// How long a raft join may keep failing before it is reported as an error: a follower
@@ -460,6 +463,7 @@ impl Runner {
             peers: Vec::new(),
             store_missing: Mutex::new(None),
             unreadable_seen: Mutex::new(Vec::new()),
+            guard_store: false,
         }
         .with_peer_addresses()
     }
@@ -492,6 +496,16 @@ impl Runner {
                 Err(e) => tracing::warn!(peer = address.as_str(), error = %e, "raft peer left out"),
             }
         }
+        self
+    }
+
+    /// A start that finds the shared store (the Secret) missing asks Vault before the identity
+    /// record and the pre-flight would create it afresh: for an initialised Vault that reports
+    /// [`PassError::StoreMissing`] instead. The sidecar does this; it starts before its Vault
+    /// and runs again in every restarted pod, where a Secret created afresh would hide a
+    /// deletion from every member.
+    pub fn guarding_the_store(mut self) -> Self {
+        self.guard_store = true;
         self
     }
 
@@ -537,6 +551,10 @@ impl Runner {
             Ok(s) => {
                 self.telemetry.vault_status(s.initialized, s.sealed);
                 self.note_vault_up(true, None);
+                if s.initialized && !s.sealed && self.missing_store().is_some() {
+                    // Serving: the pod stays ready; the metric and the log keep the news.
+                    self.telemetry.store_problem(None);
+                }
                 Some(VaultView {
                     initialized: s.initialized,
                     sealed: s.sealed,
@@ -592,21 +610,70 @@ impl Runner {
         let Ok(mut was) = self.store_missing.lock() else {
             return;
         };
+        // Every time, since an unsealed Vault clears the readiness reason meanwhile.
+        self.telemetry.store_missing(now.as_deref());
         if *was == now {
             return;
         }
         match &now {
             Some(what) => tracing::warn!(
                 store = what.as_str(),
-                "{what} not found: Vault is sealed and the store of its encrypted unseal keys is gone; it cannot be unsealed until the Secret is restored (from a backup)"
+                "{what} not found: the store of this Vault's encrypted unseal keys is gone; once sealed, Vault cannot be unsealed until the Secret is restored (from a backup)"
             ),
             None => tracing::info!(
                 store = was.as_deref().unwrap_or_default(),
                 "the key store is there again"
             ),
         }
-        self.telemetry.store_missing(now.as_deref());
         *was = now;
+    }
+
+    /// Before the identity record and the pre-flight write to a shared store (and so create a
+    /// Secret that does not exist): a missing Secret is right on a first start, but for an
+    /// initialised Vault it held the keys, and a Secret created afresh would hide that it was
+    /// deleted. So when it is missing, Vault's answer is awaited first: initialised means
+    /// [`PassError::StoreMissing`], reported like a deletion found later.
+    async fn check_store_present(&self) -> Result<(), PassError> {
+        let storage = self.keyring.storage();
+        // An init journal is finished into the store whatever happened to it: its keys exist
+        // nowhere else.
+        if !self.guard_store || !storage.shared() || journal::path(self.journal_dir()).exists() {
+            return Ok(());
+        }
+        let Some(what) = storage.absent().await.map_err(KeyringError::from)? else {
+            if self.missing_store().is_some() {
+                self.note_store_missing(None);
+            }
+            return Ok(());
+        };
+        // Short pauses: `/healthz` expects a heartbeat within a minute before the pass loop runs.
+        let mut delays = Backoff::new(crate::unseal::SOON_FIRST, Duration::from_secs(5));
+        loop {
+            match self.vault.seal_status().await {
+                Ok(s) if !s.initialized => return Ok(()),
+                Ok(s) => {
+                    self.telemetry.vault_status(s.initialized, s.sealed);
+                    self.note_store_missing(Some(what.clone()));
+                    if !s.sealed {
+                        // Serving: the pod stays ready; the metric and the log keep the news.
+                        self.telemetry.store_problem(None);
+                    }
+                    return Err(PassError::StoreMissing {
+                        store: what,
+                        needed: s.threshold,
+                    });
+                }
+                Err(e @ VaultError::Unreachable { .. }) => {
+                    self.telemetry.vault_unreachable();
+                    self.note_vault_up(false, Some(&e));
+                }
+                Err(e) => return Err(e.into()),
+            }
+            self.telemetry.heartbeat();
+            if self.shutdown.sleep_or_stop(delays.next()).await.is_stop() {
+                return Ok(());
+            }
+        }
     }
 
     fn missing_store(&self) -> Option<String> {
@@ -665,7 +732,9 @@ impl Runner {
                     if waited && other.is_ok() {
                         tracing::info!("the Kubernetes API server is answering again");
                     }
-                    self.telemetry.store_problem(None);
+                    if waited && !matches!(other, Err(PassError::StoreMissing { .. })) {
+                        self.telemetry.store_problem(None);
+                    }
                     return other;
                 }
             }
@@ -673,6 +742,10 @@ impl Runner {
     }
 
     async fn start_once(&self) -> Result<(), PassError> {
+        self.check_store_present().await?;
+        if self.shutdown.requested() {
+            return Ok(());
+        }
         // Before anything is written: a store recording another key pair is refused here.
         self.keyring.check_identity().await?;
         if journal::clear_stale_in_flight(self.journal_dir())? {

@@ -111,8 +111,27 @@ async fn session(
         Some(opened.hsm),
         Arc::clone(telemetry),
         shutdown.clone(),
-    );
-    runner.start().await?;
+    )
+    .guarding_the_store();
+    // A Secret found deleted at start (Vault already initialised) is waited for: restoring it
+    // from a backup is what fixes it, and a restart would only ask again.
+    // At most 30 s: `/healthz` expects a heartbeat within a minute before the pass loop runs.
+    let mut pauses = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        match runner.start().await {
+            Err(runner::PassError::StoreMissing { store, .. }) if !shutdown.requested() => {
+                tracing::debug!(
+                    store = store.as_str(),
+                    "waiting for the key store to be restored"
+                );
+                telemetry.heartbeat();
+                if shutdown.sleep_or_stop(pauses.next()).await.is_stop() {
+                    return Ok(());
+                }
+            }
+            other => break other?,
+        }
+    }
     runner.watch().await?;
     Ok(())
 }

@@ -174,6 +174,45 @@ fn a_secret_deleted_while_vault_is_unsealed_is_named_when_next_needed_and_restor
     assert_eq!(metric(&base, "unseal_init_key_store_missing"), Some(0.0));
     let log = stop(w);
     assert!(log.contains("the key store is there again"), "{log}");
+
+    // Deleted again, and the whole pod restarted: the new sidecar does not create the Secret
+    // afresh (which would hide the deletion from every other member) but waits for it, saying
+    // why, and unseals once it is restored.
+    let data = api.secret(NAMESPACE, SECRET).expect("Secret");
+    let annotations = api.secret_annotations(NAMESPACE, SECRET);
+    api.delete_secret(NAMESPACE, SECRET);
+    bao.restart().expect("restart");
+    let (w, base) = sidecar(
+        &hsm,
+        &bao,
+        dir.path(),
+        &kubeconfig,
+        "  tokenWaitTimeout: 1s\n",
+        "info",
+    );
+    assert!(
+        poll(Duration::from_secs(60), || readyz(&base)
+            .is_some_and(|(s, body)| s == 503 && body.contains(named))),
+        "{:?}\n{}",
+        readyz(&base),
+        w.tail(40)
+    );
+    assert_eq!(metric(&base, "unseal_init_key_store_missing"), Some(1.0));
+    assert!(w.logged(|l| l.contains("WARN") && l.contains(named)));
+    assert_eq!(api.secret(NAMESPACE, SECRET), None, "not created afresh");
+    assert!(w.exited().is_none(), "waits in-process:\n{}", w.log());
+    api.restore_secret(NAMESPACE, SECRET, data, annotations);
+    bao.wait_for(Duration::from_secs(60), |s| !s.sealed)
+        .expect("unsealed from the restored Secret");
+    assert!(
+        poll(Duration::from_secs(30), || readyz(&base)
+            .is_some_and(|(s, _)| s == 200)),
+        "{:?}",
+        readyz(&base)
+    );
+    let log = stop(w);
+    assert!(log.contains("the key store is there again"), "{log}");
+
     // Every API request named the program.
     let agent = concat!("nitrokey-unseal-init/", env!("CARGO_PKG_VERSION"));
     let requests = api.requests();
