@@ -242,6 +242,16 @@ pub enum Command {
         #[command(subcommand)]
         command: HsmCommand,
     },
+    /// Rotate Vault's unseal keys (`sys/rekey`) with the keys in the store, and store the new
+    /// ones; an earlier rekey left unfinished is finished instead.
+    Rekey {
+        /// New number of key shares. [default: Vault's current]
+        #[arg(long = "secret-shares")]
+        secret_shares: Option<u8>,
+        /// New number of shares needed to unseal. [default: Vault's current]
+        #[arg(long = "secret-threshold")]
+        secret_threshold: Option<u8>,
+    },
 }
 
 /// `hsm` subcommands.

@@ -21,6 +21,8 @@
 //!   step, `sys/init` to the last stored key, in `runner/init.rs`);
 //!   [`sidecar`]: the long-running mode around them, which outlives a refused PIN. Their
 //!   retries (and [`hsm_actor`]'s, [`pcscd`]'s) wait with [`nitrokey_common::backoff`].
+//! - [`rekey`]: rotating Vault's unseal keys (`unseal-init rekey`), the decisions; the I/O
+//!   in `runner/rekey.rs`, with the same write-ahead journal as the init step.
 //! - `memory_vault` (tests only): an in-memory Vault behind [`vault::VaultApi`].
 //! - [`telemetry`]: Prometheus metrics, `/healthz`, `/readyz`; [`commands`]: `hsm ...`
 //!   subcommands; [`secret`]: the zeroizing, redacted type every secret lives in.
@@ -47,6 +49,7 @@ pub mod names;
 pub mod pcscd;
 pub mod pin;
 pub mod pkcs11_raw;
+pub mod rekey;
 pub mod runner;
 pub mod secret;
 pub mod secret_store;

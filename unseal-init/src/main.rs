@@ -166,6 +166,14 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match &cli.command {
             Some(Command::Hsm { command }) => unseal_init::commands::run(&cfg, command).await,
+            Some(Command::Rekey {
+                secret_shares,
+                secret_threshold,
+            }) => {
+                let shutdown = Shutdown::new();
+                watch_signals(shutdown.clone());
+                runner::rekey::command(cfg, *secret_shares, *secret_threshold, shutdown).await
+            }
             None => {
                 let shutdown = Shutdown::new();
                 watch_signals(shutdown.clone());
@@ -183,6 +191,12 @@ fn main() -> ExitCode {
                 Some(pin::PinFailure::Missing) => exit::CONFIG,
                 Some(_) => exit::PIN,
                 None if e.downcast_ref::<ConfirmationRequired>().is_some() => exit::CONFIG,
+                None if e
+                    .downcast_ref::<unseal_init::rekey::RekeyInputError>()
+                    .is_some() =>
+                {
+                    exit::CONFIG
+                }
                 None => exit::FAILURE,
             };
             // The whole cause chain once, each cause once (several errors here carry their

@@ -122,6 +122,73 @@ impl InitResult {
     }
 }
 
+/// `GET sys/rekey/init`: the rekey in progress, if any.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct RekeyStatus {
+    /// A rekey is in progress.
+    #[serde(default)]
+    pub started: bool,
+    /// Its nonce (every `sys/rekey/update` names it).
+    #[serde(default)]
+    pub nonce: String,
+    /// New threshold.
+    #[serde(default, rename = "t")]
+    pub threshold: u32,
+    /// New shares.
+    #[serde(default, rename = "n")]
+    pub shares: u32,
+    /// Current keys submitted so far.
+    #[serde(default)]
+    pub progress: u32,
+    /// Current keys needed.
+    #[serde(default)]
+    pub required: u32,
+    /// Set once the new keys were handed out and wait for verification.
+    #[serde(default)]
+    pub verification_nonce: String,
+}
+
+/// The answer to one `sys/rekey/update`: progress, or (on the last key) the new keys.
+pub struct RekeyUpdate {
+    /// The new keys were handed out.
+    pub complete: bool,
+    /// Current keys submitted so far (when not complete).
+    pub progress: u32,
+    /// The new unseal keys, hex; handed out exactly once.
+    pub keys: Vec<Secret>,
+    /// The nonce of the verification the new keys now wait for.
+    pub verification_nonce: String,
+}
+
+#[derive(Deserialize)]
+struct RekeyUpdateBody {
+    #[serde(default)]
+    complete: bool,
+    #[serde(default)]
+    progress: u32,
+    #[serde(default)]
+    keys: Vec<String>,
+    #[serde(default)]
+    verification_nonce: String,
+}
+
+/// `GET sys/rekey/verify`, and the answer to a `PUT` of one new key.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct RekeyVerify {
+    /// The nonce every new key must be submitted with.
+    #[serde(default)]
+    pub nonce: String,
+    /// New keys submitted so far.
+    #[serde(default)]
+    pub progress: u32,
+    /// New threshold.
+    #[serde(default, rename = "t")]
+    pub threshold: u32,
+    /// The verification succeeded: Vault now uses the new keys.
+    #[serde(default)]
+    pub complete: bool,
+}
+
 #[derive(Deserialize)]
 struct InitBody {
     #[serde(default)]
@@ -421,6 +488,95 @@ impl VaultClient {
         })
     }
 
+    fn parse<T: serde::de::DeserializeOwned>(
+        endpoint: &'static str,
+        body: &bytes_body::Body,
+    ) -> Result<T, VaultError> {
+        serde_json::from_slice(&body.0).map_err(|e| VaultError::Body {
+            endpoint,
+            reason: e.to_string(),
+        })
+    }
+
+    /// `GET sys/rekey/init`.
+    pub async fn rekey_status(&self) -> Result<RekeyStatus, VaultError> {
+        let req = self
+            .http
+            .get(self.url("sys/rekey/init"))
+            .timeout(REQUEST_TIMEOUT);
+        let body = self.send("sys/rekey/init", req, true).await?;
+        Self::parse("sys/rekey/init", &body)
+    }
+
+    /// `PUT sys/rekey/init` with verification required: the current keys stay valid until
+    /// the new ones are verified.
+    pub async fn rekey_init(&self, shares: u8, threshold: u8) -> Result<RekeyStatus, VaultError> {
+        let req = self
+            .http
+            .put(self.url("sys/rekey/init"))
+            .timeout(REQUEST_TIMEOUT)
+            .json(&serde_json::json!({
+                "secret_shares": shares,
+                "secret_threshold": threshold,
+                "require_verification": true,
+            }));
+        let body = self.send("sys/rekey/init", req, true).await?;
+        Self::parse("sys/rekey/init", &body)
+    }
+
+    /// `DELETE sys/rekey/init`: cancels the rekey in progress; the current keys stay valid.
+    pub async fn rekey_cancel(&self) -> Result<(), VaultError> {
+        let req = self
+            .http
+            .delete(self.url("sys/rekey/init"))
+            .timeout(REQUEST_TIMEOUT);
+        self.send("sys/rekey/init", req, true).await.map(drop)
+    }
+
+    /// `PUT sys/rekey/update` with one current key. No timeout: the last one's answer is
+    /// the only copy of the new keys.
+    pub async fn rekey_update(&self, key: &Secret, nonce: &str) -> Result<RekeyUpdate, VaultError> {
+        let req = self
+            .http
+            .put(self.url("sys/rekey/update"))
+            .header("content-type", "application/json")
+            .body(key_body(key, Some(nonce))?);
+        let body = self.send("sys/rekey/update", req, false).await?;
+        let parsed: RekeyUpdateBody =
+            serde_json::from_slice(&body.0).map_err(|_| VaultError::Body {
+                endpoint: "sys/rekey/update",
+                reason: "not a rekey progress or keys answer".to_owned(),
+            })?;
+        Ok(RekeyUpdate {
+            complete: parsed.complete,
+            progress: parsed.progress,
+            keys: parsed.keys.into_iter().map(Secret::new).collect(),
+            verification_nonce: parsed.verification_nonce,
+        })
+    }
+
+    /// `GET sys/rekey/verify`.
+    pub async fn rekey_verify_status(&self) -> Result<RekeyVerify, VaultError> {
+        let req = self
+            .http
+            .get(self.url("sys/rekey/verify"))
+            .timeout(REQUEST_TIMEOUT);
+        let body = self.send("sys/rekey/verify", req, true).await?;
+        Self::parse("sys/rekey/verify", &body)
+    }
+
+    /// `PUT sys/rekey/verify` with one new key.
+    pub async fn rekey_verify(&self, key: &Secret, nonce: &str) -> Result<RekeyVerify, VaultError> {
+        let req = self
+            .http
+            .put(self.url("sys/rekey/verify"))
+            .timeout(REQUEST_TIMEOUT)
+            .header("content-type", "application/json")
+            .body(key_body(key, Some(nonce))?);
+        let body = self.send("sys/rekey/verify", req, false).await?;
+        Self::parse("sys/rekey/verify", &body)
+    }
+
     /// `PUT sys/storage/raft/join` towards `leader`; true when Vault reports joined.
     pub async fn raft_join(
         &self,
@@ -468,6 +624,57 @@ pub trait VaultApi: Send + Sync {
         leader: &'a str,
         leader_ca: Option<&'a str>,
     ) -> BoxFuture<'a, Result<bool, VaultError>>;
+
+    /// `GET sys/rekey/init`.
+    fn rekey_status(&self) -> BoxFuture<'_, Result<RekeyStatus, VaultError>> {
+        async { Err(unsupported("sys/rekey/init")) }.boxed()
+    }
+
+    /// `PUT sys/rekey/init`, verification required.
+    fn rekey_init(
+        &self,
+        _shares: u8,
+        _threshold: u8,
+    ) -> BoxFuture<'_, Result<RekeyStatus, VaultError>> {
+        async { Err(unsupported("sys/rekey/init")) }.boxed()
+    }
+
+    /// `DELETE sys/rekey/init`.
+    fn rekey_cancel(&self) -> BoxFuture<'_, Result<(), VaultError>> {
+        async { Err(unsupported("sys/rekey/init")) }.boxed()
+    }
+
+    /// `PUT sys/rekey/update` with one current key; never abandoned.
+    fn rekey_update<'a>(
+        &'a self,
+        _key: &'a Secret,
+        _nonce: &'a str,
+    ) -> BoxFuture<'a, Result<RekeyUpdate, VaultError>> {
+        async { Err(unsupported("sys/rekey/update")) }.boxed()
+    }
+
+    /// `GET sys/rekey/verify`.
+    fn rekey_verify_status(&self) -> BoxFuture<'_, Result<RekeyVerify, VaultError>> {
+        async { Err(unsupported("sys/rekey/verify")) }.boxed()
+    }
+
+    /// `PUT sys/rekey/verify` with one new key.
+    fn rekey_verify<'a>(
+        &'a self,
+        _key: &'a Secret,
+        _nonce: &'a str,
+    ) -> BoxFuture<'a, Result<RekeyVerify, VaultError>> {
+        async { Err(unsupported("sys/rekey/verify")) }.boxed()
+    }
+}
+
+/// What a [`VaultApi`] without the rekey endpoints answers them.
+fn unsupported(endpoint: &'static str) -> VaultError {
+    VaultError::Status {
+        endpoint,
+        status: 405,
+        message: "not supported by this Vault API".to_owned(),
+    }
 }
 
 impl VaultApi for VaultClient {
@@ -497,6 +704,42 @@ impl VaultApi for VaultClient {
         leader_ca: Option<&'a str>,
     ) -> BoxFuture<'a, Result<bool, VaultError>> {
         VaultClient::raft_join(self, leader, leader_ca).boxed()
+    }
+
+    fn rekey_status(&self) -> BoxFuture<'_, Result<RekeyStatus, VaultError>> {
+        VaultClient::rekey_status(self).boxed()
+    }
+
+    fn rekey_init(
+        &self,
+        shares: u8,
+        threshold: u8,
+    ) -> BoxFuture<'_, Result<RekeyStatus, VaultError>> {
+        VaultClient::rekey_init(self, shares, threshold).boxed()
+    }
+
+    fn rekey_cancel(&self) -> BoxFuture<'_, Result<(), VaultError>> {
+        VaultClient::rekey_cancel(self).boxed()
+    }
+
+    fn rekey_update<'a>(
+        &'a self,
+        key: &'a Secret,
+        nonce: &'a str,
+    ) -> BoxFuture<'a, Result<RekeyUpdate, VaultError>> {
+        VaultClient::rekey_update(self, key, nonce).boxed()
+    }
+
+    fn rekey_verify_status(&self) -> BoxFuture<'_, Result<RekeyVerify, VaultError>> {
+        VaultClient::rekey_verify_status(self).boxed()
+    }
+
+    fn rekey_verify<'a>(
+        &'a self,
+        key: &'a Secret,
+        nonce: &'a str,
+    ) -> BoxFuture<'a, Result<RekeyVerify, VaultError>> {
+        VaultClient::rekey_verify(self, key, nonce).boxed()
     }
 }
 
@@ -592,6 +835,27 @@ fn unseal_body(key: &Secret) -> Result<bytes::Bytes, VaultError> {
         endpoint: "sys/unseal",
         reason: e.to_string(),
     })?;
+    body.push(b'}');
+    Ok(bytes::Bytes::from_owner(body))
+}
+
+/// The JSON body `{"key": KEY, "nonce": NONCE}` of a rekey request, built as
+/// [`unseal_body`] builds its own: in reserved room, zeroed when the HTTP stack drops it.
+fn key_body(key: &Secret, nonce: Option<&str>) -> Result<bytes::Bytes, VaultError> {
+    let value = key.expose();
+    let nonce = nonce.unwrap_or_default();
+    let mut body =
+        zeroize::Zeroizing::new(Vec::with_capacity(value.len() * 6 + nonce.len() * 6 + 32));
+    body.extend_from_slice(b"{\"key\":");
+    serde_json::to_writer(&mut *body, value)
+        .and_then(|()| {
+            body.extend_from_slice(b",\"nonce\":");
+            serde_json::to_writer(&mut *body, nonce)
+        })
+        .map_err(|e| VaultError::Body {
+            endpoint: "sys/rekey",
+            reason: e.to_string(),
+        })?;
     body.push(b'}');
     Ok(bytes::Bytes::from_owner(body))
 }
