@@ -6,10 +6,10 @@
 //!
 //! Each Event names its pod by uid too (looked up with a GET), as `kubectl describe pod` lists
 //! only Events whose `involvedObject.uid` matches (a [`HolderSource`] that knows the uids spares
-//! the GET). Evictions go through a client that does not
-//! retry by itself: a PodDisruptionBudget's refusal (HTTP 429) comes back at once, is logged
-//! and counted, and the pod is tried again by [`Evictions`]' backoff while other sticks' pods
-//! are handled meanwhile; after `evictionRetryFor` an Event on the pod says the plugin gave up.
+//! the GET). Evictions go through a client that does not retry by itself: a
+//! PodDisruptionBudget's refusal (HTTP 429) comes back at once, is logged and counted, and the
+//! pod is tried again by [`Evictions`]' backoff while other sticks' pods are handled
+//! meanwhile; after `evictionRetryFor` an Event on the pod says the plugin gave up.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
