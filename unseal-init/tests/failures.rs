@@ -788,12 +788,12 @@ fn an_endless_vault_answer_is_cut_off_and_a_deadline_ends_the_run() {
     cmd.arg("--config")
         .arg(&config)
         .args(["--once", "--deadline", "2s"]);
-    let started = std::time::Instant::now();
+    // `run` kills it after 60 s, which would show as no exit code: ending by itself with 1 and
+    // the deadline's message is the check, whatever the machine's load made the 2 s take.
     let r = run(cmd, Duration::from_secs(60));
     assert_eq!(r.code, Some(1), "{}", r.text);
     assert!(r.text.contains("within the deadline"), "{}", r.text);
     assert!(r.text.contains("Connect"), "the cause is named: {}", r.text);
-    assert!(started.elapsed() < Duration::from_secs(30));
 }
 
 #[test]

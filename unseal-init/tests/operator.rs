@@ -27,7 +27,8 @@ fn pcscd_pid(log: &str) -> u32 {
         .unwrap_or_else(|| panic!("no pcscd pid logged:\n{log}"))
 }
 
-/// Waits until `pid` is gone (or a zombie of a parent that exited).
+/// Waits until `pid` is gone (or a zombie of a parent that exited); 30 s is a bound for a
+/// loaded machine, not a measurement.
 fn assert_gone(pid: u32) {
     let started = std::time::Instant::now();
     while std::path::Path::new(&format!("/proc/{pid}")).exists() {
@@ -36,7 +37,7 @@ fn assert_gone(pid: u32) {
             break;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(5),
+            started.elapsed() < Duration::from_secs(30),
             "pcscd {pid} still running"
         );
         std::thread::sleep(Duration::from_millis(50));

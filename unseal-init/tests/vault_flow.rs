@@ -127,10 +127,11 @@ fn sidecar_serves_probes_and_unseals_again_after_vault_restarts() {
     // SIGTERM ends the sidecar cleanly.
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    // A bound for a loaded machine, not a measurement.
     let started = std::time::Instant::now();
     while child.try_wait().expect("wait").is_none() {
         assert!(
-            started.elapsed() < Duration::from_secs(10),
+            started.elapsed() < Duration::from_secs(60),
             "no exit on SIGTERM"
         );
         std::thread::sleep(Duration::from_millis(50));
