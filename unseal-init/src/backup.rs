@@ -275,9 +275,9 @@ pub enum Action {
     Keep,
 }
 
-/// Decides every name's action before anything is written: without `force`, a name that
-/// holds a different or unreadable value stops the whole restore, and the names in the way
-/// are returned.
+/// Decides every name's action before anything is written (for a restore, and for `hsm
+/// store`'s one name): without `force`, a name that holds a different or unreadable value
+/// stops the whole write, and the names in the way are returned.
 pub fn plan_restore(
     found: &[(String, Existing)],
     force: bool,

@@ -405,23 +405,27 @@ async fn store(
             keyring.capacity()
         );
     }
-    match keyring.load(name).await {
-        Ok(None) => {}
-        Ok(Some(old)) if old == value => {
+    let existing = match keyring.load(name).await {
+        Ok(None) => backup::Existing::Absent,
+        Ok(Some(old)) if old == value => backup::Existing::Same,
+        Ok(Some(_)) => backup::Existing::Different,
+        Err(e) if e.is_about_the_value() => backup::Existing::Unreadable,
+        Err(e) => return Err(e.into()),
+    };
+    match backup::plan_restore(&[(name.to_owned(), existing)], force) {
+        Err(_) => anyhow::bail!(crate::ConfirmationRequired(format!(
+            "`{name}` already holds a different value{}; refusing to replace it without --force (nothing written)",
+            if existing == backup::Existing::Unreadable {
+                " (one this token cannot read)"
+            } else {
+                ""
+            }
+        ))),
+        Ok(plan) if plan.iter().all(|(_, a)| *a == backup::Action::Keep) => {
             println!("`{name}` already holds this value; nothing written");
             return Ok(());
         }
-        Ok(Some(_)) if !force => anyhow::bail!(crate::ConfirmationRequired(format!(
-            "`{name}` already holds a different value; refusing to replace it without --force (nothing written)"
-        ))),
-        Err(e) if e.is_about_the_value() && !force => {
-            anyhow::bail!(crate::ConfirmationRequired(format!(
-                "`{name}` holds a value this token cannot read ({e}); refusing to replace it without --force (nothing written)"
-            )))
-        }
-        Ok(Some(_)) => {}
-        Err(e) if e.is_about_the_value() => {}
-        Err(e) => return Err(e.into()),
+        Ok(_) => {}
     }
     keyring.store(name, &value).await?;
     println!(
