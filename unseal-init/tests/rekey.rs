@@ -1,0 +1,488 @@
+//! `unseal-init rekey` against a real OpenBao and a SoftHSM2 token: the keys rotate, the new
+//! ones are what the store holds and what opens a restarted Vault, bad requests change
+//! nothing, and a fault matrix (SIGTERM or SIGKILL of the rekey, SIGKILL of OpenBao, at each
+//! step) ends every time with either the new keys stored and opening Vault, or the rekey
+//! cancelled and the old keys stored and opening Vault: never neither. The matrix is printed
+//! as a markdown table (`cargo test --test rekey -- --nocapture`); `REKEY_MATRIX_JOBS`
+//! (default 4) cells run at once.
+//!
+//! OpenBao 2.4 and later disable the unauthenticated `sys/rekey` endpoints unless the
+//! listener sets `disable_unauthed_rekey_endpoints = false`, which these servers do (one test
+//! checks what a server without it answers).
+
+mod common;
+
+use common::faults::{Trigger, Watched, has_field, is_event};
+use common::{command, run, run_once_ok, write_config};
+use nitrokey_e2e::openbao::OpenBao;
+use nitrokey_e2e::softhsm::SoftHsm;
+use nitrokey_e2e::token::Token;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Lets OpenBao serve `sys/rekey` (restarting it; it comes back sealed).
+fn allow_rekey(bao: &mut OpenBao) {
+    bao.stop().expect("stop openbao");
+    let path = bao.config_path().to_owned();
+    let text = std::fs::read_to_string(&path).expect("read openbao config");
+    let text = text.replacen(
+        "tls_disable = true\n",
+        "tls_disable = true\n  disable_unauthed_rekey_endpoints = false\n",
+        1,
+    );
+    std::fs::write(&path, text).expect("write openbao config");
+    bao.start_again().expect("start openbao");
+    bao.wait_ready(Duration::from_secs(60))
+        .expect("openbao ready");
+}
+
+/// A token, an OpenBao serving `sys/rekey`, initialised and unsealed by unseal-init (5 shares,
+/// threshold 3); the config, and the keys `sys/init` handed out as the store holds them.
+struct Setup {
+    hsm: SoftHsm,
+    bao: OpenBao,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    old: Vec<String>,
+}
+
+fn setup() -> Setup {
+    let hsm = SoftHsm::new().expect("softhsm token");
+    let mut bao = OpenBao::start().expect("openbao");
+    allow_rekey(&mut bao);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &hsm, &bao.address(), "");
+    run_once_ok(&hsm, &config);
+    let old = stored_keys(&hsm);
+    assert_eq!(old.len(), 5);
+    Setup {
+        hsm,
+        bao,
+        dir,
+        config,
+        old,
+    }
+}
+
+/// The stored unseal keys, decrypted with pkcs11-tool, in index order.
+fn stored_keys(hsm: &SoftHsm) -> Vec<String> {
+    let mut names: Vec<(usize, String)> = hsm
+        .data_labels()
+        .expect("labels")
+        .into_iter()
+        .filter_map(|l| {
+            let i = l.strip_prefix("vault-unseal-")?.parse().ok()?;
+            Some((i, l))
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+        .iter()
+        .map(|(_, l)| common::decrypt_stored(hsm, l))
+        .collect()
+}
+
+fn rekey_command(hsm: &SoftHsm, config: &Path, args: &[&str]) -> Command {
+    let mut cmd = command(hsm);
+    cmd.arg("--config").arg(config).arg("rekey").args(args);
+    cmd
+}
+
+/// Files left in the rekey's part of the journal directory.
+fn rekey_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(common::journal_dir(dir).join("rekey"))
+        .map(|entries| entries.filter_map(|e| Some(e.ok()?.path())).collect())
+        .unwrap_or_default()
+}
+
+/// Restarts OpenBao (sealed) and submits `keys` directly, not through the program under
+/// test; true when they unseal it.
+fn keys_open_restarted(bao: &mut OpenBao, keys: &[String]) -> bool {
+    bao.restart().expect("restart openbao");
+    bao.wait_ready(Duration::from_secs(60))
+        .expect("openbao ready");
+    for key in keys {
+        match bao.unseal(key) {
+            Ok(s) if !s.sealed => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+fn rekey_in_progress(bao: &OpenBao) -> bool {
+    let (status, body) =
+        nitrokey_e2e::openbao::http(&bao.address(), "GET", "/v1/sys/rekey/init", None)
+            .expect("sys/rekey/init");
+    assert_eq!(status, 200, "{body}");
+    body.contains("\"started\":true")
+}
+
+#[test]
+fn rekey_rotates_the_keys_and_the_new_ones_open_a_restarted_vault() {
+    let mut s = setup();
+    let r = run(
+        rekey_command(
+            &s.hsm,
+            &s.config,
+            &["--secret-shares", "3", "--secret-threshold", "2"],
+        ),
+        RUN_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    assert!(r.stdout.contains("rekeyed"), "{}", r.stdout);
+    let new = stored_keys(&s.hsm);
+    assert_eq!(new.len(), 3, "vault-unseal-3 and -4 are removed");
+    assert!(new.iter().all(|k| !s.old.contains(k)), "every key is new");
+    let labels = s.hsm.data_labels().expect("labels");
+    assert!(labels.contains(&"vault-root".to_owned()), "{labels:?}");
+    let status = s.bao.seal_status().expect("seal status");
+    assert_eq!((status.n, status.t, status.sealed), (3, 2, false));
+    let mut secrets = s.old.clone();
+    secrets.extend(new.iter().cloned());
+    common::assert_no_secrets(&r.text, &secrets);
+    assert!(rekey_files(s.dir.path()).is_empty());
+    assert!(!rekey_in_progress(&s.bao));
+
+    // A restarted Vault refuses the old keys and opens with the new ones, and the program
+    // unseals it from the store.
+    assert!(!keys_open_restarted(&mut s.bao, &s.old[..3]));
+    assert!(keys_open_restarted(&mut s.bao, &new[..2]));
+    s.bao.restart().expect("restart");
+    s.bao.wait_ready(Duration::from_secs(60)).expect("ready");
+    run_once_ok(&s.hsm, &s.config);
+    assert!(!s.bao.seal_status().expect("status").sealed);
+
+    // Without flags the seal configuration stays as it is.
+    let r = run(rekey_command(&s.hsm, &s.config, &[]), RUN_TIMEOUT);
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    let newer = stored_keys(&s.hsm);
+    assert_eq!(newer.len(), 3);
+    assert!(newer.iter().all(|k| !new.contains(k)));
+    let status = s.bao.seal_status().expect("seal status");
+    assert_eq!((status.n, status.t), (3, 2));
+    assert!(keys_open_restarted(&mut s.bao, &newer[1..]));
+}
+
+#[test]
+fn bad_requests_are_refused_and_change_nothing() {
+    let hsm = SoftHsm::new().expect("softhsm token");
+    let mut bao = OpenBao::start().expect("openbao");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &hsm, &bao.address(), "");
+    run_once_ok(&hsm, &config);
+    let old = stored_keys(&hsm);
+
+    // A server that keeps the unauthenticated endpoints disabled (OpenBao's default).
+    let r = run(rekey_command(&hsm, &config, &[]), RUN_TIMEOUT);
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(
+        r.text.contains("disable_unauthed_rekey_endpoints = false"),
+        "{}",
+        r.text
+    );
+    assert!(rekey_files(dir.path()).is_empty());
+
+    allow_rekey(&mut bao);
+    run_once_ok(&hsm, &config);
+    for (args, says) in [
+        (
+            &["--secret-shares", "2", "--secret-threshold", "3"][..],
+            "--secret-threshold 3 is more than --secret-shares 2",
+        ),
+        (&["--secret-threshold", "6"][..], "--secret-threshold 6"),
+        (&["--secret-shares", "0"][..], "at least 1"),
+        (
+            &["--secret-shares", "3", "--secret-threshold", "1"][..],
+            "at least 2",
+        ),
+    ] {
+        let r = run(rekey_command(&hsm, &config, args), RUN_TIMEOUT);
+        assert_eq!(r.code, Some(2), "{args:?}: {}", r.text);
+        assert!(r.text.contains(says), "{args:?}: {}", r.text);
+    }
+    let r = run(
+        rekey_command(&hsm, &config, &["--secret-shares", "300"]),
+        RUN_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(2), "{}", r.text);
+
+    // Fewer readable keys than Vault's threshold.
+    for i in 0..3 {
+        hsm.delete_object("data", &format!("vault-unseal-{i}"))
+            .expect("delete");
+    }
+    let r = run(rekey_command(&hsm, &config, &[]), RUN_TIMEOUT);
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(
+        r.text.contains("needs 3 unseal keys") && r.text.contains("holds 2 readable"),
+        "{}",
+        r.text
+    );
+    assert_eq!(stored_keys(&hsm), old[3..]);
+    let status = bao.seal_status().expect("seal status");
+    assert_eq!((status.n, status.t, status.sealed), (5, 3, false));
+    assert!(!rekey_in_progress(&bao));
+    assert!(rekey_files(dir.path()).is_empty());
+    common::assert_no_secrets(&r.text, &old);
+}
+
+/// A moment of the rekey, reached by its log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Started,
+    Answered,
+    JournalWritten,
+    Verified,
+    KeyStored(usize),
+    Complete,
+}
+
+const NEW_SHARES: usize = 3;
+
+impl Step {
+    fn all() -> Vec<Self> {
+        let mut v = vec![
+            Self::Started,
+            Self::Answered,
+            Self::JournalWritten,
+            Self::Verified,
+        ];
+        v.extend((0..NEW_SHARES).map(Self::KeyStored));
+        v.push(Self::Complete);
+        v
+    }
+
+    fn label(self) -> String {
+        match self {
+            Self::Started => "`sys/rekey/init` answered".into(),
+            Self::Answered => "new keys handed out".into(),
+            Self::JournalWritten => "journal written".into(),
+            Self::Verified => "new keys verified".into(),
+            Self::KeyStored(i) => format!("`vault-unseal-{i}` replaced"),
+            Self::Complete => "rekey complete".into(),
+        }
+    }
+
+    fn reached_by(self, line: &str) -> bool {
+        match self {
+            Self::Started => is_event(line, "rekey started"),
+            Self::Answered => is_event(line, "rekey answered; encrypting the new keys"),
+            Self::JournalWritten => is_event(line, "rekey journal written"),
+            Self::Verified => is_event(line, "new unseal keys verified with Vault"),
+            Self::KeyStored(i) => {
+                is_event(line, "new unseal key stored in key store")
+                    && has_field(line, "key", &format!("vault-unseal-{i}"))
+            }
+            Self::Complete => is_event(line, "rekey complete"),
+        }
+    }
+}
+
+/// What hits the step, and how unseal-init starts next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Column {
+    /// SIGTERM to the rekey; the next start is `--once`.
+    Term,
+    /// SIGKILL to the rekey; the next start is `--once` (what the sidecar's start does).
+    KillThenStart,
+    /// SIGKILL to the rekey; the next start is `rekey` again.
+    KillThenRekey,
+    /// SIGKILL to OpenBao, restarted on its storage (sealed); the next start is `--once`.
+    KillVault,
+}
+
+const COLUMNS: [Column; 4] = [
+    Column::Term,
+    Column::KillThenStart,
+    Column::KillThenRekey,
+    Column::KillVault,
+];
+
+impl Column {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Term => "SIGTERM rekey, then `--once`",
+            Self::KillThenStart => "SIGKILL rekey, then `--once`",
+            Self::KillThenRekey => "SIGKILL rekey, then `rekey`",
+            Self::KillVault => "SIGKILL OpenBao + restart, then `--once`",
+        }
+    }
+}
+
+/// How a cell ended: which keys Vault and the store ended with, or what broke.
+enum Outcome {
+    NewKeys,
+    OldKeys,
+    Failed(String),
+}
+
+fn run_cell(step: Step, col: Column) -> Outcome {
+    let mut s = setup();
+    let bao_pid = s.bao.pid().expect("openbao pid");
+    let trigger = Trigger {
+        matches: Box::new(move |line: &str| step.reached_by(line)),
+        action: Box::new(move |run| match col {
+            Column::Term => run.send(libc::SIGTERM),
+            Column::KillThenStart | Column::KillThenRekey => run.send(libc::SIGKILL),
+            // SAFETY: kill(2) on this process's own child, reaped only later by
+            // `OpenBao::kill` on the cell's thread.
+            Column::KillVault => unsafe {
+                libc::kill(bao_pid as i32, libc::SIGKILL);
+            },
+        }),
+    };
+    let mut hit = Watched::spawn(
+        rekey_command(
+            &s.hsm,
+            &s.config,
+            &["--secret-shares", "3", "--secret-threshold", "2"],
+        ),
+        Some(trigger),
+    );
+    let status = hit.wait_exit(RUN_TIMEOUT);
+    if status.is_none() {
+        hit.kill();
+        return Outcome::Failed(format!("the rekey hung:\n{}", hit.tail(15)));
+    }
+    if !hit.fired() {
+        return Outcome::Failed(format!("step never reached:\n{}", hit.tail(15)));
+    }
+    if col == Column::Term && status.and_then(|st| st.code()) != Some(0) {
+        return Outcome::Failed(format!(
+            "SIGTERM'd rekey exited with {status:?}:\n{}",
+            hit.tail(15)
+        ));
+    }
+    if col == Column::KillVault {
+        let _ = s.bao.kill();
+        s.bao.start_again().expect("start openbao");
+        s.bao
+            .wait_ready(Duration::from_secs(60))
+            .expect("openbao ready");
+    }
+    let next = match col {
+        Column::KillThenRekey => run(rekey_command(&s.hsm, &s.config, &[]), RUN_TIMEOUT),
+        _ => {
+            let mut cmd = command(&s.hsm);
+            cmd.arg("--config").arg(&s.config).arg("--once");
+            run(cmd, RUN_TIMEOUT)
+        }
+    };
+    if next.code != Some(0) {
+        return Outcome::Failed(format!("next start exited {:?}:\n{}", next.code, next.text));
+    }
+    if col == Column::KillThenRekey {
+        // The rekey run only finishes or clears the earlier one; Vault may be sealed only if
+        // OpenBao was hit, which this column does not do.
+        let _ = run_once_ok(&s.hsm, &s.config);
+    }
+    let left = rekey_files(s.dir.path());
+    if !left.is_empty() {
+        return Outcome::Failed(format!("rekey files left: {left:?}\n{}", next.text));
+    }
+    let Ok(vault) = s.bao.seal_status() else {
+        return Outcome::Failed("OpenBao does not answer".into());
+    };
+    if vault.sealed {
+        return Outcome::Failed(format!("Vault sealed after the next start:\n{}", next.text));
+    }
+    let stored = stored_keys(&s.hsm);
+    let outcome = if stored == s.old {
+        Outcome::OldKeys
+    } else if stored.len() == NEW_SHARES && stored.iter().all(|k| !s.old.contains(k)) {
+        Outcome::NewKeys
+    } else {
+        return Outcome::Failed(format!(
+            "the store holds {} keys, {} of them old",
+            stored.len(),
+            stored.iter().filter(|k| s.old.contains(k)).count()
+        ));
+    };
+    if vault.n as usize != stored.len() {
+        return Outcome::Failed(format!(
+            "Vault has {} shares, the store {}",
+            vault.n,
+            stored.len()
+        ));
+    }
+    if !keys_open_restarted(&mut s.bao, &stored) {
+        return Outcome::Failed("the stored keys do not open a restarted Vault".into());
+    }
+    outcome
+}
+
+#[test]
+fn every_fault_at_every_rekey_step_ends_with_one_whole_set_of_keys() {
+    let jobs: usize = std::env::var("REKEY_MATRIX_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+        .max(1);
+    let cells: Vec<(Step, Column)> = Step::all()
+        .into_iter()
+        .flat_map(|s| COLUMNS.into_iter().map(move |c| (s, c)))
+        .collect();
+    let queue = Arc::new(Mutex::new(cells.clone()));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..jobs)
+        .map(|_| {
+            let (queue, results) = (queue.clone(), results.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let Some((step, col)) = queue.lock().ok().and_then(|mut q| q.pop()) else {
+                        return;
+                    };
+                    let outcome =
+                        std::panic::catch_unwind(|| run_cell(step, col)).unwrap_or_else(|p| {
+                            Outcome::Failed(format!(
+                                "panicked: {}",
+                                p.downcast_ref::<String>()
+                                    .cloned()
+                                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                                    .unwrap_or_default()
+                            ))
+                        });
+                    if let Ok(mut r) = results.lock() {
+                        r.push((step, col, outcome));
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("worker");
+    }
+    let results = results.lock().expect("results");
+    let mut table = format!(
+        "| step | {} |\n|---|{}\n",
+        COLUMNS.map(Column::label).join(" | "),
+        "---|".repeat(COLUMNS.len())
+    );
+    let mut failures = Vec::new();
+    for step in Step::all() {
+        let mut row = format!("| {} |", step.label());
+        for col in COLUMNS {
+            let text = match results.iter().find(|(s, c, _)| *s == step && *c == col) {
+                Some((_, _, Outcome::NewKeys)) => "new keys stored, unseal".to_owned(),
+                Some((_, _, Outcome::OldKeys)) => "cancelled, old keys unseal".to_owned(),
+                Some((_, _, Outcome::Failed(why))) => {
+                    failures.push(format!("{} / {}: {why}", step.label(), col.label()));
+                    "**FAILED**".to_owned()
+                }
+                None => "not run".to_owned(),
+            };
+            row.push_str(&format!(" {text} |"));
+        }
+        table.push_str(&row);
+        table.push('\n');
+    }
+    println!("{table}");
+    assert!(failures.is_empty(), "{table}\n{}", failures.join("\n\n"));
+}
