@@ -594,7 +594,9 @@ async fn restore(
     let mut clear = Vec::with_capacity(saved.values.len());
     for (name, value) in &saved.values {
         let v = keyring.open(name, value).await.with_context(|| {
-            format!("`{name}` in the backup does not decrypt with this token; nothing restored")
+            format!(
+                "`{name}` in the backup cannot be read with this token's key pair; nothing restored"
+            )
         })?;
         let existing = match storage.get(name).await? {
             None => backup::Existing::Absent,

@@ -380,3 +380,115 @@ fn a_deleted_secret_is_restored_from_the_backup_and_vault_unseals_from_it() {
     ok(unseal_init(&b, &config_b, kube, &["--once"]));
     assert!(!bao.seal_status().expect("status").sealed);
 }
+
+/// Values Bank-Vaults wrote (bare ciphertext, OAEP-SHA1 and PKCS#1 v1.5) are backed up and
+/// restored byte for byte, so Bank-Vaults can still read them; a bare value that only
+/// "decrypts" to something that is not a value of its name (PKCS#1 v1.5 decryption can yield
+/// random bytes instead of an error) is refused by the backup and by the restore, which then
+/// writes nothing.
+#[test]
+fn bank_vaults_values_are_backed_up_and_restored_as_they_are() {
+    let token = SoftHsm::new().expect("token");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_for(dir.path(), &token, "http://127.0.0.1:1", "");
+    let root = "s.7xWq0v3UJcYk2Ph9Lr4aQ8Zm";
+    let key = "5e".repeat(33);
+    let root_ct = token
+        .encrypt_with_public_key(root.as_bytes(), Scheme::OaepSha1)
+        .expect("encrypt");
+    let key_ct = token
+        .encrypt_with_public_key(key.as_bytes(), Scheme::Pkcs1v15)
+        .expect("encrypt");
+    token.write_data("vault-root", &root_ct).expect("write");
+    token.write_data("vault-unseal-0", &key_ct).expect("write");
+    let file = dir.path().join("bv.nkbackup");
+    let file_arg = file.to_str().expect("utf-8 path");
+    ok(unseal_init(
+        &token,
+        &config,
+        None,
+        &["hsm", "backup", file_arg],
+    ));
+
+    token.delete_object("data", "vault-root").expect("delete");
+    token
+        .delete_object("data", "vault-unseal-0")
+        .expect("delete");
+    let restored = ok(unseal_init(
+        &token,
+        &config,
+        None,
+        &["hsm", "restore", file_arg],
+    ));
+    assert!(
+        restored.stdout.contains("2 value(s) restored"),
+        "{}",
+        restored.stdout
+    );
+    assert_eq!(token.read_data("vault-root").expect("read"), root_ct);
+    assert_eq!(token.read_data("vault-unseal-0").expect("read"), key_ct);
+
+    // Text that is no unseal key, under an unseal key's name: not backed up.
+    let text = std::fs::read_to_string(&file).expect("read backup");
+    let junk = token
+        .encrypt_with_public_key(b"not an unseal key at all, not hex", Scheme::Pkcs1v15)
+        .expect("encrypt");
+    token.write_data("vault-unseal-1", &junk).expect("write");
+    let refused = unseal_init(
+        &token,
+        &config,
+        None,
+        &["hsm", "backup", file_arg, "--force"],
+    );
+    assert_eq!(refused.code, Some(1), "{}", refused.text);
+    assert!(
+        refused.text.contains("no backup written")
+            && refused
+                .text
+                .contains("`vault-unseal-1` does not decrypt to an unseal key"),
+        "{}",
+        refused.text
+    );
+    assert_eq!(std::fs::read_to_string(&file).expect("read"), text);
+
+    // The same value in a backup file with a right checksum: refused, nothing written.
+    token
+        .delete_object("data", "vault-unseal-1")
+        .expect("delete");
+    token.delete_object("data", "vault-root").expect("delete");
+    use base64::Engine;
+    let body = text
+        .lines()
+        .filter(|l| !l.starts_with("sha256 "))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        + &format!(
+            "value vault-unseal-1 {}\n",
+            base64::engine::general_purpose::STANDARD.encode(&junk)
+        );
+    let forged = dir.path().join("forged.nkbackup");
+    std::fs::write(
+        &forged,
+        format!(
+            "{body}sha256 {}\n",
+            hex::encode(sha2::Sha256::digest(body.as_bytes()))
+        ),
+    )
+    .expect("write");
+    let refused = unseal_init(
+        &token,
+        &config,
+        None,
+        &["hsm", "restore", forged.to_str().expect("utf-8")],
+    );
+    assert_eq!(refused.code, Some(1), "{}", refused.text);
+    assert!(
+        refused
+            .text
+            .contains("`vault-unseal-1` in the backup cannot be read")
+            && refused.text.contains("nothing restored"),
+        "{}",
+        refused.text
+    );
+    assert_eq!(token.data_labels().expect("labels"), ["vault-unseal-0"]);
+}
