@@ -274,16 +274,6 @@ pub enum HsmCommand {
     },
     /// Re-write values stored by Bank-Vaults (no header) in the current format.
     Migrate,
-}
-
-impl Cli {
-    /// Parses the process's arguments. An invalid value that came from an environment variable
-    /// is reported under the variable's name, which is what has to be fixed (clap names the
-    /// flag, which the user may never have typed).
-    pub fn parse_env_aware() -> Self {
-        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-        match Self::try_parse_from(&args) {
-            Ok(cli) => cli,
     /// Break-glass: decrypt one stored value (e.g. `vault-root`) and write it to stdout only.
     /// A newline follows only on a terminal, so piped output is the exact value.
     Reveal {
@@ -321,6 +311,16 @@ impl Cli {
         #[arg(long)]
         force: bool,
     },
+}
+
+impl Cli {
+    /// Parses the process's arguments. An invalid value that came from an environment variable
+    /// is reported under the variable's name, which is what has to be fixed (clap names the
+    /// flag, which the user may never have typed).
+    pub fn parse_env_aware() -> Self {
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        match Self::try_parse_from(&args) {
+            Ok(cli) => cli,
             Err(e) => match env_source(&e, &args) {
                 Some(var) => {
                     let first = e.to_string();
