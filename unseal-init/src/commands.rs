@@ -307,6 +307,7 @@ async fn reveal(
     yes: bool,
 ) -> anyhow::Result<()> {
     use std::io::IsTerminal;
+    check_name(name)?;
     let terminal = std::io::stdout().is_terminal();
     if terminal && !yes {
         anyhow::bail!(crate::ConfirmationRequired(format!(
@@ -322,6 +323,23 @@ async fn reveal(
         .with_context(|| format!("writing `{name}` to stdout"))?;
     tracing::info!(key = name, storage, "revealed a stored value on stdout");
     Ok(())
+}
+
+/// Refuses a name no store holds, quoting at most its first 64 characters (escaped).
+fn check_name(name: &str) -> anyhow::Result<()> {
+    if backup::valid_name(name) {
+        return Ok(());
+    }
+    let shown: String = name
+        .chars()
+        .take(64)
+        .flat_map(char::escape_default)
+        .collect();
+    let more = if name.chars().count() > 64 { "…" } else { "" };
+    anyhow::bail!(
+        "`{shown}{more}` is not a name a store can hold (1 to {} of the characters a-z A-Z 0-9 - _ .)",
+        backup::MAX_NAME
+    )
 }
 
 /// Writes `value` straight to file descriptor 1, bypassing the standard library's stdout
@@ -387,12 +405,7 @@ async fn store(
     name: &str,
     force: bool,
 ) -> anyhow::Result<()> {
-    if !backup::valid_name(name) {
-        anyhow::bail!(
-            "`{name}` is not a name a store can hold (1 to {} of the characters a-z A-Z 0-9 - _ .)",
-            backup::MAX_NAME
-        );
-    }
+    check_name(name)?;
     let value = read_stdin_value(name)?;
     let opened = open_for_command(cfg, telemetry).await?;
     let keyring = opened.keyring;
@@ -666,5 +679,15 @@ mod tests {
         assert!(super::is_vault_name("vault-test"));
         assert!(!super::is_vault_name("vault-unseal-"));
         assert!(!super::is_vault_name("something-else"));
+    }
+
+    #[test]
+    fn a_bad_name_is_quoted_short_and_escaped() {
+        assert!(super::check_name("vault-root").is_ok());
+        let long = format!("\u{1b}[31m{}", "x".repeat(10_000));
+        let msg = super::check_name(&long).expect_err("bad name").to_string();
+        assert!(msg.starts_with("`\\u{1b}[31mxxx"), "{msg}");
+        assert!(msg.contains("…` is not a name"), "{msg}");
+        assert!(msg.len() < 250, "{msg}");
     }
 }
