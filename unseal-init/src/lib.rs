@@ -26,15 +26,15 @@
 //! - `memory_vault` (tests only): an in-memory Vault behind [`vault::VaultApi`].
 //! - [`telemetry`]: Prometheus metrics, `/healthz`, `/readyz`; [`commands`]: `hsm ...`
 //!   subcommands; [`secret`]: the zeroizing, redacted type every secret lives in.
-//!
-//! Data flows config → hsm/keypair → keyring(storage) → runner ⇄ vault, with telemetry
 //! - [`backup`]: the `hsm backup` file format and the restore's decisions (pure; the
 //!   commands do the I/O).
+//!
+//! Data flows config → hsm/keypair → keyring(storage) → runner ⇄ vault, with telemetry
 //! observing the HSM and Vault calls.
 
+pub mod backup;
 pub mod cli;
 pub mod commands;
-pub mod backup;
 pub mod config;
 pub mod crypto;
 pub mod envelope;
