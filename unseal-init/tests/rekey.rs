@@ -486,3 +486,68 @@ fn every_fault_at_every_rekey_step_ends_with_one_whole_set_of_keys() {
     println!("{table}");
     assert!(failures.is_empty(), "{table}\n{}", failures.join("\n\n"));
 }
+
+/// Runs the rekey to 3 shares and SIGKILLs it at `step`.
+fn killed_at(s: &Setup, step: Step) {
+    let trigger = Trigger {
+        matches: Box::new(move |line: &str| step.reached_by(line)),
+        action: Box::new(|run| run.send(libc::SIGKILL)),
+    };
+    let mut hit = Watched::spawn(
+        rekey_command(
+            &s.hsm,
+            &s.config,
+            &["--secret-shares", "3", "--secret-threshold", "2"],
+        ),
+        Some(trigger),
+    );
+    assert!(hit.wait_exit(RUN_TIMEOUT).is_some(), "{}", hit.tail(15));
+    assert!(hit.fired(), "{}", hit.tail(15));
+}
+
+/// The two states no signal reaches reliably, set up by hand: Vault unsealed with nothing
+/// pending and a journal without the verified marker. A probe rekey with the journal's keys,
+/// cancelled at once, tells whether Vault switched to them.
+#[test]
+fn a_journal_without_a_verdict_is_settled_by_a_probe_rekey() {
+    // Vault verified the new keys and the process died before it wrote the marker.
+    let mut s = setup();
+    killed_at(&s, Step::Verified);
+    let marker = common::journal_dir(s.dir.path()).join("rekey/rekey-verified");
+    let _ = std::fs::remove_file(&marker);
+    assert!(!rekey_in_progress(&s.bao));
+    let r = run_once_ok(&s.hsm, &s.config);
+    assert!(r.text.contains("Probe"), "{}", r.text);
+    let stored = stored_keys(&s.hsm);
+    assert_eq!(stored.len(), 3);
+    assert!(stored.iter().all(|k| !s.old.contains(k)));
+    assert!(rekey_files(s.dir.path()).is_empty());
+    assert!(!rekey_in_progress(&s.bao), "the probe rekey was cancelled");
+    assert!(keys_open_restarted(&mut s.bao, &stored[..2]));
+
+    // The rekey was lost (cancelled here by hand) before its keys were verified.
+    let mut s = setup();
+    killed_at(&s, Step::JournalWritten);
+    let cancelled = rekey_in_progress(&s.bao);
+    if cancelled {
+        let (status, body) =
+            nitrokey_e2e::openbao::http(&s.bao.address(), "DELETE", "/v1/sys/rekey/init", None)
+                .expect("cancel");
+        assert_eq!(status, 204, "{body}");
+    }
+    let r = run_once_ok(&s.hsm, &s.config);
+    let stored = stored_keys(&s.hsm);
+    if cancelled {
+        assert!(r.text.contains("Probe"), "{}", r.text);
+        assert_eq!(
+            stored, s.old,
+            "the journal's keys are refused; the old ones stay"
+        );
+    } else {
+        // The run verified before it died: Vault uses the new keys.
+        assert_eq!(stored.len(), 3);
+    }
+    assert!(rekey_files(s.dir.path()).is_empty());
+    assert!(!rekey_in_progress(&s.bao));
+    assert!(keys_open_restarted(&mut s.bao, &stored));
+}

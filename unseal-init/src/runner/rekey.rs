@@ -117,7 +117,7 @@ impl Runner {
         self.cfg.journal_dir.join(rekey::SUBDIR)
     }
 
-    fn rekey_on_disk(&self) -> Result<(OnDisk, Option<Journal>), PassError> {
+    fn rekey_on_disk(&self) -> Result<(OnDisk, Option<Journal>), journal::JournalError> {
         let dir = self.rekey_dir();
         let j = journal::read(&dir)?;
         let disk = OnDisk {
