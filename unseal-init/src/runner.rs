@@ -38,7 +38,6 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 mod init;
-pub mod rekey;
 
 /// Why a pass did not end with Vault unsealed.
 #[derive(Debug, Error)]
@@ -756,7 +755,6 @@ impl Runner {
             );
         }
         self.finish_journal().await?;
-        self.finish_rekey().await?;
         if self.cfg.options.pre_flight_checks {
             match self.keyring.preflight().await? {
                 PreflightOutcome::Read => tracing::info!(
@@ -778,6 +776,7 @@ impl Runner {
     pub async fn pass(&self, wait: bool) -> Result<PassOutcome, PassError> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut joined = false;
+        let mut join_refused = false;
         loop {
             if self.shutdown.requested() {
                 return Ok(PassOutcome::Stopped);
@@ -846,8 +845,30 @@ impl Runner {
                                 .unwrap_or_default(),
                         ));
                     }
-                    self.join().await?;
-                    joined = true;
+                    match self.join().await {
+                        // A leader not yet initialised and unsealed refuses members: waited
+                        // for when this pass waits (bounded by --deadline), as the sidecar's
+                        // next pass does.
+                        Err(e) if wait && join_failure(&e) => {
+                            if join_refused {
+                                tracing::debug!(error = %e, "raft join still failing");
+                            } else {
+                                tracing::info!(
+                                    error = %e,
+                                    "could not join the raft cluster yet, as expected while its leader is not yet initialised and unsealed; trying again shortly"
+                                );
+                                join_refused = true;
+                            }
+                            self.telemetry.heartbeat();
+                            if self.shutdown.sleep_or_stop(backoff.next()).await.is_stop() {
+                                return Ok(PassOutcome::Stopped);
+                            }
+                        }
+                        other => {
+                            other?;
+                            joined = true;
+                        }
+                    }
                 }
                 Step::JoinPeer => {
                     let peer = peer.unwrap_or_default();

@@ -212,12 +212,14 @@ fn delays(log: &str, pace: &str) -> Vec<u64> {
 /// leader not yet initialised (OpenBao answers the join with `failed to get raft challenge`).
 /// Both are retried from milliseconds, never after a whole `unsealPeriod` (a minute here), and
 /// the expected join failure is said once, at INFO; the follower unseals once the leader is.
+/// A `--once` run for a second follower waits for its leader the same way.
 #[test]
 fn a_follower_starting_with_its_cluster_retries_from_milliseconds_and_logs_no_error() {
     use common::faults::{Watched, poll};
     let hsm = SoftHsm::new().expect("token");
     let leader = OpenBao::start_raft("vault-0").expect("vault-0");
     let mut follower = OpenBao::start_raft("vault-1").expect("vault-1");
+    let second = OpenBao::start_raft("vault-2").expect("vault-2");
     let dir = tempfile::tempdir().expect("tempdir");
     follower.stop().expect("vault-1 not listening yet");
 
@@ -252,8 +254,26 @@ fn a_follower_starting_with_its_cluster_retries_from_milliseconds_and_logs_no_er
         w.tail(30)
     );
 
-    // The leader is initialised and unsealed (by its own unseal-init); the follower joins and
-    // is unsealed by its sidecar.
+    let once_config = member_config(
+        dir.path(),
+        &hsm,
+        &second,
+        &format!("  raftLeaderAddress: {}\n", leader.address()),
+        "",
+    );
+    let mut once = command(&hsm);
+    once.arg("--config").arg(&once_config).arg("--once");
+    let mut once = Watched::spawn(once, None);
+    assert!(
+        poll(Duration::from_secs(60), || {
+            once.logged(|l| l.contains("could not join the raft cluster yet"))
+        }),
+        "{}",
+        once.tail(30)
+    );
+
+    // The leader is initialised and unsealed (by its own unseal-init); the followers join and
+    // are unsealed by theirs.
     let first = member_config(dir.path(), &hsm, &leader, "", "");
     let r = run_once(&hsm, &first);
     assert_eq!(r.code, Some(0), "{}", r.text);
@@ -267,6 +287,15 @@ fn a_follower_starting_with_its_cluster_retries_from_milliseconds_and_logs_no_er
         "{}",
         w.tail(30)
     );
+
+    let status = once.wait_exit(Duration::from_secs(120));
+    let once_log = once.log();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{once_log}"
+    );
+    assert!(!second.seal_status().expect("status").sealed);
+    assert!(!once_log.lines().any(|l| l.contains("ERROR")), "{once_log}");
 
     w.signal(libc::SIGTERM);
     let mut w = w;
