@@ -681,6 +681,38 @@ mod tests {
         assert!(!super::is_vault_name("something-else"));
     }
 
+    /// The file is replaced whole, with mode 0600 whatever the old one had, and nothing is
+    /// left beside it; a write that cannot happen leaves the old file as it was.
+    #[test]
+    fn a_backup_file_is_replaced_whole_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("b.nkbackup");
+        std::fs::write(&file, "old").expect("write");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        super::write_file_atomically(&file, b"new").expect("replace");
+        assert_eq!(std::fs::read(&file).expect("read"), b"new");
+        let mode = std::fs::metadata(&file).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        let missing = dir.path().join("no-such-dir").join("b.nkbackup");
+        assert!(super::write_file_atomically(&missing, b"x").is_err());
+        // A directory in the way of the rename: the old content stays, no temporary remains.
+        let blocked = dir.path().join("blocked");
+        std::fs::create_dir(&blocked).expect("mkdir");
+        std::fs::write(blocked.join("inside"), "keep").expect("write");
+        assert!(super::write_file_atomically(&blocked, b"x").is_err());
+        assert_eq!(
+            std::fs::read(blocked.join("inside")).expect("read"),
+            b"keep"
+        );
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["b.nkbackup", "blocked"]);
+    }
+
     #[test]
     fn a_bad_name_is_quoted_short_and_escaped() {
         assert!(super::check_name("vault-root").is_ok());
