@@ -2,7 +2,9 @@
 //! process, with faults no real server produces on demand.
 
 use crate::secret::Secret;
-use crate::vault::{InitResult, SealStatus, VaultApi, VaultError};
+use crate::vault::{
+    InitResult, RekeyStatus, RekeyUpdate, RekeyVerify, SealStatus, VaultApi, VaultError,
+};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use rand::RngExt;
@@ -44,6 +46,23 @@ struct State {
     init_dropped: bool,
     /// Another initialiser's `sys/init` arrives just before the next one.
     beaten: bool,
+    /// The rekey in progress (lost when Vault seals, as a restart loses it).
+    rekey: Option<Rekey>,
+    /// How many keys the last `sys/rekey/update` answers with, when fewer than it issued.
+    rekey_answers: Option<usize>,
+    /// Rekey nonces handed out so far (each new one differs).
+    nonces: u32,
+}
+
+/// A rekey in progress, verification required (the only kind this program starts).
+struct Rekey {
+    nonce: String,
+    shares: u8,
+    threshold: u8,
+    /// Distinct current keys submitted.
+    submitted: Vec<String>,
+    /// The new keys once handed out, the verification nonce, distinct new keys submitted.
+    issued: Option<(Vec<String>, String, Vec<String>)>,
 }
 
 impl State {
@@ -133,10 +152,21 @@ impl MemoryVault {
         self.with(|s| s.init_answers = Some(keys));
     }
 
+    /// Makes the last `sys/rekey/update` answer with only the first `keys` new keys.
+    pub fn answer_rekey_with(&self, keys: usize) {
+        self.with(|s| s.rekey_answers = Some(keys));
+    }
+
+    /// True while a rekey is in progress.
+    pub fn rekey_started(&self) -> bool {
+        self.with(|s| s.rekey.is_some())
+    }
+
     /// Seals again, as a restarted server comes up.
     pub fn seal(&self) {
         self.with(|s| {
             s.sealed = true;
+            s.rekey = None;
             s.progress.clear();
         });
     }
@@ -309,5 +339,203 @@ impl VaultApi for MemoryVault {
     ) -> BoxFuture<'a, Result<bool, VaultError>> {
         let result = self.enter("raft_join").map(|()| false);
         async move { result }.boxed()
+    }
+
+    fn rekey_status(&self) -> BoxFuture<'_, Result<RekeyStatus, VaultError>> {
+        let result = self.enter("rekey_status").map(|()| self.with(rekey_status));
+        async move { result }.boxed()
+    }
+
+    fn rekey_init(
+        &self,
+        shares: u8,
+        threshold: u8,
+    ) -> BoxFuture<'_, Result<RekeyStatus, VaultError>> {
+        let result = self.enter("rekey_init").and_then(|()| {
+            self.with(|s| {
+                if !s.initialized || s.sealed {
+                    return Err(status_error("sys/rekey/init", "Vault is sealed"));
+                }
+                if s.rekey.is_some() {
+                    return Err(status_error("sys/rekey/init", "rekey already in progress"));
+                }
+                if shares == 0 || threshold == 0 || threshold > shares {
+                    return Err(status_error("sys/rekey/init", "invalid seal configuration"));
+                }
+                s.nonces += 1;
+                s.rekey = Some(Rekey {
+                    nonce: format!("nonce-{}", s.nonces),
+                    shares,
+                    threshold,
+                    submitted: Vec::new(),
+                    issued: None,
+                });
+                Ok(rekey_status(s))
+            })
+        });
+        async move { result }.boxed()
+    }
+
+    fn rekey_cancel(&self) -> BoxFuture<'_, Result<(), VaultError>> {
+        let result = self
+            .enter("rekey_cancel")
+            .map(|()| self.with(|s| s.rekey = None));
+        async move { result }.boxed()
+    }
+
+    fn rekey_update<'a>(
+        &'a self,
+        key: &'a Secret,
+        nonce: &'a str,
+    ) -> BoxFuture<'a, Result<RekeyUpdate, VaultError>> {
+        let result = self.enter("rekey_update").and_then(|()| {
+            self.with(|s| {
+                let answers = s.rekey_answers;
+                let threshold = s.threshold as usize;
+                let valid = s.keys.iter().any(|k| k == key.expose());
+                let Some(r) = s.rekey.as_mut() else {
+                    return Err(status_error("sys/rekey/update", "no rekey in progress"));
+                };
+                if r.nonce != nonce || r.issued.is_some() {
+                    return Err(status_error("sys/rekey/update", "incorrect nonce supplied"));
+                }
+                if !valid {
+                    s.rekey = None;
+                    return Err(status_error(
+                        "sys/rekey/update",
+                        "failed to read root key: invalid key",
+                    ));
+                }
+                if !r.submitted.iter().any(|k| k == key.expose()) {
+                    r.submitted.push(key.expose().to_owned());
+                }
+                if r.submitted.len() < threshold {
+                    return Ok(RekeyUpdate {
+                        complete: false,
+                        progress: u32::try_from(r.submitted.len()).unwrap_or(u32::MAX),
+                        keys: Vec::new(),
+                        verification_nonce: String::new(),
+                    });
+                }
+                let keys: Vec<String> = (0..r.shares).map(|_| random_key()).collect();
+                s.nonces += 1;
+                let verification = format!("verify-{}", s.nonces);
+                let answered = answers.unwrap_or(keys.len()).min(keys.len());
+                let out = keys[..answered]
+                    .iter()
+                    .map(|k| Secret::from(k.as_str()))
+                    .collect();
+                r.issued = Some((keys, verification.clone(), Vec::new()));
+                Ok(RekeyUpdate {
+                    complete: true,
+                    progress: 0,
+                    keys: out,
+                    verification_nonce: verification,
+                })
+            })
+        });
+        async move { result }.boxed()
+    }
+
+    fn rekey_verify_status(&self) -> BoxFuture<'_, Result<RekeyVerify, VaultError>> {
+        let result = self.enter("rekey_verify_status").and_then(|()| {
+            self.with(|s| {
+                match s
+                    .rekey
+                    .as_ref()
+                    .and_then(|r| r.issued.as_ref().map(|i| (r, i)))
+                {
+                    Some((r, (_, nonce, progress))) => Ok(RekeyVerify {
+                        nonce: nonce.clone(),
+                        progress: u32::try_from(progress.len()).unwrap_or(u32::MAX),
+                        threshold: u32::from(r.threshold),
+                        complete: false,
+                    }),
+                    None => Err(status_error(
+                        "sys/rekey/verify",
+                        "no rekey configuration found",
+                    )),
+                }
+            })
+        });
+        async move { result }.boxed()
+    }
+
+    fn rekey_verify<'a>(
+        &'a self,
+        key: &'a Secret,
+        nonce: &'a str,
+    ) -> BoxFuture<'a, Result<RekeyVerify, VaultError>> {
+        let result = self.enter("rekey_verify").and_then(|()| {
+            self.with(|s| {
+                let Some(r) = s.rekey.as_mut() else {
+                    return Err(status_error(
+                        "sys/rekey/verify",
+                        "no rekey configuration found",
+                    ));
+                };
+                let threshold = r.threshold;
+                let Some((keys, vnonce, progress)) = r.issued.as_mut() else {
+                    return Err(status_error(
+                        "sys/rekey/verify",
+                        "no verification in progress",
+                    ));
+                };
+                if vnonce != nonce {
+                    return Err(status_error("sys/rekey/verify", "incorrect nonce supplied"));
+                }
+                if !keys.iter().any(|k| k == key.expose()) {
+                    progress.clear();
+                    return Err(status_error(
+                        "sys/rekey/verify",
+                        "rekey verification failed; incorrect key shares supplied",
+                    ));
+                }
+                if !progress.iter().any(|k| k == key.expose()) {
+                    progress.push(key.expose().to_owned());
+                }
+                if progress.len() < usize::from(threshold) {
+                    return Ok(RekeyVerify {
+                        nonce: nonce.to_owned(),
+                        progress: u32::try_from(progress.len()).unwrap_or(u32::MAX),
+                        threshold: u32::from(threshold),
+                        complete: false,
+                    });
+                }
+                s.keys = std::mem::take(keys);
+                s.threshold = u32::from(threshold);
+                s.rekey = None;
+                Ok(RekeyVerify {
+                    nonce: nonce.to_owned(),
+                    progress: 0,
+                    threshold: u32::from(threshold),
+                    complete: true,
+                })
+            })
+        });
+        async move { result }.boxed()
+    }
+}
+
+/// `sys/rekey/init`'s answer for the state.
+fn rekey_status(s: &mut State) -> RekeyStatus {
+    match &s.rekey {
+        Some(r) => RekeyStatus {
+            started: true,
+            nonce: r.nonce.clone(),
+            threshold: u32::from(r.threshold),
+            shares: u32::from(r.shares),
+            progress: u32::try_from(r.submitted.len()).unwrap_or(u32::MAX),
+            required: s.threshold,
+            verification_nonce: r
+                .issued
+                .as_ref()
+                .map(|(_, n, _)| n.clone())
+                .unwrap_or_default(),
+        },
+        None => RekeyStatus {
+            required: s.threshold,
+            ..RekeyStatus::default()
+        },
     }
 }

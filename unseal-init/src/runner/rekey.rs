@@ -645,3 +645,236 @@ fn names_text(shares: usize) -> String {
         n => format!("{}..{}", unseal_key_name(0), n - 1),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Overrides;
+    use crate::config::{self, Env, FileConfig};
+    use crate::envelope::Scheme;
+    use crate::keyring::{Keyring, soft};
+    use crate::memory_vault::MemoryVault;
+    use crate::shutdown::Shutdown;
+    use crate::storage::memory::MemoryStore;
+    use crate::telemetry::Telemetry;
+
+    /// An in-memory Vault initialised (5 shares, threshold 3) by a first pass, its keys in a
+    /// store on a software key, and the journal directory.
+    struct Scene {
+        dir: tempfile::TempDir,
+        ring: Keyring,
+        vault: Arc<MemoryVault>,
+    }
+
+    impl Scene {
+        async fn initialised() -> Self {
+            let (dec, host) = soft::pair();
+            // 1024-bit test key: OAEP-SHA1 holds an unseal key, OAEP-SHA256 does not.
+            let ring = Keyring::new(dec, host, Scheme::OaepSha1, Arc::new(MemoryStore::new()));
+            let scene = Self {
+                dir: tempfile::tempdir().expect("tempdir"),
+                ring,
+                vault: Arc::new(MemoryVault::new()),
+            };
+            assert_eq!(
+                scene.runner().pass(false).await.expect("init"),
+                super::super::PassOutcome::Unsealed
+            );
+            scene
+        }
+
+        fn runner(&self) -> Runner {
+            let mut cfg = config::resolve(
+                FileConfig::default(),
+                &Overrides::default(),
+                &Env::default(),
+            )
+            .expect("the defaults are valid");
+            cfg.journal_dir = self.dir.path().to_owned();
+            Runner::new(
+                cfg,
+                self.vault.clone(),
+                self.ring.clone(),
+                None,
+                Telemetry::new(),
+                Shutdown::new(),
+            )
+        }
+
+        async fn stored(&self) -> Vec<String> {
+            let mut out = Vec::new();
+            for name in self.ring.unseal_keys().await.expect("names") {
+                let key = self.ring.load(&name).await.expect("load").expect("value");
+                out.push(key.expose().to_owned());
+            }
+            out
+        }
+
+        fn rekey_files(&self) -> usize {
+            fs::read_dir(self.dir.path().join(rekey::SUBDIR))
+                .map(|d| d.count())
+                .unwrap_or(0)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rekey_stores_exactly_the_keys_vault_switched_to() {
+        let scene = Scene::initialised().await;
+        let old = scene.stored().await;
+        let outcome = scene.runner().rekey(Some(3), Some(2)).await.expect("rekey");
+        assert_eq!(
+            outcome,
+            RekeyOutcome::Rekeyed {
+                shares: 3,
+                threshold: 2
+            }
+        );
+        let new = scene.stored().await;
+        assert_eq!(
+            new,
+            scene.vault.issued_keys(),
+            "the store holds Vault's keys"
+        );
+        assert_eq!(new.len(), 3);
+        assert!(new.iter().all(|k| !old.contains(k)));
+        assert_eq!(scene.rekey_files(), 0);
+        assert!(!scene.vault.rekey_started());
+        scene.vault.seal();
+        assert_eq!(
+            scene.runner().pass(false).await.expect("unseal"),
+            super::super::PassOutcome::Unsealed
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_short_of_keys_cancels_the_rekey_and_keeps_the_old_keys() {
+        let scene = Scene::initialised().await;
+        let old = scene.stored().await;
+        scene.vault.answer_rekey_with(2);
+        let err = scene
+            .runner()
+            .rekey(Some(3), Some(2))
+            .await
+            .expect_err("a short answer is refused");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("asked for 3 keys, Vault returned 2"),
+            "{text}"
+        );
+        assert!(text.contains("old keys stay"), "{text}");
+        assert!(!scene.vault.rekey_started(), "cancelled");
+        assert_eq!(
+            scene.vault.issued_keys(),
+            old,
+            "Vault still uses the old keys"
+        );
+        assert_eq!(scene.stored().await, old);
+        assert_eq!(scene.rekey_files(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_store_short_of_keys_or_a_bad_request_changes_nothing() {
+        let scene = Scene::initialised().await;
+        let err = scene
+            .runner()
+            .rekey(None, Some(6))
+            .await
+            .expect_err("refused");
+        assert!(
+            err.downcast_ref::<rekey::RekeyInputError>().is_some(),
+            "{err:#}"
+        );
+        for i in 0..3 {
+            scene
+                .ring
+                .storage()
+                .delete(&unseal_key_name(i))
+                .await
+                .expect("delete");
+        }
+        let err = scene.runner().rekey(None, None).await.expect_err("refused");
+        assert!(
+            format!("{err:#}")
+                .contains("needs 3 unseal keys to authorise a rekey, and the store holds 2"),
+            "{err:#}"
+        );
+        assert_eq!(scene.vault.calls("rekey_init"), 0);
+        assert_eq!(scene.rekey_files(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_start_cancels_a_rekey_whose_keys_never_reached_the_journal() {
+        let scene = Scene::initialised().await;
+        let old = scene.stored().await;
+        // What a run killed between `sys/rekey/init` and the journal leaves.
+        let dir = scene.dir.path().join(rekey::SUBDIR);
+        touch_durable(&dir, rekey::INTENT).expect("intent");
+        scene.vault.rekey_init(3, 2).await.expect("rekey init");
+        scene.runner().start().await.expect("start");
+        assert!(!scene.vault.rekey_started(), "cancelled");
+        assert_eq!(scene.stored().await, old);
+        assert_eq!(scene.rekey_files(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_start_verifies_and_stores_a_journalled_rekey() {
+        let scene = Scene::initialised().await;
+        let old = scene.stored().await;
+        // A rekey journalled and then stopped before verification.
+        let runner = scene.runner();
+        let keys: Vec<Secret> = old.iter().map(|k| Secret::from(k.as_str())).collect();
+        let nonce = scene.vault.rekey_init(3, 2).await.expect("init").nonce;
+        let mut answer = None;
+        for k in &keys {
+            let u = scene.vault.rekey_update(k, &nonce).await.expect("update");
+            if u.complete {
+                answer = Some(u);
+                break;
+            }
+        }
+        let answer = answer.expect("new keys");
+        let entries = answer
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| journal::Entry {
+                name: unseal_key_name(i),
+                sealed: scene.ring.seal(&unseal_key_name(i), k).expect("seal"),
+                journal_only: false,
+            })
+            .collect();
+        let mut replaces = std::collections::BTreeMap::new();
+        for name in scene.ring.unseal_keys().await.expect("names") {
+            let bytes = scene
+                .ring
+                .storage()
+                .get(&name)
+                .await
+                .expect("get")
+                .expect("value");
+            replaces.insert(name, journal::digest(&bytes));
+        }
+        let j = Journal {
+            vault: crate::memory_vault::ADDRESS.to_owned(),
+            created_ms: 1,
+            owner: Some(journal::Owner {
+                shares_asked: 3,
+                keys_returned: 3,
+                threshold: 2,
+                replaces,
+            }),
+            entries,
+        };
+        journal::write(&runner.rekey_dir(), &j).expect("journal");
+        assert_eq!(
+            scene.vault.issued_keys(),
+            old,
+            "not verified yet: the old keys open Vault"
+        );
+        runner.start().await.expect("start");
+        let new: Vec<String> = answer.keys.iter().map(|k| k.expose().to_owned()).collect();
+        assert_eq!(scene.vault.issued_keys(), new);
+        assert_eq!(scene.stored().await, new);
+        assert_eq!(scene.rekey_files(), 0);
+    }
+}
