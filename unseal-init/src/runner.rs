@@ -667,7 +667,12 @@ impl Runner {
                     self.telemetry.vault_unreachable();
                     self.note_vault_up(false, Some(&e));
                 }
-                Err(e) => return Err(e.into()),
+                // Nothing to tell from (a rejected certificate, an error answer): the start
+                // goes on as without this check, and the passes report Vault's problem.
+                Err(e) => {
+                    tracing::debug!(error = %e, "Vault's state unknown; the key store is created if needed");
+                    return Ok(());
+                }
             }
             self.telemetry.heartbeat();
             if self.shutdown.sleep_or_stop(delays.next()).await.is_stop() {
