@@ -551,3 +551,84 @@ fn a_journal_without_a_verdict_is_settled_by_a_probe_rekey() {
     assert!(!rekey_in_progress(&s.bao));
     assert!(keys_open_restarted(&mut s.bao, &stored));
 }
+
+/// The unseal keys in the Secret `vault/vault-unseal-keys`, decrypted with pkcs11-tool, in
+/// index order.
+fn secret_keys(api: &nitrokey_e2e::kube_api::KubeApi, hsm: &SoftHsm) -> Vec<String> {
+    let data = api
+        .secret("vault", "vault-unseal-keys")
+        .expect("the Secret exists");
+    let mut keys: Vec<(usize, String)> = data
+        .iter()
+        .filter_map(|(name, value)| {
+            let i = name.strip_prefix("vault-unseal-")?.parse().ok()?;
+            let plain = hsm
+                .decrypt(
+                    &value[common::HEADER_LEN..],
+                    nitrokey_e2e::token::Scheme::OaepSha1,
+                )
+                .expect("pkcs11-tool decrypt");
+            Some((i, String::from_utf8(plain).expect("utf-8")))
+        })
+        .collect();
+    keys.sort();
+    keys.into_iter().map(|(_, k)| k).collect()
+}
+
+/// Mode hsm-k8s: the keys are read from, and the new ones written to, the Secret.
+#[test]
+fn rekey_in_mode_hsm_k8s_rotates_the_keys_in_the_secret() {
+    let hsm = SoftHsm::new().expect("softhsm token");
+    let mut bao = OpenBao::start().expect("openbao");
+    allow_rekey(&mut bao);
+    let api = nitrokey_e2e::kube_api::KubeApi::start().expect("kube api");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = api.kubeconfig_in(dir.path(), "vault").expect("kubeconfig");
+    let config = write_config(
+        dir.path(),
+        &hsm,
+        &bao.address(),
+        "kubernetes:\n  secretName: vault-unseal-keys\n",
+    );
+    let k8s = |mut cmd: Command| {
+        cmd.args(["--mode", "hsm-k8s"])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        cmd
+    };
+    let mut once = command(&hsm);
+    once.arg("--config").arg(&config).arg("--once");
+    let r = run(k8s(once), RUN_TIMEOUT);
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    let old = secret_keys(&api, &hsm);
+    assert_eq!(old.len(), 5);
+    assert!(
+        hsm.data_labels()
+            .expect("labels")
+            .iter()
+            .all(|l| !l.starts_with("vault-unseal-")),
+        "nothing on the token"
+    );
+
+    let r = run(
+        k8s(rekey_command(
+            &hsm,
+            &config,
+            &["--secret-shares", "3", "--secret-threshold", "2"],
+        )),
+        RUN_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    let new = secret_keys(&api, &hsm);
+    assert_eq!(
+        new.len(),
+        3,
+        "vault-unseal-3 and -4 are removed from the Secret"
+    );
+    assert!(new.iter().all(|k| !old.contains(k)));
+    let mut secrets = old.clone();
+    secrets.extend(new.iter().cloned());
+    common::assert_no_secrets(&r.text, &secrets);
+    assert!(rekey_files(dir.path()).is_empty());
+    assert!(keys_open_restarted(&mut bao, &new[1..]));
+}
