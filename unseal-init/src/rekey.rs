@@ -102,6 +102,8 @@ pub struct OnDisk {
 /// What Vault says, when it answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VaultSide {
+    /// Initialised (one that is not lost its storage: no rekey of it can be finished).
+    pub initialized: bool,
     /// Sealed (a rekey in progress died with the seal).
     pub sealed: bool,
     /// A rekey is in progress (`sys/rekey/init` `started`); unknown while sealed.
@@ -135,6 +137,9 @@ pub enum Resume {
     /// Someone else's rekey is in progress over ours: nothing is touched; the operator
     /// decides (the journal is kept).
     Refuse,
+    /// Vault reports it is not initialised: its storage was replaced since, and the journal's
+    /// keys open nothing it has; the journal is kept for the operator.
+    Foreign,
 }
 
 /// Decides the next step for a rekey found on disk, given Vault (`None`: not answering). Pure.
@@ -154,6 +159,7 @@ pub fn resume(disk: OnDisk, vault: Option<VaultSide>) -> Resume {
     }
     match vault {
         None => Resume::WaitForVault,
+        Some(v) if !v.initialized => Resume::Foreign,
         Some(v) if v.sealed => Resume::UnsealWithJournal,
         Some(v) if v.verification_pending => Resume::Verify,
         Some(v) if v.rekey_started => Resume::Refuse,
@@ -227,6 +233,7 @@ mod tests {
     }
 
     const UNSEALED: VaultSide = VaultSide {
+        initialized: true,
         sealed: false,
         rekey_started: false,
         verification_pending: false,
@@ -291,6 +298,16 @@ mod tests {
             Resume::Verify
         );
         assert_eq!(resume(j, Some(UNSEALED)), Resume::Probe);
+        let wiped = VaultSide {
+            initialized: false,
+            sealed: true,
+            ..UNSEALED
+        };
+        assert_eq!(resume(j, Some(wiped)), Resume::Foreign);
+        assert_eq!(
+            resume(disk(true, false, false), Some(wiped)),
+            Resume::DropIntent
+        );
         assert_eq!(
             resume(
                 j,

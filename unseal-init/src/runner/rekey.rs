@@ -138,6 +138,7 @@ impl Runner {
         };
         if status.sealed {
             return Ok(Some(VaultSide {
+                initialized: status.initialized,
                 sealed: true,
                 rekey_started: false,
                 verification_pending: false,
@@ -149,6 +150,7 @@ impl Runner {
             Err(e) => return Err(e.into()),
         };
         Ok(Some(VaultSide {
+            initialized: status.initialized,
             sealed: false,
             rekey_started: rekey.started,
             verification_pending: rekey.started && !rekey.verification_nonce.is_empty(),
@@ -197,6 +199,18 @@ impl Runner {
         let step = rekey::resume(disk, vault);
         tracing::info!(?step, "resuming a rekey left by an earlier run");
         let journal_path = journal::path(&dir);
+        if let Some(j) = &j
+            && j.vault.trim_end_matches('/') != self.vault.address().trim_end_matches('/')
+        {
+            return Err(PassError::JournalForeign {
+                journal: journal_path,
+                why: format!(
+                    "it holds a rekey of the Vault at {}, and this run talks to {}",
+                    j.vault,
+                    self.vault.address()
+                ),
+            });
+        }
         match (step, j) {
             (Resume::Nothing, _) => Ok(Progress::Nothing),
             (Resume::WaitForVault, _) => Ok(Progress::WaitForVault),
@@ -218,6 +232,10 @@ impl Runner {
             (Resume::Refuse, _) => Err(PassError::JournalForeign {
                 journal: journal_path,
                 why: "a rekey other than the journal's is in progress in Vault, so whether Vault uses the journal's keys cannot be found out; cancel that rekey (`DELETE sys/rekey/init`) and start again".to_owned(),
+            }),
+            (Resume::Foreign, _) => Err(PassError::JournalForeign {
+                journal: journal_path,
+                why: "Vault reports it is not initialised, so its storage was replaced since the rekey and the journal's keys open nothing it has".to_owned(),
             }),
             (_, None) => Ok(Progress::Nothing),
             (Resume::Store, Some(j)) => self.store_rekeyed(&j).await.map(Progress::Finished),
@@ -814,6 +832,43 @@ mod tests {
         assert!(!scene.vault.rekey_started(), "cancelled");
         assert_eq!(scene.stored().await, old);
         assert_eq!(scene.rekey_files(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_rekey_journal_of_another_vault_is_refused_and_kept() {
+        let scene = Scene::initialised().await;
+        let old = scene.stored().await;
+        let runner = scene.runner();
+        let sealed = scene
+            .ring
+            .seal("vault-unseal-0", &Secret::from("ab"))
+            .expect("seal");
+        let j = Journal {
+            vault: "https://10.0.0.9:8200".to_owned(),
+            created_ms: 1,
+            owner: Some(journal::Owner {
+                shares_asked: 1,
+                keys_returned: 1,
+                threshold: 1,
+                replaces: std::collections::BTreeMap::new(),
+            }),
+            entries: vec![journal::Entry {
+                name: "vault-unseal-0".to_owned(),
+                sealed,
+                journal_only: false,
+            }],
+        };
+        journal::write(&runner.rekey_dir(), &j).expect("journal");
+        let err = runner.start().await.expect_err("refused");
+        assert!(
+            matches!(&err, PassError::JournalForeign { why, .. } if why.contains("10.0.0.9")),
+            "{err:?}"
+        );
+        assert!(
+            journal::read(&runner.rekey_dir()).expect("read").is_some(),
+            "kept"
+        );
+        assert_eq!(scene.stored().await, old);
     }
 
     #[tokio::test]
