@@ -2,7 +2,8 @@
 # The project's test command: installs what it needs, then checks formatting, lints and the API
 # docs, and runs every test (unit tests, the device plugin against emulated USB and a kubelet
 # stand-in, unseal-init against SoftHSM2, a software TPM and a real OpenBao server, the
-# manifests, the image's root filesystems). Ends with one line, `tests: N passed, N failed`,
+# manifests, the image's root filesystems), several test binaries at a time (NITROKEY_TEST_JOBS,
+# default 3; see scripts/run-tests.py). Ends with one line, `tests: N passed, N failed`,
 # and exits non-zero if anything failed, a lint or a test left files behind included. Before it,
 # the time each phase took, the slowest test binaries and the size of target/.
 #
@@ -44,6 +45,8 @@ fi
 log="$(mktemp)"
 # One line per test binary run, `SECONDS NAME`, written by scripts/test-runner.sh.
 times="$(mktemp)"
+# What the test build made (Cargo's JSON messages): the test binaries to run.
+artifacts="$(mktemp)"
 # Every temporary file the tests make lands here; whatever is left at the end was leaked.
 scratch="$(mktemp -d)"
 load=()
@@ -51,7 +54,7 @@ stop_load() {
   [ "${#load[@]}" -eq 0 ] || { kill "${load[@]}" 2>/dev/null || true; wait "${load[@]}" 2>/dev/null || true; }
   load=()
 }
-trap 'stop_load; rm -rf "$log" "$times" "$scratch"' EXIT
+trap 'stop_load; rm -rf "$log" "$times" "$artifacts" "$scratch"' EXIT
 failed_checks=0
 status=0
 host="$(rustc -vV | sed -n 's/^host: //p' | tr 'a-z-' 'A-Z_')"
@@ -84,10 +87,20 @@ else
   RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet || failed_checks=$((failed_checks + 1))
   phase "test build"
   step "cargo test: building"
-  cargo test --workspace --locked --no-run "$@" || failed_checks=$((failed_checks + 1))
+  cargo test --workspace --locked --no-run --message-format=json-render-diagnostics "$@" \
+    >"$artifacts" || failed_checks=$((failed_checks + 1))
   phase tests
-  step "cargo test"
-  TMPDIR="$scratch" cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+  if [ "$#" -eq 0 ]; then
+    # Every test binary, several at a time (scripts/run-tests.py says why that is safe), then
+    # the doc tests, which only Cargo runs.
+    step "cargo test: the test binaries"
+    TMPDIR="$scratch" python3 scripts/run-tests.py "$artifacts" "$log" || status=$?
+    step "cargo test --doc"
+    TMPDIR="$scratch" cargo test --workspace --locked --doc 2>&1 | tee -a "$log" || status=$?
+  else
+    step "cargo test $*"
+    TMPDIR="$scratch" cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+  fi
 fi
 if [ "$status" -ne 0 ] && ! grep -q '^test result: FAILED' "$log"; then
   # A test binary that did not build or crashed prints no result line: count it.
