@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 mod init;
+pub mod rekey;
 
 /// Why a pass did not end with Vault unsealed.
 #[derive(Debug, Error)]
@@ -760,6 +761,7 @@ impl Runner {
             );
         }
         self.finish_journal().await?;
+        self.finish_rekey().await?;
         if self.cfg.options.pre_flight_checks {
             match self.keyring.preflight().await? {
                 PreflightOutcome::Read => tracing::info!(
