@@ -67,7 +67,7 @@ fn strip_comment(line: &str) -> &str {
 }
 
 /// One command of a pipeline or list: its words, with `$VAR` replaced by what the block
-/// assigned to `VAR` (`VAR='…'`), quotes removed.
+/// assigned to `VAR` (`VAR='…'`), quotes removed; for `kubectl exec … -- CMD`, CMD's words.
 fn commands(line: &str, vars: &mut BTreeMap<String, String>) -> Vec<Vec<String>> {
     if let Some((name, value)) = line.split_once("='")
         && !name.is_empty()
@@ -84,6 +84,12 @@ fn commands(line: &str, vars: &mut BTreeMap<String, String>) -> Vec<Vec<String>>
                 Some(value) => words.extend(value.split_whitespace().map(str::to_owned)),
                 None => words.push(word.trim_matches(['"', '\'']).to_owned()),
             }
+        }
+        // `kubectl exec POD -- CMD …` runs CMD: that is the command to check.
+        if words.first().is_some_and(|w| w == "kubectl")
+            && let Some(at) = words.iter().position(|w| w == "--")
+        {
+            words.drain(..=at);
         }
         if !words.is_empty() {
             out.push(words);
@@ -116,34 +122,50 @@ fn lists(usage: &str, option: &str) -> bool {
     })
 }
 
-/// What is wrong with one `unseal-init` command line: an unknown subcommand or option.
+/// What is wrong with one `unseal-init` command line: an unknown subcommand or option. An
+/// option's value (`--config FILE`) is skipped, so a subcommand after global options is still
+/// checked as one.
 fn unseal_init_problems(words: &[String]) -> Vec<String> {
     let mut command = unseal_init::cli::Cli::command();
     // Global options reach the subcommands only once the command is built.
     command.build();
     let mut problems = Vec::new();
     let mut in_subcommand = true;
-    for word in &words[1..] {
+    let mut rest = words[1..].iter();
+    while let Some(word) = rest.next() {
         if let Some(option) = word.strip_prefix("--") {
-            in_subcommand = false;
-            let option = option.split('=').next().unwrap_or_default();
-            if !command
+            let (option, inline_value) = match option.split_once('=') {
+                Some((name, _)) => (name, true),
+                None => (option, false),
+            };
+            match command
                 .get_arguments()
-                .any(|a| a.get_long() == Some(option))
+                .find(|a| a.get_long() == Some(option))
             {
-                problems.push(format!(
+                None => problems.push(format!(
                     "`--{option}` is not an option of `{}`",
                     command.get_name()
-                ));
+                )),
+                Some(arg) => {
+                    let needs_value = arg.get_num_args().is_some_and(|n| n.min_values() > 0);
+                    if needs_value && !inline_value {
+                        rest.next();
+                    }
+                }
             }
         } else if in_subcommand && !word.starts_with('-') {
             match command.find_subcommand(word) {
-                Some(sub) => command = sub.clone(),
+                Some(sub) => {
+                    let mut sub = sub.clone();
+                    sub.build();
+                    command = sub;
+                }
                 None if command.has_subcommands() => {
                     problems.push(format!(
                         "`{word}` is not a subcommand of `{}`",
                         command.get_name()
                     ));
+                    in_subcommand = false;
                 }
                 None => in_subcommand = false,
             }
@@ -152,9 +174,10 @@ fn unseal_init_problems(words: &[String]) -> Vec<String> {
     problems
 }
 
-#[test]
-fn the_deploy_guide_gives_only_options_the_tools_have_and_no_pin() {
-    let guide = std::fs::read_to_string(repo().join("deploy/README.md")).expect("deploy/README.md");
+/// The problems with the stick and `unseal-init` commands of the guide at `path` (relative
+/// to the repository), and how many commands of each tool were checked.
+fn guide_problems(path: &str) -> (Vec<String>, BTreeMap<String, usize>) {
+    let guide = std::fs::read_to_string(repo().join(path)).expect(path);
     let usages: BTreeMap<&str, String> = OPENSC_TOOLS
         .iter()
         .map(|tool| (*tool, opensc_usage(tool)))
@@ -203,6 +226,12 @@ fn the_deploy_guide_gives_only_options_the_tools_have_and_no_pin() {
             }
         }
     }
+    (problems, checked)
+}
+
+#[test]
+fn the_deploy_guide_gives_only_options_the_tools_have_and_no_pin() {
+    let (problems, checked) = guide_problems("deploy/README.md");
     assert!(problems.is_empty(), "{problems:#?}");
     for tool in ["sc-hsm-tool", "pkcs15-tool", "pkcs11-tool", "unseal-init"] {
         assert!(
@@ -213,11 +242,30 @@ fn the_deploy_guide_gives_only_options_the_tools_have_and_no_pin() {
 }
 
 #[test]
+fn the_day_two_guides_give_only_options_the_tools_have_and_no_pin() {
+    for guide in [
+        "docs/recovery.md",
+        "docs/rotation.md",
+        "README.md",
+        "unseal-init/README.md",
+    ] {
+        let (problems, checked) = guide_problems(guide);
+        assert!(problems.is_empty(), "{guide}: {problems:#?}");
+        assert!(
+            checked.get("unseal-init").is_some_and(|n| *n > 0) || !guide.starts_with("docs/"),
+            "no unseal-init command found in {guide}: {checked:?}"
+        );
+    }
+}
+
+#[test]
 fn the_command_check_catches_what_it_is_for() {
     let block = "```sh\n\
         OPTS='--hsm-pin-file pin\n   --no-such-option'\n\
         sc-hsm-tool --wrap-key k.bin --pin env:PIN \\\n  --key-reference 1  # a comment --nope\n\
         unseal-init hsm reveal vault-root $OPTS | unseal-init hsm nonsense\n\
+        kubectl -n vault exec vault-0 -- unseal-init --config c.yaml rekey --secret-shares 3\n\
+        kubectl -n vault exec vault-0 -- unseal-init --config c.yaml hsm nonsense\n\
         ```\n";
     let blocks = shell_blocks(block);
     assert_eq!(blocks.len(), 1);
@@ -242,6 +290,15 @@ fn the_command_check_catches_what_it_is_for() {
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(problems[0].contains("--no-such-option"), "{problems:?}");
     assert!(unseal_init_problems(&piped[1])[0].contains("nonsense"));
+    let exec = commands(&lines[3], &mut vars);
+    assert_eq!(exec[0][0], "unseal-init", "{exec:?}");
+    assert!(unseal_init_problems(&exec[0]).is_empty(), "{exec:?}");
+    let wrong = commands(&lines[4], &mut vars);
+    let problems = unseal_init_problems(&wrong[0]);
+    assert!(
+        problems.len() == 1 && problems[0].contains("`nonsense` is not a subcommand of `hsm`"),
+        "{problems:?}"
+    );
     let usage = "  -W, --wrap-key <arg>   Wrap key\n      --pin <arg>\n";
     assert!(lists(usage, "--wrap-key") && lists(usage, "--pin"));
     assert!(!lists(usage, "--wrap") && !lists(usage, "--force"));
