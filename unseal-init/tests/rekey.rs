@@ -294,14 +294,17 @@ enum Column {
     KillThenStart,
     /// SIGKILL to the rekey; the next start is `rekey` again.
     KillThenRekey,
+    /// SIGKILL to the rekey; the next start is the sidecar, stopped with SIGTERM once ready.
+    KillThenSidecar,
     /// SIGKILL to OpenBao, restarted on its storage (sealed); the next start is `--once`.
     KillVault,
 }
 
-const COLUMNS: [Column; 4] = [
+const COLUMNS: [Column; 5] = [
     Column::Term,
     Column::KillThenStart,
     Column::KillThenRekey,
+    Column::KillThenSidecar,
     Column::KillVault,
 ];
 
@@ -311,6 +314,7 @@ impl Column {
             Self::Term => "SIGTERM rekey, then `--once`",
             Self::KillThenStart => "SIGKILL rekey, then `--once`",
             Self::KillThenRekey => "SIGKILL rekey, then `rekey`",
+            Self::KillThenSidecar => "SIGKILL rekey, then the sidecar",
             Self::KillVault => "SIGKILL OpenBao + restart, then `--once`",
         }
     }
@@ -330,7 +334,9 @@ fn run_cell(step: Step, col: Column) -> Outcome {
         matches: Box::new(move |line: &str| step.reached_by(line)),
         action: Box::new(move |run| match col {
             Column::Term => run.send(libc::SIGTERM),
-            Column::KillThenStart | Column::KillThenRekey => run.send(libc::SIGKILL),
+            Column::KillThenStart | Column::KillThenRekey | Column::KillThenSidecar => {
+                run.send(libc::SIGKILL)
+            }
             // SAFETY: kill(2) on this process's own child, reaped only later by
             // `OpenBao::kill` on the cell's thread.
             Column::KillVault => unsafe {
@@ -369,6 +375,20 @@ fn run_cell(step: Step, col: Column) -> Outcome {
     }
     let next = match col {
         Column::KillThenRekey => run(rekey_command(&s.hsm, &s.config, &[]), RUN_TIMEOUT),
+        Column::KillThenSidecar => {
+            let (child, endpoints) = common::spawn_sidecar(&s.hsm, s.dir.path(), &s.bao.address());
+            let ready = common::faults::poll(Duration::from_secs(90), || {
+                nitrokey_e2e::openbao::http(&endpoints, "GET", "/readyz", None)
+                    .is_ok_and(|(st, _)| st == 200)
+            });
+            common::faults::signal_child(&child, libc::SIGTERM);
+            let mut r = common::wait(child, Duration::from_secs(60));
+            if !ready {
+                r.code = Some(-1);
+                r.text.insert_str(0, "the sidecar never became ready\n");
+            }
+            r
+        }
         _ => {
             let mut cmd = command(&s.hsm);
             cmd.arg("--config").arg(&s.config).arg("--once");
