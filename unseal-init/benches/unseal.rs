@@ -14,6 +14,11 @@
 //! from start to `sys/init` sent, per first init (storing and verifying every value, and its
 //! unseal) and per unseal. On a stick each of them is card or reader work.
 //!
+//! Memory after idling is read twice: on SoftHSM2, and as users run it with a stick, OpenSC's
+//! module over the sidecar's own pcscd (`hsm.daemon`), which maps OpenSC's and pcsc-lite's
+//! libraries; there the card is an emulated SmartCard-HSM (`tests/smartcard-hsm/card.py`)
+//! behind pcscd's virtual reader (Debian package vsmartcard-vpcd).
+//!
 //! `cargo bench -p nitrokey-unseal-init --bench unseal`. `UNSEAL_BENCH_ROUNDS` sets the
 //! number of unseal rounds (default 10), `BENCH_IDLE_SECS` the idle phase (default 60).
 //! The shim row needs `cargo build -p nitrokey-pkcs11-shim` (same profile) first.
@@ -185,18 +190,45 @@ fn median(v: &[Duration]) -> Duration {
     s.get(s.len() / 2).copied().unwrap_or_default()
 }
 
-/// Resident and peak memory of `pid` in KiB, from `/proc/<pid>/status`.
-fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> anyhow::Result<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("{name} missing in /proc/{pid}/status"))
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
+/// Resident memory of a process in KiB, from `/proc/<pid>/status`.
+struct Memory {
+    rss: u64,
+    /// Heap and other private memory (`RssAnon`).
+    anon: u64,
+    /// Mapped files: the binary and its libraries (`RssFile`).
+    file: u64,
+    peak: u64,
+}
+
+impl Memory {
+    fn of(pid: u32) -> anyhow::Result<Self> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| -> anyhow::Result<u64> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("{name} missing in /proc/{pid}/status"))
+        };
+        Ok(Self {
+            rss: field("VmRSS:")?,
+            anon: field("RssAnon:")?,
+            file: field("RssFile:")?,
+            peak: field("VmHWM:")?,
+        })
+    }
+
+    fn text(&self) -> String {
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        format!(
+            "{:.1} MiB: {:.1} MiB anonymous, {:.1} MiB mapped files (peak {:.1} MiB)",
+            mib(self.rss),
+            mib(self.anon),
+            mib(self.file),
+            mib(self.peak)
+        )
+    }
 }
 
 /// One Vault request as the proxy saw it.
@@ -484,6 +516,106 @@ fn count_calls(rows: &mut Vec<(String, String)>, rounds: usize) -> anyhow::Resul
     sidecar.stop()
 }
 
+/// OpenSC's PKCS#11 module, as the images install it.
+const OPENSC_MODULE: &str = "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so";
+/// vsmartcard's virtual reader driver for pcscd (Debian package vsmartcard-vpcd).
+const VPCD_DRIVER: &str = "/usr/lib/pcsc/drivers/serial/libifdvpcd.so";
+/// The emulated SmartCard-HSM that answers pcscd's virtual reader.
+const CARD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/smartcard-hsm/card.py"
+);
+/// The emulated card's user PIN.
+const CARD_PIN: &str = "648219";
+/// The system's Python, which runs the card (with Debian's python3-cryptography), rather than
+/// a virtual environment's first on PATH.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// The emulated card's process, ended with the benchmark.
+struct CardProcess(std::process::Child);
+
+impl Drop for CardProcess {
+    fn drop(&mut self) {
+        faults::signal_child(&self.0, libc::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+/// The sidecar as users run it with a stick: OpenSC's module over its own pcscd (`hsm.daemon`)
+/// and a SmartCard-HSM, here the emulated one behind pcscd's virtual reader. It generates
+/// the key pair on the card, initialises a fresh OpenBao, stores the values on the card and
+/// unseals; after `idle` unsealed its memory is read beside the SoftHSM2 figure.
+fn opensc_memory(rows: &mut Vec<(String, String)>, idle: Duration) -> anyhow::Result<()> {
+    let what = format!(
+        "sidecar RSS after {} s idle, OpenSC 0.23 + pcscd + emulated SmartCard-HSM",
+        idle.as_secs()
+    );
+    let cryptography = std::process::Command::new(SYSTEM_PYTHON)
+        .args(["-c", "import cryptography"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let missing = [OPENSC_MODULE, VPCD_DRIVER, "/usr/sbin/pcscd"]
+        .into_iter()
+        .find(|p| !Path::new(p).exists())
+        .or((!cryptography).then_some("/usr/bin/python3's cryptography"));
+    if let Some(missing) = missing {
+        rows.push((
+            what,
+            format!(
+                "skipped: {missing} missing (Debian packages opensc, pcscd, vsmartcard-vpcd, \
+                 python3-cryptography)"
+            ),
+        ));
+        return Ok(());
+    }
+    let bao = OpenBao::start()?;
+    let dir = tempfile::tempdir()?;
+    let pin = dir.path().join("pin");
+    std::fs::write(&pin, CARD_PIN)?;
+    let port = free_port()?;
+    let config = dir.path().join("unseal-init.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "mode: hsm\njournalDir: {}\nunsealPeriod: {PERIOD}\nmetricsAddress: 127.0.0.1:{port}\n\
+             vault:\n  address: {}\nhsm:\n  daemon: true\n  modulePath: {OPENSC_MODULE}\n  \
+             pinFile: {}\n  keyLabel: bank-vaults\n  generateKey: true\n",
+            common::journal_dir(dir.path()).display(),
+            bao.address(),
+            pin.display()
+        ),
+    )?;
+    // The card connects to the virtual reader once the sidecar's pcscd has loaded it.
+    let _card = CardProcess(
+        std::process::Command::new(SYSTEM_PYTHON)
+            .arg(CARD)
+            .args(["--pin", CARD_PIN])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .context("start the emulated SmartCard-HSM")?,
+    );
+    let mut cmd = std::process::Command::new(common::stick::program());
+    cmd.env("RUST_LOG", "info")
+        .env_remove("VAULT_ADDR")
+        .env_remove("BANK_VAULTS_HSM_PIN")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .arg("--config")
+        .arg(&config);
+    let sidecar = Sidecar {
+        run: Watched::spawn(cmd, None),
+        metrics: format!("http://127.0.0.1:{port}"),
+    };
+    sidecar.wait_line(faults::UNSEALED, 1, Duration::from_secs(300))?;
+    std::thread::sleep(idle);
+    rows.push((what, Memory::of(sidecar.run.pid())?.text()));
+    sidecar.stop()
+}
+
 fn shim_module() -> Result<PathBuf, String> {
     nitrokey_e2e::bins::pkcs11_shim().map_err(|e| format!("{e:#}"))
 }
@@ -580,14 +712,9 @@ fn main() -> anyhow::Result<()> {
         format!("Vault API requests per idle minute, period {PERIOD}"),
         format!("{:.1}", requests as f64 * 60.0 / idle.as_secs_f64()),
     ));
-    let (rss, peak) = memory_kib(sidecar.run.pid())?;
     rows.push((
-        format!("sidecar RSS after {} s idle", idle.as_secs()),
-        format!(
-            "{:.1} MiB (peak {:.1} MiB)",
-            rss as f64 / 1024.0,
-            peak as f64 / 1024.0
-        ),
+        format!("sidecar RSS after {} s idle, SoftHSM2", idle.as_secs()),
+        Memory::of(sidecar.run.pid())?.text(),
     ));
     rows.push((
         "Kubernetes API calls per idle minute".into(),
@@ -637,6 +764,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     count_calls(&mut rows, rounds.min(5))?;
+    opensc_memory(&mut rows, idle)?;
 
     let build = if cfg!(debug_assertions) {
         "debug build"
