@@ -17,17 +17,29 @@ commands OpenSC 0.23's card-sc-hsm.c sends, as the SmartCard-HSM's reference des
   key from;
 - DECIPHER (80 62, algorithm 21): raw RSA with the private key, which never leaves this
   process (OpenSC removes the padding on the host, as with a stick);
-- GET CHALLENGE (84).
+- GET CHALLENGE (84);
+- INITIALIZE DEVICE (80 50: user PIN, number of DKEK shares; everything but the device's own
+  key and certificate wiped), IMPORT DKEK SHARE (80 52: the shares XORed into the DKEK, the
+  answer giving shares total, outstanding and a check value), WRAP KEY (80 72) and UNWRAP KEY
+  (80 74). A key generated while the card had no DKEK shares can never be wrapped (6A88, which
+  OpenSC reports as "Data object not found"); a wrapped key is the private key encrypted under
+  the DKEK (AES-256-GCM here: only this emulator reads it), and unwrapping with another DKEK
+  fails without touching the card.
 
 The device certificate (EF.C_DevAut, 2F02) carries the serial number OpenSC reports. State
-lives in memory: a fresh card each start, user PIN from --pin. Every card command takes
---delay seconds (a stick takes about 150 ms per operation; default 0).
+lives in memory, a fresh card each start with the user PIN from --pin, or with --state FILE in
+that file, read at start and written after every change, so a stick can be unplugged (the
+process stopped) and plugged in again. Every card command takes --delay seconds (a stick takes
+about 150 ms per operation; default 0).
 
-Usage: card.py --pin 648219 [--serial DENK0100000] [--port 35963] [--delay 0]
+Usage: card.py --pin 648219 [--serial DENK0100000] [--state FILE] [--port 35963] [--delay 0]
 Runs until pcscd closes the connection for good or the process is signalled.
 """
 
 import argparse
+import hashlib
+import json
+import os
 import secrets
 import signal
 import socket
@@ -35,7 +47,9 @@ import struct
 import sys
 import time
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 AID = bytes.fromhex("E82B0601040181C31F0201")
 # A Nitrokey HSM 2's ATR, one of those OpenSC's sc-hsm driver matches.
@@ -51,6 +65,8 @@ SW_BLOCKED = b"\x69\x83"
 SW_WRONG_DATA = b"\x6a\x80"
 SW_INS = b"\x6d\x00"
 SW_OFFSET = b"\x6b\x00"
+SW_EXISTS = b"\x6a\x89"
+SW_CONDITIONS = b"\x69\x85"
 
 KEY_PREFIX = 0xCC
 PROTECTED_DATA_PREFIX = 0xCD
@@ -126,14 +142,23 @@ def tag_value(data, tag):
 
 
 class Card:
-    def __init__(self, pin, serial):
+    def __init__(self, pin, serial, state=None):
         self.pin = pin.encode()
         self.tries = 3
         self.logged_in = False
         self.files = {}
         self.keys = {}
+        # Keys generated while the card had DKEK shares: the only ones WRAP KEY exports.
+        self.exportable = set()
+        self.dkek_shares = 0
+        self.outstanding = 0
+        self.dkek = bytes(32)
         self.current = None
         self.serial = serial
+        self.state = state
+        if state and os.path.exists(state):
+            self.load()
+            return
         # Key 0 is the device's own key, listed by ENUMERATE OBJECTS as on a card, so that
         # OpenSC numbers generated keys from 1.
         dev = rsa.generate_private_key(public_exponent=65537, key_size=1024)
@@ -142,10 +167,53 @@ class Card:
         self.files[0x2F02] = cv_certificate(
             numbers.n.to_bytes(128, "big"), b"\x01\x00\x01", "DECA00001", serial + "00001"
         )
+        self.save()
+
+    def save(self):
+        if not self.state:
+            return
+        pem = lambda k: k.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        state = {
+            "pin": self.pin.hex(),
+            "tries": self.tries,
+            "files": {f"{f:04X}": v.hex() for f, v in self.files.items()},
+            "keys": {str(i): pem(k) for i, k in self.keys.items()},
+            "exportable": sorted(self.exportable),
+            "dkek_shares": self.dkek_shares,
+            "outstanding": self.outstanding,
+            "dkek": self.dkek.hex(),
+        }
+        tmp = self.state + ".tmp"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump(state, f)
+        os.replace(tmp, self.state)
+
+    def load(self):
+        with open(self.state) as f:
+            state = json.load(f)
+        self.pin = bytes.fromhex(state["pin"])
+        self.tries = state["tries"]
+        self.files = {int(f, 16): bytes.fromhex(v) for f, v in state["files"].items()}
+        self.keys = {
+            int(i): serialization.load_pem_private_key(k.encode(), None)
+            for i, k in state["keys"].items()
+        }
+        self.exportable = set(state["exportable"])
+        self.dkek_shares = state["dkek_shares"]
+        self.outstanding = state["outstanding"]
+        self.dkek = bytes.fromhex(state["dkek"])
 
     def handle(self, apdu):
         cla, ins, p1, p2, data, le = parse_apdu(apdu)
         method = {
+            0x50: self.initialize,
+            0x52: self.import_dkek_share,
+            0x72: self.wrap_key,
+            0x74: self.unwrap_key,
             0xA4: self.select,
             0xB1: self.read_binary,
             0xD7: self.update_binary,
@@ -158,7 +226,10 @@ class Card:
         }.get(ins)
         if method is None:
             return SW_INS
-        return method(p1, p2, data, le)
+        response = method(p1, p2, data, le)
+        if ins not in (0xA4, 0xB1, 0x58, 0x84, 0x62):
+            self.save()
+        return response
 
     def fcp(self, fid):
         size = len(self.files[fid])
@@ -262,6 +333,10 @@ class Card:
             return SW_SECURITY
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.keys[p1] = key
+        if self.dkek_shares:
+            self.exportable.add(p1)
+        else:
+            self.exportable.discard(p1)
         numbers = key.public_key().public_numbers()
         request = cv_certificate(
             numbers.n.to_bytes(256, "big"),
@@ -288,6 +363,70 @@ class Card:
             return SW_WRONG_DATA
         m = pow(c, numbers.d, n)
         return m.to_bytes((n.bit_length() + 7) // 8, "big") + SW_OK
+
+    def initialize(self, p1, p2, data, le):
+        pin, _ = tag_value(data, 0x81)
+        shares, _ = tag_value(data, 0x92)
+        if not pin:
+            return SW_WRONG_DATA
+        self.pin = pin
+        self.tries = 3
+        self.logged_in = False
+        self.files = {f: v for f, v in self.files.items() if f == 0x2F02}
+        self.keys = {0: self.keys[0]}
+        self.exportable = set()
+        self.dkek_shares = shares[0] if shares else 0
+        self.outstanding = self.dkek_shares
+        self.dkek = bytes(32)
+        return SW_OK
+
+    def dkek_status(self):
+        check = hashlib.sha256(self.dkek).digest()[:8]
+        return bytes([self.dkek_shares, self.outstanding]) + check + SW_OK
+
+    def import_dkek_share(self, p1, p2, data, le):
+        if not data:
+            return self.dkek_status()
+        if len(data) != 32:
+            return SW_WRONG_DATA
+        if self.outstanding == 0:
+            return SW_CONDITIONS
+        self.dkek = bytes(a ^ b for a, b in zip(self.dkek, data))
+        self.outstanding -= 1
+        return self.dkek_status()
+
+    def dkek_ready(self):
+        return self.dkek_shares > 0 and self.outstanding == 0
+
+    def wrap_key(self, p1, p2, data, le):
+        if not self.logged_in:
+            return SW_SECURITY
+        if p1 not in self.keys or p1 not in self.exportable:
+            return SW_REF_NOT_FOUND
+        if not self.dkek_ready():
+            return SW_CONDITIONS
+        der = self.keys[p1].private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        nonce = secrets.token_bytes(12)
+        return nonce + AESGCM(self.dkek).encrypt(nonce, der, b"sc-hsm key") + SW_OK
+
+    def unwrap_key(self, p1, p2, data, le):
+        if not self.logged_in:
+            return SW_SECURITY
+        if not self.dkek_ready():
+            return SW_CONDITIONS
+        if p1 in self.keys:
+            return SW_EXISTS
+        try:
+            der = AESGCM(self.dkek).decrypt(data[:12], data[12:], b"sc-hsm key")
+        except Exception:
+            return SW_WRONG_DATA
+        self.keys[p1] = serialization.load_der_private_key(der, None)
+        self.exportable.add(p1)
+        return SW_OK
 
     def challenge(self, p1, p2, data, le):
         return secrets.token_bytes(le or 8) + SW_OK
@@ -334,9 +473,10 @@ def main():
     parser.add_argument("--serial", default="DENK0100000")
     parser.add_argument("--port", type=int, default=0x8C7B)
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--state")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    card = Card(args.pin, args.serial)
+    card = Card(args.pin, args.serial, args.state)
     try:
         serve(card, args.port, args.delay)
     except (ConnectionError, KeyboardInterrupt):
