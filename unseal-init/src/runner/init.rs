@@ -3,7 +3,7 @@
 //! verifying every value, and finishing a journal an earlier run left — with the guarantees
 //! listed in [`crate::runner`].
 
-use super::{PassError, ROOT_TOKEN_ROOM, Runner, UNSEAL_KEY_MAX_LEN};
+use super::{PassError, Runner};
 use crate::journal::{self, Belongs, EntryAction, Journal};
 use crate::keyring::{KeyringError, ROOT_KEY};
 use crate::secret::Secret;
@@ -11,6 +11,11 @@ use crate::unseal::init_storage_plan;
 use crate::vault::VaultError;
 use nitrokey_common::backoff::Backoff;
 use std::time::{Duration, Instant};
+
+/// Longest unseal key Vault hands out: a 32-byte key plus the Shamir share's byte, in hex.
+pub(super) const UNSEAL_KEY_MAX_LEN: usize = 66;
+/// Room a root token may need: Vault 1.10+ tokens (`hvs.…`) run to about 100 characters.
+const ROOT_TOKEN_ROOM: usize = 128;
 
 impl Runner {
     pub(super) fn journal_dir(&self) -> &std::path::Path {
