@@ -1,7 +1,10 @@
 //! Drives Vault: opening the key store, then passes of observe → decide → act, once
 //! (`--once`) or for ever (sidecar). Decisions come from [`crate::unseal`]; this module holds
-//! the I/O and the ordering guarantees (the init step, from `sys/init` to the last stored key,
-//! in `runner/init.rs`):
+//! the pass and the watch loop, its steps one file each: `init.rs` (from `sys/init` to the last
+//! stored key), `unseal_step.rs` (the keys to `sys/unseal`), `raft.rs` (joining peers instead
+//! of initialising), `store_watch.rs` (a deleted Secret, keys still arriving), [`rekey`]
+//! (`unseal-init rekey` and finishing one left behind), `error.rs` ([`PassError`]). The
+//! ordering guarantees:
 //!
 //! - `sys/init`'s keys are sealed on the host and written to the [`journal`] before anything
 //!   else, stored and verified one by one, and the journal is removed only after the last;
@@ -36,7 +39,12 @@ use std::time::{Duration, Instant};
 
 mod error;
 mod init;
+mod raft;
 pub mod rekey;
+mod store_watch;
+mod unseal_step;
+
+use raft::join_failure;
 
 pub use error::{PassError, store_unreachable};
 
@@ -152,19 +160,6 @@ pub struct Runner {
 /// starting with its cluster cannot join until the leader is initialised and unsealed.
 const JOIN_PATIENCE: Duration = Duration::from_secs(120);
 
-/// True for a failed raft join: expected while the leader is not yet able to take members
-/// (OpenBao answers `HTTP 500: failed to get raft challenge` on every cold start).
-fn join_failure(err: &PassError) -> bool {
-    matches!(
-        err,
-        PassError::JoinFailed(_)
-            | PassError::Vault(VaultError::Status {
-                endpoint: "sys/storage/raft/join",
-                ..
-            })
-    )
-}
-
 /// How the sidecar paces the next pass after `result`. Pure.
 fn pace_of(result: &Result<PassOutcome, PassError>) -> Pace {
     match result {
@@ -219,37 +214,6 @@ impl Runner {
         .with_peer_addresses()
     }
 
-    /// Records that keys are missing (`beaten`: because another initialiser won `sys/init`);
-    /// returns since when, and whether an init was lost to another initialiser meanwhile.
-    fn keys_missing_since(&self, beaten: bool) -> (Instant, bool) {
-        let mut since = self
-            .short_of_keys
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = since.get_or_insert((Instant::now(), false));
-        entry.1 |= beaten;
-        *entry
-    }
-
-    fn keys_arrived(&self) {
-        if let Ok(mut since) = self.short_of_keys.lock() {
-            *since = None;
-        }
-    }
-
-    /// Clients for `vault.raftPeers`, trusting the same CA as Vault's own. A peer whose client
-    /// cannot be built (the CA file, already checked for Vault's own client) is left out with
-    /// a warning rather than stopping the unseal of this Vault.
-    fn with_peer_addresses(mut self) -> Self {
-        for address in &self.cfg.vault.raft_peers {
-            match crate::vault::VaultClient::new(address, self.cfg.vault.ca_cert.as_deref()) {
-                Ok(client) => self.peers.push(Arc::new(client)),
-                Err(e) => tracing::warn!(peer = address.as_str(), error = %e, "raft peer left out"),
-            }
-        }
-        self
-    }
-
     /// A start that finds the shared store (the Secret) missing asks Vault before the identity
     /// record and the pre-flight would create it afresh: for an initialised Vault that reports
     /// [`PassError::StoreMissing`] instead. The sidecar does this; it starts before its Vault
@@ -260,39 +224,9 @@ impl Runner {
         self
     }
 
-    /// Replaces the raft peers (tests use in-memory Vaults).
-    pub fn with_peers(mut self, peers: Vec<Arc<dyn VaultApi>>) -> Self {
-        self.peers = peers;
-        self
-    }
-
-    /// The first raft peer that answers initialised. Peers that do not answer are skipped: on
-    /// a cluster's first start the others are not up yet (a StatefulSet starts them after this
-    /// one), and only a peer that answers initialised proves a cluster exists.
-    async fn initialized_peer(&self) -> Option<String> {
-        for peer in &self.peers {
-            match peer.seal_status().await {
-                Ok(s) if s.initialized => return Some(peer.address().to_owned()),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(peer = peer.address(), reason = %e, "raft peer not answering")
-                }
-            }
-        }
-        None
-    }
-
     /// The key store.
     pub fn keyring(&self) -> &Keyring {
         &self.keyring
-    }
-
-    fn raft_follower(&self) -> bool {
-        self.cfg
-            .vault
-            .raft_leader_address
-            .as_deref()
-            .is_some_and(|l| l.trim_end_matches('/') != self.vault.address())
     }
 
     /// Vault's status and, when a decision needs it, the unseal key names in the store (kept
@@ -353,87 +287,6 @@ impl Runner {
             overwrite_existing_keys: self.cfg.options.overwrite_existing_keys,
         };
         Ok((obs, names.unwrap_or_default(), peer))
-    }
-
-    /// Reports a store that went missing (or came back) once per change: log, `/readyz`, and
-    /// `unseal_init_key_store_missing`.
-    fn note_store_missing(&self, now: Option<String>) {
-        let Ok(mut was) = self.store_missing.lock() else {
-            return;
-        };
-        // Every time, since an unsealed Vault clears the readiness reason meanwhile.
-        self.telemetry.store_missing(now.as_deref());
-        if *was == now {
-            return;
-        }
-        match &now {
-            Some(what) => tracing::warn!(
-                store = what.as_str(),
-                "{what} not found: the store of this Vault's encrypted unseal keys is gone; once sealed, Vault cannot be unsealed until the Secret is restored (from a backup)"
-            ),
-            None => tracing::info!(
-                store = was.as_deref().unwrap_or_default(),
-                "the key store is there again"
-            ),
-        }
-        *was = now;
-    }
-
-    /// Before the identity record and the pre-flight write to a shared store (and so create a
-    /// Secret that does not exist): a missing Secret is right on a first start, but for an
-    /// initialised Vault it held the keys, and a Secret created afresh would hide that it was
-    /// deleted. So when it is missing, Vault's answer is awaited first: initialised means
-    /// [`PassError::StoreMissing`], reported like a deletion found later.
-    async fn check_store_present(&self) -> Result<(), PassError> {
-        let storage = self.keyring.storage();
-        // An init journal is finished into the store whatever happened to it: its keys exist
-        // nowhere else.
-        if !self.guard_store || !storage.shared() || journal::path(self.journal_dir()).exists() {
-            return Ok(());
-        }
-        let Some(what) = storage.absent().await.map_err(KeyringError::from)? else {
-            if self.missing_store().is_some() {
-                self.note_store_missing(None);
-            }
-            return Ok(());
-        };
-        // Short pauses: `/healthz` expects a heartbeat within a minute before the pass loop runs.
-        let mut delays = Backoff::new(crate::unseal::SOON_FIRST, Duration::from_secs(5));
-        loop {
-            match self.vault.seal_status().await {
-                Ok(s) if !s.initialized => return Ok(()),
-                Ok(s) => {
-                    self.telemetry.vault_status(s.initialized, s.sealed);
-                    self.note_store_missing(Some(what.clone()));
-                    if !s.sealed {
-                        // Serving: the pod stays ready; the metric and the log keep the news.
-                        self.telemetry.store_problem(None);
-                    }
-                    return Err(PassError::StoreMissing {
-                        store: what,
-                        needed: s.threshold,
-                    });
-                }
-                Err(e @ VaultError::Unreachable { .. }) => {
-                    self.telemetry.vault_unreachable();
-                    self.note_vault_up(false, Some(&e));
-                }
-                // Nothing to tell from (a rejected certificate, an error answer): the start
-                // goes on as without this check, and the passes report Vault's problem.
-                Err(e) => {
-                    tracing::debug!(error = %e, "Vault's state unknown; the key store is created if needed");
-                    return Ok(());
-                }
-            }
-            self.telemetry.heartbeat();
-            if self.shutdown.sleep_or_stop(delays.next()).await.is_stop() {
-                return Ok(());
-            }
-        }
-    }
-
-    fn missing_store(&self) -> Option<String> {
-        self.store_missing.lock().ok().and_then(|s| s.clone())
     }
 
     /// Logs reachability changes once (with the whole cause) instead of on every poll, and a
@@ -695,138 +548,6 @@ impl Runner {
         }
     }
 
-    async fn join(&self) -> Result<(), PassError> {
-        let leader = self
-            .cfg
-            .vault
-            .raft_leader_address
-            .clone()
-            .unwrap_or_default();
-        self.join_to(&leader).await
-    }
-
-    /// Joins this Vault to the raft cluster `leader` belongs to.
-    async fn join_to(&self, leader: &str) -> Result<(), PassError> {
-        let leader = leader.to_owned();
-        let ca = match &self.cfg.vault.ca_cert {
-            Some(p) => std::fs::read_to_string(p).ok(),
-            None => None,
-        };
-        tracing::info!(leader = leader.as_str(), "joining leader vault...");
-        if !self.vault.raft_join(&leader, ca.as_deref()).await? {
-            return Err(PassError::JoinFailed(leader));
-        }
-        // The follower reports itself initialised once the join took; give it a moment.
-        for _ in 0..50 {
-            if let Ok(s) = self.vault.seal_status().await
-                && s.initialized
-            {
-                tracing::info!(leader = leader.as_str(), "joined raft leader");
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Err(PassError::JoinFailed(leader))
-    }
-
-    /// Submits stored keys until Vault is unsealed: any `threshold` readable keys will do, so
-    /// one unreadable value (corrupted, written with another key) does not block the rest.
-    async fn unseal(&self, threshold: usize, names: &[String]) -> Result<(), PassError> {
-        let before = self
-            .unreadable_seen
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default();
-        let mut seen = Vec::new();
-        let result = self.submit_keys(threshold, names, &before, &mut seen).await;
-        if let Ok(mut s) = self.unreadable_seen.lock() {
-            *s = seen;
-        }
-        result
-    }
-
-    /// [`Runner::unseal`]'s work; `seen` collects the keys found unreadable (and why), and
-    /// those already in `before` are not reported again.
-    async fn submit_keys(
-        &self,
-        threshold: usize,
-        names: &[String],
-        before: &[(String, String)],
-        seen: &mut Vec<(String, String)>,
-    ) -> Result<(), PassError> {
-        tracing::info!("vault is sealed, unsealing");
-        self.vault.unseal_reset().await?;
-        let mut submitted = 0;
-        let mut unreadable = Vec::new();
-        let mut last = String::from("no answer");
-        for name in names {
-            if submitted == threshold {
-                break;
-            }
-            let key = match self.keyring.load(name).await {
-                Ok(Some(k)) => k,
-                Ok(None) => continue,
-                Err(e) if e.is_about_the_value() => {
-                    let entry = (name.clone(), e.to_string());
-                    // The same key failing the same way again is no news.
-                    if before.contains(&entry) {
-                        tracing::debug!(key = name.as_str(), error = %e, "unseal key still unreadable");
-                    } else {
-                        tracing::warn!(key = name.as_str(), error = %e, "skipping unreadable unseal key");
-                    }
-                    seen.push(entry);
-                    unreadable.push(name.clone());
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            submitted += 1;
-            match self.vault.unseal(&key).await {
-                Ok(status) if !status.sealed => {
-                    self.telemetry.vault_status(status.initialized, false);
-                    tracing::info!("successfully unsealed vault");
-                    return Ok(());
-                }
-                Ok(status) => last = format!("progress {}/{}", status.progress, status.threshold),
-                Err(VaultError::Status {
-                    status, message, ..
-                }) => {
-                    let _ = self.vault.unseal_reset().await;
-                    return Err(PassError::WrongKeys {
-                        submitted,
-                        detail: format!("HTTP {status}: {message}"),
-                    });
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if submitted < threshold {
-            let _ = self.vault.unseal_reset().await;
-            return Err(PassError::MissingKeys {
-                needed: u32::try_from(threshold).unwrap_or(u32::MAX),
-                found: submitted,
-                unreadable,
-            });
-        }
-        // A raft follower finishes joining after the last key and only then reports unsealed.
-        for _ in 0..75 {
-            match self.vault.seal_status().await {
-                Ok(s) if !s.sealed => {
-                    self.telemetry.vault_status(s.initialized, false);
-                    tracing::info!("successfully unsealed vault");
-                    return Ok(());
-                }
-                Ok(s) if s.progress > 0 => break,
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-        let _ = self.vault.unseal_reset().await;
-        Err(PassError::WrongKeys {
-            submitted,
-            detail: last,
-        })
-    }
-
     /// Sidecar mode: a pass every `unsealPeriod` until a stop is requested; returns early only
     /// on a PIN problem (which the caller waits out).
     pub async fn watch(&self) -> Result<(), PassError> {
@@ -890,26 +611,6 @@ impl Runner {
                 return Ok(());
             }
         }
-    }
-
-    /// A failed raft join within [`JOIN_PATIENCE`] of the first: reported at INFO the first
-    /// time (a follower starting with its cluster meets it on every cold start), at DEBUG
-    /// after, and true; false once it has failed for longer, so it is reported as an error.
-    fn join_patience(&self, since: &mut Option<Instant>, err: &PassError) -> bool {
-        match since {
-            None => {
-                *since = Some(Instant::now());
-                tracing::info!(
-                    error = %err,
-                    "could not join the raft cluster yet, as expected while its leader is not yet initialised and unsealed; trying again shortly"
-                );
-            }
-            Some(first) if first.elapsed() < JOIN_PATIENCE => {
-                tracing::debug!(error = %err, "raft join still failing");
-            }
-            Some(_) => return false,
-        }
-        true
     }
 }
 
