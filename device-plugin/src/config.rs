@@ -1061,14 +1061,22 @@ mod tests {
     /// Every setting's clap id is its key in the file.
     #[test]
     fn every_flag_is_named_by_its_file_key() {
-        let command = Settings::augment_args(clap::Command::new("device-plugin"));
-        for arg in command.get_arguments() {
-            let id = arg.get_id().as_str();
-            let err = FileConfig::from_yaml(&format!("{id}: [\n"))
+        // A key the file knows fails on its value (a mapping), an unknown one on its name.
+        let in_file = |id: &str| {
+            let err = FileConfig::from_yaml(&format!("{id}: {{}}\n"))
                 .expect_err(id)
                 .to_string();
-            assert!(!err.contains("unknown field"), "{id}: {err}");
+            !err.contains("unknown field")
+        };
+        assert!(!in_file("resourcename"));
+        let command = Settings::augment_args(clap::Command::new("device-plugin"));
+        let mut checked = 0;
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            assert!(in_file(id), "{id} is not a key of the file");
+            checked += 1;
         }
+        assert!(checked > 15, "{checked}");
     }
 
     #[test]
