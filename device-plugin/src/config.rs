@@ -32,10 +32,9 @@ pub const DEFAULT_RESOURCE_NAME: &str = "nitrokey.com/hsm";
 pub const NITROKEY_VENDOR: u16 = 0x20a0;
 /// The Nitrokey HSM's USB product ID.
 pub const NITROKEY_HSM_PRODUCT: u16 = 0x4230;
-/// Default number of kubelet units advertised per stick.
+/// Default number of kubelet units advertised per stick (as declared in [`Settings`], which
+/// a test checks).
 pub const DEFAULT_SHARES: u32 = 2;
-/// Default time an unplugged stick stays listed (as Unhealthy) before it is dropped.
-pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(5 * 60);
 /// Default port of the HTTP endpoint serving /metrics, /healthz and /readyz. Outside the
 /// Prometheus exporters' range 9100-9999 (fully allocated; dcgm-exporter holds 9400), outside
 /// the Kubernetes components' 10248-10259 and below the NodePort range.
@@ -46,8 +45,6 @@ pub const NODE_IP_ENV: &str = "NODE_IP";
 /// Longest accepted grace period: a week covers any planned replug, and keeps every deadline
 /// computed from it far inside the clock's range.
 pub const MAX_GRACE_PERIOD: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Default time a pod's eviction refused by a PodDisruptionBudget is tried again.
-pub const DEFAULT_EVICTION_RETRY_FOR: Duration = Duration::from_secs(10 * 60);
 /// Longest accepted `evictionRetryFor`.
 pub const MAX_EVICTION_RETRY_FOR: Duration = Duration::from_secs(24 * 3600);
 /// Shortest accepted rescan interval.
@@ -56,8 +53,6 @@ pub const MIN_RESCAN_INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_RESCAN_INTERVAL: Duration = Duration::from_secs(3600);
 /// Longest duration the parser accepts at all (a year); fields have tighter bounds.
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
-/// Default interval of the periodic rescan used where hotplug events cannot arrive.
-pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(5);
 /// Most units one stick may be split into.
 pub const MAX_SHARES: u32 = 1000;
 
@@ -935,7 +930,11 @@ mod tests {
             }]
         );
         assert_eq!(c.shares_per_device, 2);
+        assert_eq!(c.shares_per_device, DEFAULT_SHARES);
         assert_eq!(c.grace_period, Duration::from_secs(300));
+        assert_eq!(c.rescan_interval, Duration::from_secs(5));
+        assert_eq!(c.eviction_retry_for, Duration::from_secs(600));
+        assert_eq!(c.metrics_address.port(), DEFAULT_METRICS_PORT);
         assert_eq!(
             c.plugin_dir,
             PathBuf::from("/var/lib/kubelet/device-plugins")

@@ -83,8 +83,8 @@ fn get<T: Clone + Send + Sync + 'static>(
 }
 
 /// Every setting, declared once. The clap `id` of each is its key in the file (the serde path),
-/// so that flags, variables and the file name a value the same way and an error can say where
-/// it came from. The file holds the same settings but `once`, `deadline` and `logFormat`.
+/// so that flags, variables and the file name a value the same way, an error can say where
+/// it came from, and `--help` shows which key a flag overrides (`--hsm-slot-id <hsm.slotId>`). The file holds the same settings but `once`, `deadline` and `logFormat`.
 #[derive(Debug, Default, Args, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Settings {
@@ -132,7 +132,7 @@ pub struct Settings {
     pub journal_dir: Option<PathBuf>,
     /// One pass (initialise if needed, unseal, exit) instead of watching. [default: false: run
     /// as a sidecar]
-    #[arg(id = "once", help_heading = "Running", long = "once", env = "BANK_VAULTS_ONCE",
+    #[arg(id = "once", help_heading = "Running", long = "once", value_name = "BOOL", env = "BANK_VAULTS_ONCE",
           num_args = 0..=1, default_missing_value = "true", default_value = "false",
           hide_default_value = true)]
     #[serde(skip)]
@@ -140,7 +140,7 @@ pub struct Settings {
     /// With --once: give up after this long (e.g. `10m`; a bare number is seconds) and exit 1.
     /// Never cuts a `sys/init` short or leaves keys unstored: it stops the run the way SIGTERM
     /// does.
-    #[arg(id = "deadline", help_heading = "Running", long = "deadline",
+    #[arg(id = "deadline", help_heading = "Running", long = "deadline", value_name = "DURATION",
           env = "UNSEAL_INIT_DEADLINE", value_parser = parse_duration, default_value = "5m")]
     #[serde(skip)]
     pub deadline: Option<Duration>,
@@ -149,6 +149,7 @@ pub struct Settings {
         id = "logFormat",
         help_heading = "Running",
         long = "log-format",
+        value_name = "FORMAT",
         env = "UNSEAL_INIT_LOG_FORMAT",
         global = true,
         default_value = "text"
