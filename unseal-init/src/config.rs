@@ -71,6 +71,15 @@ fn refused<T>(value: &Layered<T>, field: &'static str, reason: impl Into<String>
     }
 }
 
+/// An optional setting's value, whichever layer set it.
+fn opt<T: Clone + Send + Sync + 'static>(
+    flags: &Flags<Settings>,
+    field: &'static str,
+    file: Option<T>,
+) -> Option<T> {
+    flags.pick(field, file, None).map(|l| l.value)
+}
+
 /// A setting that has a declared default, so always has a value.
 fn get<T: Clone + Send + Sync + 'static>(
     flags: &Flags<Settings>,
@@ -936,13 +945,7 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
                 Layered::from_env("VAULT_CACERT", env.vault_cacert.clone()),
             )
             .map(|l| l.value),
-        raft_leader_address: l
-            .pick(
-                "vault.raftLeaderAddress",
-                file.vault.raft_leader_address,
-                None,
-            )
-            .map(|l| l.value)
+        raft_leader_address: opt(l, "vault.raftLeaderAddress", file.vault.raft_leader_address)
             .filter(|s| !s.is_empty()),
         raft_peers: file
             .vault
@@ -1000,16 +1003,9 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
         module_path: module.map_or_else(|| PathBuf::from(DEFAULT_MODULE), |m| m.value),
         module_searched,
         selector: SlotSelector {
-            slot_id: l
-                .pick("hsm.slotId", file.hsm.slot_id, None)
-                .map(|l| l.value),
-            token_label: l
-                .pick("hsm.tokenLabel", file.hsm.token_label, None)
-                .map(|l| l.value)
-                .filter(|s| !s.is_empty()),
-            token_serial: l
-                .pick("hsm.tokenSerial", file.hsm.token_serial, None)
-                .map(|l| l.value)
+            slot_id: opt(l, "hsm.slotId", file.hsm.slot_id),
+            token_label: opt(l, "hsm.tokenLabel", file.hsm.token_label).filter(|s| !s.is_empty()),
+            token_serial: opt(l, "hsm.tokenSerial", file.hsm.token_serial)
                 .filter(|s| !s.is_empty()),
         },
         pin: pin.map(|p| p.value),
@@ -1057,10 +1053,8 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
         .value,
     };
 
-    let secret_name = l
-        .pick("kubernetes.secretName", file.kubernetes.secret_name, None)
-        .map(|l| l.value)
-        .filter(|s| !s.is_empty());
+    let secret_name =
+        opt(l, "kubernetes.secretName", file.kubernetes.secret_name).filter(|s| !s.is_empty());
     let kubernetes = match (mode, secret_name) {
         (Mode::HsmK8s, None) => {
             return Err(invalid(
@@ -1069,14 +1063,12 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
             ));
         }
         (_, Some(name)) => Some(KubernetesConfig {
-            namespace: l
-                .pick(
-                    "kubernetes.secretNamespace",
-                    file.kubernetes.secret_namespace,
-                    None,
-                )
-                .map(|l| l.value)
-                .filter(|s| !s.is_empty()),
+            namespace: opt(
+                l,
+                "kubernetes.secretNamespace",
+                file.kubernetes.secret_namespace,
+            )
+            .filter(|s| !s.is_empty()),
             name,
         }),
         (Mode::Hsm, None) => None,
