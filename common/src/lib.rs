@@ -5,6 +5,8 @@
 //!
 //! - [`yaml`]: parses a configuration file; errors name the field path, line and column, and
 //!   never quote the file. Both programs' `config` modules use it.
+//! - [`layers`]: flags and their environment variables over the file over defaults, each
+//!   value with its source, for both programs' settings declared once (clap + serde).
 //! - [`logging`]: the `tracing` subscriber both `main`s install: stderr, `RUST_LOG`, text or
 //!   JSON lines. The device plugin adds its own layer that spots kubelets too old to talk to.
 //! - [`health`]: the HTTP endpoint both serve on their metrics address (`/metrics`,
@@ -14,5 +16,6 @@
 
 pub mod backoff;
 pub mod health;
+pub mod layers;
 pub mod logging;
 pub mod yaml;

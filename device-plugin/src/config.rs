@@ -1,9 +1,11 @@
 //! Configuration: a YAML file (camelCase keys) overlaid by command-line flags and their
 //! `NITROKEY_DEVICE_PLUGIN_*` environment variables.
 //!
-//! Precedence, highest first: flag, flag's environment variable, file, built-in default.
-//! Everything is validated before the plugin touches USB or the kubelet; a [`ConfigError`]
-//! names the offending field and makes the process exit with code 2.
+//! Precedence, highest first: flag, flag's environment variable, file, built-in default. Each
+//! setting is declared once, in [`Settings`] (file key, flag, variable, default), and layered
+//! by [`nitrokey_common::layers`]. Everything is validated before the plugin touches USB or
+//! the kubelet; a [`ConfigError`] names the offending field and where its value came from, and
+//! makes the process exit with code 2.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -11,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser};
+use nitrokey_common::layers::{Flags, Layered, Source};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
@@ -29,10 +32,9 @@ pub const DEFAULT_RESOURCE_NAME: &str = "nitrokey.com/hsm";
 pub const NITROKEY_VENDOR: u16 = 0x20a0;
 /// The Nitrokey HSM's USB product ID.
 pub const NITROKEY_HSM_PRODUCT: u16 = 0x4230;
-/// Default number of kubelet units advertised per stick.
+/// Default number of kubelet units advertised per stick (as declared in [`Settings`], which
+/// a test checks).
 pub const DEFAULT_SHARES: u32 = 2;
-/// Default time an unplugged stick stays listed (as Unhealthy) before it is dropped.
-pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(5 * 60);
 /// Default port of the HTTP endpoint serving /metrics, /healthz and /readyz. Outside the
 /// Prometheus exporters' range 9100-9999 (fully allocated; dcgm-exporter holds 9400), outside
 /// the Kubernetes components' 10248-10259 and below the NodePort range.
@@ -43,8 +45,6 @@ pub const NODE_IP_ENV: &str = "NODE_IP";
 /// Longest accepted grace period: a week covers any planned replug, and keeps every deadline
 /// computed from it far inside the clock's range.
 pub const MAX_GRACE_PERIOD: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Default time a pod's eviction refused by a PodDisruptionBudget is tried again.
-pub const DEFAULT_EVICTION_RETRY_FOR: Duration = Duration::from_secs(10 * 60);
 /// Longest accepted `evictionRetryFor`.
 pub const MAX_EVICTION_RETRY_FOR: Duration = Duration::from_secs(24 * 3600);
 /// Shortest accepted rescan interval.
@@ -53,12 +53,10 @@ pub const MIN_RESCAN_INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_RESCAN_INTERVAL: Duration = Duration::from_secs(3600);
 /// Longest duration the parser accepts at all (a year); fields have tighter bounds.
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
-/// Default interval of the periodic rescan used where hotplug events cannot arrive.
-pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(5);
 /// Most units one stick may be split into.
 pub const MAX_SHARES: u32 = 1000;
 
-/// Command-line flags. Every flag can also be set through the environment variable named
+/// Command-line flags. Every setting's flag has an environment variable,
 /// `NITROKEY_DEVICE_PLUGIN_<FLAG>`; flags win over the configuration file.
 #[derive(Debug, Default, Parser)]
 #[command(
@@ -72,135 +70,170 @@ pub struct Cli {
     #[arg(long, value_name = "FILE", env = "NITROKEY_DEVICE_PLUGIN_CONFIG")]
     pub config: Option<PathBuf>,
 
-    /// Extended resource name advertised to the kubelet [default: nitrokey.com/hsm].
-    #[arg(
-        long,
-        value_name = "NAME",
-        env = "NITROKEY_DEVICE_PLUGIN_RESOURCE_NAME"
-    )]
-    pub resource_name: Option<String>,
-
-    /// USB device to advertise, VENDOR:PRODUCT or VENDOR:PRODUCT:SERIAL in hex (repeatable;
-    /// in the environment, comma-separated). Replaces the file's `devices` [default: 20a0:4230].
-    #[arg(
-        long = "device",
-        value_name = "VENDOR:PRODUCT[:SERIAL]",
-        env = "NITROKEY_DEVICE_PLUGIN_DEVICE",
-        value_delimiter = ',',
-        value_parser = DeviceMatcher::from_str
-    )]
-    pub devices: Vec<DeviceMatcher>,
-
-    /// Units advertised per stick, 1 to 1000 [default: 2].
-    #[arg(
-        long,
-        value_name = "N",
-        env = "NITROKEY_DEVICE_PLUGIN_SHARES_PER_DEVICE",
-        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_SHARES))
-    )]
-    pub shares_per_device: Option<u32>,
-
-    /// How long an unplugged stick stays listed as Unhealthy before it is dropped, e.g. 5m
-    /// [default: 5m].
-    #[arg(long, value_name = "DURATION", env = "NITROKEY_DEVICE_PLUGIN_GRACE_PERIOD",
-          value_parser = parse_grace_period)]
-    pub grace_period: Option<Duration>,
-
-    /// Directory holding kubelet.sock and the plugin's socket
-    /// [default: /var/lib/kubelet/device-plugins].
-    #[arg(long, value_name = "DIR", env = "NITROKEY_DEVICE_PLUGIN_PLUGIN_DIR")]
-    pub plugin_dir: Option<PathBuf>,
-
-    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz: IP:PORT, or :PORT
-    /// for the node IP in $NODE_IP (127.0.0.1 without it) [default: :10291].
-    #[arg(
-        long,
-        value_name = "HOST:PORT",
-        env = "NITROKEY_DEVICE_PLUGIN_METRICS_ADDRESS"
-    )]
-    pub metrics_address: Option<String>,
+    /// The settings, which override the file's (declared in [`Settings`]).
+    #[command(flatten)]
+    pub settings: Flags<Settings>,
 
     /// This node's IP, the host of the HTTP endpoint when metricsAddress is :PORT (in a pod:
     /// the downward API's status.hostIP) [default: 127.0.0.1].
     #[arg(long, value_name = "IP", env = NODE_IP_ENV)]
     pub node_ip: Option<String>,
 
-    /// What to do about running pods whose stick was unplugged and plugged back in: none,
-    /// event (a Kubernetes Event on the pod) or evict (through the Eviction API)
-    /// [default: event].
-    #[arg(long, value_name = "MODE", env = "NITROKEY_DEVICE_PLUGIN_ON_REPLUG")]
-    pub on_replug: Option<OnReplug>,
-
-    /// With --on-replug evict: how long a pod's eviction refused by a PodDisruptionBudget is
-    /// tried again before the plugin gives up on it and says so in an Event (0: at the first
-    /// refusal) [default: 10m].
-    #[arg(long, value_name = "DURATION", env = "NITROKEY_DEVICE_PLUGIN_EVICTION_RETRY_FOR",
-          value_parser = parse_eviction_retry_for)]
-    pub eviction_retry_for: Option<Duration>,
-
-    /// The kubelet's pod-resources socket
-    /// [default: /var/lib/kubelet/pod-resources/kubelet.sock].
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "NITROKEY_DEVICE_PLUGIN_POD_RESOURCES_SOCKET"
-    )]
-    pub pod_resources_socket: Option<PathBuf>,
-
-    /// How node labels nitrokey.com/hsm.present and .count are published: none, nfd (a Node
-    /// Feature Discovery feature file) or api (patching the Node) [default: nfd].
-    #[arg(long, value_name = "MODE", env = "NITROKEY_DEVICE_PLUGIN_NODE_LABELS")]
-    pub node_labels: Option<NodeLabels>,
-
-    /// Node Feature Discovery's local feature directory
-    /// [default: /etc/kubernetes/node-feature-discovery/features.d].
-    #[arg(
-        long,
-        value_name = "DIR",
-        env = "NITROKEY_DEVICE_PLUGIN_NFD_FEATURES_DIR"
-    )]
-    pub nfd_features_dir: Option<PathBuf>,
-
-    /// Also name each allocated stick as a CDI device (nitrokey.com/hsm=STICK) and keep the
-    /// matching CDI spec in cdiSpecDir [default: false].
-    #[arg(long, value_name = "BOOL", env = "NITROKEY_DEVICE_PLUGIN_CDI",
-          num_args = 0..=1, default_missing_value = "true")]
-    pub cdi: Option<bool>,
-
-    /// Directory of CDI specs the container runtime reads [default: /var/run/cdi].
-    #[arg(long, value_name = "DIR", env = "NITROKEY_DEVICE_PLUGIN_CDI_SPEC_DIR")]
-    pub cdi_spec_dir: Option<PathBuf>,
-
     /// This node's name (in a pod: the downward API's spec.nodeName), named in Events and
     /// labelled with nodeLabels: api.
     #[arg(long, value_name = "NAME", env = "NODE_NAME")]
     pub node_name: Option<String>,
+}
 
-    /// Log format [default: text].
-    #[arg(long, value_name = "FORMAT", env = "NITROKEY_DEVICE_PLUGIN_LOG_FORMAT")]
+/// Every setting, declared once: the clap `id` is its key in the configuration file (the
+/// serde name), next to its flag, environment variable and default, so an error can say
+/// where a value came from. Every key is optional in the file; unknown keys are refused.
+#[derive(Debug, Default, Args, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Settings {
+    /// Extended resource name advertised to the kubelet.
+    #[arg(id = "resourceName", long = "resource-name", value_name = "NAME",
+          env = "NITROKEY_DEVICE_PLUGIN_RESOURCE_NAME", default_value = DEFAULT_RESOURCE_NAME)]
+    pub resource_name: Option<String>,
+
+    /// USB device to advertise, VENDOR:PRODUCT or VENDOR:PRODUCT:SERIAL in hex (repeatable;
+    /// in the environment, comma-separated). Replaces the file's `devices`.
+    #[arg(id = "devices", long = "device", value_name = "VENDOR:PRODUCT[:SERIAL]",
+          env = "NITROKEY_DEVICE_PLUGIN_DEVICE", value_delimiter = ',',
+          value_parser = DeviceMatcher::from_str, default_value = "20a0:4230")]
+    pub devices: Option<Vec<DeviceMatcher>>,
+
+    /// Units advertised per stick, 1 to 1000.
+    #[arg(id = "sharesPerDevice", long = "shares-per-device", value_name = "N",
+          env = "NITROKEY_DEVICE_PLUGIN_SHARES_PER_DEVICE",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_SHARES)),
+          default_value = "2")]
+    pub shares_per_device: Option<u32>,
+
+    /// How long an unplugged stick stays listed as Unhealthy before it is dropped, e.g. 5m.
+    #[arg(id = "gracePeriod", long = "grace-period", value_name = "DURATION",
+          env = "NITROKEY_DEVICE_PLUGIN_GRACE_PERIOD", value_parser = parse_grace_period,
+          default_value = "5m")]
+    #[serde(default, deserialize_with = "deserialize_grace_period")]
+    pub grace_period: Option<Duration>,
+
+    /// Directory holding kubelet.sock and the plugin's socket.
+    #[arg(id = "pluginDir", long = "plugin-dir", value_name = "DIR",
+          env = "NITROKEY_DEVICE_PLUGIN_PLUGIN_DIR",
+          default_value = nitrokey_proto::DEVICE_PLUGIN_DIR)]
+    pub plugin_dir: Option<PathBuf>,
+
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz: IP:PORT, or :PORT
+    /// for the node IP in $NODE_IP (127.0.0.1 without it).
+    #[arg(
+        id = "metricsAddress",
+        long = "metrics-address",
+        value_name = "HOST:PORT",
+        env = "NITROKEY_DEVICE_PLUGIN_METRICS_ADDRESS",
+        default_value = ":10291"
+    )]
+    pub metrics_address: Option<String>,
+
+    /// What to do about running pods whose stick was unplugged and plugged back in: none,
+    /// event (a Kubernetes Event on the pod) or evict (through the Eviction API).
+    #[arg(
+        id = "onReplug",
+        long = "on-replug",
+        value_name = "MODE",
+        env = "NITROKEY_DEVICE_PLUGIN_ON_REPLUG",
+        default_value = "event"
+    )]
+    pub on_replug: Option<OnReplug>,
+
+    /// With --on-replug evict: how long a pod's eviction refused by a PodDisruptionBudget is
+    /// tried again before the plugin gives up on it and says so in an Event (0: at the first
+    /// refusal).
+    #[arg(id = "evictionRetryFor", long = "eviction-retry-for", value_name = "DURATION",
+          env = "NITROKEY_DEVICE_PLUGIN_EVICTION_RETRY_FOR",
+          value_parser = parse_eviction_retry_for, default_value = "10m")]
+    #[serde(default, deserialize_with = "deserialize_eviction_retry_for")]
+    pub eviction_retry_for: Option<Duration>,
+
+    /// The kubelet's pod-resources socket.
+    #[arg(id = "podResourcesSocket", long = "pod-resources-socket", value_name = "PATH",
+          env = "NITROKEY_DEVICE_PLUGIN_POD_RESOURCES_SOCKET",
+          default_value = nitrokey_proto::POD_RESOURCES_SOCKET)]
+    pub pod_resources_socket: Option<PathBuf>,
+
+    /// How node labels nitrokey.com/hsm.present and .count are published: none, nfd (a Node
+    /// Feature Discovery feature file) or api (patching the Node).
+    #[arg(
+        id = "nodeLabels",
+        long = "node-labels",
+        value_name = "MODE",
+        env = "NITROKEY_DEVICE_PLUGIN_NODE_LABELS",
+        default_value = "nfd"
+    )]
+    pub node_labels: Option<NodeLabels>,
+
+    /// Node Feature Discovery's local feature directory.
+    #[arg(id = "nfdFeaturesDir", long = "nfd-features-dir", value_name = "DIR",
+          env = "NITROKEY_DEVICE_PLUGIN_NFD_FEATURES_DIR", default_value = DEFAULT_NFD_DIR)]
+    pub nfd_features_dir: Option<PathBuf>,
+
+    /// Also name each allocated stick as a CDI device (nitrokey.com/hsm=STICK) and keep the
+    /// matching CDI spec in cdiSpecDir.
+    #[arg(id = "cdi", long = "cdi", value_name = "BOOL", env = "NITROKEY_DEVICE_PLUGIN_CDI",
+          num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    pub cdi: Option<bool>,
+
+    /// Directory of CDI specs the container runtime reads.
+    #[arg(id = "cdiSpecDir", long = "cdi-spec-dir", value_name = "DIR",
+          env = "NITROKEY_DEVICE_PLUGIN_CDI_SPEC_DIR", default_value = DEFAULT_SPEC_DIR)]
+    pub cdi_spec_dir: Option<PathBuf>,
+
+    /// Log format.
+    #[arg(
+        id = "logFormat",
+        long = "log-format",
+        value_name = "FORMAT",
+        env = "NITROKEY_DEVICE_PLUGIN_LOG_FORMAT",
+        default_value = "text"
+    )]
     pub log_format: Option<LogFormat>,
 
     /// How USB changes are noticed: auto (hotplug events where they can arrive, else periodic
-    /// rescan), hotplug, or rescan [default: auto].
-    #[arg(long, value_name = "MODE", env = "NITROKEY_DEVICE_PLUGIN_DISCOVERY")]
+    /// rescan), hotplug, or rescan.
+    #[arg(
+        id = "discovery",
+        long = "discovery",
+        value_name = "MODE",
+        env = "NITROKEY_DEVICE_PLUGIN_DISCOVERY",
+        default_value = "auto"
+    )]
     pub discovery: Option<DiscoveryMode>,
 
-    /// Interval of the periodic rescan, when rescanning [default: 5s].
-    #[arg(long, value_name = "DURATION", env = "NITROKEY_DEVICE_PLUGIN_RESCAN_INTERVAL",
-          value_parser = parse_rescan_interval)]
+    /// Interval of the periodic rescan, when rescanning.
+    #[arg(id = "rescanInterval", long = "rescan-interval", value_name = "DURATION",
+          env = "NITROKEY_DEVICE_PLUGIN_RESCAN_INTERVAL", value_parser = parse_rescan_interval,
+          default_value = "5s")]
+    #[serde(default, deserialize_with = "deserialize_rescan_interval")]
     pub rescan_interval: Option<Duration>,
 
     /// How sticks are handed to pods: device-plugin (extended resource, Kubernetes 1.26+) or
-    /// dra (Dynamic Resource Allocation driver hsm.nitrokey.com, Kubernetes 1.34+)
-    /// [default: device-plugin].
-    #[arg(long, value_name = "MODE", env = "NITROKEY_DEVICE_PLUGIN_MODE")]
+    /// dra (Dynamic Resource Allocation driver hsm.nitrokey.com, Kubernetes 1.34+).
+    #[arg(
+        id = "mode",
+        long = "mode",
+        value_name = "MODE",
+        env = "NITROKEY_DEVICE_PLUGIN_MODE",
+        default_value = "device-plugin"
+    )]
     pub mode: Option<Mode>,
 
-    /// With --mode dra: the kubelet's root directory, holding plugins_registry/ and plugins/
-    /// [default: /var/lib/kubelet].
-    #[arg(long, value_name = "DIR", env = "NITROKEY_DEVICE_PLUGIN_KUBELET_DIR")]
+    /// With --mode dra: the kubelet's root directory, holding plugins_registry/ and plugins/.
+    #[arg(id = "kubeletDir", long = "kubelet-dir", value_name = "DIR",
+          env = "NITROKEY_DEVICE_PLUGIN_KUBELET_DIR", default_value = DEFAULT_KUBELET_DIR)]
     pub kubelet_dir: Option<PathBuf>,
 }
+
+/// The file holds the same settings as the flags.
+pub type FileConfig = Settings;
 
 impl Cli {
     /// Parses `args` (the program name first). When an invalid value came from an environment
@@ -528,51 +561,6 @@ fn deserialize_rescan_interval<'de, D: Deserializer<'de>>(
     deserialize_duration_with(d, parse_rescan_interval)
 }
 
-/// The configuration file as written; every key optional, unknown keys rejected.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct FileConfig {
-    /// See [`Config::resource_name`].
-    pub resource_name: Option<String>,
-    /// See [`Config::devices`].
-    pub devices: Option<Vec<DeviceMatcher>>,
-    /// See [`Config::shares_per_device`].
-    pub shares_per_device: Option<u32>,
-    /// See [`Config::grace_period`].
-    #[serde(default, deserialize_with = "deserialize_grace_period")]
-    pub grace_period: Option<Duration>,
-    /// See [`Config::plugin_dir`].
-    pub plugin_dir: Option<PathBuf>,
-    /// See [`Config::metrics_address`].
-    pub metrics_address: Option<String>,
-    /// See [`Config::log_format`].
-    pub log_format: Option<LogFormat>,
-    /// See [`Config::discovery`].
-    pub discovery: Option<DiscoveryMode>,
-    /// See [`Config::rescan_interval`].
-    #[serde(default, deserialize_with = "deserialize_rescan_interval")]
-    pub rescan_interval: Option<Duration>,
-    /// See [`Config::on_replug`].
-    pub on_replug: Option<OnReplug>,
-    /// See [`Config::eviction_retry_for`].
-    #[serde(default, deserialize_with = "deserialize_eviction_retry_for")]
-    pub eviction_retry_for: Option<Duration>,
-    /// See [`Config::pod_resources_socket`].
-    pub pod_resources_socket: Option<PathBuf>,
-    /// See [`Config::node_labels`].
-    pub node_labels: Option<NodeLabels>,
-    /// See [`Config::nfd_features_dir`].
-    pub nfd_features_dir: Option<PathBuf>,
-    /// See [`Config::cdi`].
-    pub cdi: Option<bool>,
-    /// See [`Config::cdi_spec_dir`].
-    pub cdi_spec_dir: Option<PathBuf>,
-    /// See [`Config::mode`].
-    pub mode: Option<Mode>,
-    /// See [`Config::kubelet_dir`].
-    pub kubelet_dir: Option<PathBuf>,
-}
-
 impl FileConfig {
     /// Parses the YAML text of a configuration file. An empty file is all defaults.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
@@ -653,19 +641,13 @@ impl Config {
         Self::merge(file, cli)
     }
 
-    /// Overlays the flags on the file and validates the result.
+    /// Overlays the flags (and their variables) on the file, over the defaults, and validates
+    /// the result; a refused value is reported with where it came from.
     pub fn merge(file: FileConfig, cli: &Cli) -> Result<Self, ConfigError> {
-        let devices = if !cli.devices.is_empty() {
-            cli.devices.clone()
-        } else {
-            file.devices
-                .unwrap_or_else(|| vec![DeviceMatcher::default()])
+        let mut l = Layers {
+            flags: &cli.settings,
+            sources: Vec::new(),
         };
-        let metrics_address = cli
-            .metrics_address
-            .clone()
-            .or(file.metrics_address)
-            .unwrap_or_else(|| format!(":{DEFAULT_METRICS_PORT}"));
         let node_ip = match &cli.node_ip {
             None => None,
             Some(ip) => Some(ip.trim().parse::<IpAddr>().map_err(|_| {
@@ -675,65 +657,34 @@ impl Config {
                 )
             })?),
         };
+        let metrics_address: String = l.take("metricsAddress", file.metrics_address)?;
+        let metrics_address = resolve_metrics_address(&metrics_address, node_ip)
+            .map_err(|e| l.refused("metricsAddress", e))?;
         let config = Self {
-            resource_name: cli
-                .resource_name
-                .clone()
-                .or(file.resource_name)
-                .unwrap_or_else(|| DEFAULT_RESOURCE_NAME.to_owned()),
-            devices,
-            shares_per_device: cli
-                .shares_per_device
-                .or(file.shares_per_device)
-                .unwrap_or(DEFAULT_SHARES),
-            grace_period: cli
-                .grace_period
-                .or(file.grace_period)
-                .unwrap_or(DEFAULT_GRACE_PERIOD),
-            plugin_dir: cli
-                .plugin_dir
-                .clone()
-                .or(file.plugin_dir)
-                .unwrap_or_else(|| PathBuf::from(nitrokey_proto::DEVICE_PLUGIN_DIR)),
-            metrics_address: resolve_metrics_address(&metrics_address, node_ip)
-                .map_err(|e| ConfigError::Invalid("metricsAddress", e))?,
-            log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
-            discovery: cli.discovery.or(file.discovery).unwrap_or_default(),
-            rescan_interval: cli
-                .rescan_interval
-                .or(file.rescan_interval)
-                .unwrap_or(DEFAULT_RESCAN_INTERVAL),
-            on_replug: cli.on_replug.or(file.on_replug).unwrap_or_default(),
-            eviction_retry_for: cli
-                .eviction_retry_for
-                .or(file.eviction_retry_for)
-                .unwrap_or(DEFAULT_EVICTION_RETRY_FOR),
-            pod_resources_socket: cli
-                .pod_resources_socket
-                .clone()
-                .or(file.pod_resources_socket)
-                .unwrap_or_else(|| PathBuf::from(nitrokey_proto::POD_RESOURCES_SOCKET)),
+            resource_name: l.take("resourceName", file.resource_name)?,
+            devices: l.take_many("devices", file.devices)?,
+            shares_per_device: l.take("sharesPerDevice", file.shares_per_device)?,
+            grace_period: l.take("gracePeriod", file.grace_period)?,
+            plugin_dir: l.take("pluginDir", file.plugin_dir)?,
+            metrics_address,
+            log_format: l.take("logFormat", file.log_format)?,
+            discovery: l.take("discovery", file.discovery)?,
+            rescan_interval: l.take("rescanInterval", file.rescan_interval)?,
+            on_replug: l.take("onReplug", file.on_replug)?,
+            eviction_retry_for: l.take("evictionRetryFor", file.eviction_retry_for)?,
+            pod_resources_socket: l.take("podResourcesSocket", file.pod_resources_socket)?,
             node_name: cli.node_name.clone().filter(|n| !n.is_empty()),
-            node_labels: cli.node_labels.or(file.node_labels).unwrap_or_default(),
-            nfd_features_dir: cli
-                .nfd_features_dir
-                .clone()
-                .or(file.nfd_features_dir)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_NFD_DIR)),
-            cdi: cli.cdi.or(file.cdi).unwrap_or(false),
-            cdi_spec_dir: cli
-                .cdi_spec_dir
-                .clone()
-                .or(file.cdi_spec_dir)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_SPEC_DIR)),
-            mode: cli.mode.or(file.mode).unwrap_or_default(),
-            kubelet_dir: cli
-                .kubelet_dir
-                .clone()
-                .or(file.kubelet_dir)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_KUBELET_DIR)),
+            node_labels: l.take("nodeLabels", file.node_labels)?,
+            nfd_features_dir: l.take("nfdFeaturesDir", file.nfd_features_dir)?,
+            cdi: l.take("cdi", file.cdi)?,
+            cdi_spec_dir: l.take("cdiSpecDir", file.cdi_spec_dir)?,
+            mode: l.take("mode", file.mode)?,
+            kubelet_dir: l.take("kubeletDir", file.kubelet_dir)?,
         };
-        config.validate()?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid(field, reason) => l.refused(field, reason),
+            other => other,
+        })?;
         Ok(config)
     }
 
@@ -808,6 +759,53 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// The settings being layered, and where each value came from (for the error about it).
+struct Layers<'a> {
+    flags: &'a Flags<Settings>,
+    sources: Vec<(&'static str, Source)>,
+}
+
+impl Layers<'_> {
+    /// The setting `id`: flag or variable, else the file's `file`, else the declared default.
+    fn take<T: Clone + Send + Sync + 'static>(
+        &mut self,
+        id: &'static str,
+        file: Option<T>,
+    ) -> Result<T, ConfigError> {
+        let layered = self.flags.pick(id, file, None);
+        self.keep(id, layered)
+    }
+
+    /// [`Self::take`] for a setting of several values.
+    fn take_many<T: Clone + Send + Sync + 'static>(
+        &mut self,
+        id: &'static str,
+        file: Option<Vec<T>>,
+    ) -> Result<Vec<T>, ConfigError> {
+        let layered = self.flags.pick_many(id, file);
+        self.keep(id, layered)
+    }
+
+    fn keep<T>(&mut self, id: &'static str, layered: Option<Layered<T>>) -> Result<T, ConfigError> {
+        let layered = layered
+            .ok_or_else(|| ConfigError::Invalid(id, "has no value and no default".into()))?;
+        self.sources.push((id, layered.source));
+        Ok(layered.value)
+    }
+
+    /// An error about the setting `field`, naming where its value came from.
+    fn refused(&self, field: &'static str, reason: String) -> ConfigError {
+        match self.sources.iter().find(|(id, _)| *id == field) {
+            Some((_, source)) => ConfigError::Refused {
+                field,
+                from: source.to_string(),
+                reason,
+            },
+            None => ConfigError::Invalid(field, reason),
+        }
     }
 }
 
@@ -893,6 +891,16 @@ pub enum ConfigError {
     /// A field has an invalid value.
     #[error("invalid config: {0}: {1}")]
     Invalid(&'static str, String),
+    /// A setting's value is refused; names where the value came from.
+    #[error("invalid config: {field}{from}: {reason}")]
+    Refused {
+        /// The setting's file key.
+        field: &'static str,
+        /// ` (from flag --x)`, ` (from environment variable X)`, ...
+        from: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 #[cfg(test)]
@@ -922,7 +930,11 @@ mod tests {
             }]
         );
         assert_eq!(c.shares_per_device, 2);
+        assert_eq!(c.shares_per_device, DEFAULT_SHARES);
         assert_eq!(c.grace_period, Duration::from_secs(300));
+        assert_eq!(c.rescan_interval, Duration::from_secs(5));
+        assert_eq!(c.eviction_retry_for, Duration::from_secs(600));
+        assert_eq!(c.metrics_address.port(), DEFAULT_METRICS_PORT);
         assert_eq!(
             c.plugin_dir,
             PathBuf::from("/var/lib/kubelet/device-plugins")
@@ -1005,6 +1017,65 @@ mod tests {
                 "{yaml:?} gave {err:?}, which does not name {field}"
             );
         }
+    }
+
+    /// A refused value names its source: the flag, or the file (the variable is tested with
+    /// the program, which reads the environment).
+    #[test]
+    fn a_refused_value_names_its_source() {
+        for (file, args, expected) in [
+            (
+                "resourceName: a.com/b\n",
+                &["--resource-name", "hsm"][..],
+                "resourceName (from flag --resource-name): `hsm` is not",
+            ),
+            (
+                "resourceName: hsm\n",
+                &[][..],
+                "resourceName (from the configuration file): `hsm` is not",
+            ),
+            (
+                "",
+                &["--metrics-address", "localhost"][..],
+                "metricsAddress (from flag --metrics-address)",
+            ),
+            (
+                "nodeLabels: api\n",
+                &[][..],
+                "nodeLabels (from the configuration file): api needs",
+            ),
+        ] {
+            let flags = Flags::from_flags(args).expect("flags parse");
+            let cli = Cli {
+                settings: flags,
+                ..Cli::default()
+            };
+            let err = Config::merge(FileConfig::from_yaml(file).expect("parses"), &cli)
+                .expect_err(expected)
+                .to_string();
+            assert!(err.contains(expected), "{args:?}: {err}");
+        }
+    }
+
+    /// Every setting's clap id is its key in the file.
+    #[test]
+    fn every_flag_is_named_by_its_file_key() {
+        // A key the file knows fails on its value (a mapping), an unknown one on its name.
+        let in_file = |id: &str| {
+            let err = FileConfig::from_yaml(&format!("{id}: {{}}\n"))
+                .expect_err(id)
+                .to_string();
+            !err.contains("unknown field")
+        };
+        assert!(!in_file("resourcename"));
+        let command = Settings::augment_args(clap::Command::new("device-plugin"));
+        let mut checked = 0;
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            assert!(in_file(id), "{id} is not a key of the file");
+            checked += 1;
+        }
+        assert!(checked > 15, "{checked}");
     }
 
     #[test]

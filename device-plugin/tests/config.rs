@@ -143,6 +143,34 @@ fn out_of_range_values_are_reported_as_typed_naming_where_they_came_from() {
     }
 }
 
+/// A value refused after parsing (here a resource name) names where it came from too.
+#[test]
+fn a_refused_value_names_the_flag_the_variable_or_the_file() {
+    let env = "NITROKEY_DEVICE_PLUGIN_RESOURCE_NAME";
+    for (out, source) in [
+        (
+            run(&["--resource-name", "hsm"], &[]),
+            "(from flag --resource-name)".to_owned(),
+        ),
+        (
+            run(&[], &[(env, "hsm")]),
+            format!("(from environment variable {env})"),
+        ),
+        (
+            run_with_file("resourceName: hsm\n"),
+            "(from the configuration file)".to_owned(),
+        ),
+    ] {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{source}: {stderr}");
+        assert!(stderr.starts_with("error: "), "{source}: {stderr}");
+        assert!(
+            stderr.contains(&format!("resourceName {source}: `hsm` is not")),
+            "{source}: {stderr}"
+        );
+    }
+}
+
 #[test]
 fn huge_durations_exit_2_without_a_panic() {
     for value in [

@@ -1,13 +1,21 @@
 //! Configuration: the YAML file in Bank-Vaults' shape, merged with flags and environment, and
 //! validated into one [`Config`] the rest of the program reads.
 //!
-//! Precedence: flags (and their `BANK_VAULTS_*` environment variables) over the file over
-//! built-in defaults; the Vault address and CA fall back to `VAULT_ADDR` / `VAULT_CACERT`.
-//! Every problem becomes a [`ConfigError`] naming the field, which `main` turns into exit 2.
+//! Every setting is declared once, in [`Settings`]: its file key (the clap id, which is also
+//! the serde path), its flag, its `BANK_VAULTS_*` environment variable and its default. clap
+//! reads flags and variables and says where each value came from ([`clap::parser::ValueSource`]);
+//! the file is parsed by [`nitrokey_common::yaml`] (errors name field, line and column).
+//!
+//! Precedence: flags (and their environment variables) over the file over built-in defaults;
+//! the Vault address and CA fall back to `VAULT_ADDR` / `VAULT_CACERT` after the file, and the
+//! module path to the OpenSC module found on this machine. Every problem becomes a
+//! [`ConfigError`] naming the field and where its value came from, which `main` turns into
+//! exit 2.
 
-use crate::cli::Overrides;
-pub use crate::cli::{MAX_DURATION, MIN_UNSEAL_PERIOD, parse_duration};
 use crate::secret::Secret;
+use clap::{ArgMatches, Args, FromArgMatches};
+use nitrokey_common::layers::Flags;
+pub use nitrokey_common::layers::{Layered, Source};
 use serde::Deserialize;
 use std::io::Read;
 use std::net::SocketAddr;
@@ -35,10 +43,12 @@ pub enum ConfigError {
         message: String,
     },
     /// A field has a value that cannot work.
-    #[error("invalid value for {field}: {reason}")]
+    #[error("invalid value for {field}{from}: {reason}")]
     Invalid {
         /// Field, in the file's dotted camelCase form.
         field: &'static str,
+        /// Where the value came from (` (from flag --x)`), empty when that adds nothing.
+        from: String,
         /// What is wrong.
         reason: String,
     },
@@ -47,108 +57,361 @@ pub enum ConfigError {
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field,
+        from: String::new(),
         reason: reason.into(),
     }
 }
 
-/// The file, as written by the user.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct FileConfig {
-    /// `hsm` or `hsm-k8s`.
-    pub mode: Option<String>,
-    /// Vault connection.
-    #[serde(default)]
-    pub vault: VaultFile,
-    /// PKCS#11 settings (Bank-Vaults' `unsealConfig.hsm`).
-    #[serde(default)]
-    pub hsm: HsmFile,
-    /// Init options (Bank-Vaults' `unsealConfig.options`).
-    #[serde(default)]
-    pub options: OptionsFile,
-    /// Secret location for `hsm-k8s`.
-    #[serde(default)]
-    pub kubernetes: KubernetesFile,
-    /// Watch period, e.g. `5s`.
-    pub unseal_period: Option<String>,
-    /// Metrics/health listen address.
-    pub metrics_address: Option<String>,
-    /// Directory of the init write-ahead journal (a volume that outlives the container).
-    pub journal_dir: Option<PathBuf>,
+/// An error about a value, naming `field` and where the value came from.
+fn refused<T>(value: &Layered<T>, field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        from: value.source.to_string(),
+        reason: reason.into(),
+    }
 }
 
-/// `vault:` section.
-#[derive(Debug, Default, Deserialize)]
+/// An optional setting's value, whichever layer set it.
+fn opt<T: Clone + Send + Sync + 'static>(
+    flags: &Flags<Settings>,
+    field: &'static str,
+    file: Option<T>,
+) -> Option<T> {
+    flags.pick(field, file, None).map(|l| l.value)
+}
+
+/// A setting that has a declared default, so always has a value.
+fn get<T: Clone + Send + Sync + 'static>(
+    flags: &Flags<Settings>,
+    field: &'static str,
+    file: Option<T>,
+) -> Result<Layered<T>, ConfigError> {
+    flags
+        .pick(field, file, None)
+        .ok_or_else(|| invalid(field, "has no value and no default"))
+}
+
+/// Every setting, declared once. The clap `id` of each is its key in the file (the serde path),
+/// so that flags, variables and the file name a value the same way, an error can say where
+/// it came from, and `--help` shows which key a flag overrides (`--hsm-slot-id <hsm.slotId>`). The file holds the same settings but `once`, `deadline` and `logFormat`.
+#[derive(Debug, Default, Args, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct VaultFile {
-    /// Vault API address.
+pub struct Settings {
+    /// Storage mode: `hsm` (objects on the token) or `hsm-k8s` (Kubernetes Secret).
+    #[arg(
+        id = "mode",
+        help_heading = "Storage",
+        long = "mode",
+        env = "BANK_VAULTS_MODE",
+        global = true,
+        default_value = "hsm"
+    )]
+    pub mode: Option<String>,
+    /// Vault connection.
+    #[command(flatten)]
+    #[serde(default)]
+    pub vault: VaultSettings,
+    /// PKCS#11 settings (Bank-Vaults' `unsealConfig.hsm`).
+    #[command(flatten)]
+    #[serde(default)]
+    pub hsm: HsmSettings,
+    /// Init options (Bank-Vaults' `unsealConfig.options`).
+    #[command(flatten)]
+    #[serde(default)]
+    pub options: OptionsSettings,
+    /// Secret location for `hsm-k8s`.
+    #[command(flatten)]
+    #[serde(default)]
+    pub kubernetes: KubernetesSettings,
+    /// How often Vault's seal status is checked in sidecar mode (e.g. `5s`, `1m`; a bare number
+    /// is seconds).
+    #[arg(id = "unsealPeriod", help_heading = "Running", long = "unseal-period",
+          env = "BANK_VAULTS_UNSEAL_PERIOD", value_parser = parse_unseal_period, default_value = "5s")]
+    #[serde(default, deserialize_with = "plain::unseal_period")]
+    pub unseal_period: Option<Duration>,
+    /// Address of the metrics and health HTTP server.
+    #[arg(id = "metricsAddress", help_heading = "Running", long = "metrics-address",
+          env = "UNSEAL_INIT_METRICS_ADDRESS", value_parser = parse_socket_addr,
+          default_value = "0.0.0.0:9091")]
+    #[serde(default, deserialize_with = "plain::socket_addr")]
+    pub metrics_address: Option<SocketAddr>,
+    /// Directory of the init write-ahead journal: a volume that outlives the container.
+    #[arg(id = "journalDir", help_heading = "Running", long = "journal-dir",
+          env = "UNSEAL_INIT_JOURNAL_DIR", default_value = DEFAULT_JOURNAL_DIR)]
+    pub journal_dir: Option<PathBuf>,
+    /// One pass (initialise if needed, unseal, exit) instead of watching. [default: false: run
+    /// as a sidecar]
+    #[arg(id = "once", help_heading = "Running", long = "once", value_name = "BOOL", env = "BANK_VAULTS_ONCE",
+          num_args = 0..=1, default_missing_value = "true", default_value = "false",
+          hide_default_value = true)]
+    #[serde(skip)]
+    pub once: Option<bool>,
+    /// With --once: give up after this long (e.g. `10m`; a bare number is seconds) and exit 1.
+    /// Never cuts a `sys/init` short or leaves keys unstored: it stops the run the way SIGTERM
+    /// does.
+    #[arg(id = "deadline", help_heading = "Running", long = "deadline", value_name = "DURATION",
+          env = "UNSEAL_INIT_DEADLINE", value_parser = parse_duration, default_value = "5m")]
+    #[serde(skip)]
+    pub deadline: Option<Duration>,
+    /// Log format: `text` or `json`.
+    #[arg(
+        id = "logFormat",
+        help_heading = "Running",
+        long = "log-format",
+        value_name = "FORMAT",
+        env = "UNSEAL_INIT_LOG_FORMAT",
+        global = true,
+        default_value = "text"
+    )]
+    #[serde(skip)]
+    pub log_format: Option<String>,
+}
+
+/// The file's settings (the same declaration as the flags').
+pub type FileConfig = Settings;
+
+/// `vault:` section.
+#[derive(Debug, Default, Args, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VaultSettings {
+    /// Vault address. [default: the file's `vault.address`, then $VAULT_ADDR, then
+    /// http://127.0.0.1:8200]
+    #[arg(
+        id = "vault.address",
+        help_heading = "Vault",
+        long = "vault-addr",
+        default_value = "http://127.0.0.1:8200",
+        hide_default_value = true
+    )]
     pub address: Option<String>,
-    /// PEM CA bundle path.
+    /// PEM CA certificate for Vault's TLS. [default: the file's `vault.caCert`, then
+    /// $VAULT_CACERT, else the built-in web roots]
+    #[arg(id = "vault.caCert", help_heading = "Vault", long = "vault-cacert")]
     pub ca_cert: Option<PathBuf>,
-    /// Raft leader to join when not initialised.
+    /// Raft leader this Vault joins when it is not initialised.
+    #[arg(
+        id = "vault.raftLeaderAddress",
+        help_heading = "Vault",
+        long = "raft-leader-address",
+        env = "BANK_VAULTS_RAFT_LEADER_ADDRESS"
+    )]
     pub raft_leader_address: Option<String>,
-    /// The other members of this Vault's raft cluster, asked before initialising.
+    /// The other members of this Vault's raft cluster, asked before initialising (file only).
+    #[arg(skip)]
     pub raft_peers: Option<Vec<String>>,
 }
 
 /// `hsm:` section.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Args, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HsmFile {
-    /// Start pcscd.
+pub struct HsmSettings {
+    /// Start and supervise pcscd (needed by OpenSC for USB tokens).
+    #[arg(id = "hsm.daemon", help_heading = "HSM", long = "hsm-daemon",
+          env = "BANK_VAULTS_HSM_DAEMON", global = true, num_args = 0..=1,
+          default_missing_value = "true", default_value = "false")]
     #[serde(default, deserialize_with = "plain::bool")]
     pub daemon: Option<bool>,
-    /// PKCS#11 module path.
+    /// PKCS#11 module (shared library) path. Default: OpenSC's module, the first found of
+    /// `/usr/lib/<multiarch>/opensc-pkcs11.so`, `/usr/lib/opensc-pkcs11.so`,
+    /// `/usr/lib/pkcs11/opensc-pkcs11.so`.
+    #[arg(id = "hsm.modulePath", help_heading = "HSM", long = "hsm-module-path",
+          env = "BANK_VAULTS_HSM_MODULE_PATH", global = true, default_value = DEFAULT_MODULE,
+          hide_default_value = true)]
     pub module_path: Option<PathBuf>,
-    /// Slot id.
+    /// Slot id to use (preferred with OpenSC).
+    #[arg(
+        id = "hsm.slotId",
+        help_heading = "HSM",
+        long = "hsm-slot-id",
+        env = "BANK_VAULTS_HSM_SLOT_ID",
+        global = true
+    )]
     #[serde(default, deserialize_with = "plain::u64")]
     pub slot_id: Option<u64>,
-    /// Token label.
+    /// Token label to select the slot by (padding and OpenSC decorations tolerated).
+    #[arg(
+        id = "hsm.tokenLabel",
+        help_heading = "HSM",
+        long = "hsm-token-label",
+        env = "BANK_VAULTS_HSM_TOKEN_LABEL",
+        global = true
+    )]
     pub token_label: Option<String>,
-    /// Token serial.
+    /// Token serial number to select the slot by.
+    #[arg(
+        id = "hsm.tokenSerial",
+        help_heading = "HSM",
+        long = "hsm-token-serial",
+        env = "BANK_VAULTS_HSM_TOKEN_SERIAL",
+        global = true
+    )]
     pub token_serial: Option<String>,
-    /// User PIN (prefer `pinFile` or the environment).
+    /// User PIN. Prefer a PIN file: a flag is visible to every process on the node in
+    /// /proc/PID/cmdline, an environment variable to this container's processes.
+    #[arg(
+        id = "hsm.pin",
+        help_heading = "HSM",
+        long = "hsm-pin",
+        env = "BANK_VAULTS_HSM_PIN",
+        global = true,
+        hide_env_values = true
+    )]
     pub pin: Option<Secret>,
-    /// File holding the PIN.
+    /// File holding the user PIN (e.g. a mounted Secret).
+    #[arg(
+        id = "hsm.pinFile",
+        help_heading = "HSM",
+        long = "hsm-pin-file",
+        env = "BANK_VAULTS_HSM_PIN_FILE",
+        global = true
+    )]
     pub pin_file: Option<PathBuf>,
-    /// RSA key pair label.
+    /// Label of the RSA key pair.
+    #[arg(
+        id = "hsm.keyLabel",
+        help_heading = "HSM",
+        long = "hsm-key-label",
+        env = "BANK_VAULTS_HSM_KEY_LABEL",
+        global = true,
+        default_value = "bank-vaults"
+    )]
     pub key_label: Option<String>,
-    /// Generate the key pair when missing.
+    /// Generate the RSA key pair on the token when it is missing.
+    #[arg(id = "hsm.generateKey", help_heading = "HSM", long = "hsm-generate-key",
+          env = "BANK_VAULTS_HSM_GENERATE_KEY", global = true, num_args = 0..=1,
+          default_missing_value = "true", default_value = "false")]
     #[serde(default, deserialize_with = "plain::bool")]
     pub generate_key: Option<bool>,
-    /// How long a one-shot run waits for the token to appear, e.g. `2m`.
-    pub token_wait_timeout: Option<String>,
+    /// How long a one-shot run waits for the HSM token to appear (the sidecar waits for ever).
+    #[arg(id = "hsm.tokenWaitTimeout", help_heading = "HSM", long = "hsm-token-wait-timeout",
+          env = "UNSEAL_INIT_TOKEN_WAIT_TIMEOUT", global = true, value_parser = parse_duration,
+          default_value = "2m")]
+    #[serde(default, deserialize_with = "plain::duration")]
+    pub token_wait_timeout: Option<Duration>,
 }
 
 /// `options:` section.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Args, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct OptionsFile {
-    /// Key shares.
+pub struct OptionsSettings {
+    /// Number of unseal key shares Vault is initialised with.
+    #[arg(
+        id = "options.secretShares",
+        help_heading = "Init options",
+        long = "secret-shares",
+        env = "BANK_VAULTS_SECRET_SHARES",
+        default_value = "5"
+    )]
     #[serde(default, deserialize_with = "plain::u8")]
     pub secret_shares: Option<u8>,
-    /// Threshold.
+    /// Number of shares needed to unseal.
+    #[arg(
+        id = "options.secretThreshold",
+        help_heading = "Init options",
+        long = "secret-threshold",
+        env = "BANK_VAULTS_SECRET_THRESHOLD",
+        default_value = "3"
+    )]
     #[serde(default, deserialize_with = "plain::u8")]
     pub secret_threshold: Option<u8>,
-    /// Store `vault-root`.
+    /// Store the root token (`vault-root`).
+    #[arg(id = "options.storeRootToken", help_heading = "Init options",
+          long = "store-root-token", env = "BANK_VAULTS_STORE_ROOT_TOKEN", num_args = 0..=1,
+          default_missing_value = "true", default_value = "true")]
     #[serde(default, deserialize_with = "plain::bool")]
     pub store_root_token: Option<bool>,
-    /// Pre-flight `vault-test` round trip.
+    /// Write, read back and decrypt `vault-test` before touching Vault.
+    #[arg(id = "options.preFlightChecks", help_heading = "Init options",
+          long = "pre-flight-checks", env = "BANK_VAULTS_PRE_FLIGHT_CHECKS", num_args = 0..=1,
+          default_missing_value = "true", default_value = "true")]
     #[serde(default, deserialize_with = "plain::bool")]
     pub pre_flight_checks: Option<bool>,
-    /// Initialise even if stale unseal keys exist.
+    /// Initialise Vault even though unseal keys from an earlier Vault are in the store (they
+    /// are replaced).
+    #[arg(id = "options.overwriteExistingKeys", help_heading = "Init options",
+          long = "overwrite-existing-keys", env = "BANK_VAULTS_OVERWRITE_EXISTING_KEYS",
+          num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     #[serde(default, deserialize_with = "plain::bool")]
     pub overwrite_existing_keys: Option<bool>,
 }
 
 /// `kubernetes:` section.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Args, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct KubernetesFile {
-    /// Namespace of the Secret (default: the pod's namespace).
+pub struct KubernetesSettings {
+    /// Namespace of the Kubernetes Secret (mode hsm-k8s). [default: the pod's namespace]
+    #[arg(
+        id = "kubernetes.secretNamespace",
+        help_heading = "Storage",
+        long = "k8s-secret-namespace",
+        env = "BANK_VAULTS_K8S_SECRET_NAMESPACE",
+        global = true
+    )]
     pub secret_namespace: Option<String>,
-    /// Name of the Secret.
+    /// Name of the Kubernetes Secret (mode hsm-k8s).
+    #[arg(
+        id = "kubernetes.secretName",
+        help_heading = "Storage",
+        long = "k8s-secret-name",
+        env = "BANK_VAULTS_K8S_SECRET_NAME",
+        global = true
+    )]
     pub secret_name: Option<String>,
+}
+
+/// The flags and their environment variables as clap parsed them, each value with its
+/// source. [`Overrides::default`] is no flags and no environment (tests stay pure).
+#[derive(Debug, Clone)]
+pub struct Overrides {
+    flags: Flags<Settings>,
+    /// Log format (`text` or `json`), read before the configuration is.
+    pub log_format: String,
+}
+
+impl Overrides {
+    /// The settings' flags in `args` alone, without the environment: for tests and tools that
+    /// build a configuration from arguments they hold.
+    pub fn from_flags<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Ok(Self::new(Flags::from_flags(args)?))
+    }
+
+    fn new(flags: Flags<Settings>) -> Self {
+        let log_format = flags
+            .pick("logFormat", None, None)
+            .map_or_else(|| "text".to_owned(), |l| l.value);
+        Self { flags, log_format }
+    }
+}
+
+impl Default for Overrides {
+    fn default() -> Self {
+        Self::new(Flags::default())
+    }
+}
+
+impl FromArgMatches for Overrides {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        Flags::from_arg_matches(matches).map(Self::new)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl Args for Overrides {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        Settings::augment_args(cmd)
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Settings::augment_args_for_update(cmd)
+    }
 }
 
 /// Where ciphertext is stored.
@@ -391,12 +654,64 @@ pub fn parse_file(text: &str) -> Result<FileConfig, String> {
     })
 }
 
+/// Longest accepted duration anywhere in the configuration.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Shortest accepted `unsealPeriod`: a pass is an HTTP round trip to Vault, and anything
+/// faster only burns CPU in both processes.
+pub const MIN_UNSEAL_PERIOD: Duration = Duration::from_millis(100);
+
+/// Parses a duration such as `500ms`, `5s`, `2m`, `1h30m` (humantime's grammar; a bare number
+/// means seconds, as Bank-Vaults' flags take it). Zero and anything above [`MAX_DURATION`] are
+/// refused, so no later arithmetic can overflow. Flags, variables and the file share it.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let d = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        t.parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("`{text}` is too long a duration"))?
+    } else {
+        humantime::parse_duration(t)
+            .map_err(|e| format!("`{text}` is not a duration like 5s, 500ms or 1m ({e})"))?
+    };
+    if d.is_zero() {
+        return Err(format!("`{text}` must be positive"));
+    }
+    if d > MAX_DURATION {
+        return Err(format!(
+            "`{text}` is longer than the maximum of {}",
+            humantime::format_duration(MAX_DURATION)
+        ));
+    }
+    Ok(d)
+}
+
+/// [`parse_duration`], and at least [`MIN_UNSEAL_PERIOD`].
+pub fn parse_unseal_period(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d < MIN_UNSEAL_PERIOD {
+        return Err(format!(
+            "`{text}` is shorter than the minimum of {}",
+            humantime::format_duration(MIN_UNSEAL_PERIOD)
+        ));
+    }
+    Ok(d)
+}
+
+/// Parses the metrics address, `IP:PORT`.
+pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("`{text}` is not an address like 0.0.0.0:9091"))
+}
+
 /// Scalars a user writes unquoted: a quoted `"yes"` or `"0"` is a string, and taking it as a
 /// boolean or a number would hide a mistake (or a template that quoted what it should not).
 /// Errors never repeat the value.
 mod plain {
     use serde::de::{self, Deserializer, Visitor};
     use std::fmt;
+    use std::net::SocketAddr;
+    use std::time::Duration;
 
     /// What the YAML parser made of a scalar.
     enum Scalar {
@@ -485,6 +800,49 @@ mod plain {
     pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
         int(d, "a whole number from 0")
     }
+
+    /// A scalar read as text by `parse` (a bare number as its digits), for the settings whose
+    /// flags take the same text.
+    fn text<'de, D: Deserializer<'de>, T>(
+        d: D,
+        parse: fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, D::Error> {
+        struct Text<T>(fn(&str) -> Result<T, String>);
+        impl<T> Visitor<'_> for Text<T> {
+            type Value = Option<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                (self.0)(&v.to_string()).map(Some).map_err(E::custom)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                (self.0)(v).map(Some).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Text(parse))
+    }
+
+    /// A duration, as the flags take it.
+    pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        text(d, super::parse_duration)
+    }
+
+    /// An unseal period, as `--unseal-period` takes it.
+    pub fn unseal_period<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        text(d, super::parse_unseal_period)
+    }
+
+    /// The metrics address, as `--metrics-address` takes it.
+    pub fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        text(d, super::parse_socket_addr)
+    }
 }
 
 /// Environment the configuration may fall back to (passed in so tests stay pure).
@@ -553,42 +911,41 @@ pub fn read_pin_file(path: &Path) -> Result<Secret, ConfigError> {
     Ok(Secret::from(text.trim_end_matches(['\n', '\r'])))
 }
 
-/// Merges file, flags and environment into a validated [`Config`].
+/// Merges flags (and their variables), the file and the environment's fallbacks into a
+/// validated [`Config`]; an invalid value is reported with where it came from.
 pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config, ConfigError> {
-    let mode = match flags
-        .mode
-        .as_deref()
-        .or(file.mode.as_deref())
-        .unwrap_or("hsm")
-    {
+    let l = &flags.flags;
+    let mode = get(l, "mode", file.mode)?;
+    let mode = match mode.value.as_str() {
         "hsm" => Mode::Hsm,
         "hsm-k8s" => Mode::HsmK8s,
         other => {
-            return Err(invalid(
+            return Err(refused(
+                &mode,
                 "mode",
                 format!("`{other}` is not supported (use `hsm` or `hsm-k8s`)"),
             ));
         }
     };
 
-    let address = flags
-        .vault_addr
-        .clone()
-        .or(file.vault.address)
-        .or_else(|| env.vault_addr.clone())
-        .unwrap_or_else(|| "http://127.0.0.1:8200".to_owned());
-    let address = check_vault_address(&address).map_err(|r| invalid("vault.address", r))?;
+    let address = l
+        .pick(
+            "vault.address",
+            file.vault.address,
+            Layered::from_env("VAULT_ADDR", env.vault_addr.clone()),
+        )
+        .ok_or_else(|| invalid("vault.address", "has no value and no default"))?;
     let vault = VaultConfig {
-        address,
-        ca_cert: flags
-            .vault_cacert
-            .clone()
-            .or(file.vault.ca_cert)
-            .or_else(|| env.vault_cacert.clone()),
-        raft_leader_address: flags
-            .raft_leader_address
-            .clone()
-            .or(file.vault.raft_leader_address)
+        address: check_vault_address(&address.value)
+            .map_err(|r| refused(&address, "vault.address", r))?,
+        ca_cert: l
+            .pick(
+                "vault.caCert",
+                file.vault.ca_cert,
+                Layered::from_env("VAULT_CACERT", env.vault_cacert.clone()),
+            )
+            .map(|l| l.value),
+        raft_leader_address: opt(l, "vault.raftLeaderAddress", file.vault.raft_leader_address)
             .filter(|s| !s.is_empty()),
         raft_peers: file
             .vault
@@ -603,124 +960,101 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
             .collect::<Result<_, _>>()?,
     };
 
-    let (pin, pin_file) = match (
-        &flags.hsm_pin,
-        &flags.hsm_pin_file,
-        file.hsm.pin,
-        &file.hsm.pin_file,
-    ) {
-        (Some(pin), _, _, _) => (Some(pin.clone()), None),
-        (None, Some(path), _, _) => (Some(read_pin_file(path)?), Some(path.clone())),
-        (None, None, Some(pin), _) => (Some(pin), None),
-        (None, None, None, Some(path)) => (Some(read_pin_file(path)?), Some(path.clone())),
-        (None, None, None, None) => (None, None),
-    };
-    if pin.as_ref().is_some_and(Secret::is_empty) {
-        return Err(invalid("hsm.pin", "the PIN is empty"));
-    }
-    if pin
-        .as_ref()
-        .is_some_and(|p| p.expose().len() > MAX_PIN_BYTES)
-    {
-        return Err(invalid(
-            "hsm.pin",
-            format!("longer than {MAX_PIN_BYTES} bytes, which is no PIN"),
-        ));
-    }
-    let key_label = flags
-        .hsm_key_label
-        .clone()
-        .or(file.hsm.key_label)
-        .unwrap_or_else(|| "bank-vaults".to_owned());
-    if key_label.is_empty() {
-        return Err(invalid("hsm.keyLabel", "must not be empty"));
-    }
-    let daemon = flags.hsm_daemon.or(file.hsm.daemon).unwrap_or(false);
-    let token_wait_timeout = match (flags.hsm_token_wait_timeout, &file.hsm.token_wait_timeout) {
-        (Some(d), _) => d,
-        (None, Some(text)) => {
-            parse_duration(text).map_err(|r| invalid("hsm.tokenWaitTimeout", r))?
+    // A PIN and a PIN file from the same layer: the PIN wins; otherwise the higher layer does.
+    let pin = l.pick("hsm.pin", file.hsm.pin, None);
+    let pin_file = l.pick("hsm.pinFile", file.hsm.pin_file, None);
+    let rank = |s: &Source| usize::from(matches!(s, Source::File | Source::Default));
+    let (pin, pin_file) = match (pin, pin_file) {
+        (Some(pin), Some(file)) if rank(&file.source) < rank(&pin.source) => {
+            (Some(read_pin_layer(&file)?), Some(file.value))
         }
-        (None, None) => Duration::from_secs(120),
+        (Some(pin), _) => (Some(pin), None),
+        (None, Some(file)) => (Some(read_pin_layer(&file)?), Some(file.value)),
+        (None, None) => (None, None),
     };
-    let explicit_module = flags.hsm_module_path.clone().or(file.hsm.module_path);
-    let module_searched = explicit_module.is_none();
-    let module_path = explicit_module
-        .or_else(|| env.opensc_module.clone())
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_MODULE));
+    if let Some(pin) = &pin {
+        if pin.value.is_empty() {
+            return Err(refused(pin, "hsm.pin", "the PIN is empty"));
+        }
+        if pin.value.expose().len() > MAX_PIN_BYTES {
+            return Err(refused(
+                pin,
+                "hsm.pin",
+                format!("longer than {MAX_PIN_BYTES} bytes, which is no PIN"),
+            ));
+        }
+    }
+    let key_label = get(l, "hsm.keyLabel", file.hsm.key_label)?;
+    if key_label.value.is_empty() {
+        return Err(refused(&key_label, "hsm.keyLabel", "must not be empty"));
+    }
+    let module = l.pick(
+        "hsm.modulePath",
+        file.hsm.module_path,
+        env.opensc_module.clone().map(|value| Layered {
+            value,
+            source: Source::Default,
+        }),
+    );
+    let module_searched = !module.as_ref().is_some_and(|m| m.source.is_set());
     let hsm = HsmConfig {
-        daemon,
-        token_wait_timeout,
-        module_path,
+        daemon: get(l, "hsm.daemon", file.hsm.daemon)?.value,
+        token_wait_timeout: get(l, "hsm.tokenWaitTimeout", file.hsm.token_wait_timeout)?.value,
+        module_path: module.map_or_else(|| PathBuf::from(DEFAULT_MODULE), |m| m.value),
         module_searched,
         selector: SlotSelector {
-            slot_id: flags.hsm_slot_id.or(file.hsm.slot_id),
-            token_label: flags
-                .hsm_token_label
-                .clone()
-                .or(file.hsm.token_label)
-                .filter(|s| !s.is_empty()),
-            token_serial: flags
-                .hsm_token_serial
-                .clone()
-                .or(file.hsm.token_serial)
+            slot_id: opt(l, "hsm.slotId", file.hsm.slot_id),
+            token_label: opt(l, "hsm.tokenLabel", file.hsm.token_label).filter(|s| !s.is_empty()),
+            token_serial: opt(l, "hsm.tokenSerial", file.hsm.token_serial)
                 .filter(|s| !s.is_empty()),
         },
-        pin,
+        pin: pin.map(|p| p.value),
         pin_file,
-        key_label,
-        generate_key: flags
-            .hsm_generate_key
-            .or(file.hsm.generate_key)
-            .unwrap_or(false),
+        key_label: key_label.value,
+        generate_key: get(l, "hsm.generateKey", file.hsm.generate_key)?.value,
     };
 
-    let options = Options {
-        secret_shares: flags
-            .secret_shares
-            .or(file.options.secret_shares)
-            .unwrap_or(5),
-        secret_threshold: flags
-            .secret_threshold
-            .or(file.options.secret_threshold)
-            .unwrap_or(3),
-        store_root_token: flags
-            .store_root_token
-            .or(file.options.store_root_token)
-            .unwrap_or(true),
-        pre_flight_checks: flags
-            .pre_flight_checks
-            .or(file.options.pre_flight_checks)
-            .unwrap_or(true),
-        overwrite_existing_keys: flags
-            .overwrite_existing_keys
-            .or(file.options.overwrite_existing_keys)
-            .unwrap_or(false),
-    };
-    if options.secret_shares == 0 {
-        return Err(invalid("options.secretShares", "must be at least 1"));
+    let shares = get(l, "options.secretShares", file.options.secret_shares)?;
+    let threshold = get(l, "options.secretThreshold", file.options.secret_threshold)?;
+    if shares.value == 0 {
+        return Err(refused(
+            &shares,
+            "options.secretShares",
+            "must be at least 1",
+        ));
     }
-    if options.secret_threshold == 0 || options.secret_threshold > options.secret_shares {
-        return Err(invalid(
+    if threshold.value == 0 || threshold.value > shares.value {
+        return Err(refused(
+            &threshold,
             "options.secretThreshold",
             format!(
                 "{} must be between 1 and secretShares ({})",
-                options.secret_threshold, options.secret_shares
+                threshold.value, shares.value
             ),
         ));
     }
-    if options.secret_shares > 1 && options.secret_threshold == 1 {
-        return Err(invalid(
+    if shares.value > 1 && threshold.value == 1 {
+        return Err(refused(
+            &threshold,
             "options.secretThreshold",
             "must be greater than 1 when secretShares is greater than 1 (Vault refuses it)",
         ));
     }
+    let options = Options {
+        secret_shares: shares.value,
+        secret_threshold: threshold.value,
+        store_root_token: get(l, "options.storeRootToken", file.options.store_root_token)?.value,
+        pre_flight_checks: get(l, "options.preFlightChecks", file.options.pre_flight_checks)?.value,
+        overwrite_existing_keys: get(
+            l,
+            "options.overwriteExistingKeys",
+            file.options.overwrite_existing_keys,
+        )?
+        .value,
+    };
 
-    let secret_name = flags
-        .k8s_secret_name
-        .clone()
-        .or(file.kubernetes.secret_name)
-        .filter(|s| !s.is_empty());
+    let secret_name =
+        opt(l, "kubernetes.secretName", file.kubernetes.secret_name).filter(|s| !s.is_empty());
     let kubernetes = match (mode, secret_name) {
         (Mode::HsmK8s, None) => {
             return Err(invalid(
@@ -729,44 +1063,26 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
             ));
         }
         (_, Some(name)) => Some(KubernetesConfig {
-            namespace: flags
-                .k8s_secret_namespace
-                .clone()
-                .or(file.kubernetes.secret_namespace)
-                .filter(|s| !s.is_empty()),
+            namespace: opt(
+                l,
+                "kubernetes.secretNamespace",
+                file.kubernetes.secret_namespace,
+            )
+            .filter(|s| !s.is_empty()),
             name,
         }),
         (Mode::Hsm, None) => None,
     };
 
-    let unseal_period = match (flags.unseal_period, &file.unseal_period) {
-        (Some(d), _) => d,
-        (None, Some(text)) => {
-            crate::cli::parse_unseal_period(text).map_err(|r| invalid("unsealPeriod", r))?
-        }
-        (None, None) => Duration::from_secs(5),
-    };
-    let once = flags.once.unwrap_or(false);
+    let once = get(l, "once", file.once)?.value;
     // The sidecar never gives up: a deadline (say from a shared environment) means nothing there.
-    let deadline = once.then(|| flags.deadline.unwrap_or(DEFAULT_ONCE_DEADLINE));
-    let journal_dir = flags
-        .journal_dir
-        .clone()
-        .or(file.journal_dir)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_JOURNAL_DIR));
-    if journal_dir.as_os_str().is_empty() {
-        return Err(invalid("journalDir", "must not be empty"));
+    let deadline = once
+        .then(|| get(l, "deadline", file.deadline).map(|d| d.value))
+        .transpose()?;
+    let journal_dir = get(l, "journalDir", file.journal_dir)?;
+    if journal_dir.value.as_os_str().is_empty() {
+        return Err(refused(&journal_dir, "journalDir", "must not be empty"));
     }
-    let metrics_address = match (flags.metrics_address, &file.metrics_address) {
-        (Some(a), _) => a,
-        (None, Some(text)) => text.parse().map_err(|_| {
-            invalid(
-                "metricsAddress",
-                format!("`{text}` is not an address like 0.0.0.0:9091"),
-            )
-        })?,
-        (None, None) => SocketAddr::from(([0, 0, 0, 0], 9091)),
-    };
 
     Ok(Config {
         mode,
@@ -774,12 +1090,28 @@ pub fn resolve(file: FileConfig, flags: &Overrides, env: &Env) -> Result<Config,
         hsm,
         options,
         kubernetes,
-        unseal_period,
-        metrics_address,
+        unseal_period: get(l, "unsealPeriod", file.unseal_period)?.value,
+        metrics_address: get(l, "metricsAddress", file.metrics_address)?.value,
         once,
-        journal_dir,
+        journal_dir: journal_dir.value,
         deadline,
     })
+}
+
+/// Reads the PIN file a layer named; a problem names that layer.
+fn read_pin_layer(path: &Layered<PathBuf>) -> Result<Layered<Secret>, ConfigError> {
+    match read_pin_file(&path.value) {
+        Ok(value) => Ok(Layered {
+            value,
+            source: path.source.clone(),
+        }),
+        Err(ConfigError::Invalid { field, reason, .. }) => Err(ConfigError::Invalid {
+            field,
+            from: path.source.to_string(),
+            reason,
+        }),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
@@ -792,6 +1124,10 @@ mod tests {
             message,
         })?;
         resolve(file, flags, &Env::default())
+    }
+
+    fn flags(args: &[&str]) -> Overrides {
+        Overrides::from_flags(args).expect("flags parse")
     }
 
     #[test]
@@ -824,13 +1160,16 @@ mod tests {
 
     #[test]
     fn flags_override_the_file_and_env_fills_gaps() {
-        let flags = Overrides {
-            hsm_pin: Some(Secret::from("fromflag")),
-            secret_shares: Some(3),
-            secret_threshold: Some(2),
-            vault_addr: Some("http://10.0.0.1:8200/".into()),
-            ..Default::default()
-        };
+        let flags = flags(&[
+            "--hsm-pin",
+            "fromflag",
+            "--secret-shares",
+            "3",
+            "--secret-threshold",
+            "2",
+            "--vault-addr",
+            "http://10.0.0.1:8200/",
+        ]);
         let cfg = resolve_text(
             "hsm:\n  pin: fromfile\noptions:\n  secretShares: 7\n",
             &flags,
@@ -851,6 +1190,92 @@ mod tests {
         assert_eq!(cfg.vault.address, "http://file:8200");
     }
 
+    /// A value the configuration refuses is reported with where it came from: the flag, the
+    /// file, or (tested with the program, which reads the environment) the variable.
+    #[test]
+    fn a_bad_value_names_its_source() {
+        for (args, text, expected) in [
+            (
+                &["--secret-shares", "0"][..],
+                "options:\n  secretShares: 3\n",
+                "options.secretShares (from flag --secret-shares): must be at least 1",
+            ),
+            (
+                &[][..],
+                "options:\n  secretShares: 0\n",
+                "options.secretShares (from the configuration file): must be at least 1",
+            ),
+            (
+                &["--mode", "cloud"][..],
+                "mode: hsm\n",
+                "mode (from flag --mode): `cloud` is not supported",
+            ),
+            (
+                &["--vault-addr", "vault:8200"][..],
+                "",
+                "vault.address (from flag --vault-addr)",
+            ),
+            (
+                &["--hsm-key-label", ""][..],
+                "hsm:\n  keyLabel: k\n",
+                "hsm.keyLabel (from flag --hsm-key-label): must not be empty",
+            ),
+            (
+                &[][..],
+                "hsm:\n  pinFile: /nonexistent/pin\n",
+                "hsm.pinFile (from the configuration file)",
+            ),
+            (
+                &["--hsm-pin-file", "/nonexistent/pin"][..],
+                "",
+                "hsm.pinFile (from flag --hsm-pin-file)",
+            ),
+        ] {
+            let err = resolve_text(text, &flags(args)).expect_err(expected);
+            assert!(err.to_string().contains(expected), "{args:?}: {err}");
+        }
+        // The fallback variable below the file is named too.
+        let env = Env {
+            vault_addr: Some("vault:8200".into()),
+            ..Env::default()
+        };
+        let err = resolve(FileConfig::default(), &Overrides::default(), &env).expect_err("bad");
+        assert!(
+            err.to_string()
+                .contains("vault.address (from environment variable VAULT_ADDR)"),
+            "{err}"
+        );
+    }
+
+    /// Every setting's clap id is its key in the file: a value is named the same way
+    /// whichever layer it came from.
+    #[test]
+    fn every_flag_is_named_by_its_file_key() {
+        let in_file = |id: &str| {
+            let (section, key) = id.rsplit_once('.').unwrap_or(("", id));
+            let text = if section.is_empty() {
+                format!("{key}: {{}}\n")
+            } else {
+                format!("{section}:\n  {key}: {{}}\n")
+            };
+            // A key the file knows fails on its value (a mapping), an unknown one on its name.
+            let err = parse_file(&text).expect_err(id);
+            !err.contains("unknown field")
+        };
+        assert!(!in_file("hsm.slotID"));
+        let command = Settings::augment_args(clap::Command::new("unseal-init"));
+        let mut checked = 0;
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if ["once", "deadline", "logFormat"].contains(&id) {
+                continue;
+            }
+            assert!(in_file(id), "{id} is not a key of the file");
+            checked += 1;
+        }
+        assert!(checked > 20, "{checked}");
+    }
+
     #[test]
     fn pin_file_is_read_and_trailing_newline_dropped() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -865,10 +1290,7 @@ mod tests {
         // The file is remembered so the sidecar can wait for a corrected PIN in it.
         assert_eq!(cfg.hsm.pin_file.as_deref(), Some(path.as_path()));
         // A PIN given directly wins over the file, and there is then no file to watch.
-        let direct = Overrides {
-            hsm_pin: Some(Secret::from("fromflag")),
-            ..Default::default()
-        };
+        let direct = flags(&["--hsm-pin", "fromflag"]);
         let cfg = resolve_text(&format!("hsm:\n  pinFile: {}\n", path.display()), &direct)
             .expect("valid");
         assert_eq!(cfg.hsm.pin.as_ref().map(Secret::expose), Some("fromflag"));
@@ -949,8 +1371,8 @@ mod tests {
         let err = resolve_text("unsealPeriod: 10ms\n", &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("minimum"), "{err}");
         // Flags are checked by the same functions when clap parses them.
-        assert!(crate::cli::parse_unseal_period("100000000000000000000h").is_err());
-        assert!(crate::cli::parse_unseal_period("10ms").is_err());
+        assert!(parse_unseal_period("100000000000000000000h").is_err());
+        assert!(parse_unseal_period("10ms").is_err());
     }
 
     #[test]
@@ -1075,10 +1497,7 @@ mod tests {
             .expect_err("endless")
             .to_string();
         assert!(msg.contains("not a regular file"), "{msg}");
-        let flags = Overrides {
-            hsm_pin: Some(Secret::new("9".repeat(MAX_PIN_BYTES + 1))),
-            ..Default::default()
-        };
+        let flags = flags(&["--hsm-pin", &"9".repeat(MAX_PIN_BYTES + 1)]);
         let err = resolve_text("", &flags).expect_err("long PIN");
         assert!(err.to_string().contains("hsm.pin"), "{err}");
     }
@@ -1141,17 +1560,10 @@ mod tests {
 
     #[test]
     fn once_has_a_default_deadline_and_the_sidecar_none() {
-        let once = Overrides {
-            once: Some(true),
-            ..Default::default()
-        };
+        let once = flags(&["--once"]);
         let cfg = resolve_text("", &once).expect("valid");
         assert_eq!(cfg.deadline, Some(DEFAULT_ONCE_DEADLINE));
-        let set = Overrides {
-            once: Some(true),
-            deadline: Some(Duration::from_secs(30)),
-            ..Default::default()
-        };
+        let set = flags(&["--once", "--deadline", "30s"]);
         assert_eq!(
             resolve_text("", &set).expect("valid").deadline,
             Some(Duration::from_secs(30))
@@ -1162,10 +1574,7 @@ mod tests {
                 .deadline,
             None
         );
-        let sidecar = Overrides {
-            deadline: Some(Duration::from_secs(30)),
-            ..Default::default()
-        };
+        let sidecar = flags(&["--deadline", "30s"]);
         assert_eq!(resolve_text("", &sidecar).expect("valid").deadline, None);
     }
 }

@@ -403,6 +403,50 @@ fn invalid_configuration_exits_2_naming_the_field() {
     }
 }
 
+/// A value the configuration refuses is reported with the layer it came from, whichever that
+/// is: the flag, its environment variable, or the file's key.
+#[test]
+fn a_refused_value_names_the_flag_the_variable_or_the_file() {
+    let hsm = SoftHsm::without_key().expect("token");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("shares.yaml");
+    std::fs::write(&path, "options:\n  secretShares: 0\n").expect("write");
+    let from_flag = {
+        let mut cmd = command(&hsm);
+        cmd.args(["--once", "--secret-shares", "0"]);
+        cmd
+    };
+    let from_env = {
+        let mut cmd = command(&hsm);
+        cmd.env("BANK_VAULTS_SECRET_SHARES", "0").arg("--once");
+        cmd
+    };
+    let from_file = {
+        let mut cmd = command(&hsm);
+        cmd.arg("--config").arg(&path).arg("--once");
+        cmd
+    };
+    for (cmd, source) in [
+        (from_flag, "(from flag --secret-shares)"),
+        (
+            from_env,
+            "(from environment variable BANK_VAULTS_SECRET_SHARES)",
+        ),
+        (from_file, "(from the configuration file)"),
+    ] {
+        let r = run(cmd, Duration::from_secs(10));
+        assert_eq!(r.code, Some(2), "{source}: {}", r.text);
+        assert!(
+            r.text.contains(&format!(
+                "options.secretShares {source}: must be at least 1"
+            )),
+            "{source}: {}",
+            r.text
+        );
+        assert_error_line(&r);
+    }
+}
+
 /// A configuration or usage error is one `error: …` line, as clap's own are: no timestamped
 /// log line, no panic.
 fn assert_error_line(r: &Run) {
