@@ -311,6 +311,14 @@ pub enum HsmCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Generate a new key pair on the token, re-encrypt every stored value to it, verify, and
+    /// switch `keyLabel` to it; the old pair is kept under `<keyLabel>-retired-<fingerprint>`
+    /// (mode hsm only). An interrupted rotation is finished by the next start.
+    RotateKey {
+        /// Delete the old key pair at the end instead of keeping it retired.
+        #[arg(long)]
+        delete_old: bool,
+    },
 }
 
 impl Cli {

@@ -39,6 +39,7 @@ use thiserror::Error;
 
 mod init;
 pub mod rekey;
+pub mod rotate;
 
 /// Why a pass did not end with Vault unsealed.
 #[derive(Debug, Error)]
@@ -327,6 +328,10 @@ pub async fn open_keyring(
             Err(e) => return Err(e.into()),
         }
     }
+    // A key rotation cut short may have left the configured label on no pair, or on a pair
+    // the stored values are not sealed to yet: settled before the pair is looked up (and
+    // before a missing one could be generated).
+    rotate::settle(cfg, &hsm).await?;
     let generate = cfg.hsm.generate_key;
     let (key, info) = match hsm
         .call("find_key", move |h| keypair::ensure(h, generate))
