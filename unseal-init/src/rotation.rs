@@ -196,6 +196,32 @@ pub fn decide(seen: Seen) -> Step {
     }
 }
 
+/// What to do with one journal entry at the [`Step::Store`] step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryStep {
+    /// Store the journal's value (the store holds it already, or what it held when the journal
+    /// was written, or nothing then and now).
+    Store,
+    /// The value changed since the journal was written (a rekey, `hsm store`): the journal's
+    /// copy is stale and must not overwrite it; what is stored now is re-encrypted instead.
+    Changed,
+    /// The value was deleted since the journal was written: nothing is stored.
+    Deleted,
+}
+
+/// Decides for one entry from what the store holds now (`stored`), the digest
+/// ([`crate::journal::digest`]) of what it held when the journal was written (`replaced`:
+/// `None` if nothing), and the entry's bytes. Pure.
+pub fn entry_step(stored: Option<&[u8]>, replaced: Option<&str>, entry: &[u8]) -> EntryStep {
+    match (stored, replaced) {
+        (Some(now), _) if now == entry => EntryStep::Store,
+        (Some(now), Some(was)) if crate::journal::digest(now) == was => EntryStep::Store,
+        (None, None) => EntryStep::Store,
+        (None, Some(_)) => EntryStep::Deleted,
+        (Some(_), _) => EntryStep::Changed,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,6 +300,18 @@ mod tests {
         ] {
             assert!(matches!(decide(s), Step::Refuse(_)), "{s:?}");
         }
+    }
+
+    #[test]
+    fn a_value_changed_since_the_journal_is_never_overwritten_by_it() {
+        let (old, new, other) = (b"old".as_slice(), b"new".as_slice(), b"other".as_slice());
+        let was = crate::journal::digest(old);
+        assert_eq!(entry_step(Some(old), Some(&was), new), EntryStep::Store);
+        assert_eq!(entry_step(Some(new), Some(&was), new), EntryStep::Store);
+        assert_eq!(entry_step(None, None, new), EntryStep::Store);
+        assert_eq!(entry_step(Some(other), Some(&was), new), EntryStep::Changed);
+        assert_eq!(entry_step(Some(other), None, new), EntryStep::Changed);
+        assert_eq!(entry_step(None, Some(&was), new), EntryStep::Deleted);
     }
 
     #[test]

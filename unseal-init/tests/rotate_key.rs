@@ -381,9 +381,11 @@ impl Column {
     }
 }
 
+/// How a cell ended; `resumed`: the next start found the rotation unfinished (the signal
+/// landed before the end), as its log says.
 enum Outcome {
-    NewPair,
-    OldPair,
+    NewPair { resumed: bool },
+    OldPair { resumed: bool },
     Failed(String),
 }
 
@@ -438,10 +440,11 @@ fn run_cell(step: Step, col: Column) -> Outcome {
     if let Err(why) = unseals_restarted(&mut s) {
         return Outcome::Failed(why);
     }
+    let resumed = next.text.contains("key rotation in progress");
     if new {
-        Outcome::NewPair
+        Outcome::NewPair { resumed }
     } else {
-        Outcome::OldPair
+        Outcome::OldPair { resumed }
     }
 }
 
@@ -493,12 +496,17 @@ fn every_fault_at_every_rotation_step_leaves_every_value_with_the_configured_pai
         "---|".repeat(COLUMNS.len())
     );
     let mut failures = Vec::new();
+    let mark = |resumed: bool| if resumed { " (settled)" } else { "" };
     for step in Step::all() {
         let mut row = format!("| {} |", step.label());
         for col in COLUMNS {
             let text = match results.iter().find(|(s, c, _)| *s == step && *c == col) {
-                Some((_, _, Outcome::NewPair)) => "new pair, unseals".to_owned(),
-                Some((_, _, Outcome::OldPair)) => "old pair kept, unseals".to_owned(),
+                Some((_, _, Outcome::NewPair { resumed })) => {
+                    format!("new pair{}, unseals", mark(*resumed))
+                }
+                Some((_, _, Outcome::OldPair { resumed })) => {
+                    format!("old pair kept{}, unseals", mark(*resumed))
+                }
                 Some((_, _, Outcome::Failed(why))) => {
                     failures.push(format!("{} / {}: {why}", step.label(), col.label()));
                     "**FAILED**".to_owned()
@@ -510,6 +518,7 @@ fn every_fault_at_every_rotation_step_leaves_every_value_with_the_configured_pai
         table.push_str(&row);
         table.push('\n');
     }
+    table.push_str("\n(settled): the next start found the rotation unfinished and settled it.\n");
     println!("{table}");
     assert!(failures.is_empty(), "{table}\n{}", failures.join("\n\n"));
 }

@@ -9,10 +9,10 @@ use crate::crypto::HostKey;
 use crate::envelope::{self, Scheme};
 use crate::hsm::HsmError;
 use crate::hsm_actor::HsmHandle;
-use crate::journal::{self, Entry, Journal};
+use crate::journal::{self, Entry, Journal, Owner};
 use crate::keypair;
 use crate::keyring::{Decrypter, Keyring, TEST_KEY};
-use crate::rotation::{self, Intent, Pair, Seen, Step};
+use crate::rotation::{self, EntryStep, Intent, Pair, Seen, Step};
 use crate::secret::Secret;
 use crate::shutdown::Shutdown;
 use crate::storage::Storage;
@@ -83,6 +83,19 @@ fn remove_durable(dir: &Path, name: &str) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
     }
+}
+
+/// A write-ahead journal of the init step or of a rekey: its values are sealed to the pair in
+/// use when it was written, which must stay until that journal is finished.
+fn other_journal(cfg: &Config) -> Option<PathBuf> {
+    let rekey_dir = cfg.journal_dir.join(crate::rekey::SUBDIR);
+    [
+        journal::path(&cfg.journal_dir),
+        journal::path(&rekey_dir),
+        rekey_dir.join(crate::rekey::INTENT),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
 }
 
 fn read_intent(dir: &Path) -> anyhow::Result<Option<Intent>> {
@@ -257,7 +270,12 @@ pub async fn settle(cfg: &Config, hsm: &HsmHandle) -> anyhow::Result<()> {
             }
             Step::Store => store(cfg, hsm, &intent).await?,
             Step::Finish => {
-                if intent.delete_old {
+                if let Some(pending) = other_journal(cfg).filter(|_| intent.delete_old) {
+                    tracing::warn!(
+                        journal = %pending.display(),
+                        "old key pair kept retired, not deleted: a journal sealed to it waits to be finished"
+                    );
+                } else if intent.delete_old {
                     let removed = hsm
                         .call("destroy_key_pair", move |h| {
                             keypair::destroy_by_id(h, &old_id)
@@ -302,17 +320,38 @@ async fn store(cfg: &Config, hsm: &HsmHandle, intent: &Intent) -> anyhow::Result
         .and_then(|e| envelope::decode(&e.sealed, new_key.modulus_len()).ok())
         .and_then(|e| e.scheme);
     let new_ring = ring_for(hsm, &new_id, scheme).await?;
+    let replaces = j.owner.as_ref().map(|o| &o.replaces);
+    let mut changed = Vec::new();
     for entry in &j.entries {
-        new_ring
-            .store_sealed(&entry.name, &entry.sealed, None)
-            .await
-            .with_context(|| format!("storing `{}` under the new key pair", entry.name))?;
-        tracing::info!(key = entry.name, "{VALUE_STORED}");
+        let stored = new_ring.storage().get(&entry.name).await?;
+        let was = replaces
+            .and_then(|r| r.get(&entry.name))
+            .map(String::as_str);
+        match rotation::entry_step(stored.as_deref(), was, &entry.sealed) {
+            EntryStep::Store => {
+                new_ring
+                    .store_sealed(&entry.name, &entry.sealed, None)
+                    .await
+                    .with_context(|| format!("storing `{}` under the new key pair", entry.name))?;
+                tracing::info!(key = entry.name, "{VALUE_STORED}");
+            }
+            EntryStep::Changed => {
+                tracing::warn!(
+                    key = entry.name,
+                    "value changed since the rotation journal was written; re-encrypting what is stored instead"
+                );
+                changed.push(entry.name.clone());
+            }
+            EntryStep::Deleted => tracing::warn!(
+                key = entry.name,
+                "value deleted since the rotation journal was written; not stored again"
+            ),
+        }
     }
     let names = new_ring.storage().names().await?;
     let mut old_ring = None;
     for name in names {
-        if j.entries.iter().any(|e| e.name == name) {
+        if j.entries.iter().any(|e| e.name == name) && !changed.contains(&name) {
             continue;
         }
         match new_ring.load(&name).await {
@@ -370,6 +409,12 @@ pub async fn command(
             info.label
         );
     }
+    if let Some(pending) = other_journal(cfg) {
+        bail!(
+            "{} holds values sealed to the current key pair that are not stored yet; start unseal-init (e.g. `--once`) to finish it, then rotate; nothing was changed",
+            pending.display()
+        );
+    }
     let dir = dir(cfg);
     journal::check_writable(&dir)?;
     // Everything is read with the old pair first: a value it cannot open stops the rotation
@@ -379,10 +424,16 @@ pub async fn command(
     names.sort();
     names.dedup();
     let mut values: Vec<(String, Secret)> = Vec::new();
+    let mut replaces = std::collections::BTreeMap::new();
     for name in &names {
-        match old_ring.load(name).await {
-            Ok(Some(v)) => values.push((name.clone(), v)),
-            Ok(None) => {}
+        let Some(bytes) = old_ring.storage().get(name).await? else {
+            continue;
+        };
+        match old_ring.open(name, &bytes).await {
+            Ok(v) => {
+                replaces.insert(name.clone(), journal::digest(&bytes));
+                values.push((name.clone(), v));
+            }
             Err(e) => {
                 return Err(anyhow!(e).context(format!(
                     "`{name}` cannot be read with key pair `{}`, so it could not be re-encrypted; nothing was changed (delete it with `hsm delete` if it is not needed)",
@@ -438,7 +489,13 @@ pub async fn command(
         &Journal {
             vault: cfg.vault.address.clone(),
             created_ms,
-            owner: None,
+            // Only `replaces` means anything here: what each entry may replace.
+            owner: Some(Owner {
+                shares_asked: 0,
+                keys_returned: 0,
+                threshold: 0,
+                replaces,
+            }),
             entries,
         },
     )?;
