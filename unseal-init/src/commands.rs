@@ -37,9 +37,10 @@ pub async fn run(cfg: &Config, command: &HsmCommand) -> anyhow::Result<()> {
         HsmCommand::Store { name, force } => store(cfg, telemetry, name, *force).await,
         HsmCommand::Backup { file, force } => backup(cfg, telemetry, file, *force).await,
         HsmCommand::Restore { file, force } => restore(cfg, telemetry, file, *force).await,
-        HsmCommand::RotateKey { delete_old } => {
-            crate::runner::rotate::command(cfg, telemetry, *delete_old).await
-        }
+        HsmCommand::RotateKey {
+            delete_old,
+            yes_single_stick,
+        } => crate::runner::rotate::command(cfg, telemetry, *delete_old, *yes_single_stick).await,
     }
 }
 

@@ -307,7 +307,6 @@ pub async fn open_keyring(
     shutdown: &Shutdown,
     token_wait: Option<Duration>,
 ) -> anyhow::Result<Opened> {
-    use anyhow::Context;
     let hsm = HsmHandle::start(&cfg.hsm, Arc::clone(&telemetry)).await?;
     let t = Arc::clone(&telemetry);
     hsm.wait_for_token(token_wait, shutdown, move |reason| t.token_problem(reason))
@@ -358,17 +357,24 @@ pub async fn open_keyring(
             keypair::probe_scheme(h, &probe_key)
         })
         .await?;
-    let storage: Arc<dyn Storage> = match (cfg.mode, &cfg.kubernetes) {
+    let storage = storage_for(cfg, &hsm).await?;
+    tracing::info!(storage = storage.kind(), "storage backend");
+    let keyring = Keyring::new(Arc::new(hsm.clone()), key, scheme, storage);
+    Ok(Opened { hsm, keyring })
+}
+
+/// The key store the configuration selects: the token's data objects, or the Secret in mode
+/// hsm-k8s.
+pub async fn storage_for(cfg: &Config, hsm: &HsmHandle) -> anyhow::Result<Arc<dyn Storage>> {
+    use anyhow::Context;
+    Ok(match (cfg.mode, &cfg.kubernetes) {
         (Mode::HsmK8s, Some(k)) => Arc::new(
             SecretStore::connect(k.namespace.as_deref(), &k.name)
                 .await
                 .context("connecting to the Kubernetes API")?,
         ),
         _ => Arc::new(TokenStore::new(hsm.clone())),
-    };
-    tracing::info!(storage = storage.kind(), "storage backend");
-    let keyring = Keyring::new(Arc::new(hsm.clone()), key, scheme, storage);
-    Ok(Opened { hsm, keyring })
+    })
 }
 
 /// True for a member of a Vault cluster sharing one key store (mode hsm-k8s with raft peers

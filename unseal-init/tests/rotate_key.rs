@@ -110,13 +110,20 @@ fn decrypt_stored(hsm: &SoftHsm, label: &str, id: &str) -> String {
 
 fn try_decrypt(hsm: &SoftHsm, label: &str, id: &str) -> Result<String, String> {
     let raw = hsm.read_data(label).map_err(|e| e.to_string())?;
+    decrypt_with(hsm, &raw, id).map_err(|e| format!("{label}: {e}"))
+}
+
+/// Decrypts bytes in the stored format with pkcs11-tool and the private key `id`.
+fn decrypt_with(hsm: &SoftHsm, raw: &[u8], id: &str) -> Result<String, String> {
     if raw.len() != common::HEADER_LEN + 256 || &raw[..3] != b"NKV" {
-        return Err(format!("{label} is not in the stored format"));
+        return Err("not in the stored format".into());
     }
     let dir = hsm.dir().to_owned();
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (i, o) = (
-        dir.join(format!("rot-{label}-in.bin")),
-        dir.join(format!("rot-{label}-out.bin")),
+        dir.join(format!("rot-{n}-in.bin")),
+        dir.join(format!("rot-{n}-out.bin")),
     );
     std::fs::write(&i, &raw[common::HEADER_LEN..]).map_err(|e| e.to_string())?;
     let (is, os) = (i.display().to_string(), o.display().to_string());
@@ -275,21 +282,89 @@ fn rotate_key_re_encrypts_every_value_and_a_restarted_vault_unseals_from_the_new
     unseals_restarted(&mut s).expect("unseals after the second rotation");
 }
 
+/// Mode hsm-k8s: refused without `--yes-single-stick` (other sticks would keep only the old
+/// pair); with it, the Secret's values are re-encrypted and its fingerprint annotation follows.
 #[test]
-fn rotate_key_is_refused_in_mode_hsm_k8s_and_changes_nothing() {
-    let s = setup();
-    let mut cmd = rotate_command(&s.hsm, &s.config, &[]);
-    cmd.args([
-        "--mode",
-        "hsm-k8s",
-        "--k8s-secret-name",
-        "vault-unseal-keys",
-    ]);
-    let r = run(cmd, RUN_TIMEOUT);
+fn rotate_key_in_mode_hsm_k8s_needs_the_single_stick_flag_and_moves_the_secret_to_the_new_pair() {
+    let hsm = SoftHsm::new().expect("softhsm token");
+    let mut bao = OpenBao::start().expect("openbao");
+    let api = nitrokey_e2e::kube_api::KubeApi::start().expect("kube api");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = api.kubeconfig_in(dir.path(), "vault").expect("kubeconfig");
+    let config = write_config(
+        dir.path(),
+        &hsm,
+        &bao.address(),
+        "kubernetes:\n  secretName: vault-unseal-keys\n",
+    );
+    let k8s = |mut cmd: Command| {
+        cmd.args(["--mode", "hsm-k8s"])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        cmd
+    };
+    let once = || {
+        let mut cmd = command(&hsm);
+        cmd.arg("--config").arg(&config).arg("--once");
+        k8s(cmd)
+    };
+    let r = run(once(), RUN_TIMEOUT);
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    let secret_values = |id: &str| -> BTreeMap<String, String> {
+        let data = api
+            .secret("vault", "vault-unseal-keys")
+            .expect("the Secret exists");
+        data.iter()
+            .map(|(name, value)| {
+                let plain = decrypt_with(&hsm, value, id).unwrap_or_else(|e| panic!("{name}: {e}"));
+                (name.clone(), plain)
+            })
+            .collect()
+    };
+    let old_id = configured_id(&hsm);
+    let before = secret_values(&old_id);
+    assert_eq!(before.len(), 7, "{:?}", before.keys());
+    let fingerprint = |api: &nitrokey_e2e::kube_api::KubeApi| {
+        api.secret_annotations("vault", "vault-unseal-keys")
+            .get("nitrokey.com/hsm-key-fingerprint")
+            .cloned()
+            .expect("fingerprint annotation")
+    };
+    let old_fingerprint = fingerprint(&api);
+
+    let r = run(k8s(rotate_command(&hsm, &config, &[])), RUN_TIMEOUT);
     assert_eq!(r.code, Some(2), "{}", r.text);
-    assert!(r.text.contains("mode hsm only"), "{}", r.text);
-    assert_eq!(one_whole_key_pair(&s), Ok(false));
-    assert_eq!(private_key_labels(&s.hsm), [LABEL]);
+    assert!(r.text.contains("--yes-single-stick"), "{}", r.text);
+    assert_eq!(private_key_labels(&hsm), [LABEL], "nothing generated");
+    assert_eq!(fingerprint(&api), old_fingerprint);
+    assert!(rotate_files(dir.path()).is_empty());
+
+    let r = run(
+        k8s(rotate_command(&hsm, &config, &["--yes-single-stick"])),
+        RUN_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    let new_id = configured_id(&hsm);
+    assert_ne!(new_id, old_id);
+    assert_eq!(secret_values(&new_id), before, "same values, new pair");
+    let new_fingerprint = fingerprint(&api);
+    assert_ne!(new_fingerprint, old_fingerprint);
+    assert!(
+        r.stdout
+            .contains(&format!("new fingerprint {new_fingerprint}")),
+        "the annotation names the new pair: {}",
+        r.stdout
+    );
+    assert!(rotate_files(dir.path()).is_empty());
+    assert!(
+        hsm.data_labels().expect("labels").is_empty(),
+        "nothing stored on the token in mode hsm-k8s"
+    );
+    bao.restart().expect("restart openbao");
+    bao.wait_ready(Duration::from_secs(60)).expect("ready");
+    let r = run(once(), RUN_TIMEOUT);
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    assert!(!bao.seal_status().expect("status").sealed);
 }
 
 /// A moment of the rotation, reached by its log line.
@@ -440,7 +515,12 @@ fn run_cell(step: Step, col: Column) -> Outcome {
     if let Err(why) = unseals_restarted(&mut s) {
         return Outcome::Failed(why);
     }
-    let resumed = next.text.contains("key rotation in progress");
+    // Before a rotation of its own (the `hsm rotate-key` column) starts.
+    let own = next
+        .text
+        .find("key rotation intent written")
+        .unwrap_or(next.text.len());
+    let resumed = next.text[..own].contains("key rotation in progress");
     if new {
         Outcome::NewPair { resumed }
     } else {

@@ -15,9 +15,7 @@ use crate::keyring::{Decrypter, Keyring, TEST_KEY};
 use crate::rotation::{self, EntryStep, Intent, Pair, Seen, Step};
 use crate::secret::Secret;
 use crate::shutdown::Shutdown;
-use crate::storage::Storage;
 use crate::telemetry::Telemetry;
-use crate::token_store::TokenStore;
 use anyhow::{Context, anyhow, bail};
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -146,7 +144,12 @@ impl Decrypter for ById {
 }
 
 /// A key ring over the token store whose decryptions use the pair `id`.
-async fn ring_for(hsm: &HsmHandle, id: &[u8], scheme: Option<Scheme>) -> anyhow::Result<Keyring> {
+async fn ring_for(
+    cfg: &Config,
+    hsm: &HsmHandle,
+    id: &[u8],
+    scheme: Option<Scheme>,
+) -> anyhow::Result<Keyring> {
     let key_id = id.to_vec();
     let key: HostKey = hsm
         .call("read_public_key", move |h| {
@@ -167,7 +170,7 @@ async fn ring_for(hsm: &HsmHandle, id: &[u8], scheme: Option<Scheme>) -> anyhow:
         hsm: hsm.clone(),
         id: id.to_vec(),
     });
-    let storage: Arc<dyn Storage> = Arc::new(TokenStore::new(hsm.clone()));
+    let storage = super::storage_for(cfg, hsm).await?;
     Ok(Keyring::new(decrypter, key, scheme, storage))
 }
 
@@ -319,7 +322,17 @@ async fn store(cfg: &Config, hsm: &HsmHandle, intent: &Intent) -> anyhow::Result
         .first()
         .and_then(|e| envelope::decode(&e.sealed, new_key.modulus_len()).ok())
         .and_then(|e| e.scheme);
-    let new_ring = ring_for(hsm, &new_id, scheme).await?;
+    let new_ring = ring_for(cfg, hsm, &new_id, scheme).await?;
+    if new_ring.storage().shared() {
+        // The Secret records which pair its values belong to: from here on, the new one (a
+        // start of another pod still holding only the old pair then refuses the Secret).
+        let fingerprint = new_ring.fingerprint()?;
+        new_ring.storage().set_key_id(&fingerprint).await?;
+        tracing::info!(
+            fingerprint,
+            "recorded the new key pair's fingerprint with the stored values"
+        );
+    }
     let replaces = j.owner.as_ref().map(|o| &o.replaces);
     let mut changed = Vec::new();
     for entry in &j.entries {
@@ -360,7 +373,7 @@ async fn store(cfg: &Config, hsm: &HsmHandle, intent: &Intent) -> anyhow::Result
             Err(e) => return Err(e.into()),
         }
         if old_ring.is_none() {
-            old_ring = Some(ring_for(hsm, &old_id, Some(new_ring.scheme())).await?);
+            old_ring = Some(ring_for(cfg, hsm, &old_id, Some(new_ring.scheme())).await?);
         }
         let Some(old) = old_ring.as_ref() else {
             continue;
@@ -386,10 +399,11 @@ pub async fn command(
     cfg: &Config,
     telemetry: Arc<Telemetry>,
     delete_old: bool,
+    single_stick: bool,
 ) -> anyhow::Result<()> {
-    if cfg.mode == Mode::HsmK8s {
+    if cfg.mode == Mode::HsmK8s && !single_stick {
         return Err(crate::ConfirmationRequired(
-            "hsm rotate-key works in mode hsm only (values stored on the token): in mode hsm-k8s the Secret is shared by every stick holding the key pair, and the other sticks would keep only the old one; see docs/rotation.md".to_owned(),
+            "in mode hsm-k8s the Secret is read by every Vault whose stick holds this key pair (imported from one DKEK-wrapped export); a new pair is made on this stick only, so every other stick could no longer read the Secret. If this stick is the only one, run again with --yes-single-stick; otherwise see docs/rotation.md; nothing was changed".to_owned(),
         )
         .into());
     }
@@ -402,6 +416,8 @@ pub async fn command(
     .await?;
     let hsm = opened.hsm;
     let old_ring = opened.keyring;
+    // A Secret recording another pair is refused before anything is written.
+    old_ring.check_identity().await?;
     let (_, info) = hsm.call("find_key", keypair::public_key).await?;
     if info.id_hex.is_empty() {
         bail!(
@@ -464,7 +480,7 @@ pub async fn command(
     })
     .await?;
     tracing::info!("{GENERATED}");
-    let new_ring = ring_for(&hsm, &new_id, None).await?;
+    let new_ring = ring_for(cfg, &hsm, &new_id, None).await?;
     let mut entries = Vec::with_capacity(values.len());
     for (name, value) in &values {
         let sealed = new_ring.seal(name, value)?;
