@@ -11,7 +11,8 @@
 //!    to the write-ahead journal ([`crate::journal`], in the [`SUBDIR`] of the journal
 //!    directory);
 //! 4. relabels the old pair to [`retired_label`], then the new pair to `keyLabel` (the switch);
-//! 5. replaces each stored value with the journal's, verified by decrypting it with the new
+//! 5. (in a shared store, the Secret of mode hsm-k8s: records the new pair's fingerprint)
+//!    replaces each stored value with the journal's, verified by decrypting it with the new
 //!    pair, then removes the journal;
 //! 6. deletes the retired pair when asked (`--delete-old`), and removes the intent.
 //!

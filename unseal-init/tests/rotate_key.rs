@@ -10,7 +10,7 @@
 mod common;
 
 use common::faults::{Trigger, Watched, has_field, is_event};
-use common::{command, default_names, run, run_once_ok, write_config};
+use common::{command, default_names, run, write_config};
 use nitrokey_e2e::openbao::OpenBao;
 use nitrokey_e2e::softhsm::SoftHsm;
 use nitrokey_e2e::token::Token;
@@ -32,29 +32,107 @@ struct Setup {
     config: PathBuf,
     values: BTreeMap<String, String>,
     old_id: String,
+    /// Mode hsm-k8s: the values are in a Secret of this API stand-in.
+    k8s: Option<K8s>,
+}
+
+struct K8s {
+    api: nitrokey_e2e::kube_api::KubeApi,
+    kubeconfig: PathBuf,
+    old_fingerprint: String,
 }
 
 fn setup() -> Setup {
+    setup_in(false)
+}
+
+fn setup_in(k8s: bool) -> Setup {
     let hsm = SoftHsm::new().expect("softhsm token");
     let bao = OpenBao::start().expect("openbao");
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &hsm, &bao.address(), "");
-    run_once_ok(&hsm, &config);
-    let values = stored_values(&hsm);
-    assert_eq!(
-        values.keys().cloned().collect::<Vec<_>>(),
-        default_names(),
-        "an init stores five keys, the root token and vault-test"
-    );
+    let (extra, k8s) = if k8s {
+        let api = nitrokey_e2e::kube_api::KubeApi::start().expect("kube api");
+        let kubeconfig = api.kubeconfig_in(dir.path(), "vault").expect("kubeconfig");
+        let k = K8s {
+            api,
+            kubeconfig,
+            old_fingerprint: String::new(),
+        };
+        ("kubernetes:\n  secretName: vault-unseal-keys\n", Some(k))
+    } else {
+        ("", None)
+    };
+    let config = write_config(dir.path(), &hsm, &bao.address(), extra);
     let old_id = configured_id(&hsm);
-    Setup {
+    let mut s = Setup {
         hsm,
         bao,
         dir,
         config,
-        values,
+        values: BTreeMap::new(),
         old_id,
+        k8s,
+    };
+    let r = run(unseal_init(&s, &["--once"]), RUN_TIMEOUT);
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    s.values = values_now(&s).expect("stored values");
+    assert_eq!(
+        s.values.keys().cloned().collect::<Vec<_>>(),
+        default_names(),
+        "an init stores five keys, the root token and vault-test"
+    );
+    if let Some(k) = s.k8s.as_mut() {
+        k.old_fingerprint = secret_fingerprint(&k.api).expect("fingerprint annotation");
     }
+    s
+}
+
+/// The program with `args` on the setup's config (in mode hsm-k8s against its API stand-in).
+fn unseal_init(s: &Setup, args: &[&str]) -> Command {
+    let mut cmd = command(&s.hsm);
+    cmd.arg("--config").arg(&s.config);
+    if let Some(k) = &s.k8s {
+        cmd.args(["--mode", "hsm-k8s"])
+            .env("KUBECONFIG", &k.kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST");
+    }
+    cmd.args(args);
+    cmd
+}
+
+/// `hsm rotate-key` (with `--yes-single-stick` in mode hsm-k8s).
+fn rotate(s: &Setup) -> Command {
+    if s.k8s.is_some() {
+        unseal_init(s, &["hsm", "rotate-key", "--yes-single-stick"])
+    } else {
+        unseal_init(s, &["hsm", "rotate-key"])
+    }
+}
+
+fn secret_fingerprint(api: &nitrokey_e2e::kube_api::KubeApi) -> Option<String> {
+    api.secret_annotations("vault", "vault-unseal-keys")
+        .get("nitrokey.com/hsm-key-fingerprint")
+        .cloned()
+}
+
+/// The stored values (the token's, or the Secret's), decrypted with `pkcs11-tool` and the
+/// pair labelled `bank-vaults`.
+fn values_now(s: &Setup) -> Result<BTreeMap<String, String>, String> {
+    let Some(k) = &s.k8s else {
+        return Ok(stored_values(&s.hsm));
+    };
+    let id = configured_id(&s.hsm);
+    let data = k
+        .api
+        .secret("vault", "vault-unseal-keys")
+        .ok_or("the Secret is gone")?;
+    data.iter()
+        .map(|(name, value)| {
+            decrypt_with(&s.hsm, value, &id)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| format!("{name}: {e}"))
+        })
+        .collect()
 }
 
 /// Every stored value, decrypted with `pkcs11-tool` and the private key labelled
@@ -181,9 +259,7 @@ fn unseals_restarted(s: &mut Setup) -> Result<(), String> {
     s.bao
         .wait_ready(Duration::from_secs(60))
         .map_err(|e| format!("openbao ready: {e}"))?;
-    let mut cmd = command(&s.hsm);
-    cmd.arg("--config").arg(&s.config).arg("--once");
-    let r = run(cmd, RUN_TIMEOUT);
+    let r = run(unseal_init(s, &["--once"]), RUN_TIMEOUT);
     if r.code != Some(0) {
         return Err(format!(
             "--once after a restart exited {:?}:\n{}",
@@ -210,10 +286,15 @@ fn one_whole_key_pair(s: &Setup) -> Result<bool, String> {
     }
     let mut objects = s.hsm.data_labels().map_err(|e| e.to_string())?;
     objects.sort();
-    if objects != default_names() {
-        return Err(format!("data objects: {objects:?}"));
+    let expected = if s.k8s.is_some() {
+        Vec::new()
+    } else {
+        default_names()
+    };
+    if objects != expected {
+        return Err(format!("data objects on the token: {objects:?}"));
     }
-    let now = stored_values(&s.hsm);
+    let now = values_now(s)?;
     if now != s.values {
         let changed: Vec<&String> = now
             .iter()
@@ -226,7 +307,16 @@ fn one_whole_key_pair(s: &Setup) -> Result<bool, String> {
     if !left.is_empty() {
         return Err(format!("rotation files left: {left:?}"));
     }
-    Ok(configured_id(&s.hsm) != s.old_id)
+    let new = configured_id(&s.hsm) != s.old_id;
+    if let Some(k) = &s.k8s {
+        let now = secret_fingerprint(&k.api);
+        if (now.as_deref() != Some(k.old_fingerprint.as_str())) != new {
+            return Err(format!(
+                "the Secret's fingerprint annotation ({now:?}) does not follow the pair in use (new: {new})"
+            ));
+        }
+    }
+    Ok(new)
 }
 
 #[test]
@@ -436,13 +526,19 @@ enum Column {
     KillThenSidecar,
     /// SIGKILL; the next start is `hsm rotate-key` again (which settles, then rotates anew).
     KillThenRotate,
+    /// Mode hsm-k8s (`--yes-single-stick`): SIGKILL; the next start is `--once`.
+    K8sKillThenOnce,
+    /// Mode hsm-k8s: SIGKILL; the next start is `hsm rotate-key --yes-single-stick` again.
+    K8sKillThenRotate,
 }
 
-const COLUMNS: [Column; 4] = [
+const COLUMNS: [Column; 6] = [
     Column::Term,
     Column::KillThenOnce,
     Column::KillThenSidecar,
     Column::KillThenRotate,
+    Column::K8sKillThenOnce,
+    Column::K8sKillThenRotate,
 ];
 
 impl Column {
@@ -452,6 +548,8 @@ impl Column {
             Self::KillThenOnce => "SIGKILL, then `--once`",
             Self::KillThenSidecar => "SIGKILL, then the sidecar",
             Self::KillThenRotate => "SIGKILL, then `hsm rotate-key`",
+            Self::K8sKillThenOnce => "hsm-k8s: SIGKILL, then `--once`",
+            Self::K8sKillThenRotate => "hsm-k8s: SIGKILL, then `hsm rotate-key`",
         }
     }
 }
@@ -465,7 +563,10 @@ enum Outcome {
 }
 
 fn run_cell(step: Step, col: Column) -> Outcome {
-    let mut s = setup();
+    let mut s = setup_in(matches!(
+        col,
+        Column::K8sKillThenOnce | Column::K8sKillThenRotate
+    ));
     let signal = if col == Column::Term {
         libc::SIGTERM
     } else {
@@ -475,7 +576,7 @@ fn run_cell(step: Step, col: Column) -> Outcome {
         matches: Box::new(move |line: &str| step.reached_by(line)),
         action: Box::new(move |run| run.send(signal)),
     };
-    let mut hit = Watched::spawn(rotate_command(&s.hsm, &s.config, &[]), Some(trigger));
+    let mut hit = Watched::spawn(rotate(&s), Some(trigger));
     if hit.wait_exit(RUN_TIMEOUT).is_none() {
         hit.kill();
         return Outcome::Failed(format!("the rotation hung:\n{}", hit.tail(15)));
@@ -484,7 +585,7 @@ fn run_cell(step: Step, col: Column) -> Outcome {
         return Outcome::Failed(format!("step never reached:\n{}", hit.tail(15)));
     }
     let next = match col {
-        Column::KillThenRotate => run(rotate_command(&s.hsm, &s.config, &[]), RUN_TIMEOUT),
+        Column::KillThenRotate | Column::K8sKillThenRotate => run(rotate(&s), RUN_TIMEOUT),
         Column::KillThenSidecar => {
             let (child, endpoints) = common::spawn_sidecar(&s.hsm, s.dir.path(), &s.bao.address());
             let ready = common::faults::poll(Duration::from_secs(90), || {
@@ -499,10 +600,8 @@ fn run_cell(step: Step, col: Column) -> Outcome {
             }
             r
         }
-        Column::Term | Column::KillThenOnce => {
-            let mut cmd = command(&s.hsm);
-            cmd.arg("--config").arg(&s.config).arg("--once");
-            run(cmd, RUN_TIMEOUT)
+        Column::Term | Column::KillThenOnce | Column::K8sKillThenOnce => {
+            run(unseal_init(&s, &["--once"]), RUN_TIMEOUT)
         }
     };
     if next.code != Some(0) {
