@@ -104,6 +104,18 @@ pub enum HsmCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Generate a new key pair on the token, re-encrypt every stored value to it, verify, and
+    /// switch `keyLabel` to it; the old pair is kept under `<keyLabel>-retired-<fingerprint>`
+    /// An interrupted rotation is finished by the next start.
+    RotateKey {
+        /// Delete the old key pair at the end instead of keeping it retired.
+        #[arg(long)]
+        delete_old: bool,
+        /// Mode hsm-k8s: confirm that this stick is the only one holding the key pair (other
+        /// sticks would keep only the old pair and could no longer read the Secret).
+        #[arg(long)]
+        yes_single_stick: bool,
+    },
 }
 
 impl Cli {

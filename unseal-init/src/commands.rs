@@ -37,6 +37,10 @@ pub async fn run(cfg: &Config, command: &HsmCommand) -> anyhow::Result<()> {
         HsmCommand::Store { name, force } => store(cfg, telemetry, name, *force).await,
         HsmCommand::Backup { file, force } => backup(cfg, telemetry, file, *force).await,
         HsmCommand::Restore { file, force } => restore(cfg, telemetry, file, *force).await,
+        HsmCommand::RotateKey {
+            delete_old,
+            yes_single_stick,
+        } => crate::runner::rotate::command(cfg, telemetry, *delete_old, *yes_single_stick).await,
     }
 }
 
@@ -154,6 +158,7 @@ async fn logged_in(cfg: &Config, telemetry: Arc<Telemetry>) -> anyhow::Result<Hs
     hsm.wait_for_token(Some(cfg.hsm.token_wait_timeout), &Shutdown::new(), |_| {})
         .await?;
     hsm.with(|h| h.login()).await??;
+    crate::runner::rotate::settle(cfg, &hsm).await?;
     Ok(hsm)
 }
 

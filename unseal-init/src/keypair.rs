@@ -204,8 +204,17 @@ pub fn public_fingerprint(
 pub fn generate(hsm: &mut Hsm) -> Result<(), HsmError> {
     let mut id = [0u8; 20];
     rand::fill(&mut id);
-    hsm.run("generate_key_pair", |s, cache, key| {
-        let label = text_attr(key.label.as_bytes());
+    let label = hsm.key().label.clone();
+    let private = generate_with(hsm, &label, &id)?;
+    hsm.remember_private_key(private);
+    Ok(())
+}
+
+/// Generates an RSA-2048 pair labelled `label` with `CKA_ID` `id` (private key sensitive
+/// and non-extractable, both halves token objects); returns the private key's handle.
+pub fn generate_with(hsm: &mut Hsm, label: &str, id: &[u8]) -> Result<ObjectHandle, HsmError> {
+    hsm.run("generate_key_pair", |s, _, _| {
+        let label = text_attr(label.as_bytes());
         let public = [
             Attribute::Token(true),
             Attribute::Private(false),
@@ -214,7 +223,7 @@ pub fn generate(hsm: &mut Hsm) -> Result<(), HsmError> {
             Attribute::Wrap(true),
             Attribute::ModulusBits(2048.into()),
             Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
-            Attribute::Label(text_attr(&label)),
+            Attribute::Label(label.clone()),
             Attribute::Id(id.to_vec()),
         ];
         let private = [
@@ -229,9 +238,161 @@ pub fn generate(hsm: &mut Hsm) -> Result<(), HsmError> {
             Attribute::Id(id.to_vec()),
         ];
         let (_, private) = s.generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private)?;
-        cache.private_key = Some(private);
+        Ok(private)
+    })
+}
+
+/// The labels of the two halves of the pair whose `CKA_ID` is `id` (`None` for a half that
+/// is not there), found by id alone: a rotation moves pairs between labels.
+pub fn labels_by_id(
+    hsm: &mut Hsm,
+    id: &[u8],
+) -> Result<(Option<String>, Option<String>), HsmError> {
+    hsm.run("find_key_by_id", |s, _, _| {
+        let mut out = [None, None];
+        for (i, class) in [ObjectClass::PUBLIC_KEY, ObjectClass::PRIVATE_KEY]
+            .into_iter()
+            .enumerate()
+        {
+            let template = [
+                Attribute::Class(class),
+                Attribute::KeyType(KeyType::RSA),
+                Attribute::Id(id.to_vec()),
+            ];
+            if let Some(h) = s.find_objects(&template)?.into_iter().next() {
+                let label = s
+                    .get_attributes(h, &[AttributeType::Label])?
+                    .into_iter()
+                    .find_map(|a| match a {
+                        Attribute::Label(v) => Some(v),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                // OpenSC reads string attributes as C strings: stop at the first NUL.
+                let end = label.iter().position(|b| *b == 0).unwrap_or(label.len());
+                out[i] = Some(String::from_utf8_lossy(&label[..end]).into_owned());
+            }
+        }
+        let [public, private] = out;
+        Ok((public, private))
+    })
+}
+
+/// Sets the label of both halves of the pair `id` to `label` (each half that is there).
+pub fn relabel_by_id(hsm: &mut Hsm, id: &[u8], label: &str) -> Result<(), HsmError> {
+    hsm.run("relabel_key_pair", |s, cache, _| {
+        for class in [ObjectClass::PUBLIC_KEY, ObjectClass::PRIVATE_KEY] {
+            let template = [
+                Attribute::Class(class),
+                Attribute::KeyType(KeyType::RSA),
+                Attribute::Id(id.to_vec()),
+            ];
+            for h in s.find_objects(&template)? {
+                s.update_attributes(h, &[Attribute::Label(text_attr(label.as_bytes()))])?;
+            }
+        }
+        // The configured label may now name another pair.
+        cache.private_key = None;
         Ok(())
     })
+}
+
+/// Destroys both halves of the pair `id` (each half that is there); how many objects went.
+pub fn destroy_by_id(hsm: &mut Hsm, id: &[u8]) -> Result<usize, HsmError> {
+    hsm.run("destroy_key_pair", |s, cache, _| {
+        let mut removed = 0;
+        for class in [ObjectClass::PUBLIC_KEY, ObjectClass::PRIVATE_KEY] {
+            let template = [
+                Attribute::Class(class),
+                Attribute::KeyType(KeyType::RSA),
+                Attribute::Id(id.to_vec()),
+            ];
+            for h in s.find_objects(&template)? {
+                s.destroy_object(h)?;
+                removed += 1;
+            }
+        }
+        cache.private_key = None;
+        Ok(removed)
+    })
+}
+
+/// The public key of the pair `id`, for host-side encryption.
+pub fn public_key_by_id(hsm: &mut Hsm, id: &[u8]) -> Result<HostKey, HsmError> {
+    let (n, e) = hsm.run("read_public_key", |s, _, _| {
+        let template = [
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::KeyType(KeyType::RSA),
+            Attribute::Id(id.to_vec()),
+        ];
+        let Some(h) = s.find_objects(&template)?.into_iter().next() else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let (mut n, mut e) = (Vec::new(), Vec::new());
+        for a in s.get_attributes(h, &[AttributeType::Modulus, AttributeType::PublicExponent])? {
+            match a {
+                Attribute::Modulus(v) => n = v,
+                Attribute::PublicExponent(v) => e = v,
+                _ => {}
+            }
+        }
+        Ok((n, e))
+    })?;
+    if n.is_empty() {
+        return Err(HsmError::Other(format!(
+            "no public key with CKA_ID {} on the token",
+            hex::encode(id)
+        )));
+    }
+    HostKey::from_components(&n, &e).map_err(|e| HsmError::Other(e.to_string()))
+}
+
+/// Decrypts `ciphertext` with the private key of the pair `id` (not the configured one).
+pub fn decrypt_by_id(
+    hsm: &mut Hsm,
+    id: &[u8],
+    scheme: Scheme,
+    ciphertext: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+    let mech = mechanism(scheme);
+    hsm.run_raw("decrypt", |s, raw, _, _| {
+        let template = [
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(KeyType::RSA),
+            Attribute::Id(id.to_vec()),
+        ];
+        let Some(handle) = s.find_objects(&template)?.into_iter().next() else {
+            return Err(CkError::Pkcs11(
+                RvError::KeyHandleInvalid,
+                cryptoki::context::Function::FindObjects,
+            ));
+        };
+        s.decrypt_init(&mech, handle)?;
+        raw.decrypt(s, ciphertext)
+    })
+}
+
+/// Picks the scheme for values sealed to the pair `id`, as [`probe_scheme`] does for the
+/// configured pair.
+pub fn probe_scheme_by_id(hsm: &mut Hsm, id: &[u8], key: &HostKey) -> Result<Scheme, HsmError> {
+    let mut probe = Zeroizing::new([0u8; 32]);
+    rand::fill(&mut probe[..]);
+    let mut reasons = Vec::new();
+    for scheme in [Scheme::OaepSha256, Scheme::OaepSha1] {
+        let ct = key
+            .encrypt(scheme, &probe[..])
+            .map_err(|e| HsmError::Other(e.to_string()))?;
+        match decrypt_by_id(hsm, id, scheme, &ct) {
+            Ok(pt) if pt[..] == probe[..] => return Ok(scheme),
+            Ok(_) => reasons.push(format!("{}: wrong plaintext", scheme.name())),
+            Err(e) if e.is_transient() || e.pin_failure().is_some() => return Err(e),
+            Err(e) => reasons.push(format!("{}: {e}", scheme.name())),
+        }
+    }
+    Err(HsmError::Other(format!(
+        "the new key pair decrypts neither RSA-OAEP-SHA256 nor RSA-OAEP-SHA1 ({})",
+        reasons.join("; ")
+    )))
 }
 
 /// Finds the key pair, generating it first when it is absent and `generate` is set.

@@ -23,6 +23,8 @@
 //!   retries (and [`hsm_actor`]'s, [`pcscd`]'s) wait with [`nitrokey_common::backoff`].
 //! - [`rekey`]: rotating Vault's unseal keys (`unseal-init rekey`), the decisions; the I/O
 //!   in `runner/rekey.rs`, with the same write-ahead journal as the init step.
+//! - [`rotation`]: rotating the token's key pair (`hsm rotate-key`), the decisions; the I/O
+//!   in `runner/rotate.rs`, settled at every start before the key pair is looked up.
 //! - `memory_vault` (tests only): an in-memory Vault behind [`vault::VaultApi`].
 //! - [`telemetry`]: Prometheus metrics, `/healthz`, `/readyz`; [`commands`]: `hsm ...`
 //!   subcommands; [`secret`]: the zeroizing, redacted type every secret lives in.
@@ -50,6 +52,7 @@ pub mod pcscd;
 pub mod pin;
 pub mod pkcs11_raw;
 pub mod rekey;
+pub mod rotation;
 pub mod runner;
 pub mod secret;
 pub mod secret_store;

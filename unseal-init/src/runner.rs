@@ -41,6 +41,7 @@ mod error;
 mod init;
 mod raft;
 pub mod rekey;
+pub mod rotate;
 mod store_watch;
 mod unseal_step;
 
@@ -64,7 +65,6 @@ pub async fn open_keyring(
     shutdown: &Shutdown,
     token_wait: Option<Duration>,
 ) -> anyhow::Result<Opened> {
-    use anyhow::Context;
     let hsm = HsmHandle::start(&cfg.hsm, Arc::clone(&telemetry)).await?;
     let t = Arc::clone(&telemetry);
     hsm.wait_for_token(token_wait, shutdown, move |reason| t.token_problem(reason))
@@ -85,6 +85,10 @@ pub async fn open_keyring(
             Err(e) => return Err(e.into()),
         }
     }
+    // A key rotation cut short may have left the configured label on no pair, or on a pair
+    // the stored values are not sealed to yet: settled before the pair is looked up (and
+    // before a missing one could be generated).
+    rotate::settle(cfg, &hsm).await?;
     let generate = cfg.hsm.generate_key;
     let (key, info) = match hsm
         .call("find_key", move |h| keypair::ensure(h, generate))
@@ -111,17 +115,24 @@ pub async fn open_keyring(
             keypair::probe_scheme(h, &probe_key)
         })
         .await?;
-    let storage: Arc<dyn Storage> = match (cfg.mode, &cfg.kubernetes) {
+    let storage = storage_for(cfg, &hsm).await?;
+    tracing::info!(storage = storage.kind(), "storage backend");
+    let keyring = Keyring::new(Arc::new(hsm.clone()), key, scheme, storage);
+    Ok(Opened { hsm, keyring })
+}
+
+/// The key store the configuration selects: the token's data objects, or the Secret in mode
+/// hsm-k8s.
+pub async fn storage_for(cfg: &Config, hsm: &HsmHandle) -> anyhow::Result<Arc<dyn Storage>> {
+    use anyhow::Context;
+    Ok(match (cfg.mode, &cfg.kubernetes) {
         (Mode::HsmK8s, Some(k)) => Arc::new(
             SecretStore::connect(k.namespace.as_deref(), &k.name)
                 .await
                 .context("connecting to the Kubernetes API")?,
         ),
         _ => Arc::new(TokenStore::new(hsm.clone())),
-    };
-    tracing::info!(storage = storage.kind(), "storage backend");
-    let keyring = Keyring::new(Arc::new(hsm.clone()), key, scheme, storage);
-    Ok(Opened { hsm, keyring })
+    })
 }
 
 /// True for a member of a Vault cluster sharing one key store (mode hsm-k8s with raft peers
