@@ -23,11 +23,10 @@ use common::faults::{
     Signaller, Trigger, Watched, has_field, is_event, poll,
 };
 use common::proxy;
-use common::write_config;
+use common::{matrix, write_config};
 use nitrokey_e2e::openbao::{OpenBao, free_port};
 use nitrokey_e2e::softhsm::SoftHsm;
 use nitrokey_e2e::token::Token;
-use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -571,77 +570,27 @@ fn classify(
     Outcome::Failed(problems.join("; "))
 }
 
-fn markdown(cells: &[(Step, Column)], results: &[Option<(Outcome, String)>]) -> String {
-    let mut out = String::from("| step |");
-    for col in COLUMNS {
-        out.push_str(&format!(" {} |", col.label()));
-    }
-    out.push_str("\n|---|");
-    out.push_str(&"---|".repeat(COLUMNS.len()));
-    for step in Step::all() {
-        out.push_str(&format!("\n| {} |", step.label()));
-        for col in COLUMNS {
-            let text = cells
-                .iter()
-                .position(|c| *c == (step, col))
-                .and_then(|i| results[i].as_ref())
-                .map_or("not run".to_owned(), |(o, _)| o.cell_text());
-            out.push_str(&format!(" {text} |"));
-        }
-    }
-    out.push('\n');
-    out
-}
-
 #[test]
 fn no_unseal_key_is_lost_whatever_step_a_fault_hits() {
     let started = Instant::now();
     // `FAULT_MATRIX_COLUMNS=pod` runs only the columns whose label contains the text.
     let only = std::env::var("FAULT_MATRIX_COLUMNS").unwrap_or_default();
-    let cells: Vec<(Step, Column)> = Step::all()
+    let steps = Step::all();
+    let cells: Vec<(Step, Column)> = matrix::cells(&steps, &COLUMNS)
         .into_iter()
-        .flat_map(|s| COLUMNS.into_iter().map(move |c| (s, c)))
         .filter(|(_, c)| c.label().contains(only.as_str()))
         .collect();
-    let jobs: usize = std::env::var("FAULT_MATRIX_JOBS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(8);
-    let next = Mutex::new(0usize);
-    let results: Mutex<Vec<Option<(Outcome, String)>>> =
-        Mutex::new((0..cells.len()).map(|_| None).collect());
-    std::thread::scope(|scope| {
-        for _ in 0..jobs {
-            scope.spawn(|| {
-                loop {
-                    let i = {
-                        let mut n = next.lock().expect("queue");
-                        let i = *n;
-                        *n += 1;
-                        i
-                    };
-                    let Some(&(step, col)) = cells.get(i) else {
-                        return;
-                    };
-                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_cell(step, col)))
-                        .unwrap_or_else(|panic| {
-                            let why = panic
-                                .downcast_ref::<String>()
-                                .cloned()
-                                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                                .unwrap_or_default();
-                            (
-                                Outcome::Failed(format!("cell panicked: {why}")),
-                                String::new(),
-                            )
-                        });
-                    results.lock().expect("results")[i] = Some(result);
-                }
-            });
-        }
-    });
-    let results = results.into_inner().expect("results");
+    let results = matrix::run_all(
+        &cells,
+        matrix::jobs("FAULT_MATRIX_JOBS", 8),
+        |(step, col)| run_cell(step, col),
+        |why| {
+            (
+                Outcome::Failed(format!("cell panicked: {why}")),
+                String::new(),
+            )
+        },
+    );
 
     println!(
         "\nFault matrix ({} cells, {:.0} s): the next start runs in the column's mode; `{}` keys means every `vault-unseal-N` and `vault-root` stored, decrypting (pkcs11-tool) to what `sys/init` returned, Vault unsealed, no journal left.\n",
@@ -649,19 +598,21 @@ fn no_unseal_key_is_lost_whatever_step_a_fault_hits() {
         started.elapsed().as_secs_f64(),
         faults::SHARES + 1
     );
-    println!("{}", markdown(&cells, &results));
+    let table = matrix::markdown(&steps, Step::label, &COLUMNS, Column::label, |s, c| {
+        let i = cells.iter().position(|x| *x == (s, c))?;
+        Some(results[i].0.cell_text())
+    });
+    println!("{table}");
     let mut failures = Vec::new();
-    for (i, (step, col)) in cells.iter().enumerate() {
-        if let Some((outcome, notes)) = &results[i] {
-            println!(
-                "- {} / {}: {}; {notes}",
-                step.label(),
-                col.label(),
-                outcome.cell_text()
-            );
-            if let Outcome::Failed(why) = outcome {
-                failures.push(format!("{} / {}: {why}", step.label(), col.label()));
-            }
+    for ((step, col), (outcome, notes)) in cells.iter().zip(&results) {
+        println!(
+            "- {} / {}: {}; {notes}",
+            step.label(),
+            col.label(),
+            outcome.cell_text()
+        );
+        if let Outcome::Failed(why) = outcome {
+            failures.push(format!("{} / {}: {why}", step.label(), col.label()));
         }
     }
     assert!(

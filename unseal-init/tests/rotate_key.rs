@@ -10,14 +10,13 @@
 mod common;
 
 use common::faults::{Trigger, Watched, has_field, is_event};
-use common::{command, default_names, run, write_config};
+use common::{command, default_names, matrix, run, write_config};
 use nitrokey_e2e::openbao::OpenBao;
 use nitrokey_e2e::softhsm::SoftHsm;
 use nitrokey_e2e::token::Token;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -629,75 +628,43 @@ fn run_cell(step: Step, col: Column) -> Outcome {
 
 #[test]
 fn every_fault_at_every_rotation_step_leaves_every_value_with_the_configured_pair() {
-    let jobs: usize = std::env::var("ROTATE_MATRIX_JOBS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
-        .max(1);
-    let cells: Vec<(Step, Column)> = Step::all()
-        .into_iter()
-        .flat_map(|s| COLUMNS.into_iter().map(move |c| (s, c)))
-        .collect();
-    let queue = Arc::new(Mutex::new(cells));
-    let results = Arc::new(Mutex::new(Vec::new()));
-    let workers: Vec<_> = (0..jobs)
-        .map(|_| {
-            let (queue, results) = (queue.clone(), results.clone());
-            std::thread::spawn(move || {
-                loop {
-                    let Some((step, col)) = queue.lock().ok().and_then(|mut q| q.pop()) else {
-                        return;
-                    };
-                    let outcome =
-                        std::panic::catch_unwind(|| run_cell(step, col)).unwrap_or_else(|p| {
-                            Outcome::Failed(format!(
-                                "panicked: {}",
-                                p.downcast_ref::<String>()
-                                    .cloned()
-                                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                                    .unwrap_or_default()
-                            ))
-                        });
-                    if let Ok(mut r) = results.lock() {
-                        r.push((step, col, outcome));
-                    }
-                }
+    let steps = Step::all();
+    let cells = matrix::cells(&steps, &COLUMNS);
+    let outcomes = matrix::run_all(
+        &cells,
+        matrix::jobs("ROTATE_MATRIX_JOBS", 3),
+        |(step, col)| run_cell(step, col),
+        |why| Outcome::Failed(format!("panicked: {why}")),
+    );
+    let outcome = |step: Step, col: Column| {
+        cells
+            .iter()
+            .position(|c| *c == (step, col))
+            .map(|i| &outcomes[i])
+    };
+    let mark = |resumed: bool| if resumed { " (settled)" } else { "" };
+    let mut table = matrix::markdown(
+        &steps,
+        Step::label,
+        &COLUMNS,
+        |c| c.label().to_owned(),
+        |s, c| {
+            outcome(s, c).map(|o| match o {
+                Outcome::NewPair { resumed } => format!("new pair{}, unseals", mark(*resumed)),
+                Outcome::OldPair { resumed } => format!("old pair kept{}, unseals", mark(*resumed)),
+                Outcome::Failed(_) => "**FAILED**".to_owned(),
             })
+        },
+    );
+    table.push_str("\n(settled): the next start found the rotation unfinished and settled it.\n");
+    let failures: Vec<String> = cells
+        .iter()
+        .zip(&outcomes)
+        .filter_map(|((s, c), o)| match o {
+            Outcome::Failed(why) => Some(format!("{} / {}: {why}", s.label(), c.label())),
+            _ => None,
         })
         .collect();
-    for w in workers {
-        w.join().expect("worker");
-    }
-    let results = results.lock().expect("results");
-    let mut table = format!(
-        "| step | {} |\n|---|{}\n",
-        COLUMNS.map(Column::label).join(" | "),
-        "---|".repeat(COLUMNS.len())
-    );
-    let mut failures = Vec::new();
-    let mark = |resumed: bool| if resumed { " (settled)" } else { "" };
-    for step in Step::all() {
-        let mut row = format!("| {} |", step.label());
-        for col in COLUMNS {
-            let text = match results.iter().find(|(s, c, _)| *s == step && *c == col) {
-                Some((_, _, Outcome::NewPair { resumed })) => {
-                    format!("new pair{}, unseals", mark(*resumed))
-                }
-                Some((_, _, Outcome::OldPair { resumed })) => {
-                    format!("old pair kept{}, unseals", mark(*resumed))
-                }
-                Some((_, _, Outcome::Failed(why))) => {
-                    failures.push(format!("{} / {}: {why}", step.label(), col.label()));
-                    "**FAILED**".to_owned()
-                }
-                None => "not run".to_owned(),
-            };
-            row.push_str(&format!(" {text} |"));
-        }
-        table.push_str(&row);
-        table.push('\n');
-    }
-    table.push_str("\n(settled): the next start found the rotation unfinished and settled it.\n");
     println!("{table}");
     assert!(failures.is_empty(), "{table}\n{}", failures.join("\n\n"));
 }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod faults;
+pub mod matrix;
 pub mod proxy;
 pub mod stick;
 
