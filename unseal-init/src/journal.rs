@@ -437,12 +437,19 @@ pub fn check_writable(dir: &Path) -> Result<(), JournalError> {
     result.map_err(io(dir, "writing a probe file"))
 }
 
-/// Writes the journal durably: a temporary file, fsync, rename over the journal, fsync of the
-/// directory. A crash leaves either no journal or a whole one.
+/// Writes the journal durably (see [`write_file`]). A crash leaves either no journal or a
+/// whole one.
 pub fn write(dir: &Path, journal: &Journal) -> Result<PathBuf, JournalError> {
+    write_file(dir, FILE_NAME, &journal.to_bytes())
+}
+
+/// Writes `dir/name` durably: a temporary file, fsync, rename over `name`, fsync of the
+/// directory, so a crash leaves the old file or the whole new one. For the journal and the
+/// files that travel with it (a rekey's or a key rotation's intent and markers).
+pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, JournalError> {
     fs::create_dir_all(dir).map_err(io(dir, "creating the directory"))?;
-    let target = path(dir);
-    let tmp = dir.join(format!("{FILE_NAME}.tmp"));
+    let target = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
     {
         let mut f = OpenOptions::new()
             .write(true)
@@ -450,13 +457,22 @@ pub fn write(dir: &Path, journal: &Journal) -> Result<PathBuf, JournalError> {
             .truncate(true)
             .open(&tmp)
             .map_err(io(&tmp, "creating"))?;
-        f.write_all(&journal.to_bytes())
-            .map_err(io(&tmp, "writing"))?;
+        f.write_all(bytes).map_err(io(&tmp, "writing"))?;
         f.sync_all().map_err(io(&tmp, "syncing"))?;
     }
     fs::rename(&tmp, &target).map_err(io(&target, "renaming into place"))?;
     sync_dir(dir)?;
     Ok(target)
+}
+
+/// Removes `dir/name` if present, then syncs the directory so the removal survives a crash.
+pub fn remove_file(dir: &Path, name: &str) -> Result<(), JournalError> {
+    let target = dir.join(name);
+    match fs::remove_file(&target) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if absent(&e) => Ok(()),
+        Err(e) => Err(io(&target, "removing")(e)),
+    }
 }
 
 /// Reads the journal in `dir`, if there is one.
@@ -477,12 +493,7 @@ pub fn read(dir: &Path) -> Result<Option<Journal>, JournalError> {
 
 /// Removes the journal once every entry is stored and verified.
 pub fn remove(dir: &Path) -> Result<(), JournalError> {
-    let target = path(dir);
-    match fs::remove_file(&target) {
-        Ok(()) => sync_dir(dir),
-        Err(e) if absent(&e) => Ok(()),
-        Err(e) => Err(io(&target, "removing")(e)),
-    }
+    remove_file(dir, FILE_NAME)
 }
 
 #[cfg(test)]

@@ -83,12 +83,16 @@ impl SecretStore {
         }
     }
 
-    async fn data(&self) -> Result<BTreeMap<String, Vec<u8>>, SecretStoreError> {
-        let secret = self
-            .api
+    /// The Secret, or `None` where it does not exist.
+    async fn fetch(&self) -> Result<Option<K8sSecret>, SecretStoreError> {
+        self.api
             .get_opt(&self.name)
             .await
-            .map_err(|e| self.err("read", e))?;
+            .map_err(|e| self.err("read", e))
+    }
+
+    async fn data(&self) -> Result<BTreeMap<String, Vec<u8>>, SecretStoreError> {
+        let secret = self.fetch().await?;
         Ok(secret
             .and_then(|s| s.data)
             .unwrap_or_default()
@@ -173,11 +177,7 @@ impl SecretStore {
 
     /// The recorded key pair fingerprint, if any.
     pub async fn key_id(&self) -> Result<Option<String>, SecretStoreError> {
-        let secret = self
-            .api
-            .get_opt(&self.name)
-            .await
-            .map_err(|e| self.err("read", e))?;
+        let secret = self.fetch().await?;
         Ok(secret
             .and_then(|s| s.metadata.annotations)
             .and_then(|mut a| a.remove(KEY_ID_ANNOTATION)))
@@ -198,11 +198,7 @@ impl SecretStore {
     /// `Some("Secret <namespace>/<name>")` when the Secret does not exist (deleted, or never
     /// created), `None` when it does, however empty.
     pub async fn absent(&self) -> Result<Option<String>, SecretStoreError> {
-        let secret = self
-            .api
-            .get_opt(&self.name)
-            .await
-            .map_err(|e| self.err("read", e))?;
+        let secret = self.fetch().await?;
         Ok(secret
             .is_none()
             .then(|| format!("Secret {}/{}", self.namespace, self.name)))

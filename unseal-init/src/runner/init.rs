@@ -315,28 +315,32 @@ impl Runner {
         }
         self.complete(&j).await?;
         if o.overwrite_existing_keys {
-            self.remove_stale_keys(usize::from(o.secret_shares)).await?;
+            self.remove_stale_keys(
+                usize::from(o.secret_shares),
+                "removed an earlier Vault's unseal key",
+            )
+            .await?;
         }
         Ok(())
     }
 
-    /// After an init that replaced an earlier Vault's keys, removes that Vault's
-    /// `vault-unseal-N` beyond the new share count: they unseal nothing any more.
-    async fn remove_stale_keys(&self, shares: usize) -> Result<(), PassError> {
-        for name in self.keyring.unseal_keys().await? {
-            if crate::keyring::unseal_key_index(&name).is_some_and(|i| i >= shares) {
-                let removed = self
-                    .keyring
-                    .storage()
-                    .delete(&name)
-                    .await
-                    .map_err(KeyringError::from)?;
-                tracing::info!(
-                    key = name.as_str(),
-                    removed,
-                    "removed an earlier Vault's unseal key"
-                );
-            }
+    /// Removes the `vault-unseal-N` at or beyond `shares`: after an init that replaced an
+    /// earlier Vault's keys, or a rekey to fewer shares, they unseal nothing any more.
+    /// `what` is the log message naming which of the two it was.
+    pub(super) async fn remove_stale_keys(
+        &self,
+        shares: usize,
+        what: &'static str,
+    ) -> Result<(), PassError> {
+        let shares = u8::try_from(shares).unwrap_or(u8::MAX);
+        for name in crate::rekey::stale_names(&self.keyring.unseal_keys().await?, shares) {
+            let removed = self
+                .keyring
+                .storage()
+                .delete(&name)
+                .await
+                .map_err(KeyringError::from)?;
+            tracing::info!(key = name.as_str(), removed, "{what}");
         }
         Ok(())
     }

@@ -9,8 +9,6 @@ use crate::secret::Secret;
 use crate::vault::{VaultApi, VaultError};
 use anyhow::Context;
 use nitrokey_common::backoff::Backoff;
-use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,48 +47,14 @@ enum Progress {
     Finished(Finished),
 }
 
-/// Writes an empty file durably (file and directory synced).
+/// Writes a marker file durably, holding this process's id for whoever reads it.
 fn touch_durable(dir: &Path, name: &str) -> Result<(), journal::JournalError> {
-    let path = dir.join(name);
-    let io = |action| {
-        let path = path.clone();
-        move |source| journal::JournalError::Io {
-            path,
-            action,
-            source,
-        }
-    };
-    fs::create_dir_all(dir).map_err(io("creating the directory"))?;
-    let mut f = File::create(&path).map_err(io("creating"))?;
-    f.write_all(format!("{}\n", std::process::id()).as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(io("writing"))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("syncing the directory"))
+    journal::write_file(dir, name, format!("{}\n", std::process::id()).as_bytes()).map(drop)
 }
 
 /// Removes a file if present, then syncs the directory.
 fn remove_durable(dir: &Path, name: &str) -> Result<(), journal::JournalError> {
-    let path = dir.join(name);
-    match fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(journal::JournalError::Io {
-                path,
-                action: "removing",
-                source,
-            });
-        }
-    }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| journal::JournalError::Io {
-            path: dir.to_owned(),
-            action: "syncing the directory",
-            source,
-        })
+    journal::remove_file(dir, name)
 }
 
 fn now_ms() -> u64 {
@@ -380,20 +344,8 @@ impl Runner {
             shares += 1;
             tracing::info!(key = name, "new unseal key stored in key store");
         }
-        let kept = u8::try_from(shares).unwrap_or(u8::MAX);
-        for name in rekey::stale_names(&self.keyring.unseal_keys().await?, kept) {
-            let removed = self
-                .keyring
-                .storage()
-                .delete(&name)
-                .await
-                .map_err(KeyringError::from)?;
-            tracing::info!(
-                key = name.as_str(),
-                removed,
-                "old unseal key beyond the new share count removed"
-            );
-        }
+        self.remove_stale_keys(shares, "old unseal key beyond the new share count removed")
+            .await?;
         remove_durable(&dir, rekey::INTENT)?;
         journal::remove(&dir)?;
         remove_durable(&dir, rekey::VERIFIED)?;
@@ -675,6 +627,7 @@ mod tests {
     use crate::shutdown::Shutdown;
     use crate::storage::memory::MemoryStore;
     use crate::telemetry::Telemetry;
+    use std::fs;
 
     /// An in-memory Vault initialised (5 shares, threshold 3) by a first pass, its keys in a
     /// store on a software key, and the journal directory.

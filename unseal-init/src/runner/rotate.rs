@@ -19,8 +19,7 @@ use crate::telemetry::Telemetry;
 use anyhow::{Context, anyhow, bail};
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use zeroize::Zeroizing;
@@ -48,39 +47,14 @@ fn dir(cfg: &Config) -> PathBuf {
     cfg.journal_dir.join(rotation::SUBDIR)
 }
 
-fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", dir.display()))
-}
-
-/// Writes `bytes` to `dir/name` durably (temporary file, fsync, rename, fsync of the dir).
+/// Writes `bytes` to `dir/name` durably (see [`journal::write_file`]).
 fn write_durable(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let target = dir.join(name);
-    let tmp = dir.join(format!("{name}.tmp"));
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("writing {}", tmp.display()))?;
-    }
-    fs::rename(&tmp, &target).with_context(|| format!("renaming {}", target.display()))?;
-    sync_dir(dir)
+    Ok(journal::write_file(dir, name, bytes).map(drop)?)
 }
 
+/// Removes `dir/name` if present, durably.
 fn remove_durable(dir: &Path, name: &str) -> anyhow::Result<()> {
-    let path = dir.join(name);
-    match fs::remove_file(&path) {
-        Ok(()) => sync_dir(dir),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
-    }
+    Ok(journal::remove_file(dir, name)?)
 }
 
 /// A write-ahead journal of the init step or of a rekey: its values are sealed to the pair in
