@@ -30,7 +30,8 @@
 //! - [`bins`]: where the workspace's own binaries were built; [`unseal_init`]: the sidecar's
 //!   command line against one token and one OpenBao.
 //! - [`dockerfile`]: the Dockerfile's instructions, per stage; [`host`]: the repository's root
-//!   and whether the tools and privileges a test needs are here.
+//!   and whether the tools and privileges a test needs are here; [`ports`]: free TCP ports
+//!   outside the kernel's ephemeral range, for the servers tests start.
 //! - [`manifests`]: the kustomizations and the Helm chart rendered into objects, their round
 //!   trip through the Kubernetes API types, and accessors for what the manifest tests check.
 //!
@@ -47,6 +48,7 @@ pub mod kubelet_dra;
 pub mod manifests;
 pub mod openbao;
 pub mod pod_resources;
+pub mod ports;
 pub mod softhsm;
 pub mod token;
 pub mod tpm;
