@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Proves that the README's install step works on a fresh, minimal Debian: builds a minimal root
-# file system with mmdebstrap (cached as a tarball), brings its libudev1 and libsystemd0 back to
-# the security suite's version when that lags the point release (as most fresh cloud images do
+# file system with mmdebstrap (cached as a zstd-compressed tarball), brings its libudev1 and
+# libsystemd0 back to the security suite's version when that lags the point release (as most fresh cloud images do
 # between point releases), and runs scripts/install-deps.sh inside it under chroot, with this
 # machine's Rust toolchain bind-mounted read-only. Exits non-zero, with install-deps.sh's own
 # message, if the install fails there.
@@ -24,7 +24,8 @@ esac
 command -v mmdebstrap >/dev/null 2>&1 || die "mmdebstrap is missing: run scripts/install-deps.sh first"
 
 cache_dir="${NITROKEY_FRESH_ROOT_CACHE:-$repo_root/target/fresh-debian}"
-tarball="$cache_dir/$suite-lagging.tar"
+tarball="$cache_dir/$suite-lagging.tar.zst"
+part="$cache_dir/$suite-lagging.part.tar.zst" # mmdebstrap compresses by the name's ending
 mirror="http://deb.debian.org/debian"
 security="http://deb.debian.org/debian-security"
 
@@ -46,10 +47,11 @@ if [ ! -s "$tarball" ]; then
       else
         echo "current: libudev1 $new (the security suite has nothing older)" >/etc/fresh-install-state
       fi'"'" \
-    "$suite" "$tarball.part" \
+    "$suite" "$part" \
     "deb $mirror $suite main" "deb $mirror $suite-updates main" \
     "deb $security $suite-security main"
-  mv "$tarball.part" "$tarball"
+  mv "$part" "$tarball"
+  rm -f "$cache_dir/$suite-lagging.tar" # the uncompressed cache of earlier versions
 fi
 
 work="$(mktemp -d)"
@@ -73,7 +75,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 mkdir -p "$root"
-tar -xf "$tarball" -C "$root"
+tar --zstd -xf "$tarball" -C "$root"
 step "fresh-install: $suite root, $(cat "$root/etc/fresh-install-state")"
 
 bind() {

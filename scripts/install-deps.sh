@@ -20,6 +20,7 @@ apt_packages=(
   openssl                               # writes Bank-Vaults-style ciphertext in the tests
   pcscd libccid                         # the stick's smart-card stack (unseal-init daemon mode)
   mmdebstrap                            # builds the image's root filesystems without an engine
+  zstd                                  # compresses the cached fresh-Debian roots (tests)
   buildah skopeo podman runc            # OCI images without a daemon (scripts/build-images.sh), run in the tests
   python3-venv                          # the venv below (Debian's Python refuses a global pip)
 )
@@ -123,7 +124,7 @@ fi
 
 # Each tool the build and tests run, with the package that brings it.
 for pair in protoc:protobuf-compiler softhsm2-util:softhsm2 pkcs11-tool:opensc \
-  umockdev-wrapper:umockdev swtpm:swtpm mmdebstrap:mmdebstrap; do
+  umockdev-wrapper:umockdev swtpm:swtpm mmdebstrap:mmdebstrap zstd:zstd; do
   tool="${pair%%:*}"
   command -v "$tool" >/dev/null 2>&1 ||
     die "$tool is still missing after the install; to fix it, run: ${sudo_hint}apt-get install --reinstall ${pair##*:}"
