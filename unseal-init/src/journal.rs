@@ -465,14 +465,19 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, Journ
     Ok(target)
 }
 
-/// Removes `dir/name` if present, then syncs the directory so the removal survives a crash.
+/// Removes `dir/name` if present, and the temporary file of a [`write_file`] a crash cut
+/// short (never renamed, so never in force), then syncs the directory so the removal
+/// survives a crash.
 pub fn remove_file(dir: &Path, name: &str) -> Result<(), JournalError> {
-    let target = dir.join(name);
-    match fs::remove_file(&target) {
-        Ok(()) => sync_dir(dir),
-        Err(e) if absent(&e) => Ok(()),
-        Err(e) => Err(io(&target, "removing")(e)),
+    let mut removed = false;
+    for target in [dir.join(name), dir.join(format!("{name}.tmp"))] {
+        match fs::remove_file(&target) {
+            Ok(()) => removed = true,
+            Err(e) if absent(&e) => {}
+            Err(e) => return Err(io(&target, "removing")(e)),
+        }
     }
+    if removed { sync_dir(dir) } else { Ok(()) }
 }
 
 /// Reads the journal in `dir`, if there is one.
@@ -532,6 +537,16 @@ mod tests {
                 entry("vault-root", 2),
             ],
         }
+    }
+
+    #[test]
+    fn removal_takes_the_temporary_file_of_a_write_a_crash_cut_short() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // What a SIGKILL between creating the temporary file and the rename leaves.
+        fs::write(dir.path().join(format!("{FILE_NAME}.tmp")), b"{\"vers").expect("tmp");
+        assert_eq!(read(dir.path()).expect("no journal in force"), None);
+        remove(dir.path()).expect("remove");
+        assert_eq!(fs::read_dir(dir.path()).expect("list").count(), 0);
     }
 
     #[test]

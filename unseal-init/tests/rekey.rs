@@ -326,6 +326,23 @@ enum Outcome {
     Failed(String),
 }
 
+impl matrix::CellOutcome for Outcome {
+    fn text(&self) -> String {
+        match self {
+            Self::NewKeys => "new keys stored, unseal".to_owned(),
+            Self::OldKeys => "cancelled, old keys unseal".to_owned(),
+            Self::Failed(_) => "**FAILED**".to_owned(),
+        }
+    }
+
+    fn failure(&self) -> Option<&str> {
+        match self {
+            Self::Failed(why) => Some(why),
+            _ => None,
+        }
+    }
+}
+
 fn run_cell(step: Step, col: Column) -> Outcome {
     let mut s = setup();
     let bao_pid = s.bao.pid().expect("openbao pid");
@@ -439,43 +456,18 @@ fn run_cell(step: Step, col: Column) -> Outcome {
 
 #[test]
 fn every_fault_at_every_rekey_step_ends_with_one_whole_set_of_keys() {
-    let steps = Step::all();
-    let cells = matrix::cells(&steps, &COLUMNS);
-    let outcomes = matrix::run_all(
-        &cells,
-        matrix::jobs("REKEY_MATRIX_JOBS", 4),
-        |(step, col)| run_cell(step, col),
-        |why| Outcome::Failed(format!("panicked: {why}")),
-    );
-    let outcome = |step: Step, col: Column| {
-        cells
-            .iter()
-            .position(|c| *c == (step, col))
-            .map(|i| &outcomes[i])
+    let m = matrix::Matrix {
+        steps: Step::all(),
+        columns: COLUMNS.to_vec(),
+        step_label: Step::label,
+        column_label: |c: Column| c.label().to_owned(),
     };
-    let table = matrix::markdown(
-        &steps,
-        Step::label,
-        &COLUMNS,
-        |c| c.label().to_owned(),
-        |s, c| {
-            outcome(s, c).map(|o| match o {
-                Outcome::NewKeys => "new keys stored, unseal".to_owned(),
-                Outcome::OldKeys => "cancelled, old keys unseal".to_owned(),
-                Outcome::Failed(_) => "**FAILED**".to_owned(),
-            })
-        },
+    m.run_and_check(
+        matrix::jobs("REKEY_MATRIX_JOBS", 4),
+        run_cell,
+        |why| Outcome::Failed(format!("panicked: {why}")),
+        "",
     );
-    let failures: Vec<String> = cells
-        .iter()
-        .zip(&outcomes)
-        .filter_map(|((s, c), o)| match o {
-            Outcome::Failed(why) => Some(format!("{} / {}: {why}", s.label(), c.label())),
-            _ => None,
-        })
-        .collect();
-    println!("{table}");
-    assert!(failures.is_empty(), "{table}\n{}", failures.join("\n\n"));
 }
 
 /// Runs the rekey to 3 shares and SIGKILLs it at `step`.

@@ -561,6 +561,24 @@ enum Outcome {
     Failed(String),
 }
 
+impl matrix::CellOutcome for Outcome {
+    fn text(&self) -> String {
+        let mark = |resumed: bool| if resumed { " (settled)" } else { "" };
+        match self {
+            Self::NewPair { resumed } => format!("new pair{}, unseals", mark(*resumed)),
+            Self::OldPair { resumed } => format!("old pair kept{}, unseals", mark(*resumed)),
+            Self::Failed(_) => "**FAILED**".to_owned(),
+        }
+    }
+
+    fn failure(&self) -> Option<&str> {
+        match self {
+            Self::Failed(why) => Some(why),
+            _ => None,
+        }
+    }
+}
+
 fn run_cell(step: Step, col: Column) -> Outcome {
     let mut s = setup_in(matches!(
         col,
@@ -628,43 +646,16 @@ fn run_cell(step: Step, col: Column) -> Outcome {
 
 #[test]
 fn every_fault_at_every_rotation_step_leaves_every_value_with_the_configured_pair() {
-    let steps = Step::all();
-    let cells = matrix::cells(&steps, &COLUMNS);
-    let outcomes = matrix::run_all(
-        &cells,
-        matrix::jobs("ROTATE_MATRIX_JOBS", 3),
-        |(step, col)| run_cell(step, col),
-        |why| Outcome::Failed(format!("panicked: {why}")),
-    );
-    let outcome = |step: Step, col: Column| {
-        cells
-            .iter()
-            .position(|c| *c == (step, col))
-            .map(|i| &outcomes[i])
+    let m = matrix::Matrix {
+        steps: Step::all(),
+        columns: COLUMNS.to_vec(),
+        step_label: Step::label,
+        column_label: |c: Column| c.label().to_owned(),
     };
-    let mark = |resumed: bool| if resumed { " (settled)" } else { "" };
-    let mut table = matrix::markdown(
-        &steps,
-        Step::label,
-        &COLUMNS,
-        |c| c.label().to_owned(),
-        |s, c| {
-            outcome(s, c).map(|o| match o {
-                Outcome::NewPair { resumed } => format!("new pair{}, unseals", mark(*resumed)),
-                Outcome::OldPair { resumed } => format!("old pair kept{}, unseals", mark(*resumed)),
-                Outcome::Failed(_) => "**FAILED**".to_owned(),
-            })
-        },
+    m.run_and_check(
+        matrix::jobs("ROTATE_MATRIX_JOBS", 3),
+        run_cell,
+        |why| Outcome::Failed(format!("panicked: {why}")),
+        "\n(settled): the next start found the rotation unfinished and settled it.\n",
     );
-    table.push_str("\n(settled): the next start found the rotation unfinished and settled it.\n");
-    let failures: Vec<String> = cells
-        .iter()
-        .zip(&outcomes)
-        .filter_map(|((s, c), o)| match o {
-            Outcome::Failed(why) => Some(format!("{} / {}: {why}", s.label(), c.label())),
-            _ => None,
-        })
-        .collect();
-    println!("{table}");
-    assert!(failures.is_empty(), "{table}\n{}", failures.join("\n\n"));
 }

@@ -180,6 +180,8 @@ impl Runner {
             (Resume::WaitForVault, _) => Ok(Progress::WaitForVault),
             (Resume::Cancel, _) => {
                 self.vault.rekey_cancel().await?;
+                // A journal write the fault cut short leaves only its temporary file.
+                journal::remove(&dir)?;
                 remove_durable(&dir, rekey::INTENT)?;
                 tracing::warn!(
                     "cancelled a rekey an earlier run started before Vault's new keys were journalled; Vault keeps the old keys, which the store holds"
@@ -187,6 +189,7 @@ impl Runner {
                 Ok(Progress::Finished(Finished::Cancelled))
             }
             (Resume::DropIntent, _) => {
+                journal::remove(&dir)?;
                 remove_durable(&dir, rekey::INTENT)?;
                 tracing::info!(
                     "an earlier rekey never handed out new keys (Vault holds no rekey); the old keys stay"

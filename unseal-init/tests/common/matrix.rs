@@ -91,3 +91,67 @@ pub fn markdown<S: Copy, C: Copy>(
     out.push('\n');
     out
 }
+
+/// What a cell of a fault matrix ended with, as the table shows it.
+pub trait CellOutcome {
+    /// The table cell's text.
+    fn text(&self) -> String;
+    /// Why the cell broke the promise, if it did.
+    fn failure(&self) -> Option<&str>;
+}
+
+/// A fault matrix: steps down, columns across.
+pub struct Matrix<S, C> {
+    /// The steps a fault hits, one row each.
+    pub steps: Vec<S>,
+    /// The faults and next starts, one column each.
+    pub columns: Vec<C>,
+    /// A step's row label.
+    pub step_label: fn(S) -> String,
+    /// A column's label.
+    pub column_label: fn(C) -> String,
+}
+
+impl<S, C> Matrix<S, C>
+where
+    S: Copy + PartialEq + Send + Sync,
+    C: Copy + PartialEq + Send + Sync,
+{
+    /// Runs every cell (`jobs` at a time), prints the table and `footer`, and fails naming
+    /// every cell that broke the promise.
+    pub fn run_and_check<O: CellOutcome + Send>(
+        &self,
+        jobs: usize,
+        run: impl Fn(S, C) -> O + Sync,
+        panicked: impl Fn(String) -> O + Sync,
+        footer: &str,
+    ) {
+        let cells = cells(&self.steps, &self.columns);
+        let outcomes = run_all(&cells, jobs, |(s, c)| run(s, c), panicked);
+        let mut table = markdown(
+            &self.steps,
+            self.step_label,
+            &self.columns,
+            self.column_label,
+            |s, c| {
+                let i = cells.iter().position(|x| *x == (s, c))?;
+                Some(outcomes[i].text())
+            },
+        );
+        table.push_str(footer);
+        let failures: Vec<String> = cells
+            .iter()
+            .zip(&outcomes)
+            .filter_map(|((s, c), o)| {
+                let why = o.failure()?;
+                Some(format!(
+                    "{} / {}: {why}",
+                    (self.step_label)(*s),
+                    (self.column_label)(*c)
+                ))
+            })
+            .collect();
+        println!("{table}");
+        assert!(failures.is_empty(), "{table}\n{}", failures.join("\n\n"));
+    }
+}
