@@ -622,79 +622,30 @@ fn names_text(shares: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::Overrides;
-    use crate::config::{self, Env, FileConfig};
-    use crate::envelope::Scheme;
-    use crate::keyring::{Keyring, soft};
-    use crate::memory_vault::MemoryVault;
-    use crate::shutdown::Shutdown;
-    use crate::storage::memory::MemoryStore;
-    use crate::telemetry::Telemetry;
+    use crate::runner::tests::Scene;
     use std::fs;
 
-    /// An in-memory Vault initialised (5 shares, threshold 3) by a first pass, its keys in a
-    /// store on a software key, and the journal directory.
-    struct Scene {
-        dir: tempfile::TempDir,
-        ring: Keyring,
-        vault: Arc<MemoryVault>,
+    /// The unseal keys the store holds, in order.
+    async fn stored(scene: &Scene) -> Vec<String> {
+        let mut out = Vec::new();
+        for name in scene.ring.unseal_keys().await.expect("names") {
+            let key = scene.ring.load(&name).await.expect("load").expect("value");
+            out.push(key.expose().to_owned());
+        }
+        out
     }
 
-    impl Scene {
-        async fn initialised() -> Self {
-            let (dec, host) = soft::pair();
-            // 1024-bit test key: OAEP-SHA1 holds an unseal key, OAEP-SHA256 does not.
-            let ring = Keyring::new(dec, host, Scheme::OaepSha1, Arc::new(MemoryStore::new()));
-            let scene = Self {
-                dir: tempfile::tempdir().expect("tempdir"),
-                ring,
-                vault: Arc::new(MemoryVault::new()),
-            };
-            assert_eq!(
-                scene.runner().pass(false).await.expect("init"),
-                super::super::PassOutcome::Unsealed
-            );
-            scene
-        }
-
-        fn runner(&self) -> Runner {
-            let mut cfg = config::resolve(
-                FileConfig::default(),
-                &Overrides::default(),
-                &Env::default(),
-            )
-            .expect("the defaults are valid");
-            cfg.journal_dir = self.dir.path().to_owned();
-            Runner::new(
-                cfg,
-                self.vault.clone(),
-                self.ring.clone(),
-                None,
-                Telemetry::new(),
-                Shutdown::new(),
-            )
-        }
-
-        async fn stored(&self) -> Vec<String> {
-            let mut out = Vec::new();
-            for name in self.ring.unseal_keys().await.expect("names") {
-                let key = self.ring.load(&name).await.expect("load").expect("value");
-                out.push(key.expose().to_owned());
-            }
-            out
-        }
-
-        fn rekey_files(&self) -> usize {
-            fs::read_dir(self.dir.path().join(rekey::SUBDIR))
-                .map(|d| d.count())
-                .unwrap_or(0)
-        }
+    /// The files in the rekey's directory.
+    fn rekey_files(scene: &Scene) -> usize {
+        fs::read_dir(scene.dir.path().join(rekey::SUBDIR))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     #[tokio::test]
     async fn a_rekey_stores_exactly_the_keys_vault_switched_to() {
         let scene = Scene::initialised().await;
-        let old = scene.stored().await;
+        let old = stored(&scene).await;
         let outcome = scene.runner().rekey(Some(3), Some(2)).await.expect("rekey");
         assert_eq!(
             outcome,
@@ -703,7 +654,7 @@ mod tests {
                 threshold: 2
             }
         );
-        let new = scene.stored().await;
+        let new = stored(&scene).await;
         assert_eq!(
             new,
             scene.vault.issued_keys(),
@@ -711,7 +662,7 @@ mod tests {
         );
         assert_eq!(new.len(), 3);
         assert!(new.iter().all(|k| !old.contains(k)));
-        assert_eq!(scene.rekey_files(), 0);
+        assert_eq!(rekey_files(&scene), 0);
         assert!(!scene.vault.rekey_started());
         scene.vault.seal();
         assert_eq!(
@@ -723,7 +674,7 @@ mod tests {
     #[tokio::test]
     async fn an_answer_short_of_keys_cancels_the_rekey_and_keeps_the_old_keys() {
         let scene = Scene::initialised().await;
-        let old = scene.stored().await;
+        let old = stored(&scene).await;
         scene.vault.answer_rekey_with(2);
         let err = scene
             .runner()
@@ -742,8 +693,8 @@ mod tests {
             old,
             "Vault still uses the old keys"
         );
-        assert_eq!(scene.stored().await, old);
-        assert_eq!(scene.rekey_files(), 0);
+        assert_eq!(stored(&scene).await, old);
+        assert_eq!(rekey_files(&scene), 0);
     }
 
     #[tokio::test]
@@ -773,27 +724,27 @@ mod tests {
             "{err:#}"
         );
         assert_eq!(scene.vault.calls("rekey_init"), 0);
-        assert_eq!(scene.rekey_files(), 0);
+        assert_eq!(rekey_files(&scene), 0);
     }
 
     #[tokio::test]
     async fn a_start_cancels_a_rekey_whose_keys_never_reached_the_journal() {
         let scene = Scene::initialised().await;
-        let old = scene.stored().await;
+        let old = stored(&scene).await;
         // What a run killed between `sys/rekey/init` and the journal leaves.
         let dir = scene.dir.path().join(rekey::SUBDIR);
         touch_durable(&dir, rekey::INTENT).expect("intent");
         scene.vault.rekey_init(3, 2).await.expect("rekey init");
         scene.runner().start().await.expect("start");
         assert!(!scene.vault.rekey_started(), "cancelled");
-        assert_eq!(scene.stored().await, old);
-        assert_eq!(scene.rekey_files(), 0);
+        assert_eq!(stored(&scene).await, old);
+        assert_eq!(rekey_files(&scene), 0);
     }
 
     #[tokio::test]
     async fn a_rekey_journal_of_another_vault_is_refused_and_kept() {
         let scene = Scene::initialised().await;
-        let old = scene.stored().await;
+        let old = stored(&scene).await;
         let runner = scene.runner();
         let sealed = scene
             .ring
@@ -824,13 +775,13 @@ mod tests {
             journal::read(&runner.rekey_dir()).expect("read").is_some(),
             "kept"
         );
-        assert_eq!(scene.stored().await, old);
+        assert_eq!(stored(&scene).await, old);
     }
 
     #[tokio::test]
     async fn a_start_verifies_and_stores_a_journalled_rekey() {
         let scene = Scene::initialised().await;
-        let old = scene.stored().await;
+        let old = stored(&scene).await;
         // A rekey journalled and then stopped before verification.
         let runner = scene.runner();
         let keys: Vec<Secret> = old.iter().map(|k| Secret::from(k.as_str())).collect();
@@ -885,7 +836,7 @@ mod tests {
         runner.start().await.expect("start");
         let new: Vec<String> = answer.keys.iter().map(|k| k.expose().to_owned()).collect();
         assert_eq!(scene.vault.issued_keys(), new);
-        assert_eq!(scene.stored().await, new);
-        assert_eq!(scene.rekey_files(), 0);
+        assert_eq!(stored(&scene).await, new);
+        assert_eq!(rekey_files(&scene), 0);
     }
 }

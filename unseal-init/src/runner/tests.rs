@@ -13,13 +13,14 @@ use crate::storage::memory::MemoryStore;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-/// One Vault, one key store on a software key, and the journal's directory.
-struct Scene {
-    dir: tempfile::TempDir,
-    ring: Keyring,
+/// One Vault, one key store on a software key, and the journal's directory. The rekey
+/// tests (`runner/rekey.rs`) use it too.
+pub(super) struct Scene {
+    pub(super) dir: tempfile::TempDir,
+    pub(super) ring: Keyring,
     store: Arc<MemoryStore>,
     dec: Arc<SoftDecrypter>,
-    vault: Arc<MemoryVault>,
+    pub(super) vault: Arc<MemoryVault>,
 }
 
 impl Scene {
@@ -44,7 +45,7 @@ impl Scene {
     }
 
     /// A Vault initialised by a first pass, its keys in the store.
-    async fn initialised() -> Self {
+    pub(super) async fn initialised() -> Self {
         let scene = Self::new();
         assert_eq!(scene.pass().await.expect("init"), PassOutcome::Unsealed);
         scene
@@ -74,7 +75,7 @@ impl Scene {
         )
     }
 
-    fn runner(&self) -> Runner {
+    pub(super) fn runner(&self) -> Runner {
         self.runner_for(self.config(), &self.vault)
     }
 
