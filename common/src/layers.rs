@@ -107,13 +107,6 @@ impl<S: Args> Flags<S> {
         S::augment_args(Command::new("settings"))
     }
 
-    /// The flag's (or its variable's) value, when the user gave one.
-    pub fn given<T: Clone + Send + Sync + 'static>(&self, id: &str) -> Option<Layered<T>> {
-        let source = self.given_source(id)?;
-        let value = self.matches.get_one::<T>(id)?.clone();
-        Some(Layered { value, source })
-    }
-
     /// Flag or variable, else the file's value, else `fallback`, else the declared default.
     pub fn pick<T: Clone + Send + Sync + 'static>(
         &self,
@@ -121,21 +114,9 @@ impl<S: Args> Flags<S> {
         file: Option<T>,
         fallback: Option<Layered<T>>,
     ) -> Option<Layered<T>> {
-        self.given(id)
-            .or_else(|| {
-                file.map(|value| Layered {
-                    value,
-                    source: Source::File,
-                })
-            })
-            .or(fallback)
-            .or_else(|| {
-                let value = self.matches.get_one::<T>(id)?.clone();
-                Some(Layered {
-                    value,
-                    source: Source::Default,
-                })
-            })
+        self.layer(id, file, fallback, || {
+            self.matches.get_one::<T>(id).cloned()
+        })
     }
 
     /// [`Self::pick`] for a setting taking several values: the highest layer's list.
@@ -144,20 +125,28 @@ impl<S: Args> Flags<S> {
         id: &str,
         file: Option<Vec<T>>,
     ) -> Option<Layered<Vec<T>>> {
-        let all = || -> Option<Vec<T>> { Some(self.matches.get_many::<T>(id)?.cloned().collect()) };
-        if let Some(source) = self.given_source(id) {
-            return all().map(|value| Layered { value, source });
+        self.layer(id, file, None, || {
+            Some(self.matches.get_many::<T>(id)?.cloned().collect())
+        })
+    }
+
+    /// The layering of [`Self::pick`] and [`Self::pick_many`]; `parsed` reads the flag's,
+    /// variable's or default's value from the matches.
+    fn layer<T>(
+        &self,
+        id: &str,
+        file: Option<T>,
+        fallback: Option<Layered<T>>,
+        parsed: impl Fn() -> Option<T>,
+    ) -> Option<Layered<T>> {
+        let from = |source: Source| move |value| Layered { value, source };
+        match self.given_source(id) {
+            Some(source) => parsed().map(from(source)),
+            None => file
+                .map(from(Source::File))
+                .or(fallback)
+                .or_else(|| parsed().map(from(Source::Default))),
         }
-        file.map(|value| Layered {
-            value,
-            source: Source::File,
-        })
-        .or_else(|| {
-            all().map(|value| Layered {
-                value,
-                source: Source::Default,
-            })
-        })
     }
 
     fn given_source(&self, id: &str) -> Option<Source> {

@@ -51,19 +51,24 @@ pub fn holding(prepared: &BTreeMap<String, PreparedClaim>, claims: &[ResourceCla
             continue;
         };
         let pods = holders(claim);
+        // A claim reserved for no pod, or holding no stick, holds nothing to recover.
+        if pods.is_empty() || prepared.devices.is_empty() {
+            continue;
+        }
+        for (holder, pod_uid) in &pods {
+            if !pod_uid.is_empty() {
+                out.uids.insert(holder.clone(), pod_uid.clone());
+            }
+        }
         for device in &prepared.devices {
             let list = out.by_stick.entry(device.stick.clone()).or_default();
-            for (holder, pod_uid) in &pods {
+            for (holder, _) in &pods {
                 if !list.contains(holder) {
                     list.push(holder.clone());
-                }
-                if !pod_uid.is_empty() {
-                    out.uids.insert(holder.clone(), pod_uid.clone());
                 }
             }
         }
     }
-    out.by_stick.retain(|_, pods| !pods.is_empty());
     out
 }
 
