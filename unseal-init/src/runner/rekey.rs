@@ -52,18 +52,6 @@ fn touch_durable(dir: &Path, name: &str) -> Result<(), journal::JournalError> {
     journal::write_file(dir, name, format!("{}\n", std::process::id()).as_bytes()).map(drop)
 }
 
-/// Removes a file if present, then syncs the directory.
-fn remove_durable(dir: &Path, name: &str) -> Result<(), journal::JournalError> {
-    journal::remove_file(dir, name)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 /// Why the unauthenticated rekey endpoints answer "unsupported operation" on OpenBao 2.4+.
 fn explain(e: VaultError) -> anyhow::Error {
     match &e {
@@ -77,7 +65,7 @@ fn explain(e: VaultError) -> anyhow::Error {
 }
 
 impl Runner {
-    fn rekey_dir(&self) -> PathBuf {
+    pub(super) fn rekey_dir(&self) -> PathBuf {
         self.cfg.journal_dir.join(rekey::SUBDIR)
     }
 
@@ -152,7 +140,7 @@ impl Runner {
         let (disk, j) = self.rekey_on_disk()?;
         if !disk.intent && !disk.journal {
             // A marker left after the journal's removal means nothing any more.
-            remove_durable(&dir, rekey::VERIFIED)?;
+            journal::remove_file(&dir, rekey::VERIFIED)?;
             return Ok(Progress::Nothing);
         }
         let vault = if disk.journal && disk.verified {
@@ -182,7 +170,7 @@ impl Runner {
                 self.vault.rekey_cancel().await?;
                 // A journal write the fault cut short leaves only its temporary file.
                 journal::remove(&dir)?;
-                remove_durable(&dir, rekey::INTENT)?;
+                journal::remove_file(&dir, rekey::INTENT)?;
                 tracing::warn!(
                     "cancelled a rekey an earlier run started before Vault's new keys were journalled; Vault keeps the old keys, which the store holds"
                 );
@@ -190,7 +178,7 @@ impl Runner {
             }
             (Resume::DropIntent, _) => {
                 journal::remove(&dir)?;
-                remove_durable(&dir, rekey::INTENT)?;
+                journal::remove_file(&dir, rekey::INTENT)?;
                 tracing::info!(
                     "an earlier rekey never handed out new keys (Vault holds no rekey); the old keys stay"
                 );
@@ -223,7 +211,7 @@ impl Runner {
             return self.store_rekeyed(j).await.map(Progress::Finished);
         }
         journal::remove(&dir)?;
-        remove_durable(&dir, rekey::INTENT)?;
+        journal::remove_file(&dir, rekey::INTENT)?;
         tracing::warn!(
             "Vault does not use the rekey journal's keys (the rekey was lost before it was verified); the old keys, which the store holds, stay valid; journal removed"
         );
@@ -241,11 +229,12 @@ impl Runner {
 
     /// Submits the journal's keys to the pending verification; true once Vault switched.
     async fn verify_journal(&self, j: &Journal) -> Result<bool, PassError> {
-        let keys = self.journal_keys(j).await?;
         // Vault gives each verification attempt a new nonce: ask for the current one.
         let nonce = self.vault.rekey_verify_status().await?.nonce;
-        for key in &keys {
-            match self.vault.rekey_verify(key, &nonce).await {
+        // Each key decrypted when it is submitted: the token does no more than Vault needs.
+        for (_, e) in j.to_store() {
+            let key = self.keyring.open(&e.name, &e.sealed).await?;
+            match self.vault.rekey_verify(&key, &nonce).await {
                 Ok(v) if v.complete => return Ok(true),
                 Ok(_) => {}
                 Err(VaultError::Status {
@@ -264,10 +253,10 @@ impl Runner {
 
     /// Vault came back sealed: unseals it with the journal's keys; true when they open it.
     async fn unseal_with_journal(&self, j: &Journal) -> Result<bool, PassError> {
-        let keys = self.journal_keys(j).await?;
         self.vault.unseal_reset().await?;
-        for key in &keys {
-            match self.vault.unseal(key).await {
+        for (_, e) in j.to_store() {
+            let key = self.keyring.open(&e.name, &e.sealed).await?;
+            match self.vault.unseal(&key).await {
                 Ok(s) if !s.sealed => {
                     tracing::info!("successfully unsealed vault with the rekey journal's keys");
                     return Ok(true);
@@ -291,6 +280,7 @@ impl Runner {
     /// Vault is unsealed with nothing pending: a rekey with the journal's keys, cancelled
     /// before anything is verified, says whether they are Vault's.
     async fn probe_journal(&self, j: &Journal) -> Result<bool, PassError> {
+        // All decrypted before the probe starts: a token failure midway would leave it open.
         let keys = self.journal_keys(j).await?;
         let s = self.vault.seal_status().await?;
         let shares = u8::try_from(s.shares.max(1)).unwrap_or(u8::MAX);
@@ -314,6 +304,11 @@ impl Runner {
                     break;
                 }
             }
+        }
+        if matches!(verdict, Ok(true)) {
+            // Recorded before the cancel: should the cancel fail, the next start stores the
+            // journal's keys instead of asking Vault to verify them against this probe.
+            touch_durable(&self.rekey_dir(), rekey::VERIFIED)?;
         }
         self.vault.rekey_cancel().await?;
         verdict
@@ -349,9 +344,9 @@ impl Runner {
         }
         self.remove_stale_keys(shares, "old unseal key beyond the new share count removed")
             .await?;
-        remove_durable(&dir, rekey::INTENT)?;
+        journal::remove_file(&dir, rekey::INTENT)?;
         journal::remove(&dir)?;
-        remove_durable(&dir, rekey::VERIFIED)?;
+        journal::remove_file(&dir, rekey::VERIFIED)?;
         tracing::info!(
             shares,
             "rekey complete; the store holds Vault's new unseal keys"
@@ -438,7 +433,7 @@ impl Runner {
         let nonce = match self.vault.rekey_init(new_shares, new_threshold).await {
             Ok(s) => s.nonce,
             Err(e) => {
-                remove_durable(&dir, rekey::INTENT)?;
+                journal::remove_file(&dir, rekey::INTENT)?;
                 return Err(explain(e));
             }
         };
@@ -519,7 +514,7 @@ impl Runner {
         }
         let j = Journal {
             vault: self.vault.address().to_owned(),
-            created_ms: now_ms(),
+            created_ms: crate::keyring::now_ms(),
             owner: Some(journal::Owner {
                 shares_asked: u32::from(new_shares),
                 keys_returned: returned,
@@ -534,7 +529,7 @@ impl Runner {
                 .context("cannot journal the new keys; rekey cancelled, the old keys stay"));
         }
         tracing::info!(path = %journal::path(&dir).display(), "rekey journal written");
-        remove_durable(&dir, rekey::INTENT)?;
+        journal::remove_file(&dir, rekey::INTENT)?;
         // From here on, stopping is never the safer choice: finish.
         match self.resume_rekey().await? {
             Progress::Finished(Finished::NewKeys { .. }) => Ok(RekeyOutcome::Rekeyed {
@@ -554,7 +549,7 @@ impl Runner {
     /// Cancels the rekey this run started, then removes the intent.
     async fn cancel_started(&self, dir: &Path) -> Result<(), PassError> {
         self.vault.rekey_cancel().await?;
-        remove_durable(dir, rekey::INTENT)?;
+        journal::remove_file(dir, rekey::INTENT)?;
         Ok(())
     }
 }

@@ -28,11 +28,10 @@ impl Runner {
         let Ok(mut was) = self.store_missing.lock() else {
             return;
         };
-        // Every time, since an unsealed Vault clears the readiness reason meanwhile.
-        self.telemetry.store_missing(now.as_deref());
         if *was == now {
             return;
         }
+        self.telemetry.store_missing(now.as_deref());
         match &now {
             Some(what) => tracing::warn!(
                 store = what.as_str(),
@@ -53,9 +52,13 @@ impl Runner {
     /// [`PassError::StoreMissing`], reported like a deletion found later.
     pub(super) async fn check_store_present(&self) -> Result<(), PassError> {
         let storage = self.keyring.storage();
-        // An init journal is finished into the store whatever happened to it: its keys exist
-        // nowhere else.
-        if !self.guard_store || !storage.shared() || journal::path(self.journal_dir()).exists() {
+        // An init or rekey journal is finished into the store whatever happened to it: its
+        // keys exist nowhere else (a verified rekey's old keys no longer open Vault).
+        if !self.guard_store
+            || !storage.shared()
+            || journal::path(self.journal_dir()).exists()
+            || journal::path(&self.rekey_dir()).exists()
+        {
             return Ok(());
         }
         let Some(what) = storage.absent().await.map_err(KeyringError::from)? else {
@@ -72,10 +75,6 @@ impl Runner {
                 Ok(s) => {
                     self.telemetry.vault_status(s.initialized, s.sealed);
                     self.note_store_missing(Some(what.clone()));
-                    if !s.sealed {
-                        // Serving: the pod stays ready; the metric and the log keep the news.
-                        self.telemetry.store_problem(None);
-                    }
                     return Err(PassError::StoreMissing {
                         store: what,
                         needed: s.threshold,
