@@ -57,6 +57,18 @@ pub struct Opened {
     pub keyring: Keyring,
 }
 
+/// The key store as a one-shot command sees it ([`open_keyring`] with no stop signal):
+/// waiting for the token as `--once` does, up to the configured `tokenWaitTimeout`.
+pub async fn open_for_command(cfg: &Config, telemetry: Arc<Telemetry>) -> anyhow::Result<Opened> {
+    open_keyring(
+        cfg,
+        telemetry,
+        &Shutdown::new(),
+        Some(cfg.hsm.token_wait_timeout),
+    )
+    .await
+}
+
 /// Opens the token (waiting for it: up to `token_wait`, or until `shutdown` without one),
 /// logs in, finds (or generates) the key pair, picks the scheme and the storage backend.
 pub async fn open_keyring(
@@ -247,10 +259,6 @@ impl Runner {
             Ok(s) => {
                 self.telemetry.vault_status(s.initialized, s.sealed);
                 self.note_vault_up(true, None);
-                if s.initialized && !s.sealed && self.missing_store().is_some() {
-                    // Serving: the pod stays ready; the metric and the log keep the news.
-                    self.telemetry.store_problem(None);
-                }
                 Some(VaultView {
                     initialized: s.initialized,
                     sealed: s.sealed,
@@ -352,7 +360,7 @@ impl Runner {
                     if waited && other.is_ok() {
                         tracing::info!("the Kubernetes API server is answering again");
                     }
-                    if waited && !matches!(other, Err(PassError::StoreMissing { .. })) {
+                    if waited {
                         self.telemetry.store_problem(None);
                     }
                     return other;

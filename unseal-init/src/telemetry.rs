@@ -96,7 +96,10 @@ pub struct Telemetry {
     ready: AtomicBool,
     pin_problem: Mutex<Option<&'static str>>,
     token_problem: Mutex<Option<&'static str>>,
-    store_problem: Mutex<Option<String>>,
+    store_problem: Mutex<Option<&'static str>>,
+    /// The key store found missing (`Secret vault/x`); named on `/readyz` only while Vault is
+    /// not ready, since a serving Vault keeps its pod ready.
+    missing_store: Mutex<Option<String>>,
     store_missing: Gauge,
     /// Milliseconds since `born` at the last heartbeat: a monotonic clock, so an NTP step
     /// never makes the process look dead.
@@ -205,6 +208,7 @@ impl Telemetry {
             pin_problem: Mutex::new(None),
             token_problem: Mutex::new(None),
             store_problem: Mutex::new(None),
+            missing_store: Mutex::new(None),
             heartbeat_ms: AtomicU64::new(0),
             born: Instant::now(),
             liveness_window: Mutex::new(Duration::from_secs(60)),
@@ -266,20 +270,20 @@ impl Telemetry {
 
     /// Records that the key store cannot be reached (`Some(reason)`, shown on `/readyz`: the
     /// Kubernetes API server away) or is reachable again.
-    pub fn store_problem(&self, reason: Option<&str>) {
+    pub fn store_problem(&self, reason: Option<&'static str>) {
         if let Ok(mut p) = self.store_problem.lock() {
-            *p = reason.map(str::to_owned);
+            *p = reason;
         }
     }
 
     /// Records that the key store itself is gone (`Some(what)`, e.g. `Secret vault/x`: shown on
-    /// `/readyz` and as `unseal_init_key_store_missing`) or is there again (`None`).
+    /// `/readyz` while Vault is not ready, and as `unseal_init_key_store_missing`) or is there
+    /// again (`None`).
     pub fn store_missing(&self, what: Option<&str>) {
         self.store_missing.set(i64::from(what.is_some()));
-        self.store_problem(
-            what.map(|w| format!("{w} not found: the encrypted unseal keys are gone"))
-                .as_deref(),
-        );
+        if let Ok(mut m) = self.missing_store.lock() {
+            *m = what.map(str::to_owned);
+        }
     }
 
     /// Records that no login is possible with the PIN in use (`Some(reason)`, shown on
@@ -400,13 +404,17 @@ impl Telemetry {
         if let Some(reason) = self.token_problem.lock().ok().and_then(|p| *p) {
             return Some(reason.to_owned());
         }
-        if let Some(reason) = self.store_problem.lock().ok().and_then(|p| p.clone()) {
-            return Some(reason);
+        if let Some(reason) = self.store_problem.lock().ok().and_then(|p| *p) {
+            return Some(reason.to_owned());
         }
         if self.ready.load(Ordering::SeqCst) {
-            None
-        } else {
-            Some("vault not ready".to_owned())
+            return None;
+        }
+        match self.missing_store.lock().ok().and_then(|m| m.clone()) {
+            Some(what) => Some(format!(
+                "{what} not found: the encrypted unseal keys are gone"
+            )),
+            None => Some("vault not ready".to_owned()),
         }
     }
 
