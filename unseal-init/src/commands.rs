@@ -10,7 +10,7 @@ use crate::envelope;
 use crate::hsm;
 use crate::hsm_actor::HsmHandle;
 use crate::keypair;
-use crate::runner::open_keyring;
+use crate::runner::open_for_command;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Telemetry;
 use crate::token_store;
@@ -160,20 +160,6 @@ async fn logged_in(cfg: &Config, telemetry: Arc<Telemetry>) -> anyhow::Result<Hs
     hsm.with(|h| h.login()).await??;
     crate::runner::rotate::settle(cfg, &hsm).await?;
     Ok(hsm)
-}
-
-/// The key store as a subcommand sees it: waiting for the token as `--once` does.
-async fn open_for_command(
-    cfg: &Config,
-    telemetry: Arc<Telemetry>,
-) -> anyhow::Result<crate::runner::Opened> {
-    open_keyring(
-        cfg,
-        telemetry,
-        &Shutdown::new(),
-        Some(cfg.hsm.token_wait_timeout),
-    )
-    .await
 }
 
 async fn keygen(cfg: &Config, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {

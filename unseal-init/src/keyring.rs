@@ -260,7 +260,8 @@ pub fn identity_matches(record: Option<&str>, ours: &str) -> Result<bool, Keyrin
     }
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the epoch, as the ciphertext header and the journals record them.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -278,10 +278,7 @@ impl Runner {
         drop(result);
         let j = Journal {
             vault: self.vault.address().to_owned(),
-            created_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                .unwrap_or(0),
+            created_ms: crate::keyring::now_ms(),
             owner: Some(journal::Owner {
                 shares_asked: u32::from(o.secret_shares),
                 keys_returned,

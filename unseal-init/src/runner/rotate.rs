@@ -14,7 +14,6 @@ use crate::keypair;
 use crate::keyring::{Decrypter, Keyring, TEST_KEY};
 use crate::rotation::{self, EntryStep, Intent, Pair, Seen, Step};
 use crate::secret::Secret;
-use crate::shutdown::Shutdown;
 use crate::telemetry::Telemetry;
 use anyhow::{Context, anyhow, bail};
 use futures::FutureExt;
@@ -45,16 +44,6 @@ pub const ABANDONED: &str = "abandoned a key rotation cut short before its journ
 
 fn dir(cfg: &Config) -> PathBuf {
     cfg.journal_dir.join(rotation::SUBDIR)
-}
-
-/// Writes `bytes` to `dir/name` durably (see [`journal::write_file`]).
-fn write_durable(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
-    Ok(journal::write_file(dir, name, bytes).map(drop)?)
-}
-
-/// Removes `dir/name` if present, durably.
-fn remove_durable(dir: &Path, name: &str) -> anyhow::Result<()> {
-    Ok(journal::remove_file(dir, name)?)
 }
 
 /// A write-ahead journal of the init step or of a rekey: its values are sealed to the pair in
@@ -221,7 +210,7 @@ pub async fn settle(cfg: &Config, hsm: &HsmHandle) -> anyhow::Result<()> {
                     })
                     .await?;
                 journal::remove(&dir)?;
-                remove_durable(&dir, rotation::INTENT)?;
+                journal::remove_file(&dir, rotation::INTENT)?;
                 tracing::warn!(
                     removed,
                     "{ABANDONED}; the old key pair stays in use and the stored values were not touched"
@@ -260,7 +249,7 @@ pub async fn settle(cfg: &Config, hsm: &HsmHandle) -> anyhow::Result<()> {
                         .await?;
                     tracing::info!(removed, "old key pair deleted");
                 }
-                remove_durable(&dir, rotation::INTENT)?;
+                journal::remove_file(&dir, rotation::INTENT)?;
                 tracing::info!("{COMPLETE}");
                 return Ok(());
             }
@@ -381,13 +370,7 @@ pub async fn command(
         )
         .into());
     }
-    let opened = super::open_keyring(
-        cfg,
-        telemetry,
-        &Shutdown::new(),
-        Some(cfg.hsm.token_wait_timeout),
-    )
-    .await?;
+    let opened = super::open_for_command(cfg, telemetry).await?;
     let hsm = opened.hsm;
     let old_ring = opened.keyring;
     // A Secret recording another pair is refused before anything is written.
@@ -446,7 +429,7 @@ pub async fn command(
         new_id: hex::encode(&new_id),
         delete_old,
     };
-    write_durable(&dir, rotation::INTENT, &intent.to_bytes())?;
+    journal::write_file(&dir, rotation::INTENT, &intent.to_bytes())?;
     tracing::info!(new_id = intent.new_id, "{INTENT_WRITTEN}");
     let (label, id) = (rotation::next_label(&info.label), new_id.clone());
     hsm.call("generate_key_pair", move |h| {
@@ -470,10 +453,7 @@ pub async fn command(
     }
     let entry_count = entries.len();
     drop(values);
-    let created_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0);
+    let created_ms = crate::keyring::now_ms();
     journal::write(
         &dir,
         &Journal {
