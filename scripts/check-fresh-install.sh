@@ -3,8 +3,8 @@
 # file system with mmdebstrap (cached as a zstd-compressed tarball), brings its libudev1 and
 # libsystemd0 back to the security suite's version when that lags the point release (as most
 # fresh cloud images do between point releases), and runs scripts/install-deps.sh inside it
-# under chroot, with this machine's Rust toolchain bind-mounted read-only. Exits non-zero, with install-deps.sh's own
-# message, if the install fails there.
+# under chroot, with this machine's Rust toolchain bind-mounted read-only. Exits non-zero, with
+# install-deps.sh's own message, if the install fails there.
 #
 #   scripts/check-fresh-install.sh [bookworm|trixie]
 #

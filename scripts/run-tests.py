@@ -35,7 +35,7 @@ HISTORY = os.path.join(REPO, "target", "test-times.tsv")
 # two cores), so they do not start last and keep the run waiting.
 KNOWN_LONG = [
     "fresh_install", "images", "image_rootfs", "fault_matrix", "failures", "stick",
-    "disaster_recovery", "ha_rejoin", "rekey", "soak",
+    "rotate_key", "disaster_recovery", "ha_rejoin", "rekey", "soak",
 ]
 
 

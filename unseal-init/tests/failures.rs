@@ -10,7 +10,7 @@ use common::*;
 use nitrokey_e2e::openbao::OpenBao;
 use nitrokey_e2e::softhsm::{SoftHsm, USER_PIN};
 use nitrokey_e2e::token::Token;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[test]
 fn wrong_pin_is_tried_exactly_once_and_exits_non_zero() {
@@ -1132,8 +1132,25 @@ fn vault_requests_carry_the_programs_user_agent() {
     let dir = tempfile::tempdir().expect("tempdir");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let address = format!("http://{}", listener.local_addr().expect("addr"));
+    // Polled, so a program that never connects (it exited first) fails the test instead of
+    // hanging it.
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
     let head = std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().expect("a request");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return format!("no request within 60 s: {e}"),
+            }
+        };
+        let _ = stream.set_nonblocking(false);
         let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
         let mut buf = Vec::new();
         let mut chunk = [0u8; 1024];

@@ -375,68 +375,26 @@ fn rotate_key_re_encrypts_every_value_and_a_restarted_vault_unseals_from_the_new
 /// pair); with it, the Secret's values are re-encrypted and its fingerprint annotation follows.
 #[test]
 fn rotate_key_in_mode_hsm_k8s_needs_the_single_stick_flag_and_moves_the_secret_to_the_new_pair() {
-    let hsm = SoftHsm::new().expect("softhsm token");
-    let mut bao = OpenBao::start().expect("openbao");
-    let api = nitrokey_e2e::kube_api::KubeApi::start().expect("kube api");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = api.kubeconfig_in(dir.path(), "vault").expect("kubeconfig");
-    let config = write_config(
-        dir.path(),
-        &hsm,
-        &bao.address(),
-        "kubernetes:\n  secretName: vault-unseal-keys\n",
-    );
-    let k8s = |mut cmd: Command| {
-        cmd.args(["--mode", "hsm-k8s"])
-            .env("KUBECONFIG", &kubeconfig)
-            .env_remove("KUBERNETES_SERVICE_HOST");
-        cmd
-    };
-    let once = || {
-        let mut cmd = command(&hsm);
-        cmd.arg("--config").arg(&config).arg("--once");
-        k8s(cmd)
-    };
-    let r = run(once(), RUN_TIMEOUT);
-    assert_eq!(r.code, Some(0), "{}", r.text);
-    let secret_values = |id: &str| -> BTreeMap<String, String> {
-        let data = api
-            .secret("vault", "vault-unseal-keys")
-            .expect("the Secret exists");
-        data.iter()
-            .map(|(name, value)| {
-                let plain = decrypt_with(&hsm, value, id).unwrap_or_else(|e| panic!("{name}: {e}"));
-                (name.clone(), plain)
-            })
-            .collect()
-    };
-    let old_id = configured_id(&hsm);
-    let before = secret_values(&old_id);
-    assert_eq!(before.len(), 7, "{:?}", before.keys());
-    let fingerprint = |api: &nitrokey_e2e::kube_api::KubeApi| {
-        api.secret_annotations("vault", "vault-unseal-keys")
-            .get("nitrokey.com/hsm-key-fingerprint")
-            .cloned()
-            .expect("fingerprint annotation")
-    };
-    let old_fingerprint = fingerprint(&api);
+    let mut s = setup_in(true);
+    let k = s.k8s.as_ref().expect("mode hsm-k8s");
+    let old_fingerprint = k.old_fingerprint.clone();
 
-    let r = run(k8s(rotate_command(&hsm, &config, &[])), RUN_TIMEOUT);
+    let r = run(unseal_init(&s, &["hsm", "rotate-key"]), RUN_TIMEOUT);
     assert_eq!(r.code, Some(2), "{}", r.text);
     assert!(r.text.contains("--yes-single-stick"), "{}", r.text);
-    assert_eq!(private_key_labels(&hsm), [LABEL], "nothing generated");
-    assert_eq!(fingerprint(&api), old_fingerprint);
-    assert!(rotate_files(dir.path()).is_empty());
+    assert_eq!(private_key_labels(&s.hsm), [LABEL], "nothing generated");
+    assert_eq!(secret_fingerprint(&k.api), Some(old_fingerprint.clone()));
+    assert!(rotate_files(s.dir.path()).is_empty());
 
-    let r = run(
-        k8s(rotate_command(&hsm, &config, &["--yes-single-stick"])),
-        RUN_TIMEOUT,
-    );
+    let r = run(rotate(&s), RUN_TIMEOUT);
     assert_eq!(r.code, Some(0), "{}", r.text);
-    let new_id = configured_id(&hsm);
-    assert_ne!(new_id, old_id);
-    assert_eq!(secret_values(&new_id), before, "same values, new pair");
-    let new_fingerprint = fingerprint(&api);
+    assert_ne!(configured_id(&s.hsm), s.old_id);
+    assert_eq!(
+        values_now(&s).expect("the Secret's values"),
+        s.values,
+        "same values, new pair"
+    );
+    let new_fingerprint = secret_fingerprint(&k.api).expect("fingerprint annotation");
     assert_ne!(new_fingerprint, old_fingerprint);
     assert!(
         r.stdout
@@ -444,16 +402,12 @@ fn rotate_key_in_mode_hsm_k8s_needs_the_single_stick_flag_and_moves_the_secret_t
         "the annotation names the new pair: {}",
         r.stdout
     );
-    assert!(rotate_files(dir.path()).is_empty());
+    assert!(rotate_files(s.dir.path()).is_empty());
     assert!(
-        hsm.data_labels().expect("labels").is_empty(),
+        s.hsm.data_labels().expect("labels").is_empty(),
         "nothing stored on the token in mode hsm-k8s"
     );
-    bao.restart().expect("restart openbao");
-    bao.wait_ready(Duration::from_secs(60)).expect("ready");
-    let r = run(once(), RUN_TIMEOUT);
-    assert_eq!(r.code, Some(0), "{}", r.text);
-    assert!(!bao.seal_status().expect("status").sealed);
+    unseals_restarted(&mut s).expect("a restarted OpenBao unseals from the Secret");
 }
 
 /// A moment of the rotation, reached by its log line.
